@@ -1,0 +1,302 @@
+"""Self-attention layers, the key/value cache, and the controls that record or inject keys/values.
+
+A backend (ComfyUI MODEL or diffusers UNet) lists its self-attention layers
+as :class:`AttnLayer` values, in execution order, and calls the active
+:class:`AttentionControl` from inside each one, after the key/value
+projections and before the attention product::
+
+    k, v = control(layer, k, v)
+
+``k`` and ``v`` are ``(B, tokens, channels)`` with ``tokens = h * w`` of the
+layer's feature map (row-major) and ``channels = heads * head_dim``.
+Layers are chosen by role (:func:`select_layers`), never by hard-coded SD1.5
+indices, so other UNets work.
+
+The :class:`AttnCache` is what DDIM Invert records: per recorded timestep and
+layer the source image's keys and values, plus the schedule, the latent
+trajectory and the source latent. Keys are the UNet's *timestep argument*:
+sampling at timestep t injects what the inversion recorded when it evaluated
+the UNet at t (FastDrag's consistency rule).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DragInputError
+from .schedule import DDIMSchedule
+
+STAGES = ("down", "mid", "up")
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """One self-attention layer of a UNet.
+
+    Attributes:
+        index: position among the UNet's self-attention layers in execution
+            order (SD1.5: 0-5 encoder, 6 middle, 7-15 decoder).
+        stage: ``"down"`` (encoder), ``"mid"`` or ``"up"`` (decoder).
+        name: the backend's own name for the layer (for messages).
+        channels: width of its keys and values (heads x head_dim).
+    """
+
+    index: int
+    stage: str
+    name: str
+    channels: int
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d*)$")
+_STAGE_WORDS = {"encoder": "down", "down": "down", "middle": "mid", "mid": "mid", "decoder": "up", "up": "up"}
+
+LAYER_SPEC_HELP = (
+    'Comma-separated: "decoder", "encoder", "middle", "all", "none", a layer index in execution order '
+    '("10"), or a range ("10-15", "10-" = from 10 on). SD1.5 has 16 self-attention layers: 0-5 encoder, '
+    "6 middle, 7-15 decoder; MasaCtrl/DragDiffusion use 10-."
+)
+
+
+def select_layers(layers: tuple[AttnLayer, ...], spec: str) -> tuple[AttnLayer, ...]:
+    """The layers a spec names, in execution order (see :data:`LAYER_SPEC_HELP`)."""
+    if not isinstance(spec, str):
+        raise DragInputError(f"the layer selection must be text, got {type(spec).__name__}")
+    chosen: set[int] = set()
+    terms = [t.strip().lower() for t in spec.split(",") if t.strip()]
+    if not terms:
+        raise DragInputError(f"empty layer selection. {LAYER_SPEC_HELP}")
+    count = len(layers)
+    for term in terms:
+        if term == "none":
+            continue
+        if term == "all":
+            chosen.update(layer.index for layer in layers)
+        elif term in _STAGE_WORDS:
+            chosen.update(layer.index for layer in layers if layer.stage == _STAGE_WORDS[term])
+        elif term.isdigit() or _RANGE.match(term):
+            lo, hi = _parse_range(term, count)
+            chosen.update(range(lo, hi + 1))
+        else:
+            raise DragInputError(f'cannot read layer selection term "{term}". {LAYER_SPEC_HELP}')
+    return tuple(layer for layer in layers if layer.index in chosen)
+
+
+def _parse_range(term: str, count: int) -> tuple[int, int]:
+    if term.isdigit():
+        lo = hi = int(term)
+    else:
+        match = _RANGE.match(term)
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) else count - 1
+    if lo > hi or hi >= count:
+        raise DragInputError(f'layer range "{term}" is outside 0-{count - 1} (this model has {count} self-attention layers)')
+    return lo, hi
+
+
+class AttentionControl:
+    """Base control: sees every self-attention layer; leaves keys and values alone.
+
+    Loops call :meth:`begin_step` with the UNet timestep argument before each
+    model evaluation, so a control knows which step it is in even when the
+    host splits one step into several model calls.
+    """
+
+    def __init__(self) -> None:
+        self.timestep: int | None = None
+
+    def begin_step(self, timestep: int) -> None:
+        self.timestep = timestep
+
+    def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
+@dataclass
+class AttnCache:
+    """Keys/values and latents recorded by DDIM inversion of one source latent.
+
+    Attributes:
+        schedule: the DDIM schedule of the inversion.
+        layers: the recorded layers (may be empty: then only latents are kept).
+        model_key: identity of the model that recorded it (backend-defined).
+        source: the source latent z0, VP, ``(1, C, h, w)`` float32.
+        trajectory: timestep -> the latent after inverting up to that
+            timestep, VP ``(1, C, h, w)`` float32 (the last one is z_t*).
+        kv: timestep -> layer index -> ``(K, V)``, each ``(1, tokens, channels)``
+            in the model's compute dtype, on :attr:`storage_device`.
+        storage_device: where the keys/values live (compute device or CPU).
+    """
+
+    schedule: DDIMSchedule
+    layers: tuple[AttnLayer, ...]
+    model_key: str
+    source: torch.Tensor
+    trajectory: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    storage_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+    @property
+    def z_star(self) -> torch.Tensor:
+        """The inverted latent at t* (VP)."""
+        return self.trajectory[self.schedule.t_star]
+
+    def kv_nbytes(self) -> int:
+        """Bytes held by keys and values over all steps and layers."""
+        return sum(t.numel() * t.element_size() for step in self.kv.values() for pair in step.values() for t in pair)
+
+    def kv_nbytes_per_step(self) -> int:
+        return self.kv_nbytes() // max(len(self.kv), 1)
+
+    def describe(self) -> str:
+        """One line for the log: layers, steps and size."""
+        mib = self.kv_nbytes() / 2**20
+        per_step = self.kv_nbytes_per_step() / 2**20
+        return (
+            f"{len(self.layers)} self-attention layers x {len(self.kv)} steps = {mib:.1f} MiB "
+            f"({per_step:.2f} MiB per step) on {self.storage_device}; trajectory of {len(self.trajectory)} latents"
+        )
+
+    def check_compatible(self, latent: torch.Tensor, model_key: str) -> None:
+        """Raise unless ``latent`` and the model match what this cache was recorded with."""
+        if tuple(latent.shape[1:]) != self.latent_shape[1:]:
+            raise DragInputError(
+                f"the attention cache was recorded on a latent of shape {self.latent_shape[1:]} (C, h, w) but this "
+                f"latent is {tuple(latent.shape[1:])}; invert the same image you edit"
+            )
+        if model_key != self.model_key:
+            raise DragInputError(
+                "the attention cache was recorded with a different model; connect the same MODEL "
+                "(checkpoint) to DDIM Invert and to this node"
+            )
+
+    def kv_at(self, timestep: int, layer: AttnLayer, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ``(K, V)`` of ``layer`` at ``timestep``, moved to ``device``/``dtype``."""
+        try:
+            k, v = self.kv[timestep][layer.index]
+        except KeyError:
+            raise DragInputError(
+                f"the attention cache holds no keys/values for layer {layer.index} ({layer.name}) at timestep "
+                f"{timestep}; cache that layer in DDIM Invert or choose cached layers here"
+            ) from None
+        return k.to(device=device, dtype=dtype, non_blocking=True), v.to(device=device, dtype=dtype, non_blocking=True)
+
+
+class KVRecorder(AttentionControl):
+    """Records the keys/values of chosen layers at each step into an :class:`AttnCache`.
+
+    The first step is recorded on the compute device; its measured size times
+    ``num_steps`` then decides, by ``policy`` (:func:`choose_storage_device`),
+    where the whole cache lives, and the first step moves there if needed.
+    """
+
+    def __init__(self, cache: AttnCache, layers: tuple[AttnLayer, ...], policy: str, num_steps: int) -> None:
+        super().__init__()
+        if policy not in CACHE_POLICIES:
+            raise DragInputError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
+        self.cache = cache
+        self.indices = {layer.index for layer in layers}
+        self.policy = policy
+        self.num_steps = num_steps
+        self.placed = False
+
+    def begin_step(self, timestep: int) -> None:
+        if not self.placed and self.cache.kv:
+            self._place()
+        super().begin_step(timestep)
+
+    def finish(self) -> None:
+        """Settle the storage device once recording is over (call after the last step)."""
+        if not self.placed and self.cache.kv:
+            self._place()
+
+    def _place(self) -> None:
+        estimate = self.cache.kv_nbytes_per_step() * self.num_steps
+        device = choose_storage_device(self.policy, self.cache.storage_device, estimate)
+        if device != self.cache.storage_device:
+            for step in self.cache.kv.values():
+                for index, (k, v) in step.items():
+                    step[index] = (_store(k, device), _store(v, device))
+            self.cache.storage_device = device
+        self.placed = True
+
+    def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.index in self.indices:
+            if k.shape[0] != 1:
+                raise DragInputError(f"inversion records one image at a time, got a batch of {k.shape[0]}")
+            if not self.placed:
+                self.cache.storage_device = k.device
+            step = self.cache.kv.setdefault(self.timestep, {})
+            step[layer.index] = (_store(k, self.cache.storage_device), _store(v, self.cache.storage_device))
+        return k, v
+
+
+def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A detached copy of ``t`` on ``device`` (pinned CPU memory when it comes from CUDA)."""
+    t = t.detach()
+    if t.device == device:
+        return t.clone()
+    pin = device.type == "cpu" and t.device.type == "cuda"
+    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+    return out.copy_(t, non_blocking=pin)
+
+
+class KVInjector(AttentionControl):
+    """Replaces the keys/values of chosen layers by the cached source ones (FastDrag's consistency).
+
+    Every batch row (edited latent, and the unconditional row under CFG) gets
+    the cached source keys/values of the same timestep argument. Steps whose
+    timestep is not in ``timesteps`` are left alone.
+    """
+
+    def __init__(self, cache: AttnCache, layers: tuple[AttnLayer, ...], timesteps: set[int]) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layers = {layer.index: layer for layer in layers}
+        self.timesteps = timesteps
+        recorded = {layer.index for layer in cache.layers}
+        missing = sorted(set(self.layers) - recorded)
+        if missing:
+            raise DragInputError(
+                f"injection layers {missing} were not cached by DDIM Invert (it cached "
+                f"{sorted(recorded) or 'none'}); cache them there or inject fewer layers"
+            )
+
+    def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.index not in self.layers or self.timestep not in self.timesteps:
+            return k, v
+        ck, cv = self.cache.kv_at(self.timestep, layer, k.device, k.dtype)
+        if ck.shape[1:] != k.shape[1:]:
+            raise DragInputError(
+                f"cached keys of layer {layer.index} have {ck.shape[1]} tokens x {ck.shape[2]} channels but the model "
+                f"produced {k.shape[1]} x {k.shape[2]}; the cache is from another latent size or model"
+            )
+        return ck.expand(k.shape[0], -1, -1), cv.expand(v.shape[0], -1, -1)
+
+
+KV_BUDGET_BYTES = 512 * 2**20
+"""Caches up to this size stay on the compute device under the "auto" policy."""
+
+CACHE_POLICIES = ("auto", "compute_device", "offload")
+
+
+def choose_storage_device(policy: str, compute_device: torch.device, estimated_bytes: int) -> torch.device:
+    """Where an attention cache lives.
+
+    ``"compute_device"`` keeps it next to the model (fastest re-edits),
+    ``"offload"`` puts it in CPU memory and moves one step at a time, and
+    ``"auto"`` keeps it on the compute device when it is at most
+    :data:`KV_BUDGET_BYTES` and offloads otherwise. On a CPU-only machine
+    all three are the CPU.
+    """
+    if policy not in CACHE_POLICIES:
+        raise DragInputError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
+    if policy == "offload" or (policy == "auto" and estimated_bytes > KV_BUDGET_BYTES):
+        return torch.device("cpu")
+    return torch.device(compute_device)

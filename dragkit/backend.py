@@ -1,0 +1,62 @@
+"""The narrow model interface the engine's loops use.
+
+A backend wraps one UNet (a ComfyUI MODEL or a diffusers
+``UNet2DConditionModel``) and offers only what the algorithms need:
+
+- ᾱ per training timestep, from the model's own schedule;
+- its self-attention layers (:class:`~dragkit.attention.AttnLayer`), in
+  execution order;
+- :meth:`DiffusionBackend.run`: set the model up with an attention control
+  wired into every self-attention layer, and run a loop that calls a
+  :data:`NoisePredictor`. The ComfyUI backend runs the loop inside ComfyUI's
+  own sampler machinery (guider + sampler), so ControlNet and model patches in
+  the conditioning and the MODEL still act.
+
+Conditioning is opaque to the engine: each backend defines its own form
+(ComfyUI CONDITIONING lists, or diffusers embeddings).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .attention import AttentionControl, AttnLayer
+
+NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+"""``predict_noise(z, timestep) -> eps``: ε for a VP latent ``z`` ``(B, C, h, w)``
+evaluated at the integer UNet ``timestep``; float32, same shape as ``z``."""
+
+Loop = Callable[[NoisePredictor, torch.Tensor], torch.Tensor]
+"""``loop(predict_noise, z_start) -> z_end``: an engine loop over model evaluations."""
+
+
+class DiffusionBackend(Protocol):
+    """What the engine knows of a UNet."""
+
+    @property
+    def model_key(self) -> str:
+        """Identity of the underlying network, to tell caches of different models apart."""
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes."""
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ per training timestep, float64 ``(T,)``."""
+
+    def self_attention_layers(self) -> tuple[AttnLayer, ...]:
+        """Every self-attention layer, in execution order."""
+
+    def run(
+        self, loop: Loop, z_start: torch.Tensor, conditioning: Any, control: AttentionControl, timesteps: list[int]
+    ) -> torch.Tensor:
+        """Run ``loop`` with a noise predictor whose self-attention layers call ``control``.
+
+        ``z_start`` is a VP latent ``(1, C, h, w)``; the loop receives it on
+        the compute device, and its returned VP latent is handed back as
+        float32 on the same device as ``z_start``. ``timesteps`` are the
+        timesteps the loop will evaluate, in order (a host's sampler machinery
+        may want them, e.g. ComfyUI's ``sample_sigmas``).
+        """

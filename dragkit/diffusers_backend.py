@@ -1,0 +1,183 @@
+"""The model interface on a diffusers ``UNet2DConditionModel``.
+
+Self-attention layers are the ``attn1`` modules of the UNet's transformer
+blocks, ordered encoder, middle, decoder (execution order). During
+:meth:`DiffusersBackend.run` each of them gets an attention processor that
+calls the control between the key/value projections and the attention
+product; the UNet's own processors are restored afterwards, so the user's
+model is left as it was.
+
+Conditioning is a :class:`DiffusersConditioning`: text embeddings
+``(1, tokens, dim)``, optional negative embeddings and a CFG scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import STAGES, AttentionControl, AttnLayer
+from .backend import Loop
+from .errors import DragInputError
+from .schedule import scaled_linear_alphas_cumprod
+
+_STAGE_OF_PREFIX = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+
+@dataclass(frozen=True)
+class DiffusersConditioning:
+    """Prompt embeddings for a diffusers UNet.
+
+    Attributes:
+        positive: ``(1, tokens, dim)`` text embeddings.
+        negative: ``(1, tokens, dim)`` embeddings of the negative prompt, or
+            ``None`` for no classifier-free guidance.
+        cfg: guidance scale, used only with ``negative``.
+    """
+
+    positive: torch.Tensor
+    negative: torch.Tensor | None = None
+    cfg: float = 1.0
+
+
+class _ControlledSelfAttention:
+    """Attention processor for one self-attention layer that lets a control edit K and V."""
+
+    def __init__(self, layer: AttnLayer, backend: DiffusersBackend) -> None:
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if spatial_shape is not None:
+            b, c, h, w = spatial_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        key, value = self.backend.control(self.layer, key, value)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+
+        if spatial_shape is not None:
+            out = out.transpose(-1, -2).reshape(spatial_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class DiffusersBackend:
+    """:class:`~dragkit.backend.DiffusionBackend` for a diffusers ``UNet2DConditionModel``.
+
+    Args:
+        unet: the UNet, already on its compute device and dtype.
+        alphas_cumprod: ᾱ per training timestep; default SD1.x scaled_linear.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (the model's output).
+    """
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon") -> None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise DragInputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self._alphas = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(torch.float64)
+        self._modules = self._find_self_attention()
+        self.control = AttentionControl()
+
+    @property
+    def model_key(self) -> str:
+        return f"diffusers:{id(self.unet)}"
+
+    @property
+    def compute_device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas
+
+    def self_attention_layers(self) -> tuple[AttnLayer, ...]:
+        return tuple(layer for layer, _ in self._modules)
+
+    def _find_self_attention(self) -> list[tuple[AttnLayer, object]]:
+        found = []
+        for name, module in self.unet.named_modules():
+            if name.endswith(".attn1") and hasattr(module, "to_k") and not getattr(module, "is_cross_attention", False):
+                stage = _STAGE_OF_PREFIX.get(name.split(".")[0])
+                if stage is not None:
+                    found.append((stage, name, module))
+        found.sort(key=lambda item: STAGES.index(item[0]))
+        return [
+            (AttnLayer(index=i, stage=stage, name=name, channels=module.to_k.out_features), module)
+            for i, (stage, name, module) in enumerate(found)
+        ]
+
+    def run(
+        self,
+        loop: Loop,
+        z_start: torch.Tensor,
+        conditioning: DiffusersConditioning,
+        control: AttentionControl,
+        timesteps: list[int],
+    ) -> torch.Tensor:
+        saved = {}
+        for layer, module in self._modules:
+            saved[layer.index] = module.processor
+            module.set_processor(_ControlledSelfAttention(layer, self))
+        self.control = control
+        try:
+            with torch.no_grad():
+                z_end = loop(self._noise_predictor(conditioning), z_start.to(self.compute_device, torch.float32))
+        finally:
+            for layer, module in self._modules:
+                module.set_processor(saved[layer.index])
+            self.control = AttentionControl()
+        return z_end.to(device=z_start.device, dtype=torch.float32)
+
+    def _noise_predictor(self, conditioning: DiffusersConditioning):
+        device, dtype = self.compute_device, self.dtype
+        use_cfg = conditioning.negative is not None and conditioning.cfg != 1.0
+        if use_cfg:
+            context = torch.cat([conditioning.negative, conditioning.positive]).to(device, dtype)
+        else:
+            context = conditioning.positive.to(device, dtype)
+
+        def predict_noise(z: torch.Tensor, timestep: int) -> torch.Tensor:
+            rows = torch.cat([z, z]) if use_cfg else z
+            t = torch.tensor([timestep] * rows.shape[0], device=device)
+            out = self.unet(rows.to(dtype), t, encoder_hidden_states=context.expand(rows.shape[0], -1, -1)).sample
+            eps = self._to_eps(out.to(torch.float32), rows, timestep)
+            if use_cfg:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + conditioning.cfg * (cond - uncond)
+            return eps
+
+        return predict_noise
+
+    def _to_eps(self, output: torch.Tensor, z: torch.Tensor, timestep: int) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return output
+        alpha = float(self._alphas[timestep])
+        return alpha**0.5 * output + (1.0 - alpha) ** 0.5 * z

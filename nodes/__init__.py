@@ -1,0 +1,14 @@
+"""ComfyUI node classes of DragKit, one module per node family.
+
+Each module exports ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``;
+this package merges them for the pack's ``__init__``.
+"""
+
+from . import decode, invert, points, sample
+
+_MODULES = (points, invert, sample, decode)
+
+NODE_CLASS_MAPPINGS = {key: cls for module in _MODULES for key, cls in module.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    key: name for module in _MODULES for key, name in module.NODE_DISPLAY_NAME_MAPPINGS.items()
+}

@@ -1,0 +1,172 @@
+"""The model interface on a ComfyUI MODEL (ModelPatcher).
+
+- ᾱ comes from the model's own ``model_sampling`` (ᾱ = 1 / (1 + σ²) with
+  ComfyUI's float32 σ table, so it differs from a float64 schedule by about
+  1e-7 relative), which keeps LCM, v-prediction or rescaled schedules right.
+- Self-attention layers are the ``attn1`` of every transformer block of the
+  UNet's SpatialTransformers, addressed by ComfyUI's ``(block, number,
+  block_index)`` keys, e.g. ``("output", 3, 0)``.
+- :meth:`ComfyBackend.run` never touches the shared model: it clones the
+  patcher, wires the control in with ``attn1_replace`` patches on the clone,
+  and runs the engine loop as the sampler function of a
+  ``comfy.samplers.KSAMPLER`` under a ``CFGGuider``. Model loading, ControlNet
+  and other conditioning extras, model patches and wrappers therefore work
+  exactly as in KSampler.
+- LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
+  noisy latent the variance-exploding form ``x = z_VP * sqrt(1 + σ²)``, so a
+  LATENT from DDIM Invert can also be finished by KSamplerAdvanced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import comfy.model_sampling
+import comfy.samplers
+import torch
+from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+
+from ..dragkit.attention import AttentionControl, AttnLayer
+from ..dragkit.backend import Loop
+from ..dragkit.errors import DragInputError
+
+log = logging.getLogger("DragKit")
+
+_STAGE_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}
+
+
+@dataclass(frozen=True)
+class ComfyConditioning:
+    """ComfyUI CONDITIONING for the guider: positive, optional negative, CFG scale."""
+
+    positive: list
+    negative: list | None = None
+    cfg: float = 1.0
+
+
+class ComfyBackend:
+    """:class:`~dragkit.backend.DiffusionBackend` over a ComfyUI ``ModelPatcher``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.model_sampling = model.get_model_object("model_sampling")
+        if not isinstance(self.model_sampling, comfy.model_sampling.EPS) or isinstance(
+            self.model_sampling, comfy.model_sampling.CONST
+        ):
+            raise DragInputError(
+                "this MODEL is not an ε- or v-prediction diffusion model (e.g. a flow model); DDIM inversion "
+                "needs an SD1.x/SD2.x/SDXL-style UNet"
+            )
+        if not hasattr(self.model_sampling, "num_timesteps"):
+            raise DragInputError("this MODEL has a continuous noise schedule; DDIM inversion needs a discrete one")
+        timesteps = torch.arange(self.model_sampling.num_timesteps)
+        self._sigmas = self.model_sampling.sigma(timesteps).to(torch.float64).cpu()
+        self._layers = self._find_self_attention()
+
+    @property
+    def model_key(self) -> str:
+        return f"comfy:{id(self.model.model)}"
+
+    @property
+    def compute_device(self) -> torch.device:
+        return torch.device(self.model.load_device)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return 1.0 / (1.0 + self._sigmas**2)
+
+    def self_attention_layers(self) -> tuple[AttnLayer, ...]:
+        return tuple(layer for layer, _ in self._layers)
+
+    def check_timesteps(self, timesteps: list[int]) -> None:
+        """Warn when the MODEL's sampling cannot evaluate these timesteps exactly (e.g. LCM sampling)."""
+        sigmas = torch.tensor([float(self._sigmas[t]) for t in timesteps])
+        mapped = self.model_sampling.timestep(sigmas).round().long().tolist()
+        wrong = [(t, m) for t, m in zip(timesteps, mapped) if t != m]
+        if wrong:
+            log.warning(
+                "DragKit: this MODEL's sampling evaluates timestep %d as %d (and %d more); a ModelSamplingDiscrete "
+                "'lcm' patch does this. FastDrag uses an LCM UNet as a plain ε-model: leave that patch out.",
+                wrong[0][0], wrong[0][1], len(wrong) - 1,
+            )
+
+    def _find_self_attention(self) -> list[tuple[AttnLayer, tuple[str, int, int]]]:
+        unet = self.model.model.diffusion_model
+        groups = [
+            ("input", list(getattr(unet, "input_blocks", []))),
+            ("middle", [getattr(unet, "middle_block", [])]),
+            ("output", list(getattr(unet, "output_blocks", []))),
+        ]
+        found = []
+        for block_name, blocks in groups:
+            for number, block in enumerate(blocks):
+                for sub in block:
+                    if not isinstance(sub, SpatialTransformer):
+                        continue
+                    for depth, transformer in enumerate(sub.transformer_blocks):
+                        key = (block_name, number, depth)
+                        layer = AttnLayer(
+                            index=len(found),
+                            stage=_STAGE_OF_BLOCK[block_name],
+                            name=f"{block_name}.{number}.{depth}",
+                            channels=int(transformer.attn1.to_k.weight.shape[0]),
+                        )
+                        found.append((layer, key))
+        if not found:
+            raise DragInputError("this MODEL has no UNet self-attention layers (SD1.x/SD2.x/SDXL UNets are supported)")
+        return found
+
+    def latent_to_vp(self, samples: torch.Tensor, sigma: float) -> torch.Tensor:
+        """LATENT samples (unscaled; VE at ``sigma``) -> VP latent in the model's scaled space."""
+        return self.model.model.process_latent_in(samples.to(torch.float32)) / math.sqrt(1.0 + sigma**2)
+
+    def vp_to_latent(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        """VP latent -> LATENT samples (unscaled; VE at ``sigma``)."""
+        return self.model.model.process_latent_out(z.to(torch.float32) * math.sqrt(1.0 + sigma**2))
+
+    def sigma(self, timestep: int) -> float:
+        return float(self._sigmas[timestep])
+
+    def run(self, loop: Loop, z_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, timesteps: list[int]) -> torch.Tensor:
+        patcher = self.model.clone()
+        for layer, (block_name, number, depth) in self._layers:
+            patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
+        guider = comfy.samplers.CFGGuider(patcher)
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            guider.set_conds(conditioning.positive, conditioning.negative)
+            guider.set_cfg(conditioning.cfg)
+        else:
+            guider.inner_set_conds({"positive": conditioning.positive})
+        sampler = comfy.samplers.KSAMPLER(self._sampler_function(loop))
+        sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
+        scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
+        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
+        return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
+
+    def _sampler_function(self, loop: Loop):
+        backend = self
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            extra_args = extra_args or {}
+            ones = x.new_ones([x.shape[0]])
+
+            def predict_noise(z: torch.Tensor, timestep: int) -> torch.Tensor:
+                sigma = backend.sigma(timestep)
+                x_ve = z * math.sqrt(1.0 + sigma**2)
+                denoised = model(x_ve, ones * sigma, **extra_args)
+                return ((x_ve - denoised) / sigma).to(torch.float32)
+
+            return loop(predict_noise, x.to(torch.float32))
+
+        return sample
+
+
+def _attn1_patch(layer: AttnLayer, control: AttentionControl):
+    """An ``attn1_replace`` function: lets ``control`` edit K/V, then computes attention as ComfyUI does."""
+
+    def attn1_replace(q, k, v, extra_options):
+        k, v = control(layer, k, v)
+        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+
+    return attn1_replace

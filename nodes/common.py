@@ -1,0 +1,60 @@
+"""What every DragKit node shares: the menu category, type names, error wrapping, progress.
+
+Node classes only translate ComfyUI types into engine calls; the engine raises
+:class:`~dragkit.errors.DragInputError` for bad input, and :func:`node_errors`
+turns it into a ``ValueError`` whose message starts with the node's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Callable
+
+import comfy.model_management
+import comfy.utils
+
+from ..dragkit.errors import DragInputError
+
+CATEGORY = "DragKit"
+"""The one Add-Node menu category of the pack."""
+
+NODE_PREFIX = "DragKit"
+"""Prefix of every node id, so ids never clash with other packs."""
+
+DRAG_POINTS = "DRAG_POINTS"
+"""Socket type of :class:`~dragkit.points.DragPoints` values."""
+
+ATTN_CACHE = "ATTN_CACHE"
+"""Socket type of :class:`~dragkit.attention.AttnCache` values."""
+
+log = logging.getLogger("DragKit")
+
+
+class NodeInputError(ValueError):
+    """A bad-input error already prefixed with the node's display name."""
+
+
+@contextlib.contextmanager
+def node_errors(node_name: str) -> Iterator[None]:
+    """Re-raise engine input errors as ``[node_name] message`` for the UI."""
+    try:
+        yield
+    except DragInputError as err:
+        raise NodeInputError(f"[{node_name}] {err}") from None
+
+
+def progress_reporter(total: int) -> Callable[[int], None]:
+    """A ``report(done)`` callback that drives a ComfyUI progress bar and honours Cancel.
+
+    ``report`` raises ComfyUI's interrupt exception when the user pressed
+    Cancel, so engine loops stop at the next step.
+    """
+    bar = comfy.utils.ProgressBar(total)
+
+    def report(done: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return report

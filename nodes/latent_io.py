@@ -1,0 +1,59 @@
+"""LATENT dicts that know their diffusion step.
+
+A noisy latent travels as a normal ComfyUI LATENT (``{"samples": ...}``,
+variance-exploding at its σ, unscaled, so KSamplerAdvanced can finish it)
+plus a :class:`LatentStep` under :data:`STEP_KEY`. Native nodes copy LATENT
+dicts with unknown keys, so the step also records a fingerprint of the
+samples: when a node changed the samples but kept the key, the step is
+recognised as stale and ignored rather than trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STEP_KEY = "dragkit_step"
+
+
+@dataclass(frozen=True)
+class LatentStep:
+    """Where a noisy latent sits on its DDIM schedule.
+
+    Attributes:
+        num_steps: N of the schedule.
+        step_index: index into the schedule's descending timesteps.
+        timestep: the UNet timestep of that index.
+        sigma: ComfyUI's σ of that timestep (the samples are VE at it).
+        fingerprint: checksum of the samples it was attached to.
+    """
+
+    num_steps: int
+    step_index: int
+    timestep: int
+    sigma: float
+    fingerprint: tuple[tuple[int, ...], float]
+
+
+def _fingerprint(samples: torch.Tensor) -> tuple[tuple[int, ...], float]:
+    return tuple(samples.shape), float(samples.detach().to(torch.float64).sum())
+
+
+def with_step(samples: torch.Tensor, num_steps: int, step_index: int, timestep: int, sigma: float) -> dict:
+    """A LATENT dict holding ``samples`` at the given step."""
+    step = LatentStep(num_steps, step_index, timestep, sigma, _fingerprint(samples))
+    return {"samples": samples, STEP_KEY: step}
+
+
+def read_step(latent: dict) -> LatentStep | None:
+    """The step of a LATENT, or ``None`` when it has none or its samples changed since."""
+    step = latent.get(STEP_KEY)
+    if not isinstance(step, LatentStep) or step.fingerprint != _fingerprint(latent["samples"]):
+        return None
+    return step
+
+
+def clean_latent(samples: torch.Tensor) -> dict:
+    """A LATENT dict of a clean (fully denoised) latent."""
+    return {"samples": samples}

@@ -1,0 +1,85 @@
+"""KV-Injected Sample: denoise a (possibly edited) z_t with the inversion's keys/values injected."""
+
+from __future__ import annotations
+
+from ..dragkit.attention import LAYER_SPEC_HELP, AttnCache, select_layers
+from ..dragkit.ddim import kv_sample
+from ..dragkit.errors import DragInputError
+from .comfy_backend import ComfyBackend, ComfyConditioning
+from .common import ATTN_CACHE, CATEGORY, log, node_errors
+from .invert import check_conditioning, preview_progress
+from .latent_io import clean_latent, read_step
+
+KV_SOURCES = ("inversion cache",)
+
+
+class KVInjectedSample:
+    DESCRIPTION = (
+        "Denoises a noisy latent from its step to a clean latent with deterministic DDIM, replacing the keys and "
+        "values of the chosen self-attention layers by the source image's, recorded by DDIM Invert at the same "
+        "timestep (FastDrag's consistency preservation). Runs through ComfyUI's sampler machinery, so ControlNet "
+        "in the conditioning and model patches still act."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent; decode it with VAE Decode (DragKit) or any VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The same diffusion model DDIM Invert used (ControlNet goes in the conditioning)."}),
+                "latent": ("LATENT", {"tooltip": "A noisy latent that knows its step: from DDIM Invert, FastDrag Warp or Motion-Supervision Optimize."}),
+                "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache from DDIM Invert of the source image."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt; may carry a ControlNet."}),
+                "kv_source": (list(KV_SOURCES), {"default": KV_SOURCES[0], "tooltip": "Where injected keys/values come from: the inversion cache (cheap, FastDrag)."}),
+                "inject_layers": ("STRING", {"default": "decoder", "tooltip": "Self-attention layers whose keys/values are replaced (they must be cached). 'none' samples without injection. " + LAYER_SPEC_HELP}),
+                "inject_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps, from the first, at which injection starts."}),
+                "inject_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps at which injection ends (1 = through the last step)."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt; used only when cfg is not 1 (off by default, like the references)."}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale; 1 = conditional branch only (the methods' default)."}),
+            },
+        }
+
+    def sample(self, model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative=None, cfg=1.0):
+        with node_errors("KV-Injected Sample"):
+            if not isinstance(attn_cache, AttnCache):
+                raise DragInputError("attn_cache is not an attention cache from DDIM Invert")
+            if kv_source not in KV_SOURCES:
+                raise DragInputError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
+            step = read_step(latent)
+            if step is None:
+                raise DragInputError(
+                    "this latent does not know its diffusion step (or another node changed it); connect z_t from "
+                    "DDIM Invert, FastDrag Warp or Motion-Supervision Optimize"
+                )
+            schedule = attn_cache.schedule
+            if step.num_steps != schedule.num_steps:
+                raise DragInputError(
+                    f"the latent is on a {step.num_steps}-step schedule but the attention cache on a "
+                    f"{schedule.num_steps}-step one; use the cache of the same DDIM Invert"
+                )
+            if cfg != 1.0 and negative is None:
+                raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
+            check_conditioning(positive)
+            backend = ComfyBackend(model)
+            layers = select_layers(backend.self_attention_layers(), inject_layers)
+            timesteps = schedule.denoising_timesteps(step.step_index)
+            backend.check_timesteps(timesteps)
+            z = backend.latent_to_vp(latent["samples"], step.sigma)
+            conditioning = ComfyConditioning(positive, negative, cfg)
+            progress = preview_progress(model, len(timesteps))
+            z0 = kv_sample(backend, z, conditioning, attn_cache, step.step_index, layers, inject_start, inject_end, progress)
+        log.info(
+            "DragKit KV-Injected Sample: %d steps from t=%d, %d layers injected",
+            len(timesteps), step.timestep, len(layers),
+        )
+        return (clean_latent(backend.vp_to_latent(z0, 0.0)),)
+
+
+NODE_CLASS_MAPPINGS = {"DragKitKVInjectedSample": KVInjectedSample}
+NODE_DISPLAY_NAME_MAPPINGS = {"DragKitKVInjectedSample": "KV-Injected Sample (DragKit)"}
