@@ -1,0 +1,101 @@
+"""Motion supervision losses and point tracking on hand-built feature maps."""
+
+import pytest
+import torch
+
+from dragkit.motion import (
+    all_reached,
+    dragdiffusion_loss,
+    gooddrag_loss,
+    mask_regularisation,
+    patch_grid,
+    sample_features,
+    track_points,
+)
+
+
+def wave_features(shift: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """(1, 8, size, size) features: smooth waves of position whose content is displaced by ``shift`` (x, y)."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    x, y = xs - shift[0], ys - shift[1]
+    maps = []
+    for period in (6.0, 11.0):
+        maps += [torch.sin(x / period), torch.cos(x / period), torch.sin(y / period), torch.cos(y / period)]
+    return torch.stack(maps)[None]
+
+
+def test_sampling_at_integer_points_is_exact_and_between_cells_is_bilinear():
+    features = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(1, 2, 4, 5)
+    out = sample_features(features, torch.tensor([[3.0, 2.0], [0.5, 0.0]]))
+    assert out[:, 0].tolist() == features[0, :, 2, 3].tolist()
+    assert out[:, 1].tolist() == pytest.approx(((features[0, :, 0, 0] + features[0, :, 0, 1]) / 2).tolist())
+
+
+def test_patch_is_clipped_at_the_border():
+    cells = patch_grid(torch.tensor([0.0, 3.0]), 1, 4, 6)
+    assert cells[:, 0].min() == 0 and cells[:, 1].max() == 3 and cells.shape == (9, 2)
+
+
+@pytest.mark.parametrize("direction", [(1.0, 0.0), (0.0, -1.0), (0.6, 0.8)])
+def test_dragdiffusion_gradient_moves_content_along_the_drag(direction):
+    d = torch.tensor(direction)
+    shift = torch.zeros(2, requires_grad=True)
+    handle = torch.tensor([[16.0, 16.0]])
+    target = handle + 10 * d
+    loss = dragdiffusion_loss(wave_features(shift), handle, target, radius=1)
+    loss.backward()
+    descent = -shift.grad
+    assert float(descent @ d) > 0.95 * float(descent.norm())
+    optimiser = torch.optim.SGD([shift], lr=0.5)
+    for _ in range(20):
+        optimiser.zero_grad()
+        dragdiffusion_loss(wave_features(shift), handle, target, radius=1).backward()
+        optimiser.step()
+    along = float(shift.detach() @ d)
+    assert along > 0.5 and float((shift.detach() - along * d).norm()) < 0.2 * along
+
+
+def test_gooddrag_loss_falls_and_moves_content_toward_the_target():
+    shift = torch.zeros(2, requires_grad=True)
+    original = wave_features(torch.zeros(2)).detach()
+    handle = torch.tensor([[16.0, 16.0]])
+    target = torch.tensor([[26.0, 16.0]])
+    optimiser = torch.optim.Adam([shift], lr=0.1)
+    losses = []
+    for _ in range(40):
+        loss = gooddrag_loss(wave_features(shift), original, handle, handle, target, radius=4, max_step=4.0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert shift[0].item() == pytest.approx(4.0, abs=0.5) and abs(shift[1].item()) < 0.5
+
+
+def test_reached_pairs_contribute_nothing():
+    features = wave_features(torch.zeros(2))
+    handle = torch.tensor([[16.0, 16.0]])
+    assert dragdiffusion_loss(features, handle, handle + torch.tensor([[1.0, 1.0]])) == 0
+    assert all_reached(handle, handle + torch.tensor([[1.0, 1.0]]))
+    assert not all_reached(handle, handle + torch.tensor([[2.0, 0.0]]))
+
+
+def test_tracking_finds_a_planted_feature_within_the_window():
+    original = torch.rand(1, 16, 40, 40)
+    moved = torch.rand(1, 16, 40, 40)
+    moved[0, :, 23, 17] = original[0, :, 20, 15]
+    start = torch.tensor([[15.0, 20.0]])
+    assert track_points(original, moved, start, start, radius=3).tolist() == [[17.0, 23.0]]
+    assert track_points(original, moved, start, start, radius=2).tolist() != [[17.0, 23.0]]
+
+
+def test_tracking_stays_put_when_nothing_moved_even_on_the_border():
+    features = torch.rand(1, 16, 20, 30)
+    handles = torch.tensor([[0.0, 0.0], [29.0, 19.0], [7.0, 11.0]])
+    assert torch.equal(track_points(features, features, handles, handles, radius=12), handles)
+
+
+def test_mask_regularisation_is_a_weighted_sum_outside_the_mask():
+    z = torch.ones(1, 4, 2, 2)
+    keep = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert mask_regularisation(z * 3, z, keep, 0.1).item() == pytest.approx(0.1 * 4 * 2)
