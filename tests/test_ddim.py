@@ -20,7 +20,7 @@ Two models:
 
 import pytest
 import torch
-from support.tiny_models import micro_unet
+from tools.tiny_models import micro_unet
 
 from dragkit.attention import AttentionControl, AttnLayer, select_layers
 from dragkit.ddim import ddim_invert, injection_timesteps, kv_sample

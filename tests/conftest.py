@@ -1,0 +1,102 @@
+"""Shared fixtures of DragKit's tests.
+
+Fixtures
+--------
+``repo_root``          Path of the repository (= the pack).
+``comfyui``            Path of the ComfyUI checkout (``COMFYUI_PATH``); skips without it.
+``comfy_nodes``        ComfyUI's ``nodes`` module in this process (CPU, built-in nodes initialised,
+                       input/output/temp/user redirected to a temp folder); no pack loaded.
+``comfy_inproc``       :class:`tools.comfy_host.InprocHost`: ComfyUI in this process (CPU),
+                       built-in nodes initialised, the pack loaded as ComfyUI loads it.
+                       ``comfy_inproc.nodes`` is ComfyUI's ``nodes`` module,
+                       ``comfy_inproc.pack`` the pack package (``.nodes``, ``.dragkit``).
+``tiny_checkpoint``    Path of the cached tiny SD1.5 checkpoint (built once; needs ComfyUI).
+``tiny_comfy_models``  :class:`tools.comfy_host.LoadedCheckpoint` -- the tiny checkpoint loaded
+                       in-process with CheckpointLoaderSimple: ``.model`` (MODEL), ``.clip``,
+                       ``.vae``, ``.log`` (ComfyUI's log records during the load, DEBUG level).
+``tiny_sd15_diffusers`` ``tiny_sd15_unet(seed=0, levels=4)``: the same UNet weights as the
+                       checkpoint, as a diffusers model. Shared: do not modify it (build your
+                       own with ``tiny_models.tiny_sd15_unet()`` if a test must).
+``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
+                       pack in ``custom_nodes/dragkit`` and the tiny checkpoint in
+                       ``models/checkpoints``.
+
+All ComfyUI fixtures are session-scoped and skip with a clear message when
+``COMFYUI_PATH`` is unset or not a checkout. Tests under ``tests/host/`` are
+marked ``host`` automatically; any test marked ``host`` is skipped without
+ComfyUI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tools import comfy_host, tiny_models
+
+HOST_DIR = Path(__file__).resolve().parent / "host"
+
+
+def pytest_collection_modifyitems(config, items):
+    problem = comfy_host.comfyui_problem()
+    skip_host = pytest.mark.skip(reason=problem) if problem else None
+    for item in items:
+        path = Path(str(getattr(item, "path", item.fspath))).resolve()
+        if HOST_DIR in path.parents:
+            item.add_marker(pytest.mark.host)
+        if skip_host is not None and item.get_closest_marker("host") is not None:
+            item.add_marker(skip_host)
+
+
+def pytest_report_header(config):
+    path = comfy_host.comfyui_path()
+    if path is None:
+        return "ComfyUI host: none (COMFYUI_PATH unset; host tests skip)"
+    problem = comfy_host.comfyui_problem()
+    version = comfy_host.comfyui_version(path)
+    return f"ComfyUI host: {path} (version {version})" + (f" -- UNUSABLE: {problem}" if problem else "")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return comfy_host.repo_root()
+
+
+@pytest.fixture(scope="session")
+def comfyui() -> Path:
+    problem = comfy_host.comfyui_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    return comfy_host.comfyui_path()
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfyui, tmp_path_factory):
+    return comfy_host.init_comfy_inproc(work_dir=tmp_path_factory.mktemp("comfy-inproc"))
+
+
+@pytest.fixture(scope="session")
+def comfy_inproc(comfy_nodes) -> comfy_host.InprocHost:
+    return comfy_host.load_pack_inproc()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfyui) -> Path:
+    return tiny_models.tiny_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_models(comfy_nodes, tiny_checkpoint) -> comfy_host.LoadedCheckpoint:
+    return comfy_host.load_checkpoint_inproc(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_diffusers():
+    return tiny_models.tiny_sd15_unet(seed=0, levels=4)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tiny_checkpoint):
+    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint]) as server:
+        yield server

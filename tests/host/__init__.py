@@ -1,0 +1,1 @@
+"""Host tests: a real ComfyUI from COMFYUI_PATH (marked ``host`` by tests/conftest.py)."""

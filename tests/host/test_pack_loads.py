@@ -1,0 +1,125 @@
+"""The pack loads in a real ComfyUI and presents itself properly to the frontend.
+
+Runs against a headless ComfyUI server (``comfy_server``) with the pack in
+``custom_nodes/dragkit``, and against ComfyUI in-process (``comfy_inproc``).
+Every test here is marked ``host`` (by conftest) and skips without COMFYUI_PATH.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.comfy_host import PACK_FOLDER_NAME
+
+PACK_MODULE = f"custom_nodes.{PACK_FOLDER_NAME}"
+PACK_CATEGORY = "DragKit"
+
+
+def _pack_infos(object_info: dict) -> dict:
+    return {k: v for k, v in object_info.items() if v.get("python_module") == PACK_MODULE}
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="module")
+def pack_infos(object_info) -> dict:
+    infos = _pack_infos(object_info)
+    assert infos, f"/object_info has no node from {PACK_MODULE}"
+    return infos
+
+
+def test_server_log_has_no_import_failure(comfy_server):
+    log = comfy_server.log_text()
+    pack_dir = str(comfy_server.base / "custom_nodes" / PACK_FOLDER_NAME)
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_FOLDER_NAME in line]
+    assert not failed, f"{failed}\n--- server log ---\n{log}"
+    assert f"Cannot import {pack_dir}" not in log, log
+    loaded = [line for line in log.splitlines() if line.rstrip().endswith(pack_dir) and "seconds" in line]
+    assert loaded, f"the pack's import time line is missing (was it found?)\n{log}"
+    info_errors = [line for line in log.splitlines() if "An error occurred while retrieving information" in line]
+    assert not info_errors, "\n".join(info_errors)
+
+
+def test_pack_loads_in_process(comfy_inproc):
+    ids = comfy_inproc.node_ids
+    assert ids, "the pack's NODE_CLASS_MAPPINGS is empty"
+    mappings = comfy_inproc.pack.NODE_CLASS_MAPPINGS
+    for node_id in ids:
+        # a pack cannot override a built-in id: ComfyUI would silently keep the built-in
+        assert comfy_inproc.nodes.NODE_CLASS_MAPPINGS.get(node_id) is mappings[node_id], node_id
+        cls = mappings[node_id]
+        assert isinstance(cls.INPUT_TYPES(), dict), node_id
+        assert callable(getattr(cls, cls.FUNCTION)), node_id
+        assert isinstance(cls.RETURN_TYPES, tuple), node_id
+    display = getattr(comfy_inproc.pack, "NODE_DISPLAY_NAME_MAPPINGS", {}) or {}
+    assert set(display) <= set(ids)
+
+
+def test_object_info_lists_every_node(pack_infos, comfy_inproc):
+    assert set(pack_infos) == set(comfy_inproc.node_ids)
+    wrong_category = {k: v.get("category") for k, v in pack_infos.items()
+                      if str(v.get("category", "")).split("/")[0] != PACK_CATEGORY}
+    assert not wrong_category, f"nodes outside the {PACK_CATEGORY!r} menu category: {wrong_category}"
+
+
+def _tooltip_problems(node_id: str, info: dict) -> list[str]:
+    problems = []
+    if not str(info.get("description") or "").strip():
+        problems.append(f"{node_id}: no description (DESCRIPTION)")
+    inputs = info.get("input") or {}
+    for section in ("required", "optional"):
+        for name, spec in (inputs.get(section) or {}).items():
+            options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 else {}
+            tooltip = options.get("tooltip") if isinstance(options, dict) else None
+            if not (isinstance(tooltip, str) and tooltip.strip()):
+                problems.append(f"{node_id}: {section} input {name!r} has no tooltip")
+    outputs = list(info.get("output") or [])
+    names = list(info.get("output_name") or outputs)
+    tooltips = list(info.get("output_tooltips") or [])
+    if outputs and len(tooltips) != len(outputs):
+        problems.append(f"{node_id}: {len(outputs)} outputs but {len(tooltips)} output_tooltips (OUTPUT_TOOLTIPS)")
+    for i, out in enumerate(outputs):
+        tip = tooltips[i] if i < len(tooltips) else None
+        if not (isinstance(tip, str) and tip.strip()):
+            label = names[i] if i < len(names) else out
+            problems.append(f"{node_id}: output {i} ({label}) has no tooltip")
+    return problems
+
+
+def test_every_input_and_output_has_a_tooltip(pack_infos):
+    problems = [p for node_id, info in sorted(pack_infos.items()) for p in _tooltip_problems(node_id, info)]
+    assert not problems, "\n".join(problems)
+
+
+def test_js_extensions_are_served(comfy_server, repo_root, comfy_inproc):
+    web_dir = getattr(comfy_inproc.pack, "WEB_DIRECTORY", None)
+    if web_dir is None:
+        pytest.skip("the pack defines no WEB_DIRECTORY")
+    js_root = (repo_root / web_dir).resolve()
+    js_files = sorted(p.relative_to(js_root).as_posix() for p in js_root.rglob("*.js"))
+    if not js_files:
+        pytest.skip(f"{js_root} has no .js files yet")
+    listed = comfy_server.get_json("/extensions")
+    expected = [f"/extensions/{PACK_FOLDER_NAME}/{f}" for f in js_files]
+    missing = [e for e in expected if e not in listed]
+    assert not missing, f"GET /extensions lacks {missing}"
+    for url in expected:
+        r = comfy_server.get(url)
+        assert r.status_code == 200, (url, r.status_code)
+
+
+def test_workflow_templates_are_listed(comfy_server, repo_root):
+    workflows = sorted(p for p in (repo_root / "workflows").glob("*.json"))
+    if not workflows:
+        pytest.skip("workflows/ has no .json files yet")
+    listed = comfy_server.get_json("/workflow_templates").get(PACK_FOLDER_NAME, [])
+    assert sorted(listed) == sorted(p.stem for p in workflows)
+    for path in workflows:
+        r = comfy_server.get(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{path.name}")
+        assert r.status_code == 200, (path.name, r.status_code)
+        assert json.loads(r.text) == json.loads(path.read_text())
