@@ -271,14 +271,14 @@ _INPROC: dict[str, InprocHost] = {}
 _BUILTINS_FAILED: list[str] | None = None
 
 
-def init_comfy_inproc(work_dir: os.PathLike | str | None = None) -> ModuleType:
+def init_comfy_inproc(work_dir: os.PathLike | str | None = None, cpu: bool = True) -> ModuleType:
     """Import ComfyUI in-process (CPU) and initialise its built-in nodes once; returns ``nodes``.
 
     Input/output/temp/user folders are redirected to ``work_dir`` (a fresh temp
     folder by default) so nothing is written into the checkout.
     """
     global _BUILTINS_FAILED
-    prepare_comfy_imports(cpu=True)
+    prepare_comfy_imports(cpu=cpu)
     import folder_paths
     import nodes
 
@@ -301,7 +301,7 @@ def init_comfy_inproc(work_dir: os.PathLike | str | None = None) -> ModuleType:
 
 
 def load_pack_inproc(pack_dir: os.PathLike | str | None = None,
-                     work_dir: os.PathLike | str | None = None) -> InprocHost:
+                     work_dir: os.PathLike | str | None = None, cpu: bool = True) -> InprocHost:
     """Load the pack (default: this repo) into an in-process ComfyUI; cached per pack dir.
 
     Uses ``nodes.load_custom_node(str(pack_dir), ignore=<built-in ids>)`` like
@@ -312,7 +312,7 @@ def load_pack_inproc(pack_dir: os.PathLike | str | None = None,
     key = str(pack_dir)
     if key in _INPROC:
         return _INPROC[key]
-    nodes = init_comfy_inproc(work_dir)
+    nodes = init_comfy_inproc(work_dir, cpu=cpu)
     import folder_paths
 
     builtin_ids = set(nodes.NODE_CLASS_MAPPINGS)
