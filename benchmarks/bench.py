@@ -45,7 +45,7 @@ def sd15_models(device: torch.device, dtype: torch.dtype):
     generator = torch.Generator().manual_seed(0)
     unet = UNetModel(
         image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
         use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
     )
