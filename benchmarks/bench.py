@@ -49,18 +49,23 @@ def sd15_models(device: torch.device, dtype: torch.dtype):
         transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
         use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
     )
+    model = comfy.sd.load_diffusion_model_state_dict(random_state(unet, generator), model_options={"dtype": dtype})
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae_module = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    vae = comfy.sd.VAE(sd=random_state(vae_module, generator))
+    return model, vae
+
+
+def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict for ``module``: N(0, 0.02) matrices and kernels, unit norm scales, zero biases."""
     state = {}
-    for name, tensor in unet.state_dict().items():
+    for name, tensor in module.state_dict().items():
         if tensor.dim() > 1:
             state[name] = torch.randn(tensor.shape, generator=generator) * 0.02
         else:
             state[name] = torch.ones(tensor.shape) if name.endswith("weight") else torch.zeros(tensor.shape)
-    model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": dtype})
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae_module = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    vae = comfy.sd.VAE(sd={k: v.clone() for k, v in vae_module.state_dict().items()})
-    return model, vae
+    return state
 
 
 def tiny_models():
