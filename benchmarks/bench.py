@@ -12,6 +12,8 @@ exactly as the executor does (under ``torch.inference_mode``):
   VAE Decode. "First edit" is all of them; "re-edit" (a moved point, with
   ComfyUI's cache keeping the inversion) is warp + sample + decode.
 - DragDiffusion's inversion (50 steps, strength 0.7) for the size of its cache.
+- One bare UNet pass (``apply_model``, batch 1): the floor of every step;
+  ``ms_over_unet_floor`` is what a stage spends beyond its UNet passes.
 
 Each stage runs ``--warmup`` times, then ``--repeats`` times; the JSON holds the
 median and the 10th/90th percentiles in ms, peak allocated memory, UNet passes
@@ -74,6 +76,14 @@ def tiny_models():
 
     loaded = load_checkpoint_inproc(tiny_checkpoint_path())
     return loaded.model, loaded.vae
+
+
+def unet_pass(model, resolution: int, positive: list) -> torch.Tensor:
+    """One bare UNet evaluation at batch 1 (``apply_model``): the floor each sampling step pays."""
+    latent = torch.zeros(1, 4, resolution // 8, resolution // 8, device=model.load_device)
+    sigma = torch.tensor([1.0], device=model.load_device)
+    context = positive[0][0].to(model.load_device)
+    return model.model.apply_model(latent, sigma, c_crossattn=context)
 
 
 def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict:
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stages: dict[str, dict] = {}
     with torch.inference_mode():
+        stages["unet_forward"] = timed(lambda: unet_pass(model, resolution, positive), warm, reps, device)
         stages["vae_encode"] = timed(lambda: host.nodes.VAEEncode().encode(vae, image)[0], warm, reps, device)
         latent = stages["vae_encode"]["result"]
         stages["fastdrag_invert"] = timed(lambda: invert.invert(model, latent, positive, 10, 0.7, "decoder", "auto"), warm, reps, device)
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         stages["fastdrag_first_edit"] = timed(first_edit, warm, reps, device)
         drag_cache = timed(lambda: invert.invert(model, latent, positive, 50, 0.7, "decoder", "auto")[1], 1, 1, device)
         stages["dragdiffusion_invert"] = drag_cache
-    unet_passes = {"fastdrag_invert": 7, "fastdrag_sample": 7, "fastdrag_re_edit": 7, "fastdrag_first_edit": 14, "dragdiffusion_invert": 35}
+    unet_passes = {"unet_forward": 1, "fastdrag_invert": 7, "fastdrag_sample": 7, "fastdrag_re_edit": 7, "fastdrag_first_edit": 14, "dragdiffusion_invert": 35}
     kv = drag_cache["result"]
     report = {
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": __import__("os").cpu_count()},
@@ -185,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, stage in stages.items()
         },
     }
+    floor = report["stages"]["unet_forward"]["median_ms"]
+    for stage in report["stages"].values():
+        stage["ms_over_unet_floor"] = stage["median_ms"] - stage["unet_passes"] * floor
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

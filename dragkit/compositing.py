@@ -84,24 +84,28 @@ def draw_points(image: torch.Tensor, handles: torch.Tensor, targets: torch.Tenso
 
     ``handles`` and ``targets`` are ``(N, 2)`` ``(x, y)`` pixels of this image.
     Sizes scale with the image (about 1% of the shorter side for the dots).
+    Each arrow only touches the pixels of its own bounding box.
     """
     height, width = image.shape[:2]
     out = image.clone()
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
-    px = torch.stack([xs, ys], dim=-1)
     radius = max(2.0, min(height, width) / 100)
-    colours = {name: torch.tensor(rgb, dtype=out.dtype) for name, rgb in (("h", HANDLE_RGB), ("t", TARGET_RGB), ("a", ARROW_RGB))}
+    colours = {name: torch.tensor(rgb, dtype=out.dtype, device=out.device) for name, rgb in (("h", HANDLE_RGB), ("t", TARGET_RGB), ("a", ARROW_RGB))}
     for a, b in zip(handles.to(torch.float32), targets.to(torch.float32)):
+        margin = 3 * radius
+        x0, x1 = max(int(min(a[0], b[0]) - margin), 0), min(int(max(a[0], b[0]) + margin) + 1, width)
+        y0, y1 = max(int(min(a[1], b[1]) - margin), 0), min(int(max(a[1], b[1]) + margin) + 1, height)
+        ys, xs = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float32), torch.arange(x0, x1, dtype=torch.float32), indexing="ij")
+        px = torch.stack([xs, ys], dim=-1)
         shaft = _segment_distance(px, a, b) <= radius * 0.35
-        head = torch.zeros_like(shaft)
         direction = b - a
         if float(direction.norm()) > 0:
             unit = direction / direction.norm()
             normal = torch.stack([-unit[1], unit[0]])
             for side in (normal, -normal):
                 wing = b - unit * radius * 2.5 + side * radius * 1.5
-                head |= _segment_distance(px, b, wing) <= radius * 0.35
-        out[shaft | head] = colours["a"]
-        out[(px - a).norm(dim=-1) <= radius] = colours["h"]
-        out[(px - b).norm(dim=-1) <= radius] = colours["t"]
+                shaft |= _segment_distance(px, b, wing) <= radius * 0.35
+        region = out[y0:y1, x0:x1]
+        region[shaft.to(out.device)] = colours["a"]
+        region[((px - a).norm(dim=-1) <= radius).to(out.device)] = colours["h"]
+        region[((px - b).norm(dim=-1) <= radius).to(out.device)] = colours["t"]
     return out

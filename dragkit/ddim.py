@@ -65,6 +65,7 @@ def ddim_invert(
     cache = AttnCache(schedule=schedule, layers=record_layers, model_key=backend.model_key, source=z0.detach().cpu())
     recorder = KVRecorder(cache, record_layers, cache_policy, schedule.num_inversion_steps)
     timesteps = schedule.inversion_timesteps()
+    trajectory: dict[int, torch.Tensor] = {}
 
     def loop(predict_noise: NoisePredictor, z: torch.Tensor) -> torch.Tensor:
         for done, t in enumerate(timesteps, start=1):
@@ -73,10 +74,11 @@ def ddim_invert(
             if progress is not None:
                 progress(done, predicted_x0(z, eps, schedule.alpha_prev(t)))
             z = ddim_step(z, eps, schedule.alpha_prev(t), schedule.alpha(t))
-            cache.trajectory[t] = z.detach().cpu()
+            trajectory[t] = z.detach()
         return z
 
     backend.run(loop, z0, conditioning, recorder, timesteps)
+    cache.trajectory.update({t: z.cpu() for t, z in trajectory.items()})
     recorder.finish()
     if cache.storage_device.type == "cuda":
         torch.cuda.synchronize(cache.storage_device)
