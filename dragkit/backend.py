@@ -31,6 +31,19 @@ evaluated at the integer UNet ``timestep``; float32, same shape as ``z``."""
 Loop = Callable[[NoisePredictor, torch.Tensor], torch.Tensor]
 """``loop(predict_noise, z_start) -> z_end``: an engine loop over model evaluations."""
 
+FeaturePredictor = Callable[[torch.Tensor, int, bool], tuple["torch.Tensor | None", torch.Tensor]]
+"""``predict(z, timestep, with_eps) -> (eps or None, features)``.
+
+``features`` is the output of the UNet's penultimate decoder block (SD1.5:
+the third of four, 640 channels) at its own resolution, ``(B, C_f, h_f, w_f)``
+(the latent's size for SD1.5), in the model's compute dtype. With
+``with_eps=False`` the forward stops after that block. Gradients flow back to
+``z`` when it requires grad; the model's weights never get gradients.
+"""
+
+FeatureLoop = Callable[[FeaturePredictor, torch.Tensor], torch.Tensor]
+"""``loop(predict, z_start) -> z_end`` for :meth:`DiffusionBackend.run_features`."""
+
 
 class DiffusionBackend(Protocol):
     """What the engine knows of a UNet."""
@@ -60,3 +73,8 @@ class DiffusionBackend(Protocol):
         timesteps the loop will evaluate, in order (a host's sampler machinery
         may want them, e.g. ComfyUI's ``sample_sigmas``).
         """
+
+    def run_features(
+        self, loop: FeatureLoop, z_start: torch.Tensor, conditioning: Any, control: AttentionControl, timesteps: list[int]
+    ) -> torch.Tensor:
+        """Like :meth:`run`, with a :data:`FeaturePredictor` and autograd enabled for the loop."""

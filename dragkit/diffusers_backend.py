@@ -13,13 +13,14 @@ Conditioning is a :class:`DiffusersConditioning`: text embeddings
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .attention import STAGES, AttentionControl, AttnLayer
-from .backend import Loop
+from .backend import FeatureLoop, FeaturePredictor, Loop
 from .errors import DragInputError
 from .schedule import scaled_linear_alphas_cumprod
 
@@ -85,6 +86,10 @@ class _ControlledSelfAttention:
         return out / attn.rescale_output_factor
 
 
+class _StopForward(Exception):
+    """Raised by the feature hook to skip the rest of the UNet when only features are wanted."""
+
+
 class DiffusersBackend:
     """:class:`~dragkit.backend.DiffusionBackend` for a diffusers ``UNet2DConditionModel``.
 
@@ -142,19 +147,75 @@ class DiffusersBackend:
         control: AttentionControl,
         timesteps: list[int],
     ) -> torch.Tensor:
-        saved = {}
+        with self._controlled(control), torch.no_grad():
+            z_end = loop(self._noise_predictor(conditioning), z_start.to(self.compute_device, torch.float32))
+        return z_end.to(device=z_start.device, dtype=torch.float32)
+
+    def run_features(
+        self,
+        loop: FeatureLoop,
+        z_start: torch.Tensor,
+        conditioning: DiffusersConditioning,
+        control: AttentionControl,
+        timesteps: list[int],
+    ) -> torch.Tensor:
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
+        flags = [p.requires_grad for p in self.unet.parameters()]
+        self.unet.requires_grad_(False)
+        try:
+            with self._controlled(control), torch.enable_grad():
+                z_end = loop(self._feature_predictor(conditioning), z_start.to(self.compute_device, torch.float32))
+        finally:
+            for p, flag in zip(self.unet.parameters(), flags):
+                p.requires_grad_(flag)
+        return z_end.detach().to(device=z_start.device, dtype=torch.float32)
+
+    def feature_block(self):
+        """The penultimate decoder block (SD1.5: ``up_blocks[2]``), whose output is the motion-supervision feature."""
+        if len(self.unet.up_blocks) < 2:
+            raise DragInputError("this UNet has fewer than two decoder blocks; no feature block to supervise")
+        return self.unet.up_blocks[len(self.unet.up_blocks) - 2]
+
+    @contextlib.contextmanager
+    def _controlled(self, control: AttentionControl):
+        """Install the controlled self-attention processors for the duration, then restore the UNet's own."""
+        saved = {layer.index: module.processor for layer, module in self._modules}
         for layer, module in self._modules:
-            saved[layer.index] = module.processor
             module.set_processor(_ControlledSelfAttention(layer, self))
         self.control = control
         try:
-            with torch.no_grad():
-                z_end = loop(self._noise_predictor(conditioning), z_start.to(self.compute_device, torch.float32))
+            yield
         finally:
             for layer, module in self._modules:
                 module.set_processor(saved[layer.index])
             self.control = AttentionControl()
-        return z_end.to(device=z_start.device, dtype=torch.float32)
+
+    def _feature_predictor(self, conditioning: DiffusersConditioning) -> FeaturePredictor:
+        device, dtype = self.compute_device, self.dtype
+        context = conditioning.positive.to(device, dtype)
+        block = self.feature_block()
+
+        def predict(z: torch.Tensor, timestep: int, with_eps: bool):
+            captured = {}
+
+            def hook(module, inputs, output):
+                captured["features"] = output
+                if not with_eps:
+                    raise _StopForward
+
+            handle = block.register_forward_hook(hook)
+            try:
+                t = torch.tensor([timestep] * z.shape[0], device=device)
+                out = self.unet(z.to(dtype), t, encoder_hidden_states=context.expand(z.shape[0], -1, -1)).sample
+                eps = self._to_eps(out.to(torch.float32), z, timestep)
+            except _StopForward:
+                eps = None
+            finally:
+                handle.remove()
+            return eps, captured["features"]
+
+        return predict
 
     def _noise_predictor(self, conditioning: DiffusersConditioning):
         device, dtype = self.compute_device, self.dtype
