@@ -30,10 +30,13 @@ from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
 from .motion import all_reached, dragdiffusion_loss, mask_regularisation, track_points
-from .schedule import DDIMSchedule, ddim_step
+from .schedule import DDIMSchedule, ddim_step, predicted_x0
 
-IterationCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""``callback(iterations_done, latent, handles)``; may raise to cancel."""
+IterationCallback = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
+"""``callback(iterations_done, handles, x0_prediction or None)``; may raise to cancel.
+
+``x0_prediction`` (VP scaled latent) is there when the step computed ε (the
+mask term is on); it is meant for a live preview."""
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,17 @@ def drag_diffusion(
         latent = z_start.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([latent], lr=settings.lr)
         scaler = _LossScale(enabled=feats0.dtype == torch.float16)
-        current = initial.to(z_start.device)
-        goal = targets.to(z_start.device)
-        keep_map = keep.to(z_start.device)
+        # Fresh copies: tensors a host made in inference mode may not be saved for backward.
+        current = initial.to(z_start.device).clone()
+        start = current.clone()
+        goal = targets.to(z_start.device).clone()
+        keep_map = keep.to(z_start.device, torch.float32).clone()
         done = 0
         for iteration in range(settings.iterations):
             eps, feats = predict(latent, timestep, use_mask)
             feats = supervision_features(feats, grid)
             if iteration > 0:
-                current = track_points(original, feats, current, initial.to(z_start.device), settings.r2)
+                current = track_points(original, feats, current, start, settings.r2)
             if all_reached(current, goal):
                 break
             loss = dragdiffusion_loss(feats, current, goal, settings.r1)
@@ -152,7 +157,8 @@ def drag_diffusion(
             scaler.step(loss, latent, optimiser)
             done = iteration + 1
             if callback is not None:
-                callback(done, latent.detach(), current)
+                preview = None if eps is None else predicted_x0(latent.detach(), eps.detach(), alpha)
+                callback(done, current, preview)
         result.handles = current.detach().cpu()
         result.iterations = done
         return latent.detach()

@@ -12,6 +12,11 @@
   ``comfy.samplers.KSAMPLER`` under a ``CFGGuider``. Model loading, ControlNet
   and other conditioning extras, model patches and wrappers therefore work
   exactly as in KSampler.
+- :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
+  fully loaded clone whose weights and biases get identity wrappers (ComfyUI then
+  hands each layer a per-forward copy, which autograd may save; the loaded
+  weights are inference tensors it may not), and captures the penultimate
+  decoder level's output with an output-block patch.
 - LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
   noisy latent the variance-exploding form ``x = z_VP * sqrt(1 + σ²)``, so a
   LATENT from DDIM Invert can also be finished by KSamplerAdvanced.
@@ -23,13 +28,15 @@ import logging
 import math
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
 from ..dragkit.attention import AttentionControl, AttnLayer
-from ..dragkit.backend import Loop
+from ..dragkit.backend import FeatureLoop, Loop
 from ..dragkit.errors import DragInputError
 
 log = logging.getLogger("DragKit")
@@ -144,6 +151,61 @@ class ComfyBackend:
         out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
         return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
 
+    def run_features(
+        self, loop: FeatureLoop, z_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, timesteps: list[int]
+    ) -> torch.Tensor:
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
+        patcher = self.model.clone()
+        for layer, (block_name, number, depth) in self._layers:
+            patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
+        for name, module in patcher.model.named_modules():
+            if hasattr(module, "weight_function"):
+                for kind in ("weight", "bias"):
+                    if getattr(module, kind, None) is not None:
+                        patcher.add_weight_wrapper(f"{name}.{kind}", _identity)
+        capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model)}
+
+        def output_block_patch(h, hsp, transformer_options):
+            if transformer_options.get("block") == ("output", capture["index"]):
+                capture["features"] = h
+                if not capture["with_eps"]:
+                    raise _StopForward
+            return h, hsp
+
+        patcher.set_model_output_block_patch(output_block_patch)
+        comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.inner_set_conds({"positive": conditioning.positive})
+        sampler = comfy.samplers.KSAMPLER(self._feature_sampler_function(loop, capture))
+        sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
+        scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
+        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
+        return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
+
+    def _feature_sampler_function(self, loop: FeatureLoop, capture: dict):
+        backend = self
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            extra_args = extra_args or {}
+
+            def predict(z: torch.Tensor, timestep: int, with_eps: bool):
+                sigma = backend.sigma(timestep)
+                x_ve = z * math.sqrt(1.0 + sigma**2)
+                capture["with_eps"] = with_eps
+                capture.pop("features", None)
+                try:
+                    denoised = model(x_ve, torch.full((z.shape[0],), sigma, device=z.device), **extra_args)
+                    eps = ((x_ve - denoised) / sigma).to(torch.float32)
+                except _StopForward:
+                    eps = None
+                return eps, capture["features"]
+
+            with torch.inference_mode(False), torch.enable_grad():
+                return loop(predict, x.to(torch.float32).clone()).detach()
+
+        return sample
+
     def _sampler_function(self, loop: Loop):
         backend = self
 
@@ -160,6 +222,28 @@ class ComfyBackend:
             return loop(predict_noise, x.to(torch.float32))
 
         return sample
+
+
+class _StopForward(Exception):
+    """Raised by the feature patch to skip the rest of the UNet when only features are wanted."""
+
+
+def _feature_block_index(unet) -> int:
+    """Index of the output block whose *input* is the penultimate decoder level's output.
+
+    Decoder levels end with an Upsample except the last, so the wanted
+    features enter the block after the last Upsample (SD1.5: block 9, i.e.
+    the output of ``output_blocks[8]``, 640 channels at latent resolution).
+    """
+    ends = [i for i, block in enumerate(unet.output_blocks) if any(isinstance(m, Upsample) for m in block)]
+    if not ends or ends[-1] + 1 >= len(unet.output_blocks):
+        raise DragInputError("this MODEL's UNet has no penultimate decoder level to take features from")
+    return ends[-1] + 1
+
+
+def _identity(weight: torch.Tensor) -> torch.Tensor:
+    """Weight wrapper that changes nothing; its presence makes ComfyUI copy the weight per forward."""
+    return weight
 
 
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):

@@ -25,14 +25,18 @@ def check_conditioning(conditioning: list, name: str = "positive") -> None:
             )
 
 
-def preview_progress(model, total: int):
-    """A progress callback that drives the progress bar, shows a latent preview and honours Cancel."""
+def preview_progress(model, total: int, every: int = 1):
+    """A ``progress(done, x0)`` callback: progress bar, Cancel, and a latent preview every ``every`` steps.
+
+    ``x0`` is the predicted clean latent (VP, scaled), or ``None`` for no preview.
+    """
     report = progress_reporter(total)
     preview = latent_preview.prepare_callback(model, total)
 
     def progress(done: int, x0) -> None:
         report(done)
-        preview(done - 1, x0, None, total)
+        if x0 is not None and done % every == 0:
+            preview(done - 1, x0, None, total)
 
     return progress
 

@@ -31,7 +31,7 @@ def run(backend, setup, keep=None, **settings):
     result = drag_diffusion(
         backend, z, cond, schedule, schedule.start_index,
         torch.tensor([[10.0, 12.0]]), torch.tensor([[20.0, 12.0]]), keep,
-        DragDiffusionSettings(**settings), callback=lambda done, latent, handles: seen.append((done, handles.clone())),
+        DragDiffusionSettings(**settings), callback=lambda done, handles, preview: seen.append((done, handles.clone())),
     )
     return result, seen
 
