@@ -54,9 +54,10 @@ _RANGE = re.compile(r"^(\d+)\s*-\s*(\d*)$")
 _STAGE_WORDS = {"encoder": "down", "down": "down", "middle": "mid", "mid": "mid", "decoder": "up", "up": "up"}
 
 LAYER_SPEC_HELP = (
-    'Comma-separated: "decoder", "encoder", "middle", "all", "none", a layer index in execution order '
+    'Comma-separated: "decoder", "encoder", "middle", "all", "none", "masactrl" (the last two thirds of the '
+    'decoder layers, i.e. MasaCtrl/DragDiffusion\'s layers 10-15 on SD1.5), a layer index in execution order '
     '("10"), or a range ("10-15", "10-" = from 10 on). SD1.5 has 16 self-attention layers: 0-5 encoder, '
-    "6 middle, 7-15 decoder; MasaCtrl/DragDiffusion use 10-."
+    "6 middle, 7-15 decoder."
 )
 
 
@@ -74,6 +75,9 @@ def select_layers(layers: tuple[AttnLayer, ...], spec: str) -> tuple[AttnLayer, 
             continue
         if term == "all":
             chosen.update(layer.index for layer in layers)
+        elif term == "masactrl":
+            decoder = [layer.index for layer in layers if layer.stage == "up"]
+            chosen.update(decoder[len(decoder) // 3 :])
         elif term in _STAGE_WORDS:
             chosen.update(layer.index for layer in layers if layer.stage == _STAGE_WORDS[term])
         elif term.isdigit() or _RANGE.match(term):
@@ -278,6 +282,32 @@ class KVInjector(AttentionControl):
                 f"produced {k.shape[1]} x {k.shape[2]}; the cache is from another latent size or model"
             )
         return ck.expand(k.shape[0], -1, -1), cv.expand(v.shape[0], -1, -1)
+
+
+class MutualSelfAttention(AttentionControl):
+    """MasaCtrl-style mutual self-attention for a batch of (reference, edited) pairs.
+
+    Rows alternate reference, edited (``[ref, edit]``, or ``[ref, edit, ref,
+    edit]`` when a host stacks conditional and unconditional chunks). In the
+    chosen layers each edited row's keys and values are replaced by its
+    reference row's, so the edited branch attends to the unedited image; the
+    reference rows are left alone.
+    """
+
+    def __init__(self, layers: tuple[AttnLayer, ...], timesteps: set[int]) -> None:
+        super().__init__()
+        self.indices = {layer.index for layer in layers}
+        self.timesteps = timesteps
+
+    def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.index not in self.indices or self.timestep not in self.timesteps:
+            return k, v
+        if k.shape[0] % 2:
+            raise DragInputError(f"mutual self-attention needs (reference, edited) pairs, got a batch of {k.shape[0]}")
+        k, v = k.clone(), v.clone()
+        k[1::2] = k[0::2]
+        v[1::2] = v[0::2]
+        return k, v
 
 
 KV_BUDGET_BYTES = 512 * 2**20

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .attention import AttnCache, AttnLayer, KVInjector, KVRecorder
+from .attention import AttentionControl, AttnCache, AttnLayer, KVInjector, KVRecorder, MutualSelfAttention
 from .backend import DiffusionBackend, NoisePredictor
 from .errors import DragInputError
 from .schedule import DDIMSchedule, ddim_step, predicted_x0
@@ -93,6 +93,9 @@ def injection_timesteps(timesteps: list[int], start: float, end: float) -> set[i
     return {t for k, t in enumerate(timesteps) if start <= k / count < end}
 
 
+KV_SOURCES = ("inversion cache", "reference branch")
+
+
 def kv_sample(
     backend: DiffusionBackend,
     z: torch.Tensor,
@@ -103,8 +106,9 @@ def kv_sample(
     inject_start: float = 0.0,
     inject_end: float = 1.0,
     progress: Progress | None = None,
+    kv_source: str = "inversion cache",
 ) -> torch.Tensor:
-    """Denoise ``z`` from step index ``from_index`` to the clean latent, injecting cached keys/values.
+    """Denoise ``z`` from step index ``from_index`` to the clean latent, injecting source keys/values.
 
     Args:
         backend: the model (the same one that recorded ``cache``).
@@ -112,28 +116,49 @@ def kv_sample(
         conditioning: the backend's conditioning (may carry CFG and ControlNet).
         cache: the inversion's attention cache.
         from_index: step index of ``z`` in the cache's schedule.
-        inject_layers: layers whose keys/values are replaced by the cached ones
-            (empty: plain DDIM denoising).
+        inject_layers: layers whose keys/values are replaced (empty: plain DDIM).
         inject_start, inject_end: fraction of the sampling steps, from the
             first, during which injection is on (0 and 1: every step).
         progress: called after each step.
+        kv_source: ``"inversion cache"``: the keys/values DDIM Invert recorded
+            at the same timestep (FastDrag); ``"reference branch"``: the
+            unedited latent z_t* is denoised alongside at batch 2 (first alone
+            down to ``z``'s step if ``z`` is later) and the edited branch
+            attends to its keys/values (mutual self-attention, DragDiffusion
+            and GoodDrag).
 
     Returns:
         The denoised VP latent at ᾱ[0], float32 ``(1, C, h, w)``.
     """
     check_latent(z, "latent")
     cache.check_compatible(z, backend.model_key)
+    if kv_source not in KV_SOURCES:
+        raise DragInputError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
     schedule = cache.schedule
     timesteps = schedule.denoising_timesteps(from_index)
-    injector = KVInjector(cache, inject_layers, injection_timesteps(timesteps, inject_start, inject_end))
+    active = injection_timesteps(timesteps, inject_start, inject_end)
 
-    def loop(predict_noise: NoisePredictor, z: torch.Tensor) -> torch.Tensor:
-        for done, t in enumerate(timesteps, start=1):
-            injector.begin_step(t)
-            eps = predict_noise(z, t)
-            if progress is not None:
-                progress(done, predicted_x0(z, eps, schedule.alpha(t)))
-            z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha_prev(t))
-        return z
+    def denoise(timesteps: list[int], control: AttentionControl, report: Progress | None):
+        def loop(predict_noise: NoisePredictor, z: torch.Tensor) -> torch.Tensor:
+            for done, t in enumerate(timesteps, start=1):
+                control.begin_step(t)
+                eps = predict_noise(z, t)
+                if report is not None:
+                    report(done, predicted_x0(z[-1:], eps[-1:], schedule.alpha(t)))
+                z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha_prev(t))
+            return z
 
-    return backend.run(loop, z.to(torch.float32), conditioning, injector, timesteps)
+        return loop
+
+    if kv_source == "inversion cache":
+        control = KVInjector(cache, inject_layers, active)
+        return backend.run(denoise(timesteps, control, progress), z.to(torch.float32), conditioning, control, timesteps)
+
+    reference = cache.z_star.to(z.device)
+    if from_index > schedule.start_index:
+        catch_up = schedule.timesteps[schedule.start_index : from_index]
+        plain = AttentionControl()
+        reference = backend.run(denoise(catch_up, plain, None), reference, conditioning, plain, catch_up)
+    mutual = MutualSelfAttention(inject_layers, active)
+    pair = torch.cat([reference, z.to(torch.float32)])
+    return backend.run(denoise(timesteps, mutual, progress), pair, conditioning, mutual, timesteps)[1:]

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from ..dragkit.attention import LAYER_SPEC_HELP, AttnCache, select_layers
-from ..dragkit.ddim import kv_sample
+from ..dragkit.ddim import KV_SOURCES, kv_sample
 from ..dragkit.errors import DragInputError
 from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, log, node_errors
 from .invert import check_conditioning, preview_progress
 from .latent_io import clean_latent, read_step
 
-KV_SOURCES = ("inversion cache",)
-
 
 class KVInjectedSample:
     DESCRIPTION = (
         "Denoises a noisy latent from its step to a clean latent with deterministic DDIM, replacing the keys and "
-        "values of the chosen self-attention layers by the source image's, recorded by DDIM Invert at the same "
-        "timestep (FastDrag's consistency preservation). Runs through ComfyUI's sampler machinery, so ControlNet "
+        "values of the chosen self-attention layers by the source image's: recorded by DDIM Invert at the same "
+        "timestep (FastDrag's consistency preservation), or from the unedited latent denoised alongside "
+        "(mutual self-attention, DragDiffusion/GoodDrag). Runs through ComfyUI's sampler machinery, so ControlNet "
         "in the conditioning and model patches still act."
     )
     CATEGORY = CATEGORY
@@ -34,7 +33,7 @@ class KVInjectedSample:
                 "latent": ("LATENT", {"tooltip": "A noisy latent that knows its step: from DDIM Invert, FastDrag Warp or Motion-Supervision Optimize."}),
                 "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache from DDIM Invert of the source image."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt; may carry a ControlNet."}),
-                "kv_source": (list(KV_SOURCES), {"default": KV_SOURCES[0], "tooltip": "Where injected keys/values come from: the inversion cache (cheap, FastDrag)."}),
+                "kv_source": (list(KV_SOURCES), {"default": KV_SOURCES[0], "tooltip": "Where injected keys/values come from: 'inversion cache' = recorded by DDIM Invert at the same timestep (cheap; FastDrag); 'reference branch' = the unedited latent denoised alongside at batch 2, mutual self-attention (DragDiffusion, GoodDrag; use inject_layers 'masactrl')."}),
                 "inject_layers": ("STRING", {"default": "decoder", "tooltip": "Self-attention layers whose keys/values are replaced (they must be cached). 'none' samples without injection. " + LAYER_SPEC_HELP}),
                 "inject_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps, from the first, at which injection starts."}),
                 "inject_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps at which injection ends (1 = through the last step)."}),
@@ -49,8 +48,6 @@ class KVInjectedSample:
         with node_errors("KV-Injected Sample"):
             if not isinstance(attn_cache, AttnCache):
                 raise DragInputError("attn_cache is not an attention cache from DDIM Invert")
-            if kv_source not in KV_SOURCES:
-                raise DragInputError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
             step = read_step(latent)
             if step is None:
                 raise DragInputError(
@@ -73,7 +70,9 @@ class KVInjectedSample:
             z = backend.latent_to_vp(latent["samples"], step.sigma)
             conditioning = ComfyConditioning(positive, negative, cfg)
             progress = preview_progress(model, len(timesteps))
-            z0 = kv_sample(backend, z, conditioning, attn_cache, step.step_index, layers, inject_start, inject_end, progress)
+            z0 = kv_sample(
+                backend, z, conditioning, attn_cache, step.step_index, layers, inject_start, inject_end, progress, kv_source
+            )
         log.info(
             "DragKit KV-Injected Sample: %d steps from t=%d, %d layers injected",
             len(timesteps), step.timestep, len(layers),

@@ -26,6 +26,7 @@ def sd15_like_layers():
     [
         ("decoder", list(range(7, 16))),
         ("10-", list(range(10, 16))),
+        ("masactrl", list(range(10, 16))),
         ("encoder, middle", list(range(0, 7))),
         ("all", list(range(16))),
         ("none", []),

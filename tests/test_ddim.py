@@ -184,3 +184,20 @@ def test_cache_from_another_latent_size_is_refused(backend, source):
     cache = ddim_invert(backend, z0, cond, schedule, ())
     with pytest.raises(DragInputError, match="shape"):
         kv_sample(backend, torch.randn(1, 4, 16, 8), cond, cache, schedule.start_index, ())
+
+
+def test_reference_branch_on_the_unedited_latent_is_plain_denoising(backend, source):
+    z0, cond = source
+    schedule = DDIMSchedule(backend.alphas_cumprod(), 10, 0.7)
+    layers = select_layers(backend.self_attention_layers(), "masactrl")
+    assert [layer.index for layer in layers] == [2, 3]
+    cache = ddim_invert(backend, z0, cond, schedule, ())
+    plain = kv_sample(backend, cache.z_star, cond, cache, schedule.start_index, ())
+    mutual = kv_sample(backend, cache.z_star, cond, cache, schedule.start_index, layers, kv_source="reference branch")
+    assert torch.allclose(plain, mutual, atol=1e-5)
+    edited = cache.z_star + 0.3 * torch.randn(cache.z_star.shape, generator=torch.Generator().manual_seed(9))
+    free = kv_sample(backend, edited, cond, cache, schedule.start_index, ())
+    guided = kv_sample(backend, edited, cond, cache, schedule.start_index, layers, kv_source="reference branch")
+    assert not torch.allclose(free, guided)
+    later = kv_sample(backend, edited, cond, cache, schedule.start_index + 2, layers, kv_source="reference branch")
+    assert torch.isfinite(later).all() and later.shape == z0.shape

@@ -174,3 +174,14 @@ def test_decode_keeps_unmasked_source_and_draws_points(comfy_inproc, tiny_comfy_
     with pytest.raises(ValueError, match=r"^\[VAE Decode \(DragKit\)\] .*mask is 100x60"):
         run(comfy_inproc, "DragKitVAEDecode", vae=vae, latent=latent, feather=4, source_image=source,
             mask=torch.ones(1, 60, 100))
+
+
+def test_reference_branch_mode_runs_at_batch_two(comfy_inproc, tiny_comfy_models, source_latent, conditioning):
+    model = tiny_comfy_models.model
+    z_t, cache = invert(comfy_inproc, model, source_latent, conditioning[1], steps=10, strength=0.7, layers="none")
+    plain = sample(comfy_inproc, model, z_t, cache, conditioning[1], layers="none")
+    mutual = run(comfy_inproc, "DragKitKVInjectedSample", model=model, latent=z_t, attn_cache=cache,
+                 positive=conditioning[1], kv_source="reference branch", inject_layers="masactrl",
+                 inject_start=0.0, inject_end=1.0)[0]
+    assert mutual["samples"].shape == plain["samples"].shape
+    assert torch.allclose(mutual["samples"], plain["samples"], atol=1e-3)
