@@ -173,10 +173,22 @@ def _read_size(value: dict) -> tuple[int, int] | None:
     return _checked_side(value["width"], "width"), _checked_side(value["height"], "height")
 
 
+def _as_float(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` when it is not a finite number (bools, huge ints, NaN, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _checked_side(side: Any, name: str) -> int:
-    if isinstance(side, bool) or not isinstance(side, (int, float)) or not math.isfinite(side) or side != int(side):
-        raise DragInputError(f"image {name} must be a whole number, got {side!r}")
-    side = int(side)
+    number = _as_float(side)
+    if number is None or number != int(number):
+        raise DragInputError(f"image {name} must be a whole number, got {_short(side)}")
+    side = int(number)
     if not 1 <= side <= MAX_IMAGE_SIDE:
         raise DragInputError(f"image {name} {side} is outside 1..{MAX_IMAGE_SIDE}")
     return side
@@ -191,9 +203,10 @@ def _read_point(item: Any, where: str) -> Point:
     for c in item:
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise DragInputError(f"{where} must hold numbers, got {_short(item)}")
-        if not math.isfinite(c):
+        number = _as_float(c)
+        if number is None:
             raise DragInputError(f"{where} is not a finite number: {_short(item)}")
-        coords.append(float(c))
+        coords.append(number)
     return coords[0], coords[1]
 
 

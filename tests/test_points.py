@@ -44,6 +44,8 @@ def test_border_points_are_inside():
         ('{"points": [[1, 2], [3, "x"]]}', "must hold numbers"),
         ('{"points": [[1, 2], [3, NaN]]}', "not a finite number"),
         ('{"points": [[1, 2], [3, Infinity]]}', "not a finite number"),
+        ('{"points": [[1, 2], [3, 1' + "0" * 400 + ']]}', "not a finite number"),
+        ('{"width": 1' + "0" * 400 + ', "height": 48, "points": [[1, 2], [3, 4]]}', "whole number"),
         ('{"points": [[1, 2, 3], [3, 4]]}', "must be [x, y]"),
         ('{"points": [[1, 2], [64, 4]]}', "outside the 64x48 image"),
         ('{"points": [[-1, 2], [6, 4]]}', "outside"),
