@@ -1,0 +1,460 @@
+"""The Drag Points Editor widget in a real browser, against a real ComfyUI.
+
+ComfyUI (``comfy_server``) serves its real frontend (``comfyui-frontend-package``)
+with this pack installed; Debian's Chromium runs it headless, driven over the
+Chrome DevTools protocol with ``websocket-client`` (no browser download, no
+extra driver). The main test adds the node, shows an uploaded non-square
+image, clicks two handle/target pairs and paints a mask stroke with real
+mouse events, then checks that the points and mask survive a save/reload of
+the workflow, copy/paste and graph undo, that ``app.graphToPrompt()`` carries
+them and that the queued prompt runs and outputs them; then the enlarged
+view, right-click delete and replacing the image. Two more tests: a Drag100
+sample's state written by Python reads back byte-identical in JS, and a
+connected IMAGE is shown (Load Image at once, other sources after a run).
+Screenshots go to ``test-artifacts/editor-browser/``.
+
+Skips with a message when ComfyUI (``COMFYUI_PATH``) or Chromium is missing.
+Set ``DRAGKIT_CHROMIUM`` to use another Chromium/Chrome binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dragkit.datasets import load_drag100
+from dragkit.editor_state import parse_editor_state
+from tools.comfy_host import repo_root
+
+ARTIFACTS = repo_root() / "test-artifacts" / "editor-browser"
+DRAG100_SAMPLE = repo_root().parent / "shared" / "data" / "Drag100" / "bird_0"
+NODE_CLASS = "DragKitPointsEditor"
+VIEWPORT = (1400, 1000)
+IMAGE_SIZE = (320, 200)  # width, height: non-square on purpose
+PAIRS = [((40, 30), (120, 60)), ((250, 150), (200, 100))]
+STROKE_Y = 170
+BRUSH = 32  # the editor's default brush diameter, in image pixels
+
+
+def _chromium() -> str | None:
+    explicit = os.environ.get("DRAGKIT_CHROMIUM")
+    if explicit:
+        return explicit if shutil.which(explicit) else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class Browser:
+    """One headless Chromium page, driven over the DevTools protocol."""
+
+    def __init__(self, executable: str) -> None:
+        import websocket
+
+        width, height = VIEWPORT
+        self.user_dir = tempfile.mkdtemp(prefix="dragkit-chromium-")
+        self.proc = subprocess.Popen(
+            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
+             "--disable-dev-shm-usage", f"--user-data-dir={self.user_dir}", "--remote-debugging-port=0",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        port_file = Path(self.user_dir) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{executable} did not start a DevTools endpoint")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+        self.send("Runtime.enable")
+        self.send("Page.enable")
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def send(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            if "method" in msg:
+                self.events.append(msg)
+
+    def js(self, expression: str, timeout: float = 60):
+        """Evaluate ``expression`` in the page (promises awaited) and return its JSON value."""
+        result = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True,
+                           timeout=int(timeout * 1000))
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(f"JS error: {details.get('exception', {}).get('description') or details.get('text')}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {expression}")
+            time.sleep(0.05)
+
+    def _mouse(self, kind: str, x: float, y: float, button: str = "none", buttons: int = 0) -> None:
+        self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button=button, buttons=buttons, clickCount=1)
+
+    def click(self, x: float, y: float, button: str = "left") -> None:
+        mask = {"left": 1, "right": 2}[button]
+        self._mouse("mouseMoved", x, y)
+        self._mouse("mousePressed", x, y, button, mask)
+        self._mouse("mouseReleased", x, y, button, 0)
+
+    def drag(self, points: list[tuple[float, float]]) -> None:
+        self._mouse("mouseMoved", *points[0])
+        self._mouse("mousePressed", *points[0], "left", 1)
+        for point in points[1:]:
+            self._mouse("mouseMoved", *point, "left", 1)
+        self._mouse("mouseReleased", *points[-1], "left", 0)
+
+    def key(self, key: str, code: str, key_code: int, modifiers: int = 0) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
+                      modifiers=modifiers)
+
+    def screenshot(self, path: Path, clip: dict | None = None) -> None:
+        params = {"format": "png"}
+        if clip:
+            params["clip"] = {**clip, "scale": 1}
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", **params)["data"]))
+
+    def errors(self, needle: str) -> list[str]:
+        """Uncaught exceptions and console errors whose text contains ``needle``."""
+        found = []
+        for event in self.events:
+            params = event.get("params", {})
+            if event["method"] == "Runtime.exceptionThrown":
+                text = json.dumps(params.get("exceptionDetails", {}))
+            elif event["method"] == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                text = json.dumps(params.get("args", []))
+            else:
+                continue
+            if needle in text:
+                found.append(text[:2000])
+        return found
+
+    def close(self) -> None:
+        ws = getattr(self, "ws", None)
+        if ws is not None:
+            ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.user_dir, ignore_errors=True)
+
+
+pytestmark = pytest.mark.skipif(
+    _chromium() is None, reason="no Chromium found (install Debian's: apt-get install chromium; or set DRAGKIT_CHROMIUM)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    chrome = Browser(executable)
+    try:
+        yield chrome
+    finally:
+        chrome.close()
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, browser):
+    """The ComfyUI frontend loaded in the browser, with the pack's node registered."""
+    # no "Get started" template dialog over the canvas
+    assert comfy_server.post("/settings/Comfy.TutorialCompleted", json=True).status_code == 200
+    browser.send("Page.navigate", url=comfy_server.url)
+    browser.wait_for(f"!!(window.app?.graph && window.LiteGraph?.registered_node_types?.['{NODE_CLASS}'])", 90)
+    return browser
+
+
+def _test_image() -> np.ndarray:
+    width, height = IMAGE_SIZE
+    yy, xx = np.mgrid[:height, :width]
+    image = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), np.full_like(xx, 90)], axis=-1)
+    image[(yy - 60) ** 2 + (xx - 90) ** 2 < 30**2] = (250, 230, 60)  # something to drag
+    return image.astype(np.uint8)
+
+
+def _upload(server, tmp_path: Path, name: str, image: np.ndarray) -> str:
+    path = tmp_path / name
+    Image.fromarray(image).save(path)
+    return server.upload_image(path)
+
+
+EDITOR = "window.__editorNode.dragPointsEditor"
+
+
+def _client_xy(chrome: Browser, x: float, y: float, view: int = 0) -> tuple[float, float]:
+    p = chrome.js(f"(() => {{ const v = [...{EDITOR}.views][{view}]; return v.sourceToClient({x}, {y}); }})()")
+    return p["x"], p["y"]
+
+
+def _state(chrome: Browser) -> str:
+    return chrome.js("window.__editorNode.widgets.find(w => w.name === 'editor_state').value")
+
+
+def _bind_editor_node(chrome: Browser, nth: int = 0) -> None:
+    chrome.js(f"window.__editorNode = app.graph.nodes.filter(n => n.type === '{NODE_CLASS}')"
+              f".sort((a, b) => a.id - b.id)[{nth}]; true")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+
+
+def test_editor_in_the_browser(comfy_server, page, tmp_path):
+    t0 = time.monotonic()
+    chrome = page
+    file_name = _upload(comfy_server, tmp_path, "dragkit_editor_test.png", _test_image())
+    small_name = _upload(comfy_server, tmp_path, "dragkit_editor_small.png", _test_image()[:120, :160])
+
+    # -- a small graph: editor -> preview of the image; editor mask -> MaskToImage -> preview
+    chrome.js(f"""(() => {{
+        app.graph.clear();
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [0, 0];
+        const add = (type, pos) => {{ const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; }};
+        const editor = add('{NODE_CLASS}', [100, 90]);
+        editor.setSize([440, 540]);
+        const preview = add('PreviewImage', [620, 90]);
+        const toImage = add('MaskToImage', [620, 420]);
+        const maskPreview = add('PreviewImage', [900, 420]);
+        editor.connect(0, preview, 0);
+        editor.connect(2, toImage, 0);
+        toImage.connect(0, maskPreview, 0);
+        const file = editor.widgets.find(w => w.name === 'image_file');
+        file.value = {json.dumps(file_name)};
+        file.callback?.(file.value);
+        app.canvas.setDirty(true, true);
+        window.__editorNode = editor;
+        return true;
+    }})()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    width, height = IMAGE_SIZE
+    assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [width, height]
+    assert chrome.js("window.__editorNode.widgets.find(w => w.name === 'editor_state').hidden") is True
+
+    # -- two handle/target pairs and a brush stroke, with real mouse events
+    for handle, target in PAIRS:
+        chrome.click(*_client_xy(chrome, *handle))
+        chrome.click(*_client_xy(chrome, *target))
+    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=brush]').click()")
+    chrome.drag([_client_xy(chrome, x, STROKE_Y) for x in range(20, 301, 10)])
+    state_text = _state(chrome)
+    state = parse_editor_state(state_text, width=width, height=height)
+    assert [(h, t) for h, t in zip(state.points.handles, state.points.targets)] == [
+        (tuple(map(float, h)), tuple(map(float, t))) for h, t in PAIRS
+    ]
+    assert state.pending is None
+    painted_rows, painted_cols = np.nonzero(state.mask)
+    assert state.mask[STROKE_Y, 160] and state.mask[STROKE_Y, 20] and state.mask[STROKE_Y, 300]
+    assert abs(painted_rows - STROKE_Y).max() <= BRUSH // 2 + 1
+    assert painted_cols.min() >= 20 - BRUSH // 2 - 1 and painted_cols.max() <= 300 + BRUSH // 2 + 1
+
+    _screenshot_node(chrome, ARTIFACTS / "editor-node.png")
+
+    # -- the workflow JSON holds the state compactly; reloading it restores points and mask
+    workflow = chrome.js("app.graph.serialize()")
+    saved = next(n for n in workflow["nodes"] if n["type"] == NODE_CLASS)
+    assert saved["widgets_values"][:2] == [file_name, state_text]
+    assert len(json.dumps(saved)) < 10_000
+    chrome.js(f"(async () => {{ await app.loadGraphData({json.dumps(workflow)}); return true; }})()")
+    _bind_editor_node(chrome)
+    assert _state(chrome) == state_text
+    assert chrome.js(f"{EDITOR}.model.serialize()") == state_text
+    assert chrome.js(f"{EDITOR}.model.maskCount") == int(state.mask.sum())
+
+    # -- the API prompt carries the same state
+    prompt = chrome.js("(async () => (await app.graphToPrompt()).output)()")
+    node_id = chrome.js("String(window.__editorNode.id)")
+    assert prompt[node_id]["class_type"] == NODE_CLASS
+    assert prompt[node_id]["inputs"]["editor_state"] == state_text
+    assert prompt[node_id]["inputs"]["image_file"] == file_name
+    assert set(prompt[node_id]["inputs"]) == {"image_file", "editor_state"}
+
+    # -- ... and runs: the node outputs these points and this mask
+    entry = comfy_server.run(prompt, timeout=120)
+    summary = entry["outputs"][node_id]["dragkit_editor"][0]
+    assert summary == {"width": width, "height": height, "pairs": 2, "mask_pixels": int(state.mask.sum())}
+    preview_ids = chrome.js("app.graph.nodes.filter(n => n.type === 'PreviewImage')"
+                            ".sort((a, b) => a.pos[0] - b.pos[0]).map(n => String(n.id))")
+    image_preview_id, mask_preview_id = preview_ids
+    [mask_file] = comfy_server.output_files(entry, mask_preview_id)
+    assert np.array_equal(np.asarray(Image.open(mask_file).convert("L")) > 127, state.mask)
+    [image_file] = comfy_server.output_files(entry, image_preview_id)
+    assert np.abs(np.asarray(Image.open(image_file).convert("RGB"), int) - _test_image()).max() <= 1
+
+    # -- copy/paste of the node keeps the state
+    chrome.js("(() => { app.canvas.copyToClipboard([window.__editorNode]);"
+              " app.canvas.pasteFromClipboard({position: [100, 700]}); return true; })()")
+    assert chrome.js(f"app.graph.nodes.filter(n => n.type === '{NODE_CLASS}').length") == 2
+    assert chrome.js(f"app.graph.nodes.filter(n => n.type === '{NODE_CLASS}')"
+                     f".every(n => n.widgets.find(w => w.name === 'editor_state').value === {json.dumps(state_text)})")
+    chrome.js("(() => { const nodes = app.graph.nodes.filter(n => n.type === 'DragKitPointsEditor');"
+              " app.graph.remove(nodes.sort((a, b) => a.id - b.id)[1]); return true; })()")
+
+    # -- graph undo (Ctrl+Z on the canvas) restores the state before an edit
+    tracker = "app.extensionManager.workflow.activeWorkflow.changeTracker"
+    chrome.js(f"{tracker}.checkState(); true")
+    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=points]').click()")
+    chrome.click(*_client_xy(chrome, 300, 20))  # a third handle, no target yet
+    assert parse_editor_state(_state(chrome)).pending == (300.0, 20.0)
+    chrome.js("document.activeElement.blur(); true")
+    chrome.key("z", "KeyZ", 90, modifiers=2)
+    chrome.wait_for(f"app.graph.nodes.find(n => n.type === '{NODE_CLASS}')"
+                    f".widgets.find(w => w.name === 'editor_state').value === {json.dumps(state_text)}")
+    _bind_editor_node(chrome)
+
+    # -- the enlarged view edits the same state; its undo is the editor's own
+    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=enlarge]').click()")
+    chrome.wait_for("document.querySelector('dialog.dragkit-pe-dialog')?.open === true")
+    chrome.wait_for(f"[...{EDITOR}.views].length === 2 && [...{EDITOR}.views][1].fit.scale > 1.5")
+    chrome.js("new Promise(r => requestAnimationFrame(() => r(true)))")
+    chrome.screenshot(ARTIFACTS / "editor-enlarged.png")
+    node_before = chrome.js("window.__editorNode.id")
+    chrome.drag([_client_xy(chrome, 120, 60, view=1), _client_xy(chrome, 140, 80, view=1)])  # move target 1
+    moved = parse_editor_state(_state(chrome))
+    assert moved.points.targets[0] == (140.0, 80.0) and moved.points.handles == state.points.handles
+    chrome.key("z", "KeyZ", 90, modifiers=2)
+    assert _state(chrome) == state_text
+    assert chrome.js("window.__editorNode.id") == node_before
+    assert chrome.js("app.graph.nodes.includes(window.__editorNode)")  # not re-created by a graph undo
+    chrome.key("Escape", "Escape", 27)
+    chrome.wait_for("!document.querySelector('dialog.dragkit-pe-dialog')")
+
+    # -- right-click deletes a pair
+    chrome.click(*_client_xy(chrome, *PAIRS[1][1]), button="right")
+    assert parse_editor_state(_state(chrome)).points.num_pairs == 1
+
+    # -- a smaller image keeps the points that fit and says what was dropped
+    chrome.click(*_client_xy(chrome, *PAIRS[1][0]))
+    chrome.click(*_client_xy(chrome, *PAIRS[1][1]))
+    chrome.js(f"(() => {{ const w = window.__editorNode.widgets.find(w => w.name === 'image_file');"
+              f" w.value = {json.dumps(small_name)}; w.callback?.(w.value); return true; }})()")
+    chrome.wait_for(f"{EDITOR}.model.width === 160")
+    resized = parse_editor_state(_state(chrome), width=160, height=120)
+    assert resized.points.handles == (tuple(map(float, PAIRS[0][0])),)
+    assert chrome.js(f"{EDITOR}.warning").startswith("The image changed from 320×200 to 160×120: 1 point pair")
+
+    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    elapsed = time.monotonic() - t0
+    (ARTIFACTS / "timing.json").write_text(json.dumps({"browser_test_seconds": round(elapsed, 1)}))
+
+
+@pytest.mark.skipif(not DRAG100_SAMPLE.is_dir(), reason=f"the shipped Drag100 data is not at {DRAG100_SAMPLE}")
+def test_a_drag100_sample_shows_in_the_editor(comfy_server, page):
+    """A state written by Python (points and run-length mask from Drag100) reads back identically in JS."""
+    chrome = page
+    sample = load_drag100(DRAG100_SAMPLE)
+    file_name = comfy_server.upload_image(DRAG100_SAMPLE / "original.jpg")
+    state_text = sample.editor_state()
+    chrome.js(f"""(() => {{
+        app.graph.clear();
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [0, 0];
+        const node = LiteGraph.createNode('{NODE_CLASS}');
+        node.pos = [100, 110];
+        app.graph.add(node);
+        node.setSize([420, 800]);
+        node.widgets.find(w => w.name === 'editor_state').value = {json.dumps(state_text)};
+        node.dragPointsEditor.loadFromWidget();
+        const file = node.widgets.find(w => w.name === 'image_file');
+        file.value = {json.dumps(file_name)};
+        file.callback?.(file.value);
+        app.canvas.setDirty(true, true);
+        window.__editorNode = node;
+        return true;
+    }})()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    assert chrome.js(f"{EDITOR}.model.serialize()") == state_text
+    assert chrome.js(f"{EDITOR}.model.maskCount") == int(sample.mask.sum())
+    assert chrome.js(f"{EDITOR}.model.pairs.length") == sample.points.num_pairs
+    assert chrome.js(f"{EDITOR}.warning") == ""
+    _screenshot_node(chrome, ARTIFACTS / "editor-drag100.png")
+    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+
+
+def _screenshot_node(chrome: Browser, path: Path) -> None:
+    """A screenshot of the editor node only (its bounding box on screen, with a margin)."""
+    chrome.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+    box = chrome.js("""(() => {
+        const n = window.__editorNode, ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+        const [x, y] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
+        return {x: r.left + x - 12, y: r.top + y - 12,
+                width: n.size[0] * ds.scale + 24, height: (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale + 24};
+    })()""")
+    chrome.screenshot(path, clip=box)
+
+
+def test_a_connected_image_is_shown_and_wins(comfy_server, page, tmp_path):
+    """IMAGE input: a Load Image's file shows at once; any other source after a run (even a failed one)."""
+    chrome = page
+    file_name = _upload(comfy_server, tmp_path, "dragkit_editor_linked.png", _test_image()[:150, :100])
+    chrome.js(f"""(() => {{
+        app.graph.clear();
+        const add = (type, pos) => {{ const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; }};
+        const load = add('LoadImage', [20, 100]);
+        const image = load.widgets.find(w => w.name === 'image');
+        image.value = {json.dumps(file_name)};
+        image.callback?.(image.value);
+        const node = add('{NODE_CLASS}', [700, 100]);
+        load.connect(0, node, node.findInputSlot('image'));
+        node.connect(0, add('PreviewImage', [1200, 100]), 0);
+        app.canvas.setDirty(true, true);
+        window.__editorNode = node;
+        window.__loadNode = load;
+        return true;
+    }})()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded' && {EDITOR}.sourceKey.startsWith('link:')")
+    assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [100, 150]
+
+    chrome.js("""(() => {
+        const invert = LiteGraph.createNode('ImageInvert');
+        invert.pos = [380, 100];
+        app.graph.add(invert);
+        window.__loadNode.connect(0, invert, 0);
+        invert.connect(0, window.__editorNode, window.__editorNode.findInputSlot('image'));
+        app.canvas.setDirty(true, true);
+        return true;
+    })()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'waiting'")
+    chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
+    chrome.wait_for(f"{EDITOR}.sourceKey.startsWith('run:') && {EDITOR}.imageStatus === 'loaded'", 60)
+    assert chrome.js(f"{EDITOR}.executedImage.type") == "temp"
+    assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [100, 150]
+    error = chrome.wait_for("app.lastExecutionError?.exception_message", 30)
+    assert error.startswith("[Drag Points Editor] no handle/target pairs were placed")
+    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
