@@ -15,4 +15,9 @@ Nothing in this package imports ComfyUI. Modules:
 - ``diffusers_backend``: that interface on a diffusers ``UNet2DConditionModel``
   (imports diffusers lazily).
 - ``compositing``: feathered paste of the edited region and the point overlay.
+- ``fastdrag``: FastDrag's latent warp, BNNI fills and object moving.
+- ``motion``: motion-supervision losses and point tracking on feature maps.
+- ``dragdiffusion``: DragDiffusion's latent optimisation loop.
+- ``editor_state``: the Drag Points Editor's saved state (points + compact mask).
+- ``datasets``: Drag100 and DragBench folders (safe loaders, atomic writers).
 """
