@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
-from .motion import all_reached, dragdiffusion_loss, mask_regularisation, track_points
+from .motion import LossScale, all_reached, dragdiffusion_loss, mask_regularisation, supervision_features, track_points
 from .schedule import DDIMSchedule, ddim_step, predicted_x0
 
 IterationCallback = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
@@ -65,34 +64,6 @@ class DragResult:
     latent: torch.Tensor
     handles: torch.Tensor
     iterations: int
-
-
-def supervision_features(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Upsample ``(B, C, h_f, w_f)`` UNet features bilinearly (align_corners=False) to the supervision grid."""
-    return F.interpolate(features, size=grid_hw, mode="bilinear", align_corners=False)
-
-
-class _LossScale:
-    """Dynamic loss scaling for one parameter: grow after clean steps, halve and skip on overflow."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.scale = 2.0**10 if enabled else 1.0
-        self.enabled = enabled
-        self.clean = 0
-
-    def step(self, loss: torch.Tensor, latent: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
-        optimiser.zero_grad(set_to_none=True)
-        (loss * self.scale).backward()
-        grad = latent.grad
-        if self.enabled and not torch.isfinite(grad).all():
-            self.scale /= 2
-            self.clean = 0
-            return
-        grad.div_(self.scale)
-        optimiser.step()
-        self.clean += 1
-        if self.enabled and self.clean % 200 == 0:
-            self.scale *= 2
 
 
 def drag_diffusion(
@@ -136,7 +107,7 @@ def drag_diffusion(
             z_prev_original = ddim_step(z_start, eps0, alpha, alpha_prev)
         latent = z_start.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([latent], lr=settings.lr)
-        scaler = _LossScale(enabled=feats0.dtype == torch.float16)
+        scaler = LossScale(enabled=feats0.dtype == torch.float16)
         # Fresh copies: tensors a host made in inference mode may not be saved for backward.
         current = initial.to(z_start.device).clone()
         start = current.clone()

@@ -149,3 +149,31 @@ def mask_regularisation(z_prev: torch.Tensor, z_prev_original: torch.Tensor, kee
     (1 − editable mask); latents are ``(1, C, h, w)``.
     """
     return weight * ((z_prev.float() - z_prev_original.float()).abs() * keep.to(z_prev.device, torch.float32)).sum()
+
+
+def supervision_features(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Upsample ``(B, C, h_f, w_f)`` UNet features bilinearly (align_corners=False) to the supervision grid."""
+    return F.interpolate(features, size=grid_hw, mode="bilinear", align_corners=False)
+
+
+class LossScale:
+    """Dynamic loss scaling for one parameter: grow after clean steps, halve and skip on overflow."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.scale = 2.0**10 if enabled else 1.0
+        self.enabled = enabled
+        self.clean = 0
+
+    def step(self, loss: torch.Tensor, latent: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        optimiser.zero_grad(set_to_none=True)
+        (loss * self.scale).backward()
+        grad = latent.grad
+        if self.enabled and not torch.isfinite(grad).all():
+            self.scale /= 2
+            self.clean = 0
+            return
+        grad.div_(self.scale)
+        optimiser.step()
+        self.clean += 1
+        if self.enabled and self.clean % 200 == 0:
+            self.scale *= 2

@@ -1,27 +1,36 @@
-"""Motion-Supervision Optimize: DragDiffusion's latent optimisation with point tracking."""
+"""Motion-Supervision Optimize: DragDiffusion's and GoodDrag's latent optimisation with point tracking."""
 
 from __future__ import annotations
 
 from ..dragkit.attention import AttnCache
 from ..dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
+from ..dragkit.gooddrag import GoodDragSettings, good_drag
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.points import DragPoints
 from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors
 from .invert import check_conditioning, preview_progress
-from .latent_io import read_step, with_step
+from .latent_io import clean_latent, read_step, with_step
 
-MODES = ("dragdiffusion",)
+MODES = ("dragdiffusion", "gooddrag")
 PREVIEW_EVERY = 5
+METHOD_DEFAULT = -1
+"""Widget value meaning "the chosen method's default" (lr, λ, r1, r2 differ between the methods)."""
+
+
+def _pick(value, default):
+    return default if value == METHOD_DEFAULT else value
 
 
 class MotionSupervisionOptimize:
     DESCRIPTION = (
-        "DragDiffusion: optimises the noisy latent with motion supervision on the UNet's decoder features so the "
-        "content at each handle moves toward its target, tracking the handles as it goes and keeping the "
-        "unmasked region through a regulariser on the next denoising step. Stops when every handle is within "
-        "2 supervision cells (4 px) of its target. Sample the result with KV-Injected Sample."
+        "Optimises the noisy latent with motion supervision on the UNet's decoder features so the content at each "
+        "handle moves toward its target, tracking the handles as it goes and keeping the unmasked region through a "
+        "regulariser on the next denoising step. dragdiffusion: up to `iterations` steps at t* (stops when every "
+        "handle is within 4 px of its target). gooddrag: alternates B drag operations (J steps each, pulling toward "
+        "the original features) with one denoising step over the first T steps; its output is T steps later. "
+        "Sample the result with KV-Injected Sample, kv_source 'reference branch', inject_layers 'masactrl'."
     )
     CATEGORY = CATEGORY
     FUNCTION = "optimize"
@@ -41,19 +50,25 @@ class MotionSupervisionOptimize:
                 "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache of the same DDIM Invert (gives the schedule)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt used for inversion."}),
                 "points": (DRAG_POINTS, {"tooltip": "Handle/target pairs in source-image pixels."}),
-                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion)."}),
-                "iterations": ("INT", {"default": 80, "min": 1, "max": 1000, "tooltip": "Most optimisation steps (it stops earlier when every handle arrived)."}),
-                "lr": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001, "tooltip": "Adam learning rate on the latent."}),
-                "lam": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "λ, weight of the term that keeps the unmasked region (a sum over the latent)."}),
-                "r1": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Motion-supervision patch radius in supervision cells (2 px each)."}),
-                "r2": ("INT", {"default": 3, "min": 0, "max": 32, "tooltip": "Point-tracking search radius in supervision cells."}),
+                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75)."}),
+                "iterations": ("INT", {"default": 80, "min": 1, "max": 1000, "tooltip": "dragdiffusion: most optimisation steps (it stops earlier when every handle arrived)."}),
+                "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001, "tooltip": "Adam learning rate on the latent; -1 = the method's default (dragdiffusion 0.01, gooddrag 0.02)."}),
+                "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": "λ, weight of the term that keeps the unmasked region (a sum over the latent); -1 = the method's default (0.1, 0.2)."}),
+                "r1": ("INT", {"default": -1, "min": -1, "max": 16, "tooltip": "Motion-supervision patch radius in supervision cells (2 px each); -1 = the method's default (1, 4)."}),
+                "r2": ("INT", {"default": -1, "min": -1, "max": 32, "tooltip": "Point-tracking search radius in supervision cells; -1 = the method's default (3, 12)."}),
+                "drag_steps": ("INT", {"default": 7, "min": 1, "max": 100, "tooltip": "gooddrag: T, the number of denoising steps during which dragging happens."}),
+                "drags_per_step": ("INT", {"default": 10, "min": 1, "max": 100, "tooltip": "gooddrag: B, drag operations per denoising step (K = T x B in all)."}),
+                "grad_steps": ("INT", {"default": 3, "min": 1, "max": 100, "tooltip": "gooddrag: J, Adam steps per drag operation before the handles are tracked."}),
+                "beta": ("FLOAT", {"default": 4.0, "min": 0.1, "max": 32.0, "step": 0.1, "tooltip": "gooddrag: β, the largest step (supervision cells) of the pulled patch toward the target."}),
+                "max_unchanged": ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip": "gooddrag: stop dragging after this many drag operations in a row left the handles in place (0 = never)."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Editable region in source pixels (1 = editable). Absent or empty: the whole image, and no keep term."}),
             },
         }
 
-    def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2, mask=None):
+    def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2,
+                 drag_steps=7, drags_per_step=10, grad_steps=3, beta=4.0, max_unchanged=10, mask=None):
         with node_errors("Motion-Supervision Optimize"):
             if not isinstance(points, DragPoints):
                 raise DragInputError("points must come from a DragKit points node")
@@ -72,21 +87,46 @@ class MotionSupervisionOptimize:
             if defaulted:
                 log.info("DragKit Motion-Supervision Optimize: no mask (or an empty one): the whole image is editable")
             keep = (~geometry.mask_to_latent(editable)).float() if not defaulted else editable.new_zeros(samples.shape[-2:])
-            settings = DragDiffusionSettings(iterations=iterations, lr=lr, lam=lam, r1=r1, r2=r2)
+            if mode not in MODES:
+                raise DragInputError(f"mode must be one of {MODES}, got {mode!r}")
             backend = ComfyBackend(model)
-            progress = preview_progress(model, iterations, every=PREVIEW_EVERY)
-
             z = backend.latent_to_vp(samples, step.sigma)
-            result = drag_diffusion(
-                backend, z, ComfyConditioning(positive), attn_cache.schedule, step.step_index,
-                geometry.points_to_supervision(points.handles_tensor()),
-                geometry.points_to_supervision(points.targets_tensor()),
-                keep, settings, lambda done, handles, x0: progress(done, x0),
-            )
-        log.info("DragKit Motion-Supervision Optimize: %d iterations", result.iterations)
-        out = backend.vp_to_latent(result.latent, step.sigma)
-        tracked = points.with_handles(geometry.supervision_to_points(result.handles))
-        return (with_step(out, step.num_steps, step.step_index, step.timestep, step.sigma), tracked)
+            handles = geometry.points_to_supervision(points.handles_tensor())
+            targets = geometry.points_to_supervision(points.targets_tensor())
+            schedule = attn_cache.schedule
+            if mode == "dragdiffusion":
+                settings = DragDiffusionSettings(
+                    iterations=iterations, lr=_pick(lr, 0.01), lam=_pick(lam, 0.1), r1=_pick(r1, 1), r2=_pick(r2, 3)
+                )
+                progress = preview_progress(model, iterations, every=PREVIEW_EVERY)
+                result = drag_diffusion(
+                    backend, z, ComfyConditioning(positive), schedule, step.step_index, handles, targets, keep, settings,
+                    lambda done, tracked, x0: progress(done, x0),
+                )
+                latent_out, index, tracked = result.latent, step.step_index, result.handles
+                log.info("DragKit Motion-Supervision Optimize: DragDiffusion, %d iterations", result.iterations)
+            else:
+                settings = GoodDragSettings(
+                    drag_steps=drag_steps, drags_per_step=drags_per_step, grad_steps=grad_steps, lr=_pick(lr, 0.02),
+                    lam=_pick(lam, 0.2), r1=_pick(r1, 4), r2=_pick(r2, 12), beta=beta, max_unchanged=max_unchanged,
+                )
+                progress = preview_progress(model, settings.total_operations, every=PREVIEW_EVERY)
+                result = good_drag(
+                    backend, z, ComfyConditioning(positive), schedule, step.step_index, handles, targets, keep, settings,
+                    lambda done, total, tracked, x0: progress(done, x0),
+                )
+                latent_out, index, tracked = result.latent, result.step_index, result.handles
+                log.info(
+                    "DragKit Motion-Supervision Optimize: GoodDrag, %d drag operations, %d gradient steps, %d denoising steps",
+                    result.drag_operations, result.gradient_steps, result.denoising_steps,
+                )
+        moved = points.with_handles(geometry.supervision_to_points(tracked))
+        if index == schedule.num_steps:
+            log.info("DragKit Motion-Supervision Optimize: the drag phase reached the last step; the latent is clean")
+            return (clean_latent(backend.vp_to_latent(latent_out, 0.0)), moved)
+        timestep = schedule.timesteps[index]
+        sigma = backend.sigma(timestep)
+        return (with_step(backend.vp_to_latent(latent_out, sigma), step.num_steps, index, timestep, sigma), moved)
 
 
 NODE_CLASS_MAPPINGS = {"DragKitMotionSupervisionOptimize": MotionSupervisionOptimize}

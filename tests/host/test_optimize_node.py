@@ -15,11 +15,11 @@ def inverted(comfy_inproc, tiny_comfy_models):
     return positive, z_t, cache
 
 
-def optimize(host, model, inverted, points, iterations=3, mask=None, lam=0.1):
+def optimize(host, model, inverted, points, iterations=3, mask=None, mode="dragdiffusion", **gooddrag):
     node = host.pack.nodes.optimize.MotionSupervisionOptimize()
     positive, z_t, cache = inverted
     with torch.inference_mode():
-        return node.optimize(model, z_t, cache, positive, points, "dragdiffusion", iterations, 0.01, lam, 1, 3, mask)
+        return node.optimize(model, z_t, cache, positive, points, mode, iterations, -1, -1, -1, -1, mask=mask, **gooddrag)
 
 
 def test_optimise_runs_with_gradients_and_leaves_the_shared_model_alone(comfy_inproc, tiny_comfy_models, inverted):
@@ -43,3 +43,17 @@ def test_optimise_errors_name_the_node(comfy_inproc, tiny_comfy_models, inverted
     points = comfy_inproc.pack.dragkit.points.parse_drag_points('{"points": [[16, 24], [48, 24]]}', 96, 64)
     with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] .*encodes to a 12x8 latent"):
         optimize(comfy_inproc, tiny_comfy_models.model, inverted, points)
+
+
+def test_gooddrag_mode_states_the_step_it_reached(comfy_inproc, tiny_comfy_models, inverted):
+    points = comfy_inproc.pack.dragkit.points.parse_drag_points('{"points": [[16, 24], [48, 24]]}', 64, 64)
+    out, tracked = optimize(comfy_inproc, tiny_comfy_models.model, inverted, points, mode="gooddrag", drag_steps=2,
+                            drags_per_step=2, grad_steps=1, beta=4.0, max_unchanged=0)
+    schedule = inverted[2].schedule
+    step = comfy_inproc.pack.nodes.latent_io.read_step(out)
+    assert step.step_index == schedule.start_index + 2 and step.timestep == schedule.timesteps[schedule.start_index + 2]
+    positive = inverted[0]
+    (final,) = comfy_inproc.run_node("DragKitKVInjectedSample", model=tiny_comfy_models.model, latent=out,
+                                     attn_cache=inverted[2], positive=positive, kv_source="reference branch",
+                                     inject_layers="masactrl", inject_start=0.0, inject_end=1.0)
+    assert torch.isfinite(final["samples"]).all() and tracked.num_pairs == 1
