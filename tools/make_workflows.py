@@ -90,7 +90,55 @@ def fastdrag(info: dict) -> dict:
     return g.to_json()
 
 
-WORKFLOWS = {"roundtrip.json": roundtrip, "fastdrag.json": fastdrag}
+MOTION_NOTE = """DragKit {title}: motion supervision of the noisy latent, then sampling with mutual self-attention.
+
+- Load Image feeds both the editor (to place points) and VAE Encode: moving a point then re-runs only the
+  optimisation and sampling, never the inversion (ComfyUI caches it).
+- Drag Points Editor: click handle (red) then target (blue); paint the editable region.
+- DDIM Invert: 50 steps, strength {strength} (t* = {t_star}); no keys/values are cached because the sampler
+  uses a reference branch (the unedited latent denoised alongside).
+- Motion-Supervision Optimize: mode {mode}; -1 knobs take the method's defaults.
+- KV-Injected Sample: kv_source "reference branch", inject_layers "masactrl" (SD1.5 layers 10-15).
+- {lora}"""
+
+LORA_LATER = (
+    "Identity LoRA: the methods fine-tune a LoRA on the image first ({steps} steps); until DragKit's LoRA "
+    "Fine-tune node lands, add one with LoraLoaderModelOnly if you trained it elsewhere, or run without."
+)
+
+
+def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int) -> dict:
+    g = WorkflowBuilder(info)
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
+    image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
+    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)}, height=560)
+    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title="Prompt (may stay empty)")
+    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": Out(ckpt, 2)})
+    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 50, "strength": strength, "cache_layers": "none"},
+                   {"model": Out(ckpt, 0), "latent": Out(encode, 0), "positive": Out(prompt, 0)}, height=220)
+    optimise = g.add("DragKitMotionSupervisionOptimize", 3, 0, {"mode": mode},
+                     {"model": Out(ckpt, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
+                      "positive": Out(prompt, 0), "points": Out(editor, 1), "mask": Out(editor, 2)}, height=420)
+    sample = g.add("DragKitKVInjectedSample", 4, 0, {"kv_source": "reference branch", "inject_layers": "masactrl"},
+                   {"model": Out(ckpt, 0), "latent": Out(optimise, 0), "attn_cache": Out(invert, 1),
+                    "positive": Out(prompt, 0)}, height=240)
+    decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
+                   {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0),
+                    "mask": Out(editor, 2), "points": Out(editor, 1)}, height=180)
+    g.add("SaveImage", 6, 0, {"filename_prefix": f"dragkit_{mode}"}, {"images": Out(decode, 0)}, height=320)
+    g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
+    title = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag"}[mode]
+    g.note(MOTION_NOTE.format(title=title, strength=strength, t_star=t_star, mode=mode,
+                              lora=LORA_LATER.format(steps=lora_steps)), 2, 4, width=520, height=300)
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "roundtrip.json": roundtrip,
+    "fastdrag.json": fastdrag,
+    "dragdiffusion.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80),
+    "gooddrag.json": lambda info: motion(info, "gooddrag", 0.75, 741, 70),
+}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from .comfy_host import ComfyServer, comfyui_problem
@@ -57,10 +58,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fill_inputs(prompt: dict, image: str, mask: str | None, points_json: str | None, checkpoint: str, text: str | None) -> None:
-    """Point the prompt's loaders at the run's files (in place)."""
+def editor_state_for(image: Path, points_json: str | None, mask: Path | None) -> str:
+    """The Drag Points Editor state (points + mask) for an image, from a points JSON and a mask image."""
+    from dragkit.editor_state import editor_state_json
+    from dragkit.points import parse_drag_points
+
+    width, height = Image.open(image).size
+    if points_json is None:
+        raise SystemExit("error: this workflow has a Drag Points Editor: give --points or --sample")
+    points = parse_drag_points(points_json, width=width, height=height)
+    mask_array = None
+    if mask is not None:
+        mask_array = np.asarray(Image.open(mask).convert("L").resize((width, height), Image.NEAREST)) > 127
+    return editor_state_json(points, mask_array)
+
+
+def fill_inputs(
+    prompt: dict, image: str, mask: str | None, points_json: str | None, checkpoint: str, text: str | None,
+    editor_state: str | None = None,
+) -> None:
+    """Point the prompt's loaders at the run's files (in place).
+
+    ``image`` and ``mask`` are names in ComfyUI's input folder; ``editor_state``
+    fills any Drag Points Editor (see :func:`editor_state_for`).
+    """
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
+        if kind == "DragKitPointsEditor":
+            inputs["image_file"] = image
+            if editor_state is not None:
+                inputs["editor_state"] = editor_state
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = checkpoint
         elif kind == "LoadImage":
@@ -119,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt = ui_to_api(workflow, server.object_info())
         image_name = server.upload_image(args.image)
         mask_name = server.upload_image(args.mask) if args.mask else None
-        fill_inputs(prompt, image_name, mask_name, points_json, checkpoint.name, args.prompt)
+        state = None
+        if any(node["class_type"] == "DragKitPointsEditor" for node in prompt.values()):
+            state = editor_state_for(args.image, points_json, args.mask)
+        fill_inputs(prompt, image_name, mask_name, points_json, checkpoint.name, args.prompt, state)
         entry = server.run(prompt, timeout=args.timeout)
         outputs = [p for p in server.output_files(entry) if "/output/" in str(p) or p.parent.name == "output"]
         outputs = outputs or server.output_files(entry)

@@ -2,7 +2,7 @@
 
 The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint;
 the image is a small synthetic one (the tiny UNet is slow at 512 px on CPU)
-and DDIM Invert runs 10 steps, so the whole file takes well under a minute.
+and DDIM Invert runs 10 steps (motion supervision a few), so the whole file takes about a minute.
 """
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.run_workflow import fill_inputs
+from tools.run_workflow import editor_state_for, fill_inputs
 from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
@@ -30,16 +30,19 @@ def inputs(tmp_path_factory, comfy_server):
     mask = np.zeros((100, 132), dtype=np.uint8)
     mask[20:80, 25:110] = 255
     Image.fromarray(mask).save(folder / "mask.png")
-    return comfy_server.upload_image(folder / "image.png"), comfy_server.upload_image(folder / "mask.png")
+    state = editor_state_for(folder / "image.png", POINTS, folder / "mask.png")
+    return comfy_server.upload_image(folder / "image.png"), comfy_server.upload_image(folder / "mask.png"), state
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, inputs):
     prompt = ui_to_api(json.loads(workflow.read_text()), comfy_server.object_info())
-    fill_inputs(prompt, inputs[0], inputs[1], POINTS, tiny_checkpoint.name, "a test image")
+    fill_inputs(prompt, inputs[0], inputs[1], POINTS, tiny_checkpoint.name, "a test image", inputs[2])
     for node in prompt.values():
         if node["class_type"] == "DragKitDDIMInvert":
             node["inputs"]["steps"] = 10
+        if node["class_type"] == "DragKitMotionSupervisionOptimize":
+            node["inputs"].update(iterations=3, drag_steps=2, drags_per_step=1, grad_steps=1)
     entry = comfy_server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success"
     saved = [p for p in comfy_server.output_files(entry) if p.suffix == ".png"]
@@ -47,7 +50,7 @@ def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_check
     image = np.asarray(Image.open(saved[0]))
     assert image.shape == (100, 132, 3)
     source = np.asarray(Image.open(comfy_server.dir("input") / inputs[0]).convert("RGB"))
-    if any(n["class_type"] == "DragKitFastDragWarp" for n in prompt.values()):
+    if any(n["class_type"] in ("DragKitFastDragWarp", "DragKitMotionSupervisionOptimize") for n in prompt.values()):
         outside = np.asarray(Image.open(comfy_server.dir("input") / inputs[1])) == 0
         assert np.array_equal(image[outside], source[outside])
 
