@@ -112,6 +112,47 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.dev
     }
 
 
+def motion_stages(host, model, vae, latent, positive, points, image, mask, device) -> dict[str, dict]:
+    """DragDiffusion and GoodDrag edits without LoRA, timed once after a short warm-up.
+
+    With random weights the handles never arrive, so the optimisers run their
+    worst case: 80 DragDiffusion iterations (81 UNet passes, 80 with backward),
+    70 GoodDrag drag operations (210 gradient steps and 21 forward passes; its
+    early stop on unchanged tracks is switched off so the count is fixed).
+    Reference-branch sampling runs at batch 2 (counted as two passes per step).
+    """
+    classes = host.pack.nodes
+    invert, optimise = classes.invert.DDIMInvert(), classes.optimize.MotionSupervisionOptimize()
+    sample, decode = classes.sample.KVInjectedSample(), classes.decode.DragVAEDecode()
+    stages = {}
+    for mode, strength, warm_up in (
+        ("dragdiffusion", 0.7, {"iterations": 2}),
+        ("gooddrag", 0.75, {"drag_steps": 1, "drags_per_step": 1, "grad_steps": 1}),
+    ):
+        z_t, cache = invert.invert(model, latent, positive, 50, strength, "none", "auto")
+
+        def run_optimise(zt, kv, **knobs):
+            knobs = {"iterations": 80} | ({} if mode == "dragdiffusion" else {"max_unchanged": 0}) | knobs
+            iterations = knobs.pop("iterations")
+            return optimise.optimize(model, zt, kv, positive, points, mode, iterations, -1, -1, -1, -1, mask=mask, **knobs)[0]
+
+        run_optimise(z_t, cache, **warm_up)
+        stages[f"{mode}_optimize"] = timed(lambda: run_optimise(z_t, cache), 0, 1, device)
+        edited = stages[f"{mode}_optimize"]["result"]
+        stages[f"{mode}_sample"] = timed(
+            lambda: sample.sample(model, edited, cache, positive, "reference branch", "masactrl", 0.0, 1.0)[0], 1, 1, device
+        )
+
+        def whole_edit():
+            lat = host.nodes.VAEEncode().encode(vae, image)[0]
+            zt, kv = invert.invert(model, lat, positive, 50, strength, "none", "auto")
+            res = sample.sample(model, run_optimise(zt, kv), kv, positive, "reference branch", "masactrl", 0.0, 1.0)[0]
+            return decode.decode(vae, res, 8, image, mask, points)[0]
+
+        stages[f"{mode}_edit"] = timed(whole_edit, 0, 1, device)
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny seeded checkpoint on the CPU (seconds; for CI)")
@@ -119,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--motion", action="store_true", help="also time DragDiffusion and GoodDrag edits (slow: worst case, once)")
     args = parser.parse_args(argv)
 
     from tools.comfy_host import comfyui_version, load_pack_inproc
@@ -178,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         stages["fastdrag_first_edit"] = timed(first_edit, warm, reps, device)
         drag_cache = timed(lambda: invert.invert(model, latent, positive, 50, 0.7, "decoder", "auto")[1], 1, 1, device)
         stages["dragdiffusion_invert"] = drag_cache
-    unet_passes = {"unet_forward": 1, "fastdrag_invert": 7, "fastdrag_sample": 7, "fastdrag_re_edit": 7, "fastdrag_first_edit": 14, "dragdiffusion_invert": 35}
+        if args.motion:
+            stages.update(motion_stages(host, model, vae, latent, positive, points_value, image, mask, device))
+    unet_passes = {"dragdiffusion_optimize": 81, "dragdiffusion_sample": 70, "dragdiffusion_edit": 186,
+                   "gooddrag_optimize": 231, "gooddrag_sample": 69, "gooddrag_edit": 338,
+                   "unet_forward": 1, "fastdrag_invert": 7, "fastdrag_sample": 7, "fastdrag_re_edit": 7, "fastdrag_first_edit": 14, "dragdiffusion_invert": 35}
     kv = drag_cache["result"]
     report = {
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": __import__("os").cpu_count()},
