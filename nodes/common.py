@@ -15,7 +15,9 @@ from typing import Callable
 import comfy.model_management
 import comfy.utils
 
+from ..dragkit.attention import AttnCache
 from ..dragkit.errors import DragInputError
+from ..dragkit.points import DragPoints
 
 CATEGORY = "DragKit"
 """The one Add-Node menu category of the pack."""
@@ -43,6 +45,20 @@ def node_errors(node_name: str) -> Iterator[None]:
         yield
     except DragInputError as err:
         raise NodeInputError(f"[{node_name}] {err}") from None
+
+
+def require_points(points) -> DragPoints:
+    """``points`` if it is a DRAG_POINTS value, else a clear error."""
+    if not isinstance(points, DragPoints):
+        raise DragInputError("points must come from a DragKit points node (Drag Points Editor or Drag Points (JSON))")
+    return points
+
+
+def require_cache(cache) -> AttnCache:
+    """``cache`` if it is an ATTN_CACHE value, else a clear error."""
+    if not isinstance(cache, AttnCache):
+        raise DragInputError("attn_cache is not an attention cache from DDIM Invert")
+    return cache
 
 
 def progress_reporter(total: int) -> Callable[[int], None]:

@@ -8,7 +8,7 @@ from ..dragkit.compositing import draw_points, paste_edit
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.points import DragPoints
-from .common import CATEGORY, DRAG_POINTS, log, node_errors
+from .common import CATEGORY, DRAG_POINTS, log, node_errors, require_points
 from .latent_io import read_step
 
 
@@ -74,8 +74,7 @@ class DragVAEDecode:
 
     @staticmethod
     def _draw(image: torch.Tensor, points: DragPoints, at_source_size: bool) -> torch.Tensor:
-        if not isinstance(points, DragPoints):
-            raise DragInputError("points must come from a DragKit points node")
+        require_points(points)
         handles, targets = points.handles_tensor(), points.targets_tensor()
         if not at_source_size:
             geometry = LatentGeometry(points.width, points.height)

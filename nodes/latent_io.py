@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dragkit.errors import DragInputError
+
 STEP_KEY = "dragkit_step"
 
 
@@ -51,6 +53,17 @@ def read_step(latent: dict) -> LatentStep | None:
     step = latent.get(STEP_KEY)
     if not isinstance(step, LatentStep) or step.fingerprint != _fingerprint(latent["samples"]):
         return None
+    return step
+
+
+def require_step(latent: dict) -> LatentStep:
+    """The step of a noisy LATENT, or a clear error when it has none (or another node changed it)."""
+    step = read_step(latent)
+    if step is None:
+        raise DragInputError(
+            "this latent does not know its diffusion step (or another node changed it); connect z_t from "
+            "DDIM Invert, FastDrag Warp or Motion-Supervision Optimize"
+        )
     return step
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from ..dragkit.attention import AttnCache
 from ..dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from ..dragkit.gooddrag import GoodDragSettings, good_drag
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
-from ..dragkit.points import DragPoints
 from .comfy_backend import ComfyBackend, ComfyConditioning
-from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors
+from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors, require_cache, require_points
 from .invert import check_conditioning, preview_progress
-from .latent_io import clean_latent, read_step, with_step
+from .latent_io import clean_latent, require_step, with_step
 
 MODES = ("dragdiffusion", "gooddrag")
 PREVIEW_EVERY = 5
@@ -70,13 +68,9 @@ class MotionSupervisionOptimize:
     def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2,
                  drag_steps=7, drags_per_step=10, grad_steps=3, beta=4.0, max_unchanged=10, mask=None):
         with node_errors("Motion-Supervision Optimize"):
-            if not isinstance(points, DragPoints):
-                raise DragInputError("points must come from a DragKit points node")
-            if not isinstance(attn_cache, AttnCache):
-                raise DragInputError("attn_cache is not an attention cache from DDIM Invert")
-            step = read_step(latent)
-            if step is None:
-                raise DragInputError("this latent does not know its diffusion step; connect z_t from DDIM Invert or FastDrag Warp")
+            require_points(points)
+            require_cache(attn_cache)
+            step = require_step(latent)
             if step.num_steps != attn_cache.schedule.num_steps:
                 raise DragInputError("the latent and the attention cache come from different schedules")
             check_conditioning(positive)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..dragkit.attention import LAYER_SPEC_HELP, AttnCache, select_layers
+from ..dragkit.attention import LAYER_SPEC_HELP, select_layers
 from ..dragkit.ddim import KV_SOURCES, kv_sample
 from ..dragkit.errors import DragInputError
 from .comfy_backend import ComfyBackend, ComfyConditioning
-from .common import ATTN_CACHE, CATEGORY, log, node_errors
+from .common import ATTN_CACHE, CATEGORY, log, node_errors, require_cache
 from .invert import check_conditioning, preview_progress
-from .latent_io import clean_latent, read_step
+from .latent_io import clean_latent, require_step
 
 
 class KVInjectedSample:
@@ -46,14 +46,8 @@ class KVInjectedSample:
 
     def sample(self, model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative=None, cfg=1.0):
         with node_errors("KV-Injected Sample"):
-            if not isinstance(attn_cache, AttnCache):
-                raise DragInputError("attn_cache is not an attention cache from DDIM Invert")
-            step = read_step(latent)
-            if step is None:
-                raise DragInputError(
-                    "this latent does not know its diffusion step (or another node changed it); connect z_t from "
-                    "DDIM Invert, FastDrag Warp or Motion-Supervision Optimize"
-                )
+            require_cache(attn_cache)
+            step = require_step(latent)
             schedule = attn_cache.schedule
             if step.num_steps != schedule.num_steps:
                 raise DragInputError(

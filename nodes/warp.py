@@ -5,9 +5,8 @@ from __future__ import annotations
 from ..dragkit.errors import DragInputError
 from ..dragkit.fastdrag import FILLS, MODES, fastdrag_edit
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
-from ..dragkit.points import DragPoints
-from .common import CATEGORY, DRAG_POINTS, log, node_errors
-from .latent_io import read_step, with_step
+from .common import CATEGORY, DRAG_POINTS, log, node_errors, require_points
+from .latent_io import require_step, with_step
 
 
 class FastDragWarp:
@@ -41,13 +40,8 @@ class FastDragWarp:
 
     def warp(self, latent, points, mode, fill, patch_cells, mask=None):
         with node_errors("FastDrag Warp+BNNI"):
-            if not isinstance(points, DragPoints):
-                raise DragInputError("points must come from a DragKit points node")
-            step = read_step(latent)
-            if step is None:
-                raise DragInputError(
-                    "this latent does not know its diffusion step (or another node changed it); connect z_t from DDIM Invert"
-                )
+            require_points(points)
+            step = require_step(latent)
             samples = latent["samples"]
             if samples.shape[0] != 1:
                 raise DragInputError(f"the latent holds a batch of {samples.shape[0]}; warp one image at a time")

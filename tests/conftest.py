@@ -2,6 +2,7 @@
 
 Fixtures
 --------
+``backend``            The engine's DiffusersBackend over ``micro_unet(seed=0)`` (no ComfyUI needed).
 ``repo_root``          Path of the repository (= the pack).
 ``comfyui``            Path of the ComfyUI checkout (``COMFYUI_PATH``); skips without it.
 ``comfy_nodes``        ComfyUI's ``nodes`` module in this process (CPU, built-in nodes initialised,
@@ -56,6 +57,14 @@ def pytest_report_header(config):
     problem = comfy_host.comfyui_problem()
     version = comfy_host.comfyui_version(path)
     return f"ComfyUI host: {path} (version {version})" + (f" -- UNUSABLE: {problem}" if problem else "")
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """The engine's diffusers backend over ``micro_unet(seed=0)`` (shared: tests must not change its weights)."""
+    from dragkit.diffusers_backend import DiffusersBackend
+
+    return DiffusersBackend(tiny_models.micro_unet(seed=0).eval())
 
 
 @pytest.fixture(scope="session")

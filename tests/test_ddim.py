@@ -20,18 +20,12 @@ Two models:
 
 import pytest
 import torch
-from tools.tiny_models import micro_unet
 
 from dragkit.attention import AttentionControl, AttnLayer, select_layers
 from dragkit.ddim import ddim_invert, injection_timesteps, kv_sample
-from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
+from dragkit.diffusers_backend import DiffusersConditioning
 from dragkit.errors import DragInputError
 from dragkit.schedule import DDIMSchedule, scaled_linear_alphas_cumprod
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return DiffusersBackend(micro_unet(seed=0).eval())
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,10 @@ import pytest
 import torch
 
 from dragkit.attention import AttentionControl
-from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
+from dragkit.diffusers_backend import DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from dragkit.errors import DragInputError
 from dragkit.schedule import DDIMSchedule, ddim_step
-from tools.tiny_models import micro_unet
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return DiffusersBackend(micro_unet(seed=0).eval())
 
 
 @pytest.fixture(scope="module")

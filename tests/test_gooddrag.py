@@ -3,16 +3,10 @@
 import pytest
 import torch
 
-from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
+from dragkit.diffusers_backend import DiffusersConditioning
 from dragkit.errors import DragInputError
 from dragkit.gooddrag import GoodDragSettings, good_drag
 from dragkit.schedule import DDIMSchedule
-from tools.tiny_models import micro_unet
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return DiffusersBackend(micro_unet(seed=0).eval())
 
 
 @pytest.fixture(scope="module")
