@@ -108,6 +108,24 @@ def gooddrag_loss(
     return loss
 
 
+def appearance_loss(
+    features: torch.Tensor, source_features: torch.Tensor, at: torch.Tensor, source_at: torch.Tensor, radius: int
+) -> torch.Tensor:
+    """Pull the patches of ``features`` around ``at`` toward ``source_features`` around ``source_at``.
+
+    Σ_i (2r+1)² · mean|F(at_i + q) − sg(F_src(source_at_i + q))| over integer
+    patches; used by the warp-then-refine hybrid, where the warp has already
+    put each handle's content at its target.
+    """
+    _, _, height, width = features.shape
+    loss = features.new_zeros((), dtype=torch.float32)
+    for point, origin in zip(at, source_at):
+        moved = sample_features(features, patch_grid(point, radius, height, width))
+        reference = sample_features(source_features, patch_grid(origin, radius, height, width)).detach()
+        loss = loss + (2 * radius + 1) ** 2 * (moved.float() - reference.float()).abs().mean()
+    return loss
+
+
 def track_points(
     original_features: torch.Tensor,
     features: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from ..dragkit.gooddrag import GoodDragSettings, good_drag
+from ..dragkit.hybrid import refine_warped
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from .comfy_backend import ComfyBackend, ComfyConditioning
@@ -11,7 +12,7 @@ from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors, require
 from .invert import check_conditioning, preview_progress
 from .latent_io import clean_latent, require_step, with_step
 
-MODES = ("dragdiffusion", "gooddrag")
+MODES = ("dragdiffusion", "gooddrag", "refine_warp")
 PREVIEW_EVERY = 5
 METHOD_DEFAULT = -1
 """Widget value meaning "the chosen method's default" (lr, λ, r1, r2 differ between the methods)."""
@@ -19,6 +20,13 @@ METHOD_DEFAULT = -1
 
 def _pick(value, default):
     return default if value == METHOD_DEFAULT else value
+
+
+def schedule_latent(cache, timestep: int):
+    """The unedited (inverted) latent at ``timestep`` from the cache's trajectory."""
+    if timestep not in cache.trajectory:
+        raise DragInputError(f"the attention cache has no inverted latent at timestep {timestep}; use the same DDIM Invert")
+    return cache.trajectory[timestep]
 
 
 class MotionSupervisionOptimize:
@@ -48,8 +56,8 @@ class MotionSupervisionOptimize:
                 "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache of the same DDIM Invert (gives the schedule)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt used for inversion."}),
                 "points": (DRAG_POINTS, {"tooltip": "Handle/target pairs in source-image pixels."}),
-                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75)."}),
-                "iterations": ("INT", {"default": 80, "min": 1, "max": 1000, "tooltip": "dragdiffusion: most optimisation steps (it stops earlier when every handle arrived)."}),
+                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75). refine_warp: after FastDrag Warp, pull the features around each target toward the source's around its handle (a few iterations; the hybrid)."}),
+                "iterations": ("INT", {"default": 80, "min": 1, "max": 1000, "tooltip": "dragdiffusion: most optimisation steps (it stops earlier when every handle arrived); refine_warp: the number of steps (about 10)."}),
                 "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001, "tooltip": "Adam learning rate on the latent; -1 = the method's default (dragdiffusion 0.01, gooddrag 0.02)."}),
                 "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": "λ, weight of the term that keeps the unmasked region (a sum over the latent); -1 = the method's default (0.1, 0.2)."}),
                 "r1": ("INT", {"default": -1, "min": -1, "max": 16, "tooltip": "Motion-supervision patch radius in supervision cells (2 px each); -1 = the method's default (1, 4)."}),
@@ -99,6 +107,17 @@ class MotionSupervisionOptimize:
                 )
                 latent_out, index, tracked = result.latent, step.step_index, result.handles
                 log.info("DragKit Motion-Supervision Optimize: DragDiffusion, %d iterations", result.iterations)
+            elif mode == "refine_warp":
+                settings = DragDiffusionSettings(
+                    iterations=iterations, lr=_pick(lr, 0.01), lam=_pick(lam, 0.1), r1=_pick(r1, 1), r2=0
+                )
+                source = schedule_latent(attn_cache, step.timestep)
+                progress = preview_progress(model, iterations, every=PREVIEW_EVERY)
+                result = refine_warped(
+                    backend, z, source, ComfyConditioning(positive), schedule, step.step_index, handles, targets, keep,
+                    settings, lambda done, tracked, x0: progress(done, x0),
+                )
+                latent_out, index, tracked = result.latent, step.step_index, result.handles
             else:
                 settings = GoodDragSettings(
                     drag_steps=drag_steps, drags_per_step=drags_per_step, grad_steps=grad_steps, lr=_pick(lr, 0.02),

@@ -7,6 +7,7 @@ from dragkit.attention import AttentionControl
 from dragkit.diffusers_backend import DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from dragkit.errors import DragInputError
+from dragkit.hybrid import refine_warped
 from dragkit.schedule import DDIMSchedule, ddim_step
 
 
@@ -102,3 +103,15 @@ def test_bad_settings():
         DragDiffusionSettings(iterations=0)
     with pytest.raises(DragInputError):
         DragDiffusionSettings(lr=0)
+
+
+def test_warp_then_refine_runs_the_requested_iterations(backend, setup):
+    z, cond, schedule = setup
+    warped = z.roll(2, dims=-1)
+    seen = []
+    result = refine_warped(backend, warped, z, cond, schedule, schedule.start_index, torch.tensor([[10.0, 12.0]]),
+                           torch.tensor([[18.0, 12.0]]), torch.ones(8, 8), DragDiffusionSettings(iterations=4),
+                           callback=lambda done, handles, preview: seen.append((done, preview is not None)))
+    assert seen == [(1, True), (2, True), (3, True), (4, True)]
+    assert torch.isfinite(result.latent).all() and not torch.equal(result.latent, warped)
+    assert result.handles.tolist() == [[18.0, 12.0]] and result.iterations == 4

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dragkit.motion import (
+    appearance_loss,
     all_reached,
     dragdiffusion_loss,
     gooddrag_loss,
@@ -99,3 +100,20 @@ def test_mask_regularisation_is_a_weighted_sum_outside_the_mask():
     z = torch.ones(1, 4, 2, 2)
     keep = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     assert mask_regularisation(z * 3, z, keep, 0.1).item() == pytest.approx(0.1 * 4 * 2)
+
+
+def test_appearance_loss_moves_content_onto_the_target():
+    source = wave_features(torch.zeros(2)).detach()
+    shift = torch.zeros(2, requires_grad=True)
+    handle, target = torch.tensor([[12.0, 14.0]]), torch.tensor([[15.0, 12.0]])
+    optimiser = torch.optim.Adam([shift], lr=0.1)
+    losses = []
+    for _ in range(150):
+        loss = appearance_loss(wave_features(shift), source, target, handle, radius=2)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+    assert shift.detach().tolist() == pytest.approx([3.0, -2.0], abs=0.2)
+    assert appearance_loss(wave_features(torch.tensor([3.0, -2.0])), source, target, handle, 2) < 1e-5

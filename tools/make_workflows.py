@@ -65,7 +65,15 @@ def roundtrip(info: dict) -> dict:
     return g.to_json()
 
 
-def fastdrag(info: dict) -> dict:
+REFINE_NOTE = """DragKit hybrid: FastDrag's one-step warp, then a few supervision steps (ours).
+
+The warp moves each handle's content to its target at once; Motion-Supervision Optimize in refine_warp
+mode then pulls the features around each target toward the source's features around the handle (GoodDrag's
+information-preserving target) for a few iterations, holding the unmasked region, before the KV-injected
+sampling. Same model set-up as the FastDrag workflow (10 steps, strength 0.7, optional LCM LoRA)."""
+
+
+def fastdrag(info: dict, refine: bool = False) -> dict:
     g = WorkflowBuilder(info)
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
@@ -78,15 +86,21 @@ def fastdrag(info: dict) -> dict:
                    {"model": Out(ckpt, 0), "latent": Out(encode, 0), "positive": Out(prompt, 0)}, height=220)
     warp = g.add("DragKitFastDragWarp", 3, 2, {"mode": "drag", "fill": "bnni"},
                  {"latent": Out(invert, 0), "points": Out(points, 0), "mask": Out(mask, 0)}, height=180)
+    warped = Out(warp, 0)
+    if refine:
+        refined = g.add("DragKitMotionSupervisionOptimize", 3, 4, {"mode": "refine_warp", "iterations": 10},
+                        {"model": Out(ckpt, 0), "latent": warped, "attn_cache": Out(invert, 1),
+                         "positive": Out(prompt, 0), "points": Out(points, 0), "mask": Out(mask, 0)}, height=420)
+        warped = Out(refined, 0)
     sample = g.add("DragKitKVInjectedSample", 4, 0, {},
-                   {"model": Out(ckpt, 0), "latent": Out(warp, 0), "attn_cache": Out(invert, 1),
+                   {"model": Out(ckpt, 0), "latent": warped, "attn_cache": Out(invert, 1),
                     "positive": Out(prompt, 0)}, height=240)
     decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
                    {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0),
                     "mask": Out(mask, 0), "points": Out(points, 0)}, height=180)
     g.add("SaveImage", 6, 0, {"filename_prefix": "dragkit_fastdrag"}, {"images": Out(decode, 0)}, height=320)
     g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
-    g.note(FASTDRAG_NOTE, 2, 4, width=520, height=320)
+    g.note(FASTDRAG_NOTE if not refine else REFINE_NOTE + "\n\n" + FASTDRAG_NOTE, 2, 7 if refine else 4, width=520, height=320)
     return g.to_json()
 
 
@@ -136,6 +150,7 @@ def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int)
 WORKFLOWS = {
     "roundtrip.json": roundtrip,
     "fastdrag.json": fastdrag,
+    "fastdrag_refine.json": lambda info: fastdrag(info, refine=True),
     "dragdiffusion.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80),
     "gooddrag.json": lambda info: motion(info, "gooddrag", 0.75, 741, 70),
 }

@@ -57,3 +57,16 @@ def test_gooddrag_mode_states_the_step_it_reached(comfy_inproc, tiny_comfy_model
                                      attn_cache=inverted[2], positive=positive, kv_source="reference branch",
                                      inject_layers="masactrl", inject_start=0.0, inject_end=1.0)
     assert torch.isfinite(final["samples"]).all() and tracked.num_pairs == 1
+
+
+def test_refine_after_fastdrag_warp(comfy_inproc, tiny_comfy_models):
+    positive = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 3}
+    z_t, cache = comfy_inproc.run_node("DragKitDDIMInvert", model=tiny_comfy_models.model, latent=latent, positive=positive,
+                                      steps=10, strength=0.7, cache_layers="decoder", cache_device="auto")
+    points = comfy_inproc.pack.dragkit.points.parse_drag_points('{"points": [[16, 24], [40, 24]]}', 64, 64)
+    (warped,) = comfy_inproc.run_node("DragKitFastDragWarp", latent=z_t, points=points, mode="drag", fill="bnni", patch_cells=12)
+    out, tracked = optimize(comfy_inproc, tiny_comfy_models.model, (positive, warped, cache), points, iterations=2,
+                            mode="refine_warp")
+    assert torch.isfinite(out["samples"]).all() and not torch.equal(out["samples"], warped["samples"])
+    assert tracked.handles == ((40.0, 24.0),)
