@@ -174,7 +174,7 @@ class ComfyBackend:
             return h, hsp
 
         patcher.set_model_output_block_patch(output_block_patch)
-        comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         guider = comfy.samplers.CFGGuider(patcher)
         guider.inner_set_conds({"positive": conditioning.positive})
         sampler = comfy.samplers.KSAMPLER(self._feature_sampler_function(loop, capture))
