@@ -13,10 +13,10 @@
   and other conditioning extras, model patches and wrappers therefore work
   exactly as in KSampler.
 - :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
-  fully loaded clone whose weights and biases get identity wrappers (ComfyUI then
-  hands each layer a per-forward copy, which autograd may save; the loaded
-  weights are inference tensors it may not), and captures the penultimate
-  decoder level's output with an output-block patch.
+  fully loaded clone, with the UNet's inference-mode weights swapped for plain
+  copies while it runs (autograd may not save inference tensors; the originals
+  are put back), and captures the penultimate decoder level's output with an
+  output-block patch.
 - LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
   noisy latent the variance-exploding form ``x = z_VP * sqrt(1 + σ²)``, so a
   LATENT from DDIM Invert can also be finished by KSamplerAdvanced.
@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -159,11 +160,6 @@ class ComfyBackend:
         patcher = self.model.clone()
         for layer, (block_name, number, depth) in self._layers:
             patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
-        for name, module in patcher.model.named_modules():
-            if hasattr(module, "weight_function"):
-                for kind in ("weight", "bias"):
-                    if getattr(module, kind, None) is not None:
-                        patcher.add_weight_wrapper(f"{name}.{kind}", _identity)
         capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model)}
 
         def output_block_patch(h, hsp, transformer_options):
@@ -201,7 +197,7 @@ class ComfyBackend:
                     eps = None
                 return eps, capture["features"]
 
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), _autograd_safe_weights(backend.model.model):
                 return loop(predict, x.to(torch.float32).clone()).detach()
 
         return sample
@@ -241,9 +237,29 @@ def _feature_block_index(unet) -> int:
     return ends[-1] + 1
 
 
-def _identity(weight: torch.Tensor) -> torch.Tensor:
-    """Weight wrapper that changes nothing; its presence makes ComfyUI copy the weight per forward."""
-    return weight
+@contextlib.contextmanager
+def _autograd_safe_weights(module: torch.nn.Module):
+    """Give ``module`` plain (non-inference) copies of its inference-mode parameters while the block runs.
+
+    Weights loaded under ComfyUI's inference mode may not be saved for
+    backward. Each such parameter is replaced by a frozen copy made outside
+    inference mode, and the original Parameter objects are put back afterwards,
+    so the shared model ends exactly as it was. Must be entered under
+    ``torch.inference_mode(False)``; costs one copy of the weights (not one per
+    forward, and without changing the patcher, so ComfyUI does not reload the
+    model).
+    """
+    swapped = []
+    try:
+        for sub in module.modules():
+            for name, param in list(sub.named_parameters(recurse=False)):
+                if param.is_inference():
+                    swapped.append((sub, name, param))
+                    setattr(sub, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+        yield
+    finally:
+        for sub, name, param in swapped:
+            setattr(sub, name, param)
 
 
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):
