@@ -37,7 +37,6 @@ import io
 import json
 import os
 import pickle
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .editor_state import decode_mask, editor_state_json, encode_mask
 from .errors import DragInputError
 from .points import DragPoints, parse_drag_points
@@ -148,10 +148,10 @@ def save_drag100(sample: DragSample, folder: os.PathLike | str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mask = sample.mask if sample.mask is not None else np.ones((sample.height, sample.width), dtype=bool)
-    _write_atomic(folder / "original.jpg", _encode_image(sample.image, "JPEG", quality=JPEG_QUALITY, subsampling=0))
-    _write_atomic(folder / "mask.png", _encode_image(mask.astype(np.uint8) * 255, "PNG"))
+    write_bytes_atomic(folder / "original.jpg", _encode_image(sample.image, "JPEG", quality=JPEG_QUALITY, subsampling=0))
+    write_bytes_atomic(folder / "mask.png", _encode_image(mask.astype(np.uint8) * 255, "PNG"))
     points = {"points": _alternating(sample.points)}
-    _write_atomic(folder / "points.json", json.dumps(points).encode())
+    write_bytes_atomic(folder / "points.json", json.dumps(points).encode())
     return folder
 
 
@@ -200,15 +200,15 @@ def save_dragbench(sample: DragSample, folder: os.PathLike | str, pickle_meta: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mask = sample.mask if sample.mask is not None else np.ones((sample.height, sample.width), dtype=bool)
-    _write_atomic(folder / DRAGBENCH_IMAGE, _encode_image(sample.image, "PNG"))
+    write_bytes_atomic(folder / DRAGBENCH_IMAGE, _encode_image(sample.image, "PNG"))
     points = _alternating(sample.points)
     if pickle_meta:
         meta = {"prompt": sample.prompt, "points": points, "mask": mask.astype(np.uint8)}
-        _write_atomic(folder / DRAGBENCH_PICKLE, pickle.dumps(meta, protocol=4))
+        write_bytes_atomic(folder / DRAGBENCH_PICKLE, pickle.dumps(meta, protocol=4))
     if sidecar:
         meta = {"prompt": sample.prompt, "width": sample.width, "height": sample.height, "points": points,
                 "mask": {"rle": encode_mask(mask)}}
-        _write_atomic(folder / DRAGBENCH_SIDECAR, json.dumps(meta).encode())
+        write_bytes_atomic(folder / DRAGBENCH_SIDECAR, json.dumps(meta).encode())
     return folder
 
 
@@ -378,20 +378,6 @@ def _encode_image(array: np.ndarray, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **options)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _alternating(points: DragPoints) -> list[list[int | float]]:

@@ -231,33 +231,3 @@ def cache_key(parts: Iterable[tuple[str, str]]) -> str:
 def config_fingerprint(config: LoRATrainingConfig) -> str:
     """Every training parameter as one canonical string (for cache keys)."""
     return ";".join(f"{k}={v!r}" for k, v in sorted(config.as_dict().items()))
-
-
-def save_safetensors_atomic(state_dict: dict, path, metadata: dict | None = None) -> None:
-    """Write ``state_dict`` as safetensors to ``path`` atomically (temp file in the same folder, then rename).
-
-    An exception (including an interrupt) leaves no file behind, neither the
-    temp file nor a partial ``path``.
-    """
-    import contextlib
-    import os
-    import tempfile
-    from pathlib import Path
-
-    import safetensors.torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

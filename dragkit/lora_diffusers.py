@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import save_safetensors_atomic
 from .errors import DragInputError
 from .lora import (
     TARGET_PROJECTIONS,
@@ -27,7 +28,6 @@ from .lora import (
     LoRATrainingResult,
     ProgressCallback,
     gaussian_lora_init,
-    save_safetensors_atomic,
     train_lora,
 )
 from .schedule import scaled_linear_alphas_cumprod

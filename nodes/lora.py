@@ -8,7 +8,8 @@ import comfy.utils
 import folder_paths
 
 from ..dragkit.errors import DragInputError
-from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, save_safetensors_atomic, tensor_digest
+from ..dragkit.atomic import save_safetensors_atomic
+from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, tensor_digest
 from .comfy_lora import ComfyLoRATrainer, apply_lora, conditioning_digest, encode_latent
 from .common import CATEGORY, log, node_errors, progress_reporter
 

@@ -40,14 +40,14 @@ Models
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
+
+from dragkit.atomic import save_safetensors_atomic
 
 CHECKPOINT_VERSION = "v1"
 """Bump when the checkpoint contents change, so cached files are rebuilt."""
@@ -358,7 +358,6 @@ def write_tiny_checkpoint(path, seed: int = 0, levels: int = 4, with_clip: bool 
     Needs ComfyUI importable (``COMFYUI_PATH``). 4 levels: 551 MB with CLIP (UNet 295 MB
     fp32, CLIP 246 MB fp16, TAESD 10 MB), 305 MB without; built in ~4 s, ~1.4 GB peak RSS.
     """
-    import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,18 +368,7 @@ def write_tiny_checkpoint(path, seed: int = 0, levels: int = 4, with_clip: bool 
         "levels": str(levels),
         "with_clip": str(bool(with_clip)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(sd, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    save_safetensors_atomic(sd, path, metadata)
     return path
 
 
