@@ -137,29 +137,20 @@ class ComfyBackend:
         return float(self._sigmas[timestep])
 
     def run(self, loop: Loop, z_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, timesteps: list[int]) -> torch.Tensor:
-        patcher = self.model.clone()
-        for layer, (block_name, number, depth) in self._layers:
-            patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
-        guider = comfy.samplers.CFGGuider(patcher)
-        if conditioning.negative is not None and conditioning.cfg != 1.0:
-            guider.set_conds(conditioning.positive, conditioning.negative)
-            guider.set_cfg(conditioning.cfg)
-        else:
-            guider.inner_set_conds({"positive": conditioning.positive})
-        sampler = comfy.samplers.KSAMPLER(self._sampler_function(loop))
-        sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
-        scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
-        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
-        return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
+        patcher = self._patched_clone(control)
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            extra_args = extra_args or {}
+            return loop(lambda z, t: self._eps(model, z, t, extra_args), x.to(torch.float32))
+
+        return self._guided_run(patcher, conditioning, sample, z_start, timesteps)
 
     def run_features(
         self, loop: FeatureLoop, z_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, timesteps: list[int]
     ) -> torch.Tensor:
         if conditioning.negative is not None and conditioning.cfg != 1.0:
             raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
-        patcher = self.model.clone()
-        for layer, (block_name, number, depth) in self._layers:
-            patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
+        patcher = self._patched_clone(control)
         capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model)}
 
         def output_block_patch(h, hsp, transformer_options):
@@ -171,53 +162,51 @@ class ComfyBackend:
 
         patcher.set_model_output_block_patch(output_block_patch)
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        guider = comfy.samplers.CFGGuider(patcher)
-        guider.inner_set_conds({"positive": conditioning.positive})
-        sampler = comfy.samplers.KSAMPLER(self._feature_sampler_function(loop, capture))
-        sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
-        scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
-        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
-        return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
-
-    def _feature_sampler_function(self, loop: FeatureLoop, capture: dict):
-        backend = self
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
             extra_args = extra_args or {}
 
             def predict(z: torch.Tensor, timestep: int, with_eps: bool):
-                sigma = backend.sigma(timestep)
-                x_ve = z * math.sqrt(1.0 + sigma**2)
                 capture["with_eps"] = with_eps
                 capture.pop("features", None)
                 try:
-                    denoised = model(x_ve, torch.full((z.shape[0],), sigma, device=z.device), **extra_args)
-                    eps = ((x_ve - denoised) / sigma).to(torch.float32)
+                    eps = self._eps(model, z, timestep, extra_args)
                 except _StopForward:
                     eps = None
                 return eps, capture["features"]
 
-            with torch.inference_mode(False), torch.enable_grad(), _autograd_safe_weights(backend.model.model):
+            with torch.inference_mode(False), torch.enable_grad(), _autograd_safe_weights(self.model.model):
                 return loop(predict, x.to(torch.float32).clone()).detach()
 
-        return sample
+        return self._guided_run(patcher, conditioning, sample, z_start, timesteps)
 
-    def _sampler_function(self, loop: Loop):
-        backend = self
+    def _patched_clone(self, control: AttentionControl):
+        """A clone of the MODEL whose self-attention layers call ``control`` (the shared patcher is untouched)."""
+        patcher = self.model.clone()
+        for layer, (block_name, number, depth) in self._layers:
+            patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
+        return patcher
 
-        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-            extra_args = extra_args or {}
-            ones = x.new_ones([x.shape[0]])
+    def _guided_run(self, patcher, conditioning: ComfyConditioning, sample, z_start: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+        """Run ``sample`` as a KSAMPLER function under a CFGGuider on ``patcher``; VP latent in and out."""
+        guider = comfy.samplers.CFGGuider(patcher)
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            guider.set_conds(conditioning.positive, conditioning.negative)
+            guider.set_cfg(conditioning.cfg)
+        else:
+            guider.inner_set_conds({"positive": conditioning.positive})
+        sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
+        scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
+        sampler = comfy.samplers.KSAMPLER(sample)
+        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, sampler, sigmas, disable_pbar=True, seed=0)
+        return self.model.model.process_latent_in(out.to(torch.float32)).to(z_start.device)
 
-            def predict_noise(z: torch.Tensor, timestep: int) -> torch.Tensor:
-                sigma = backend.sigma(timestep)
-                x_ve = z * math.sqrt(1.0 + sigma**2)
-                denoised = model(x_ve, ones * sigma, **extra_args)
-                return ((x_ve - denoised) / sigma).to(torch.float32)
-
-            return loop(predict_noise, x.to(torch.float32))
-
-        return sample
+    def _eps(self, model, z: torch.Tensor, timestep: int, extra_args: dict) -> torch.Tensor:
+        """ε of VP latent ``z`` at ``timestep`` through the guider's ``model`` (which returns denoised x0)."""
+        sigma = self.sigma(timestep)
+        x_ve = z * math.sqrt(1.0 + sigma**2)
+        denoised = model(x_ve, torch.full((z.shape[0],), sigma, device=z.device, dtype=z.dtype), **extra_args)
+        return ((x_ve - denoised) / sigma).to(torch.float32)
 
 
 class _StopForward(Exception):
