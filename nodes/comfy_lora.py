@@ -9,8 +9,10 @@ Training never mutates the shared MODEL:
   gets an identity wrapper, because the checkpoint's parameters are inference
   tensors that autograd cannot save for backward (ComfyUI copies wrapped
   weights on every forward, which gives normal tensors);
-- the clone is fully loaded (``load_models_gpu(..., memory_required=1e20,
-  force_full_load=True)``) and trained under ``inference_mode(False)`` +
+- the clone is fully loaded (``force_full_load``, asking the model manager
+  for room for the training activations, see :func:`training_memory`, so other
+  models are offloaded only when they must be) and trained under
+  ``inference_mode(False)`` +
   ``enable_grad()`` with :func:`dragkit.lora.train_lora`; ε comes from
   ``BaseModel.apply_model`` (ε = (x − x̂0)/σ), so v-prediction models train
   in ε-space too. Compute runs in the model's dtype (fp16/bf16 on GPU; fp16
@@ -128,21 +130,47 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return f"{tuple(t.shape)}|{t.dtype}|".encode() + (t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def single_prompt(positive: list) -> tuple[torch.Tensor, dict]:
+    """The one ``(cond (1, tokens, dim), options)`` entry of a CONDITIONING; raises for anything else."""
+    if not isinstance(positive, list) or len(positive) != 1:
+        raise DragInputError(
+            "the positive conditioning must hold exactly one prompt (connect one CLIP Text Encode; "
+            "encode an empty prompt for GoodDrag's default)"
+        )
+    cond, options = positive[0]
+    if cond.shape[0] != 1:
+        raise DragInputError(f"the positive conditioning has a batch of {cond.shape[0]}; encode one prompt")
+    return cond, options
+
+
+def effective_weights_fingerprint(model) -> str:
+    """:func:`model_fingerprint` of ``model``'s effective weights (checkpoint plus its patches).
+
+    Loads the MODEL fully through the model manager, as the next sampling node
+    would, so every patch (e.g. an upstream LoRA) is applied to the module
+    weights that are hashed. Cheap when the MODEL is already loaded.
+    """
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return model_fingerprint(model.model)
+
+
+def training_memory(base_model, config: LoRATrainingConfig, latent_side: int = 64) -> float:
+    """Bytes to keep free beside the weights while training: 3x ComfyUI's inference estimate at the batch size.
+
+    Backward keeps the forward activations, so the inference estimate of
+    ``BaseModel.memory_required`` for a ``(batch, 4, side, side)`` input is
+    tripled (activations, their gradients, and the attention work space).
+    """
+    return 3.0 * base_model.memory_required([int(config.batch), 4, latent_side, latent_side])
+
+
 class ComfyLoRATrainer:
     """Trains a LoRA on a clone of ``model``; :meth:`prepare` then :meth:`train`, :meth:`close` always."""
 
     def __init__(self, model, positive: list, config: LoRATrainingConfig) -> None:
         self.model = model
         self.config = config.validate()
-        if not isinstance(positive, list) or len(positive) != 1:
-            raise DragInputError(
-                "the positive conditioning must hold exactly one prompt (connect one CLIP Text Encode; "
-                "encode an empty prompt for GoodDrag's default)"
-            )
-        cond, options = positive[0]
-        if cond.shape[0] != 1:
-            raise DragInputError(f"the positive conditioning has a batch of {cond.shape[0]}; encode one prompt")
-        self.cond, self.cond_options = cond, options
+        self.cond, self.cond_options = single_prompt(positive)
         self.patcher = model.clone()
         self.wrappers: dict[str, LoRAWeightWrapper] = {}
         self.loaded = False
@@ -170,12 +198,10 @@ class ComfyLoRATrainer:
                     if getattr(module, attr, None) is None or (attr == "weight" and name in self.wrappers):
                         continue
                     self.patcher.add_weight_wrapper(f"{name}.{attr}", copy)
-        comfy.model_management.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        comfy.model_management.load_models_gpu(
+            [self.patcher], memory_required=training_memory(base, self.config), force_full_load=True
+        )
         self.loaded = True
-
-    def fingerprint(self) -> str:
-        """:func:`model_fingerprint` of the loaded clone (= the input MODEL's effective weights)."""
-        return model_fingerprint(self.patcher.model)
 
     # -- training ------------------------------------------------------------------------------
 

@@ -10,7 +10,14 @@ import folder_paths
 from ..dragkit.errors import DragInputError
 from ..dragkit.atomic import save_safetensors_atomic
 from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, tensor_digest
-from .comfy_lora import ComfyLoRATrainer, apply_lora, conditioning_digest, encode_latent
+from .comfy_lora import (
+    ComfyLoRATrainer,
+    apply_lora,
+    conditioning_digest,
+    effective_weights_fingerprint,
+    encode_latent,
+    single_prompt,
+)
 from .common import CATEGORY, log, node_errors, progress_reporter
 
 NODE_NAME = "LoRA Fine-tune"
@@ -125,50 +132,55 @@ class LoRAFineTune:
                 return (apply_lora(model, lora_sd), existing_lora)
 
             config = LoRATrainingConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seed=seed).validate()
+            single_prompt(positive)
             target = _save_path(save_name)
             mean, std = encode_latent(model, vae, image)
-            trainer = ComfyLoRATrainer(model, positive, config)
-            try:
-                trainer.prepare()
-                key = cache_key([
-                    ("format", FORMAT_VERSION),
-                    ("image", tensor_digest(image)),
-                    ("latent", tensor_digest(mean)),
-                    ("model", trainer.fingerprint()),
-                    ("prompt", conditioning_digest(positive)),
-                    ("config", config_fingerprint(config)),
-                ])
-                cache_relative = f"{CACHE_FOLDER}/{key[:32]}.safetensors"
-                cache_path = loras_root() / cache_relative
-                if use_cache and cache_path.is_file():
-                    lora_sd = comfy.utils.load_torch_file(str(cache_path), safe_load=True)
-                    STATS["cache_hits"] += 1
-                    log.info("DragKit LoRA Fine-tune: cache hit %s, not training", cache_relative)
-                else:
-                    report = progress_reporter(config.steps)
-                    show = _text_progress(unique_id, config.steps)
-
-                    def progress(done: int, loss: float) -> None:
-                        report(done)
-                        show(done, loss)
-
-                    result = trainer.train(mean, std, progress)
-                    STATS["trainings"] += 1
-                    lora_sd = trainer.lora_state_dict()
-                    log.info(
-                        "DragKit LoRA Fine-tune: trained %d steps in %.1f s (%.3f s/step), loss %.4f -> %.4f",
-                        config.steps, result.seconds, result.seconds_per_step, result.losses[0], result.losses[-1],
-                    )
-                    if use_cache:
-                        save_safetensors_atomic(lora_sd, cache_path, _metadata(key, config))
-            finally:
-                trainer.close()
+            key = cache_key([
+                ("format", FORMAT_VERSION),
+                ("image", tensor_digest(image)),
+                ("latent", tensor_digest(mean)),
+                ("model", effective_weights_fingerprint(model)),
+                ("prompt", conditioning_digest(positive)),
+                ("config", config_fingerprint(config)),
+            ])
+            cache_relative = f"{CACHE_FOLDER}/{key[:32]}.safetensors"
+            cache_path = loras_root() / cache_relative
+            if use_cache and cache_path.is_file():
+                lora_sd = comfy.utils.load_torch_file(str(cache_path), safe_load=True)
+                STATS["cache_hits"] += 1
+                log.info("DragKit LoRA Fine-tune: cache hit %s, not training", cache_relative)
+            else:
+                lora_sd = _train(model, positive, config, mean, std, unique_id)
+                if use_cache:
+                    save_safetensors_atomic(lora_sd, cache_path, _metadata(key, config))
             name = cache_relative if use_cache else ""
             if target is not None:
                 save_safetensors_atomic(lora_sd, target[0], _metadata(key, config))
                 name = target[1]
                 log.info("DragKit LoRA Fine-tune: saved %s", target[0])
         return (apply_lora(model, lora_sd), name)
+
+
+def _train(model, positive, config: LoRATrainingConfig, mean, std, unique_id) -> dict:
+    """Train a LoRA on a clone of ``model`` with a progress bar; returns its state dict (ComfyUI keys)."""
+    report = progress_reporter(config.steps)
+    show = _text_progress(unique_id, config.steps)
+
+    def progress(done: int, loss: float) -> None:
+        report(done)
+        show(done, loss)
+
+    trainer = ComfyLoRATrainer(model, positive, config)
+    try:
+        result = trainer.train(mean, std, progress)
+        STATS["trainings"] += 1
+        log.info(
+            "DragKit LoRA Fine-tune: trained %d steps in %.1f s (%.3f s/step), loss %.4f -> %.4f",
+            config.steps, result.seconds, result.seconds_per_step, result.losses[0], result.losses[-1],
+        )
+        return trainer.lora_state_dict()
+    finally:
+        trainer.close()
 
 
 def _metadata(key: str, config: LoRATrainingConfig) -> dict:

@@ -119,9 +119,14 @@ def test_saved_file_loads_with_lora_loader_and_gives_the_same_eps(first_run, com
     assert (eps_loader - eps_node).abs().max() < 1e-5
 
 
-def test_cache_hit_does_not_train(first_run, lora_node, tiny_comfy_models, inputs, loras_dir):
+def test_cache_hit_does_not_train(first_run, lora_node, tiny_comfy_models, inputs, loras_dir, monkeypatch):
     _, _, out_model, _ = first_run
     trainings, hits = lora_node.STATS["trainings"], lora_node.STATS["cache_hits"]
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a cache hit must not build a trainer (no wrappers, no training load)")
+
+    monkeypatch.setattr(lora_node, "ComfyLoRATrainer", no_trainer)
     cached_model, name = finetune(lora_node, tiny_comfy_models, inputs)
     assert lora_node.STATS["trainings"] == trainings and lora_node.STATS["cache_hits"] == hits + 1
     assert name.startswith("dragkit-lora-cache/") and (loras_dir / name).is_file()
