@@ -18,9 +18,12 @@ Fixtures
 ``tiny_sd15_diffusers`` ``tiny_sd15_unet(seed=0, levels=4)``: the same UNet weights as the
                        checkpoint, as a diffusers model. Shared: do not modify it (build your
                        own with ``tiny_models.tiny_sd15_unet()`` if a test must).
+``tiny_controlnet``    Path of the cached tiny SD1.5 ControlNet (matches the tiny checkpoint's UNet).
+``tiny_upscaler``      Path of the cached tiny 2x upscale model (RealESRGAN Compact).
 ``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
-                       pack in ``custom_nodes/dragkit`` and the tiny checkpoint in
-                       ``models/checkpoints``.
+                       pack in ``custom_nodes/dragkit``, the tiny checkpoint in
+                       ``models/checkpoints``, the tiny ControlNet in ``models/controlnet``
+                       and the tiny upscaler in ``models/upscale_models``.
 
 All ComfyUI fixtures are session-scoped and skip with a clear message when
 ``COMFYUI_PATH`` is unset or not a checkout. Tests under ``tests/host/`` are
@@ -106,6 +109,17 @@ def tiny_sd15_diffusers():
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfyui, tiny_checkpoint):
-    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint]) as server:
+def tiny_controlnet(comfyui) -> Path:
+    return tiny_models.tiny_controlnet_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler(comfyui) -> Path:
+    return tiny_models.tiny_upscaler_path()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tiny_checkpoint, tiny_controlnet, tiny_upscaler):
+    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint], controlnets=[tiny_controlnet],
+                                upscale_models=[tiny_upscaler]) as server:
         yield server

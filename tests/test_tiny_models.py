@@ -262,3 +262,52 @@ def test_clip_text_encode(tiny_comfy_models, comfy_nodes):
     assert torch.isfinite(emb).all()
     assert extra["pooled_output"].shape == (1, 768)
     assert torch.isfinite(extra["pooled_output"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ControlNet and the upscale model in ComfyUI (host)
+
+
+def test_controlnet_and_upscaler_cache_names_have_their_versions():
+    name = tiny_models.tiny_controlnet_name(seed=2)
+    assert tiny_models.CONTROLNET_VERSION in name and "s2" in name
+    name = tiny_models.tiny_upscaler_name(seed=2)
+    assert tiny_models.UPSCALER_VERSION in name and f"x{tiny_models.UPSCALER_SCALE}" in name and "s2" in name
+
+
+@pytest.mark.host
+def test_controlnet_loads_as_sd15_with_every_key_and_acting_zero_convs(comfy_nodes, tiny_controlnet):
+    import comfy.controlnet
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+
+    from tools.comfy_host import capture_logs
+
+    with capture_logs(logging.DEBUG) as logs:
+        control = comfy.controlnet.load_controlnet(str(tiny_controlnet))
+    assert not [m for m in logs.messages() if "controlnet keys" in m or "could not detect" in m]
+    assert isinstance(control, comfy.controlnet.ControlNet)
+    net = control.control_model
+    assert len(net.zero_convs) == len(net.input_blocks) == 8  # one per input block of the tiny UNet
+    assert all(conv[0].weight.abs().sum() > 0 for conv in net.zero_convs)
+    assert net.middle_block_out[0].weight.abs().sum() > 0
+    sd = comfy.utils.load_torch_file(str(tiny_controlnet), safe_load=True)
+    config = comfy.model_detection.model_config_from_unet(sd, "control_model.", True)
+    assert type(config) is comfy.supported_models.SD15
+
+
+@pytest.mark.host
+def test_upscaler_is_detected_by_spandrel(comfy_nodes, tiny_upscaler):
+    import comfy.utils
+    from spandrel import ImageModelDescriptor, ModelLoader
+
+    model = ModelLoader().load_from_state_dict(comfy.utils.load_torch_file(str(tiny_upscaler), safe_load=True))
+    assert isinstance(model, ImageModelDescriptor) and model.architecture.id == "Compact"
+    assert model.scale == tiny_models.UPSCALER_SCALE
+    image = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(image)
+    nearest = torch.nn.functional.interpolate(image, scale_factor=tiny_models.UPSCALER_SCALE, mode="nearest")
+    assert out.shape == nearest.shape
+    assert 0 < float((out - nearest).abs().mean()) < 0.1  # measured 0.04: close to the input, not equal

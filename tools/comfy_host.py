@@ -363,9 +363,11 @@ class ComfyServer:
 
         custom_nodes/dragkit -> <pack dir>     (symlink; a copy if symlinks fail)
         models/checkpoints/<name> -> <file>    (symlinks)
-        models/loras/                          (empty)
+        models/controlnet/<name> -> <file>     (symlinks, from ``controlnets``)
+        models/upscale_models/<name> -> <file> (symlinks, from ``upscale_models``)
+        models/loras/                          (empty; LoRA Fine-tune writes its cache here)
         input/ output/ temp/ user/
-        extra_model_paths.yaml                 (base_path + custom_nodes/checkpoints/loras)
+        extra_model_paths.yaml                 (base_path + custom_nodes and the model folders)
         server.log                             (stdout + stderr)
 
     Started as ``python main.py --cpu --listen 127.0.0.1 --port P
@@ -379,6 +381,8 @@ class ComfyServer:
     def __init__(
         self,
         checkpoints: Iterable[os.PathLike | str] = (),
+        controlnets: Iterable[os.PathLike | str] = (),
+        upscale_models: Iterable[os.PathLike | str] = (),
         pack_dir: os.PathLike | str | None = None,
         pack_name: str = PACK_FOLDER_NAME,
         extra_args: Iterable[str] = (),
@@ -391,7 +395,13 @@ class ComfyServer:
         self.comfyui = Path(comfyui).resolve() if comfyui else comfyui_path()
         if self.comfyui is None:
             raise RuntimeError(SKIP_MESSAGE)
-        self.checkpoints = [Path(p).resolve() for p in checkpoints]
+        self.models: dict[str, list[Path]] = {
+            "checkpoints": [Path(p).resolve() for p in checkpoints],
+            "controlnet": [Path(p).resolve() for p in controlnets],
+            "upscale_models": [Path(p).resolve() for p in upscale_models],
+            "loras": [],
+        }
+        """Model files per ComfyUI folder name, linked into ``models/<folder>/`` of the base folder."""
         self.pack_dir = Path(pack_dir or repo_root()).resolve()
         self.pack_name = pack_name
         self.extra_args = list(extra_args)
@@ -422,25 +432,25 @@ class ComfyServer:
 
     def _make_base(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="dragkit-comfy-")).resolve()
-        for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output", "temp", "user"):
+        for sub in ("custom_nodes", "input", "output", "temp", "user", *(f"models/{f}" for f in self.models)):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / self.pack_name
         try:
             link.symlink_to(self.pack_dir, target_is_directory=True)
         except OSError:
             shutil.copytree(self.pack_dir, link, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv"))
-        for ckpt in self.checkpoints:
-            target = self.base / "models" / "checkpoints" / ckpt.name
-            try:
-                target.symlink_to(ckpt)
-            except OSError:
-                shutil.copy2(ckpt, target)
+        for folder, files in self.models.items():
+            for file in files:
+                target = self.base / "models" / folder / file.name
+                try:
+                    target.symlink_to(file)
+                except OSError:
+                    shutil.copy2(file, target)
         (self.base / "extra_model_paths.yaml").write_text(
             "dragkit_tests:\n"
             f"  base_path: {json.dumps(str(self.base))}\n"
             "  custom_nodes: custom_nodes\n"
-            "  checkpoints: models/checkpoints\n"
-            "  loras: models/loras\n"
+            + "".join(f"  {folder}: models/{folder}\n" for folder in self.models)
         )
 
     def command(self) -> list[str]:

@@ -36,6 +36,14 @@ Models
 * :func:`write_tiny_checkpoint` / :func:`tiny_checkpoint_path`: a safetensors
   SD1.5 checkpoint with the UNet of :func:`tiny_sd15_unet` in ComfyUI's ldm
   layout, a seeded TAESD VAE and a seeded CLIP-L text encoder (fp16).
+* :func:`write_tiny_controlnet` / :func:`tiny_controlnet_path`: an SD1.5-style
+  ControlNet (ldm layout, ``control_model.`` keys as the released
+  ``control_v11p_sd15_*`` files) matching the tiny checkpoint's UNet, with
+  seeded -- not zero -- zero-convs so it changes the sampler's output;
+  ComfyUI's ControlNetLoader loads it.
+* :func:`write_tiny_upscaler` / :func:`tiny_upscaler_path`: a 2x RealESRGAN
+  Compact (SRVGGNetCompact, 8 features, 2 convs) that spandrel -- ComfyUI's
+  UpscaleModelLoader -- detects.
 """
 
 from __future__ import annotations
@@ -51,6 +59,18 @@ from dragkit.atomic import save_safetensors_atomic
 
 CHECKPOINT_VERSION = "v1"
 """Bump when the checkpoint contents change, so cached files are rebuilt."""
+
+CONTROLNET_VERSION = "v1"
+"""Bump when the tiny ControlNet's contents change, so cached files are rebuilt."""
+
+UPSCALER_VERSION = "v1"
+"""Bump when the tiny upscale model's contents change, so cached files are rebuilt."""
+
+UPSCALER_SCALE = 2
+"""Up-scale factor of the tiny upscale model."""
+
+RESIDUAL_SCALE = 0.1
+"""Factor on the tiny upscale model's last conv: its output stays close to the nearest-upscaled input."""
 
 CACHE_ENV = "DRAGKIT_TEST_CACHE"
 """Environment variable naming the cache folder of generated checkpoints."""
@@ -389,6 +409,99 @@ def tiny_checkpoint_path(seed: int = 0, levels: int = 4, with_clip: bool = True)
     path = cache_dir() / tiny_checkpoint_name(seed, levels, with_clip)
     if not path.is_file():
         write_tiny_checkpoint(path, seed=seed, levels=levels, with_clip=with_clip)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# ControlNet and upscale model (for the chaining workflow)
+
+
+def tiny_controlnet_state_dict(seed: int = 0, levels: int = 4) -> dict:
+    """The tiny ControlNet's state dict, keys ``control_model.*`` (see :func:`write_tiny_controlnet`). Imports comfy."""
+    from . import comfy_host
+
+    comfy_host.prepare_comfy_imports()
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = sd15_ldm_unet_config(levels)
+    config.pop("out_channels")
+    with torch.device("meta"):
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    net = net.to_empty(device="cpu")
+    seeded_fill_(net, seed)
+    return {"control_model." + k: v.detach().to(torch.float32).contiguous() for k, v in net.state_dict().items()}
+
+
+def write_tiny_controlnet(path, seed: int = 0, levels: int = 4) -> Path:
+    """Write the tiny SD1.5-style ControlNet to ``path`` (atomically) and return the path.
+
+    ``comfy.cldm.cldm.ControlNet`` with the tiny checkpoint's UNet config
+    (:func:`sd15_ldm_unet_config`, so ComfyUI detects it as SD15 and its
+    residuals fit the tiny UNet's skip connections) and a 3-channel hint, every
+    tensor seeded (:func:`seeded_fill_`) -- the zero-convs and
+    ``middle_block_out`` included, so it acts from the first step. fp32, keys
+    ``control_model.*`` like the released ``.pth`` ControlNets. 4 levels: ~40 M
+    parameters, ~160 MB. Needs ComfyUI importable (``COMFYUI_PATH``).
+    """
+    path = Path(path)
+    metadata = {"dragkit_tiny_controlnet": CONTROLNET_VERSION, "seed": str(seed), "levels": str(levels)}
+    save_safetensors_atomic(tiny_controlnet_state_dict(seed, levels), path, metadata)
+    return path
+
+
+def tiny_controlnet_name(seed: int = 0, levels: int = 4) -> str:
+    """File name of the cached tiny ControlNet (version, seed and levels in the name)."""
+    return f"dragkit-tiny-controlnet-sd15-{CONTROLNET_VERSION}-s{seed}-l{levels}.safetensors"
+
+
+def tiny_controlnet_path(seed: int = 0, levels: int = 4) -> Path:
+    """Path of the cached tiny ControlNet, building it first if absent (a few seconds, once)."""
+    path = cache_dir() / tiny_controlnet_name(seed, levels)
+    if not path.is_file():
+        write_tiny_controlnet(path, seed=seed, levels=levels)
+    return path
+
+
+def tiny_upscaler_state_dict(seed: int = 0) -> dict:
+    """The tiny upscale model's state dict in RealESRGAN Compact keys (``body.<i>.weight`` / ``.bias``)."""
+    from spandrel.architectures.Compact import Compact
+
+    with torch.device("meta"):
+        net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=UPSCALER_SCALE)
+    net = net.to_empty(device="cpu")
+    seeded_fill_(net, seed)
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    last = f"body.{len(net.body) - 1}."
+    return {k: v * RESIDUAL_SCALE if k.startswith(last) else v for k, v in sd.items()}
+
+
+def write_tiny_upscaler(path, seed: int = 0) -> Path:
+    """Write the tiny 2x upscale model to ``path`` (atomically) and return the path.
+
+    RealESRGAN Compact (SRVGGNetCompact: conv, PReLU, 2 x (conv, PReLU), conv,
+    pixel shuffle, plus the nearest-upsampled input), 8 features, seeded
+    (:func:`seeded_fill_`, the last conv then scaled by ``RESIDUAL_SCALE``),
+    fp32, ~2 k parameters. Spandrel (ComfyUI's UpscaleModelLoader) detects it
+    as "Compact" with scale 2; its output is the nearest-upscaled image plus a
+    small seeded residual.
+    """
+    path = Path(path)
+    metadata = {"dragkit_tiny_upscaler": UPSCALER_VERSION, "seed": str(seed), "scale": str(UPSCALER_SCALE)}
+    save_safetensors_atomic(tiny_upscaler_state_dict(seed), path, metadata)
+    return path
+
+
+def tiny_upscaler_name(seed: int = 0) -> str:
+    """File name of the cached tiny upscale model (version, scale and seed in the name)."""
+    return f"dragkit-tiny-upscaler-{UPSCALER_VERSION}-x{UPSCALER_SCALE}-s{seed}.safetensors"
+
+
+def tiny_upscaler_path(seed: int = 0) -> Path:
+    """Path of the cached tiny upscale model, building it first if absent."""
+    path = cache_dir() / tiny_upscaler_name(seed)
+    if not path.is_file():
+        write_tiny_upscaler(path, seed=seed)
     return path
 
 

@@ -1,11 +1,16 @@
 """Every shipped workflow converts to an API prompt by the frontend's rules and runs in a real ComfyUI.
 
-The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint;
-the image is a small synthetic one (the tiny UNet is slow at 512 px on CPU)
-and DDIM Invert runs 10 steps (motion supervision a few), so the whole file takes about a minute.
+The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint,
+and the tiny generated ControlNet and 2x upscaler standing in for the
+user's (``tools.tiny_models``); the image is a small synthetic one (the tiny
+UNet is slow at 512 px on CPU), DDIM Invert runs 10 steps, LoRA Fine-tune 2
+(batch 1), motion supervision a few. Also: the ControlNet chained into
+KV-Injected Sample acts (in-process), and the runner's single-sample and batch
+modes on downscaled Drag100 samples.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.run_workflow import editor_state_for, fill_inputs
+from tools.run_workflow import editor_state_for, fill_inputs, saved_images
+from tools.tiny_models import UPSCALER_SCALE
 from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+DRAG100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "Drag100"
 POINTS = json.dumps({"points": [[40, 50], [70, 52], [90, 30], [96, 40]]})
 
 
@@ -35,24 +42,100 @@ def inputs(tmp_path_factory, comfy_server):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, inputs):
+def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, tiny_controlnet, tiny_upscaler, inputs):
     prompt = ui_to_api(json.loads(workflow.read_text()), comfy_server.object_info())
-    fill_inputs(prompt, inputs[0], inputs[1], POINTS, tiny_checkpoint.name, "a test image", inputs[2])
+    fill_inputs(prompt, inputs[0], inputs[1], POINTS, tiny_checkpoint.name, "a test image", inputs[2],
+                tiny_controlnet.name, tiny_upscaler.name)
+    kinds = {node["class_type"] for node in prompt.values()}
     for node in prompt.values():
         if node["class_type"] == "DragKitDDIMInvert":
             node["inputs"]["steps"] = 10
         if node["class_type"] == "DragKitMotionSupervisionOptimize":
             node["inputs"].update(iterations=2, drag_steps=2, drags_per_step=1, grad_steps=1)
+        if node["class_type"] == "DragKitLoRAFineTune":
+            node["inputs"].update(steps=2, batch=1)
     entry = comfy_server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success"
-    saved = [p for p in comfy_server.output_files(entry) if p.suffix == ".png"]
+    saved = [p for p in saved_images(comfy_server, entry) if p.suffix == ".png"]
     assert saved
     image = np.asarray(Image.open(saved[0]))
-    assert image.shape == (100, 132, 3)
+    scale = UPSCALER_SCALE if "ImageUpscaleWithModel" in kinds else 1
+    assert image.shape == (100 * scale, 132 * scale, 3)
+    if "DragKitLoRAFineTune" in kinds:  # trained (2 steps) and cached in the server's own loras folder
+        assert list((comfy_server.dir("models") / "loras" / "dragkit-lora-cache").glob("*.safetensors"))
+    if scale != 1:
+        return  # the upscaled pixels are the model's, not the source's
     source = np.asarray(Image.open(comfy_server.dir("input") / inputs[0]).convert("RGB"))
-    if any(n["class_type"] in ("DragKitFastDragWarp", "DragKitMotionSupervisionOptimize") for n in prompt.values()):
+    if kinds & {"DragKitFastDragWarp", "DragKitMotionSupervisionOptimize"}:
         outside = np.asarray(Image.open(comfy_server.dir("input") / inputs[1])) == 0
         assert np.array_equal(image[outside], source[outside])
+
+
+@pytest.mark.parametrize("name, steps", [("dragdiffusion.json", 80), ("gooddrag.json", 70)])
+def test_motion_workflows_fine_tune_a_lora_first(comfy_server, name, steps):
+    workflow = json.loads((WORKFLOWS[0].parent / name).read_text())
+    prompt = ui_to_api(workflow, comfy_server.object_info())
+    [(lora_id, lora)] = [(i, n) for i, n in prompt.items() if n["class_type"] == "DragKitLoRAFineTune"]
+    checkpoint = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    assert lora["inputs"]["model"] == [checkpoint, 0] and lora["inputs"]["steps"] == steps
+    prompt_node = next(i for i, n in prompt.items() if n["class_type"] == "CLIPTextEncode")
+    assert lora["inputs"]["positive"] == [prompt_node, 0]
+    dragkit = [n for n in prompt.values() if n["class_type"].startswith("DragKit") and "model" in n["inputs"]
+               and n is not lora]
+    assert sorted(n["class_type"] for n in dragkit) == [
+        "DragKitDDIMInvert", "DragKitKVInjectedSample", "DragKitMotionSupervisionOptimize"]
+    assert all(n["inputs"]["model"] == [lora_id, 0] for n in dragkit)
+    [note] = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    assert f"LoRA Fine-tune: the per-image identity LoRA the method trains first ({steps} steps" in note
+    assert "until" not in note
+
+
+@pytest.fixture(scope="module")
+def controlnet_folder(comfy_inproc, tiny_controlnet):
+    """The tiny ControlNet's folder registered as an in-process ``controlnet`` folder (removed afterwards)."""
+    import folder_paths
+
+    folder = str(tiny_controlnet.parent)
+    folder_paths.add_model_folder_path("controlnet", folder)
+    yield tiny_controlnet.name
+    folder_paths.folder_names_and_paths["controlnet"][0].remove(folder)
+
+
+def test_controlnet_in_the_conditioning_acts_on_kv_injected_sample(comfy_inproc, tiny_comfy_models, controlnet_folder):
+    """Chaining: ControlNetApplyAdvanced's conditioning into KV-Injected Sample, in-process.
+
+    With the ControlNet (strength 1) the sampled latent differs from the plain
+    run; at strength 0 it is bit-identical -- both through ControlNetApplyAdvanced
+    (which then passes the conditioning through) and with the ControlNet left in
+    the conditioning at strength 0 (it runs, and adds exact zeros).
+    """
+    nodes, models = comfy_inproc.nodes, tiny_comfy_models
+    image = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        (cond,) = nodes.CLIPTextEncode().encode(models.clip, "a test image")
+        (latent,) = nodes.VAEEncode().encode(models.vae, image)
+        (controlnet,) = nodes.ControlNetLoader().load_controlnet(controlnet_folder)
+    z_t, cache = comfy_inproc.run_node("DragKitDDIMInvert", model=models.model, latent=latent, positive=cond,
+                                       steps=10, strength=0.7, cache_layers="decoder", cache_device="auto")
+
+    def sample(positive):
+        return comfy_inproc.run_node("DragKitKVInjectedSample", model=models.model, latent=z_t, attn_cache=cache,
+                                     positive=positive, kv_source="inversion cache", inject_layers="decoder",
+                                     inject_start=0.0, inject_end=1.0)[0]["samples"]
+
+    def controlled(strength):
+        with torch.inference_mode():
+            return nodes.ControlNetApplyAdvanced().apply_controlnet(cond, cond, controlnet, image, strength, 0.0, 1.0)[0]
+
+    plain = sample(cond)
+    with_controlnet = sample(controlled(1.0))
+    assert torch.isfinite(with_controlnet).all()
+    change = float((with_controlnet - plain).abs().mean() / plain.abs().mean())
+    assert change > 0.01, change  # measured 5.1: the seeded (non-zero) zero-convs act from the first step
+    assert torch.equal(sample(controlled(0.0)), plain)
+    with torch.inference_mode():
+        silent = controlnet.copy().set_cond_hint(image.movedim(-1, 1), 0.0, (0.0, 1.0))
+    assert torch.equal(sample([[cond[0][0], {**cond[0][1], "control": silent}]]), plain)
 
 
 def test_ui_conversion_matches_the_widget_order(comfy_server):
@@ -71,7 +154,7 @@ def test_ui_conversion_matches_the_widget_order(comfy_server):
 def test_main_job_command_runs(tmp_path, comfyui):
     from tools.run_workflow import main
 
-    sample = Path(__file__).resolve().parents[3] / "shared" / "data" / "Drag100" / "art_0"
+    sample = DRAG100 / "art_0"
     if not sample.exists():
         pytest.skip(f"{sample} is not present")
     small = tmp_path / "sample"
@@ -84,3 +167,56 @@ def test_main_job_command_runs(tmp_path, comfyui):
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "original_side_by_side.png" in written and len(written) == 2
     assert torch.tensor(np.asarray(Image.open(tmp_path / "out" / "original_side_by_side.png"))).shape == (128, 256, 3)
+
+
+def downscaled_drag100(source: Path, target: Path, factor: int) -> None:
+    """Copy a Drag100 sample folder with the image, mask and points scaled down by ``factor``."""
+    from dragkit.datasets import DragSample, load_sample, save_drag100
+    from dragkit.points import DragPoints
+
+    sample = load_sample(source)
+    width, height = sample.width // factor, sample.height // factor
+    image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.BICUBIC))
+    mask = np.asarray(Image.fromarray(sample.mask).resize((width, height), Image.NEAREST))
+    scale = [tuple(c / factor for c in p) for p in sample.points.handles], [tuple(c / factor for c in p) for p in sample.points.targets]
+    save_drag100(DragSample(image, DragPoints(*scale, width, height), mask), target)
+
+
+def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui):
+    """``--batch`` on two Drag100 samples (downscaled 4x) and a broken one, tiny checkpoint; then again."""
+    from tools.run_workflow import main
+
+    if not DRAG100.exists():
+        pytest.skip(f"{DRAG100} (the Drag100 samples) is not present")
+    data = tmp_path / "data"
+    for name in ("art_0", "art_1"):
+        downscaled_drag100(DRAG100 / name, data / name, 4)
+    broken = data / "broken_0"
+    shutil.copytree(data / "art_0", broken)
+    (broken / "points.json").write_text("{not json")
+    out = tmp_path / "out"
+    argv = [str(WORKFLOWS[0].parent / "fastdrag.json"), "--batch", str(data), "--out", str(out)]
+
+    assert main(argv) == 1  # the broken sample failed; the others ran
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["workflow"].endswith("fastdrag.json") and timings["tiny_checkpoint"] is True
+    assert timings["checkpoint"].endswith(".safetensors")
+    assert set(timings["samples"]) == {"art_0", "art_1", "broken_0"}
+    for name, size in (("art_0", (128, 128)), ("art_1", (128, 168))):
+        entry = timings["samples"][name]
+        assert entry["status"] == "ok" and entry["seconds"] > 0 and (entry["width"], entry["height"]) == size
+        assert "error" not in entry
+        assert Image.open(out / name / "edited.png").size == size
+        assert Image.open(out / name / "side_by_side.png").size == (2 * size[0], size[1])
+    failure = timings["samples"]["broken_0"]
+    assert failure["status"] == "error" and "points.json" in failure["error"] and not (out / "broken_0").exists()
+    assert timings["summary"]["done"] == 2 and timings["summary"]["failed"] == 1 and timings["summary"]["skipped"] == 0
+    assert timings["summary"]["median_seconds"] > 0
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert len(written) == 4
+
+    assert main(argv) == 1  # art_0 and art_1 are skipped, broken_0 is tried (and fails) again
+    again = json.loads((out / "timings.json").read_text())
+    assert again["summary"] == {**timings["summary"], "skipped": 2}
+    assert {k: again["samples"][k] for k in ("art_0", "art_1")} == {k: timings["samples"][k] for k in ("art_0", "art_1")}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == written
