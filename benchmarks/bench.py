@@ -1,254 +1,232 @@
-"""Per-stage speed and memory of DragKit edits through the real ComfyUI nodes.
+"""Per-stage speed, memory and compute floor of DragKit edits.
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench [--tiny] [--resolution 512] [--json out.json]
+    python -m benchmarks.bench [--tiny] [--resolutions 512,768,1024] [--methods fastdrag,lora,dragdiffusion,gooddrag]
+                               [--backend auto|comfyui|diffusers] [--json [out.json]] [--peak-tflops T]
 
-Builds a real-size SD1.5 UNet and SD VAE with random weights (the compute and
-memory are the real ones; nothing is downloaded), loads this pack into an
-in-process ComfyUI, and times each stage by calling the pack's own nodes
-exactly as the executor does (under ``torch.inference_mode``):
+Builds the real-size SD1.5 UNet and SD VAE with random weights (the compute
+and memory are the real ones; nothing is downloaded) and times each method's
+stages:
 
 - FastDrag (10 steps, strength 0.7, KV cache of the decoder self-attention
-  layers): VAE encode, DDIM Invert, FastDrag Warp+BNNI, KV-Injected Sample,
-  VAE Decode. "First edit" is all of them; "re-edit" (a moved point, with
-  ComfyUI's cache keeping the inversion) is warp + sample + decode.
-- DragDiffusion's inversion (50 steps, strength 0.7) for the size of its cache.
-- One bare UNet pass (``apply_model``, batch 1): the floor of every step;
-  ``ms_over_unet_floor`` is what a stage spends beyond its UNet passes.
+  layers): VAE encode, DDIM inversion, warp + BNNI, KV-injected sampling,
+  decode (paste + preview). "First edit" is all of them; "re-edit" (a moved
+  point, the inversion cached) is warp + sample + decode.
+- LoRA fine-tuning (80 steps, batch 4, rank 16): seconds per step.
+- DragDiffusion (50 steps, strength 0.7, 80 iterations) and GoodDrag (50
+  steps, strength 0.75, 7 × 10 × 3 gradient steps, early stop off): inversion
+  (with the decoder KV cache, for its size), optimisation, reference-branch
+  sampling and the whole edit without LoRA. Random weights never reach the
+  targets, so the optimisers run their worst case.
+- One bare UNet pass at batch 1.
 
-Each stage runs ``--warmup`` times, then ``--repeats`` times; the JSON holds the
-median and the 10th/90th percentiles in ms, peak allocated memory, UNet passes
-and the machine. ``--tiny`` uses the tiny seeded test checkpoint on the CPU
-and finishes in seconds.
+Backends: with a ComfyUI host (``COMFYUI_PATH``) the stages call the pack's
+nodes in an in-process ComfyUI (:mod:`benchmarks.comfy_path`); without one,
+the engine's loops on diffusers models (:mod:`benchmarks.diffusers_path`).
+``--tiny`` runs the tiny test models and a shortened workload
+(:data:`benchmarks.workload.TINY`) on the CPU, on one thread, in seconds: a
+pipeline check.
+
+Fast stages run ``--warmup`` times, then ``--repeats`` times; slow ones (LoRA,
+optimisers, whole motion edits) a shortened warm-up, then ``--slow-repeats``.
+The JSON holds the machine, device, dtype, versions, backend, the workload,
+and per resolution and stage: median / p10 / p90 ms, repeats, peak CUDA
+memory (MiB; null on a CPU), the UNet passes counted (calls and batch rows,
+with autograd and without) and the compute floor (FLOPs of those passes ÷
+the device's peak; :mod:`benchmarks.flops`), as ``flops``, ``floor_ms`` and
+``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from dragkit.atomic import write_bytes_atomic
+
+from . import flops as flop_floor
+from .measure import Stager
+from .workload import FULL, METHODS, TINY
+
+TINY_SIDE = 64
 
 
-def sd15_models(device: torch.device, dtype: torch.dtype):
-    """A real-size SD1.5 MODEL and VAE with random weights, built through ComfyUI's loaders."""
-    import comfy.ops
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    generator = torch.Generator().manual_seed(0)
-    unet = UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
-        use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
-    )
-    model = comfy.sd.load_diffusion_model_state_dict(random_state(unet, generator), model_options={"dtype": dtype})
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae_module = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    vae = comfy.sd.VAE(sd=random_state(vae_module, generator))
-    return model, vae
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v < 64 or v % 64 for v in values):
+        raise argparse.ArgumentTypeError(f"image sides must be multiples of 64, at least 64; got {text!r}")
+    return values
 
 
-def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A state dict for ``module``: N(0, 0.02) matrices and kernels, unit norm scales, zero biases."""
-    state = {}
-    for name, tensor in module.state_dict().items():
-        if tensor.dim() > 1:
-            state[name] = torch.randn(tensor.shape, generator=generator) * 0.02
-        else:
-            state[name] = torch.ones(tensor.shape) if name.endswith("weight") else torch.zeros(tensor.shape)
-    return state
+def _methods(text: str) -> tuple[str, ...]:
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"methods are a comma-separated subset of {','.join(METHODS)}; got {text!r}")
+    return tuple(m for m in METHODS if m in chosen)
 
 
-def tiny_models():
-    from tools.comfy_host import load_checkpoint_inproc
-    from tools.tiny_models import tiny_checkpoint_path
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny test models and workload on the CPU (seconds; for CI)")
+    parser.add_argument("--resolutions", type=_int_list, default=None,
+                        help=f"comma-separated image sides in pixels (default 512; --tiny: {TINY_SIDE})")
+    parser.add_argument("--methods", type=_methods, default=METHODS, help=f"subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--backend", choices=("auto", "comfyui", "diffusers"), default="auto",
+                        help="auto: comfyui when COMFYUI_PATH names a usable checkout, else diffusers")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs of each fast stage (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up runs of each fast stage (default 2)")
+    parser.add_argument("--slow-repeats", type=int, default=1, help="measured runs of each slow stage (default 1)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the floor (default: table)")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="write the JSON report to PATH (or stdout with no PATH or '-'); the tables go to stderr then")
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.slow_repeats) < 1 or args.warmup < 0:
+        parser.error("--repeats and --slow-repeats must be at least 1, --warmup at least 0")
+    args.resolutions = args.resolutions or ([TINY_SIDE] if args.tiny else [512])
+    return args
 
-    loaded = load_checkpoint_inproc(tiny_checkpoint_path())
-    return loaded.model, loaded.vae
+
+def choose_backend(requested: str) -> str:
+    """``comfyui`` or ``diffusers``; ``auto`` picks comfyui only when a usable checkout is configured."""
+    from tools.comfy_host import comfyui_problem
+
+    problem = comfyui_problem()
+    if requested == "comfyui" and problem:
+        raise SystemExit(f"error: --backend comfyui: {problem}")
+    if requested == "auto":
+        return "diffusers" if problem else "comfyui"
+    return requested
 
 
-def unet_pass(model, resolution: int, positive: list) -> torch.Tensor:
-    """One bare UNet evaluation at batch 1 (``apply_model``): the floor each sampling step pays."""
-    latent = torch.zeros(1, 4, resolution // 8, resolution // 8, device=model.load_device)
-    sigma = torch.tensor([1.0], device=model.load_device)
-    context = positive[0][0].to(model.load_device)
-    return model.model.apply_model(latent, sigma, c_crossattn=context)
+def _versions(backend: str) -> dict:
+    import diffusers
+
+    comfyui = None
+    if backend == "comfyui":
+        from tools.comfy_host import comfyui_version
+
+        comfyui = comfyui_version()
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "comfyui": comfyui}
 
 
-def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict:
-    """Median / p10 / p90 wall time (ms) and peak memory (MiB) of ``fn``; returns its last result too."""
-    for _ in range(warmup):
-        result = fn()
-    times, peaks = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
+def build_path(backend: str, tiny: bool):
+    """The benchmark path with its models: fp16 on CUDA when there is one (and not ``tiny``), else float32 on the CPU."""
+    use_cuda = torch.cuda.is_available() and not tiny
+    if backend == "comfyui":
+        from .comfy_path import ComfyPath
+
+        return ComfyPath(tiny, use_cuda)
+    from .diffusers_path import DiffusersPath
+
+    device = torch.device("cuda" if use_cuda else "cpu")
+    return DiffusersPath(tiny, device, torch.float16 if use_cuda else torch.float32)
+
+
+def report_stage(stage: dict, bare_pass_ms: float, per_pass: dict, peak: float | None) -> dict:
+    """A stage's JSON entry: its measurements, the time beyond its passes at the bare-pass speed, and its floor."""
+    out = {k: v for k, v in stage.items() if k != "result"}
+    out["ms_beyond_bare_passes"] = out["median_ms"] - out["unet_passes"] * bare_pass_ms
+    out.update(flop_floor.floor(out, per_pass, peak))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark and return the report (see the module docstring)."""
+    backend = choose_backend(args.backend)
+    workload = TINY if args.tiny else FULL
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny ops on 2+ oversubscribed threads can stall 100x on a shared CPU
+    path = build_path(backend, args.tiny)
+    device_name = torch.cuda.get_device_name(path.device) if path.device.type == "cuda" else "cpu"
+    peak, peak_source = flop_floor.device_peak(device_name, path.dtype, args.peak_tflops)
+    per_pass = flop_floor.unet_flops(path.unet_config, args.resolutions)
+    resolutions = {}
+    try:
+        for side in args.resolutions:
+            stager = Stager(path.device, path.counter, args.warmup, args.repeats, args.slow_repeats)
+            attn_cache = path.run(side, workload, args.methods, stager)
+            bare = stager.stages["unet_forward"]["median_ms"]
+            resolutions[str(side)] = {
+                "attn_cache": attn_cache,
+                "stages": {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()},
+            }
+    finally:
+        path.close()
     return {
-        "median_ms": statistics.median(times),
-        "p10_ms": times[max(0, int(0.1 * (len(times) - 1)))],
-        "p90_ms": times[int(0.9 * (len(times) - 1))],
-        "repeats": repeats,
-        "peak_mib": max(peaks) if peaks else None,
-        "result": result,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads()},
+        "device": device_name,
+        "dtype": str(path.dtype),
+        "versions": _versions(backend),
+        "backend": backend,
+        "model": path.model_name,
+        "tiny": bool(args.tiny),
+        "workload": workload.as_dict(),
+        "methods": list(args.methods),
+        "warmup": args.warmup, "repeats": args.repeats, "slow_repeats": args.slow_repeats,
+        "flops": {
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode, one pass of the same UNet architecture "
+                            "(diffusers, meta device), batch 1, 77 tokens; matmul/conv/attention only",
+            "per_pass": {str(side): counts for side, counts in per_pass.items()},
+            "peak_tflops": peak,
+            "peak_source": peak_source,
+        },
+        "resolutions": resolutions,
     }
 
 
-def motion_stages(host, model, vae, latent, positive, points, image, mask, device) -> dict[str, dict]:
-    """DragDiffusion and GoodDrag edits without LoRA, timed once after a short warm-up.
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
 
-    With random weights the handles never arrive, so the optimisers run their
-    worst case: 80 DragDiffusion iterations (81 UNet passes, 80 with backward),
-    70 GoodDrag drag operations (210 gradient steps and 21 forward passes; its
-    early stop on unchanged tracks is switched off so the count is fixed).
-    Reference-branch sampling runs at batch 2 (counted as two passes per step).
-    """
-    classes = host.pack.nodes
-    invert, optimise = classes.invert.DDIMInvert(), classes.optimize.MotionSupervisionOptimize()
-    sample, decode = classes.sample.KVInjectedSample(), classes.decode.DragVAEDecode()
-    stages = {}
-    for mode, strength, warm_up in (
-        ("dragdiffusion", 0.7, {"iterations": 2}),
-        ("gooddrag", 0.75, {"drag_steps": 1, "drags_per_step": 1, "grad_steps": 1}),
-    ):
-        z_t, cache = invert.invert(model, latent, positive, 50, strength, "none", "auto")
 
-        def run_optimise(zt, kv, **knobs):
-            knobs = {"iterations": 80} | ({} if mode == "dragdiffusion" else {"max_unchanged": 0}) | knobs
-            iterations = knobs.pop("iterations")
-            return optimise.optimize(model, zt, kv, positive, points, mode, iterations, -1, -1, -1, -1, mask=mask, **knobs)[0]
-
-        run_optimise(z_t, cache, **warm_up)
-        stages[f"{mode}_optimize"] = timed(lambda: run_optimise(z_t, cache), 0, 1, device)
-        edited = stages[f"{mode}_optimize"]["result"]
-        stages[f"{mode}_sample"] = timed(
-            lambda: sample.sample(model, edited, cache, positive, "reference branch", "masactrl", 0.0, 1.0)[0], 1, 1, device
-        )
-
-        def whole_edit():
-            lat = host.nodes.VAEEncode().encode(vae, image)[0]
-            zt, kv = invert.invert(model, lat, positive, 50, strength, "none", "auto")
-            res = sample.sample(model, run_optimise(zt, kv), kv, positive, "reference branch", "masactrl", 0.0, 1.0)[0]
-            return decode.decode(vae, res, 8, image, mask, points)[0]
-
-        stages[f"{mode}_edit"] = timed(whole_edit, 0, 1, device)
-    return stages
+def tables(report: dict) -> str:
+    """Markdown: per resolution, the stage table and the compute-floor table."""
+    lines = [f"{report['backend']} backend, {report['device']}, {report['dtype']}, {report['model']}"]
+    flops = report["flops"]
+    for side, res in report["resolutions"].items():
+        lines += ["", f"### {side}×{side}", "", "| stage | median | p10–p90 | repeats | peak memory | UNet passes (rows, with grad) |",
+                  "|---|---|---|---|---|---|"]
+        for name, s in res["stages"].items():
+            peak = "–" if s["peak_mib"] is None else f"{s['peak_mib'] / 1024:.2f} GiB"
+            lines.append(f"| {name} | {_ms(s['median_ms'])} | {_ms(s['p10_ms'])}–{_ms(s['p90_ms'])} | {s['repeats']} | {peak} | "
+                         f"{s['unet_passes']} ({s['unet_rows']}, {s['unet_rows_with_grad']}) |")
+        per_pass = flops["per_pass"][side]
+        lines += ["", f"Compute floor at {side}×{side}: {per_pass['forward'] / 1e9:.1f} GFLOP per forward pass, "
+                      f"{per_pass['forward_backward'] / 1e9:.1f} with backward; peak "
+                      + (f"{flops['peak_tflops']} TFLOP/s ({flops['peak_source']})" if flops["peak_tflops"] else
+                         f"unknown ({flops['peak_source']}): no floor time or ratio"),
+                  "", "| stage | TFLOP | floor | median | median ÷ floor |", "|---|---|---|---|---|"]
+        for name, s in res["stages"].items():
+            if s["flops"]:
+                ratio = "–" if s["floor_ratio"] is None else f"{s['floor_ratio']:.1f}×"
+                lines.append(f"| {name} | {s['flops'] / 1e12:.3f} | {_ms(s['floor_ms'])} | {_ms(s['median_ms'])} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny seeded checkpoint on the CPU (seconds; for CI)")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--motion", action="store_true", help="also time DragDiffusion and GoodDrag edits (slow: worst case, once)")
-    args = parser.parse_args(argv)
-
-    from tools.comfy_host import comfyui_version, load_pack_inproc
-
-    use_cuda = torch.cuda.is_available() and not args.tiny
-    host = load_pack_inproc(cpu=not use_cuda)
-    import comfy.model_management as mm
-
-    device = mm.get_torch_device()
-    if args.tiny:
-        model, vae = tiny_models()
-        resolution = min(args.resolution, 128)
+    args = parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2) + "\n"
+    if args.json == "-":
+        print(tables(report), file=sys.stderr)
+        sys.stdout.write(text)
     else:
-        model, vae = sd15_models(device, torch.float16 if use_cuda else torch.float32)
-        resolution = args.resolution
-    mm.load_models_gpu([model], force_full_load=True)
-    classes = host.pack.nodes
-    invert, warp = classes.invert.DDIMInvert(), classes.warp.FastDragWarp()
-    sample, decode = classes.sample.KVInjectedSample(), classes.decode.DragVAEDecode()
-    points_value = host.pack.dragkit.points.parse_drag_points(
-        {"points": [[resolution * 0.40, resolution * 0.50], [resolution * 0.55, resolution * 0.45]]}, resolution, resolution
-    )
-    image = torch.rand(1, resolution, resolution, 3, generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(1, resolution, resolution)
-    mask[:, resolution // 4 : 3 * resolution // 4, resolution // 4 : 3 * resolution // 4] = 1
-    positive = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2)), {}]]
-    warm, reps = args.warmup, args.repeats
-
-    stages: dict[str, dict] = {}
-    with torch.inference_mode():
-        stages["unet_forward"] = timed(lambda: unet_pass(model, resolution, positive), warm, reps, device)
-        stages["vae_encode"] = timed(lambda: host.nodes.VAEEncode().encode(vae, image)[0], warm, reps, device)
-        latent = stages["vae_encode"]["result"]
-        stages["fastdrag_invert"] = timed(lambda: invert.invert(model, latent, positive, 10, 0.7, "decoder", "auto"), warm, reps, device)
-        z_t, cache = stages["fastdrag_invert"]["result"]
-        stages["fastdrag_warp"] = timed(lambda: warp.warp(z_t, points_value, "drag", "bnni", 12, mask)[0], warm, reps, device)
-        warped = stages["fastdrag_warp"]["result"]
-        stages["fastdrag_sample"] = timed(
-            lambda: sample.sample(model, warped, cache, positive, "inversion cache", "decoder", 0.0, 1.0)[0], warm, reps, device
-        )
-        edited = stages["fastdrag_sample"]["result"]
-        stages["vae_decode"] = timed(lambda: decode.decode(vae, edited, 8, image, mask, points_value)[0], warm, reps, device)
-
-        def re_edit():
-            moved = warp.warp(z_t, points_value, "drag", "bnni", 12, mask)[0]
-            out = sample.sample(model, moved, cache, positive, "inversion cache", "decoder", 0.0, 1.0)[0]
-            return decode.decode(vae, out, 8, image, mask, points_value)[0]
-
-        def first_edit():
-            lat = host.nodes.VAEEncode().encode(vae, image)[0]
-            zt, kv = invert.invert(model, lat, positive, 10, 0.7, "decoder", "auto")
-            moved = warp.warp(zt, points_value, "drag", "bnni", 12, mask)[0]
-            out = sample.sample(model, moved, kv, positive, "inversion cache", "decoder", 0.0, 1.0)[0]
-            return decode.decode(vae, out, 8, image, mask, points_value)[0]
-
-        stages["fastdrag_re_edit"] = timed(re_edit, warm, reps, device)
-        stages["fastdrag_first_edit"] = timed(first_edit, warm, reps, device)
-        drag_cache = timed(lambda: invert.invert(model, latent, positive, 50, 0.7, "decoder", "auto")[1], 1, 1, device)
-        stages["dragdiffusion_invert"] = drag_cache
-        if args.motion:
-            stages.update(motion_stages(host, model, vae, latent, positive, points_value, image, mask, device))
-    unet_passes = {"dragdiffusion_optimize": 81, "dragdiffusion_sample": 70, "dragdiffusion_edit": 186,
-                   "gooddrag_optimize": 231, "gooddrag_sample": 69, "gooddrag_edit": 338,
-                   "unet_forward": 1, "fastdrag_invert": 7, "fastdrag_sample": 7, "fastdrag_re_edit": 7, "fastdrag_first_edit": 14, "dragdiffusion_invert": 35}
-    kv = drag_cache["result"]
-    report = {
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": __import__("os").cpu_count()},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(model.model_dtype()),
-        "versions": {"torch": torch.__version__, "comfyui": comfyui_version()},
-        "model": "tiny seeded SD1.5-shaped checkpoint" if args.tiny else "SD1.5 architecture, random weights",
-        "resolution": resolution,
-        "attn_cache": {
-            "layers": len(kv.layers), "steps": len(kv.kv), "storage": str(kv.storage_device),
-            "mib_per_step": kv.kv_nbytes_per_step() / 2**20, "mib_total": kv.kv_nbytes() / 2**20,
-        },
-        "stages": {
-            name: {k: v for k, v in stage.items() if k != "result"} | {"unet_passes": unet_passes.get(name, 0)}
-            for name, stage in stages.items()
-        },
-    }
-    floor = report["stages"]["unet_forward"]["median_ms"]
-    for stage in report["stages"].values():
-        stage["ms_over_unet_floor"] = stage["median_ms"] - stage["unet_passes"] * floor
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+        print(tables(report))
+        if args.json:
+            write_bytes_atomic(Path(args.json), text.encode())
+            print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

@@ -20,4 +20,6 @@ Nothing in this package imports ComfyUI. Modules:
 - ``dragdiffusion``: DragDiffusion's latent optimisation loop.
 - ``editor_state``: the Drag Points Editor's saved state (points + compact mask).
 - ``datasets``: Drag100 and DragBench folders (safe loaders, atomic writers).
+- ``metrics``: the evaluator's metrics: DAI, MD (DIFT features) and IF (LPIPS),
+  with weights the user supplies.
 """

@@ -8,6 +8,8 @@
   prompt, and back from a short graph description.
 - ``run_workflow``: the headless runner; ``make_workflows``: regenerates
   ``workflows/``.
+- ``evaluate`` (with ``eval_report``): DAI / MD / IF of a method's results
+  over a benchmark folder, a table per method and a before/after grid.
 
 Used by the tests, the benchmark and the headless runner; never imported by
 the nodes.

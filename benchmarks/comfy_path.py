@@ -1,0 +1,187 @@
+"""The benchmark's ComfyUI path: the pack's own nodes in an in-process ComfyUI (``COMFYUI_PATH``).
+
+Each stage calls the nodes exactly as the executor does (under
+``torch.inference_mode``): VAE Encode (ComfyUI's), DDIM Invert, FastDrag
+Warp+BNNI, KV-Injected Sample, VAE Decode (DragKit), LoRA Fine-tune (no
+cache, nothing saved) and Motion-Supervision Optimize.
+
+Models: a real-size SD1.5 UNet and SD VAE with random weights built through
+ComfyUI's loaders (nothing is downloaded), or with ``--tiny`` the tiny
+seeded test checkpoint (:func:`tools.tiny_models.tiny_checkpoint_path`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inputs import edit_inputs
+from .measure import PassCounter, Stager
+from .workload import Workload
+
+FEATHER = 8
+
+
+def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict for ``module``: N(0, 0.02) matrices and kernels, unit norm scales, zero biases."""
+    state = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.dim() > 1:
+            state[name] = torch.randn(tensor.shape, generator=generator) * 0.02
+        else:
+            state[name] = torch.ones(tensor.shape) if name.endswith("weight") else torch.zeros(tensor.shape)
+    return state
+
+
+def sd15_models(dtype: torch.dtype):
+    """A real-size SD1.5 MODEL and VAE with random weights, built through ComfyUI's loaders."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    generator = torch.Generator().manual_seed(0)
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
+        use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
+    )
+    model = comfy.sd.load_diffusion_model_state_dict(random_state(unet, generator), model_options={"dtype": dtype})
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd=random_state(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), generator))
+    return model, vae
+
+
+def tiny_models():
+    from tools.comfy_host import load_checkpoint_inproc
+    from tools.tiny_models import tiny_checkpoint_path
+
+    loaded = load_checkpoint_inproc(tiny_checkpoint_path())
+    return loaded.model, loaded.vae
+
+
+class ComfyPath:
+    """Times the methods' stages through the pack's nodes in an in-process ComfyUI."""
+
+    backend_name = "comfyui"
+
+    def __init__(self, tiny: bool, use_cuda: bool) -> None:
+        from tools.comfy_host import load_pack_inproc
+        from tools.tiny_models import sd15_unet_config
+
+        from .diffusers_path import SD15_UNET
+
+        self.host = load_pack_inproc(cpu=not use_cuda)
+        import comfy.model_management as mm
+
+        self.device = mm.get_torch_device()
+        self.model, self.vae = tiny_models() if tiny else sd15_models(torch.float16 if use_cuda else torch.float32)
+        mm.load_models_gpu([self.model], force_full_load=True)
+        self.dtype = self.model.model_dtype()
+        self.unet_config = sd15_unet_config() if tiny else dict(SD15_UNET)
+        self.model_name = "tiny seeded SD1.5-shaped checkpoint" if tiny else "SD1.5 architecture, random weights"
+        self.counter = PassCounter(self.model.model.diffusion_model)
+
+    def close(self) -> None:
+        self.counter.close()
+
+    def run(self, side: int, work: Workload, methods: tuple[str, ...], stager: Stager) -> dict:
+        """Every stage of ``methods`` at ``side``×``side`` into ``stager``; returns the attention-cache size.
+
+        Everything runs under ``torch.inference_mode``, as ComfyUI's executor
+        runs nodes; the LoRA and optimiser nodes enable autograd themselves.
+        """
+        with torch.inference_mode():
+            return self._run(side, work, methods, stager)
+
+    def _run(self, side: int, work: Workload, methods: tuple[str, ...], stager: Stager) -> dict:
+        nodes, classes, model, vae = self.host.nodes, self.host.pack.nodes, self.model, self.vae
+        invert, warp = classes.invert.DDIMInvert(), classes.warp.FastDragWarp()
+        sample, decode = classes.sample.KVInjectedSample(), classes.decode.DragVAEDecode()
+        inputs = edit_inputs(side, 768)
+        points = self.host.pack.dragkit.points.parse_drag_points(inputs.points.to_json_dict(), side, side)
+        image, mask = inputs.image[None], inputs.mask[None]
+        positive = [[inputs.context, {}]]
+
+        def unet_pass():
+            latent = torch.zeros(1, 4, side // 8, side // 8, device=model.load_device)
+            sigma = torch.tensor([1.0], device=model.load_device)
+            return model.model.apply_model(latent, sigma, c_crossattn=inputs.context.to(model.load_device))
+
+        def decoded(latent):
+            return decode.decode(vae, latent, FEATHER, image, mask, points)[0]
+
+        stager.fast("unet_forward", unet_pass)
+        latent = stager.fast("vae_encode", lambda: nodes.VAEEncode().encode(vae, image)[0])
+        if "fastdrag" in methods:
+            steps, strength = work.fastdrag_steps, work.fastdrag_strength
+
+            def fd_warp(z_t):
+                return warp.warp(z_t, points, "drag", "bnni", 12, mask)[0]
+
+            def fd_sample(z_t, kv):
+                return sample.sample(model, z_t, kv, positive, "inversion cache", "decoder", 0.0, 1.0)[0]
+
+            z_t, cache = stager.fast("fastdrag_invert", lambda: invert.invert(model, latent, positive, steps, strength, "decoder", "auto"))
+            warped = stager.fast("fastdrag_warp", lambda: fd_warp(z_t))
+            edited = stager.fast("fastdrag_sample", lambda: fd_sample(warped, cache))
+            stager.fast("vae_decode", lambda: decoded(edited))
+            stager.fast("fastdrag_re_edit", lambda: decoded(fd_sample(fd_warp(z_t), cache)))
+
+            def first_edit():
+                zt, kv = invert.invert(model, nodes.VAEEncode().encode(vae, image)[0], positive, steps, strength, "decoder", "auto")
+                return decoded(fd_sample(fd_warp(zt), kv))
+
+            stager.fast("fastdrag_first_edit", first_edit)
+        if "lora" in methods:
+            node = classes.lora.LoRAFineTune()
+
+            def lora(steps: int):
+                return node.finetune(model=model, vae=vae, image=image, positive=positive, steps=steps, rank=work.lora_rank,
+                                     alpha=float(work.lora_rank), lr=5e-4, batch=work.lora_batch, seed=0, save_name="",
+                                     use_cache=False)[0]
+
+            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1))
+            stager.stages["lora"]["steps"] = work.lora_steps
+            stager.stages["lora"]["seconds_per_step"] = stager.stages["lora"]["median_ms"] / 1000 / work.lora_steps
+        attn_cache = {}
+        if "dragdiffusion" in methods:
+            kv = stager.slow("dragdiffusion_invert", lambda: invert.invert(
+                model, latent, positive, work.dragdiffusion_steps, work.dragdiffusion_strength, "decoder", "auto")[1])
+            attn_cache = {
+                "layers": len(kv.layers), "steps": len(kv.kv), "storage": str(kv.storage_device),
+                "mib_per_step": kv.kv_nbytes_per_step() / 2**20, "mib_total": kv.kv_nbytes() / 2**20,
+            }
+        optimise = classes.optimize.MotionSupervisionOptimize()
+        for method in ("dragdiffusion", "gooddrag"):
+            if method not in methods:
+                continue
+            steps, strength = getattr(work, f"{method}_steps"), getattr(work, f"{method}_strength")
+
+            def run_optimise(zt, kv, short=False, method=method):
+                if method == "dragdiffusion":
+                    knobs = {"iterations": 2 if short else work.dragdiffusion_iterations}
+                else:
+                    counts = (1, 1, 1) if short else (work.gooddrag_drag_steps, work.gooddrag_drags_per_step, work.gooddrag_grad_steps)
+                    knobs = {"iterations": 80, "drag_steps": counts[0], "drags_per_step": counts[1], "grad_steps": counts[2],
+                             "max_unchanged": 0}
+                iterations = knobs.pop("iterations")
+                return optimise.optimize(model, zt, kv, positive, points, method, iterations, -1, -1, -1, -1, mask=mask, **knobs)[0]
+
+            def reference_sample(zt, kv):
+                return sample.sample(model, zt, kv, positive, "reference branch", "masactrl", 0.0, 1.0)[0]
+
+            def inverted(lat, steps=steps, strength=strength):
+                return invert.invert(model, lat, positive, steps, strength, "none", "auto")
+
+            z_t, kv = inverted(latent)
+            edited = stager.slow(f"{method}_optimize", lambda: run_optimise(z_t, kv), warm=lambda: run_optimise(z_t, kv, short=True))
+            stager.slow(f"{method}_sample", lambda: reference_sample(edited, kv))
+
+            def whole_edit(inverted=inverted, run_optimise=run_optimise):
+                zt, cache = inverted(nodes.VAEEncode().encode(vae, image)[0])
+                return decoded(reference_sample(run_optimise(zt, cache), cache))
+
+            stager.slow(f"{method}_edit", whole_edit)
+        return attn_cache

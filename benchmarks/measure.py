@@ -1,0 +1,119 @@
+"""Timing, peak memory and UNet-pass counting of one benchmark stage."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+PASS_FIELDS = ("unet_passes", "unet_rows", "unet_passes_with_grad", "unet_rows_with_grad")
+"""What :class:`PassCounter` counts: UNet calls and batch rows, all and with autograd on."""
+
+
+class PassCounter:
+    """Counts forward calls of a UNet module (a forward pre-hook; removed by :meth:`close`).
+
+    A call counts as a pass even when the caller stops the forward early (the
+    motion-supervision loops stop after the feature block when they need no
+    ε); rows are the batch size of the call's first tensor argument; calls
+    made with autograd enabled are counted again under ``*_with_grad``.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.counts = dict.fromkeys(PASS_FIELDS, 0)
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        rows = int(tensors[0].shape[0]) if tensors else 1
+        grad = torch.is_grad_enabled()
+        self.counts["unet_passes"] += 1
+        self.counts["unet_rows"] += rows
+        self.counts["unet_passes_with_grad"] += int(grad)
+        self.counts["unet_rows_with_grad"] += rows * int(grad)
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(PASS_FIELDS, 0)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device, counter: PassCounter) -> dict:
+    """Run ``fn`` ``warmup`` times, then ``repeats`` times measured.
+
+    Returns median / p10 / p90 wall time in ms over the repeats (percentiles
+    interpolated linearly between the sorted times), the peak
+    allocated CUDA memory in MiB (``None`` on a CPU, where torch does not
+    track it), the UNet passes of the last repeat, and ``fn``'s last result
+    under ``"result"``.
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times, peaks = [], []
+    for _ in range(repeats):
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        counter.reset()
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    p10, median, p90 = np.percentile(times, [10, 50, 90])  # linear interpolation between order statistics
+    return {
+        "median_ms": float(median),
+        "p10_ms": float(p10),
+        "p90_ms": float(p90),
+        "repeats": repeats,
+        "peak_mib": max(peaks) if peaks else None,
+        **counter.counts,
+        "result": result,
+    }
+
+
+class Stager:
+    """Runs the stages of one resolution and keeps their measurements in :attr:`stages`.
+
+    :meth:`fast` stages run ``warmup`` times, then ``repeats`` times;
+    :meth:`slow` stages (seconds each: LoRA, the optimisers, whole
+    DragDiffusion/GoodDrag edits) run an optional short warm-up call, then
+    ``slow_repeats`` times. ``grad=False`` calls run under
+    ``torch.inference_mode`` (as ComfyUI's executor runs nodes); ``grad=True``
+    outside it, for loops that need autograd.
+    """
+
+    def __init__(self, device: torch.device, counter: PassCounter, warmup: int, repeats: int, slow_repeats: int) -> None:
+        self.device, self.counter = device, counter
+        self.warmup, self.repeats, self.slow_repeats = warmup, repeats, slow_repeats
+        self.stages: dict[str, dict] = {}
+
+    @staticmethod
+    def _mode(fn: Callable[[], object], grad: bool) -> Callable[[], object]:
+        def call():
+            with torch.inference_mode(mode=not grad):
+                return fn()
+
+        return call
+
+    def fast(self, name: str, fn: Callable[[], object], grad: bool = False):
+        """Time ``fn`` as stage ``name``; returns its last result."""
+        self.stages[name] = timed(self._mode(fn, grad), self.warmup, self.repeats, self.device, self.counter)
+        return self.stages[name]["result"]
+
+    def slow(self, name: str, fn: Callable[[], object], warm: Callable[[], object] | None = None, grad: bool = False):
+        """Call ``warm`` once (a shortened run), then time ``fn`` ``slow_repeats`` times; returns its last result."""
+        if warm is not None:
+            self._mode(warm, grad)()
+        self.stages[name] = timed(self._mode(fn, grad), 0, self.slow_repeats, self.device, self.counter)
+        return self.stages[name]["result"]
