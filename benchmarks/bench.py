@@ -33,7 +33,8 @@ and per resolution and stage: median / p10 / p90 ms, repeats, peak CUDA
 memory (MiB; null on a CPU), the UNet passes counted (calls and batch rows,
 with autograd and without) and the compute floor (FLOPs of those passes ÷
 the device's peak; :mod:`benchmarks.flops`), as ``flops``, ``floor_ms`` and
-``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs).
+``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs),
+and ``ms_beyond_bare_passes`` (see :func:`report_stage`).
 """
 
 from __future__ import annotations
@@ -132,9 +133,16 @@ def build_path(backend: str, tiny: bool):
 
 
 def report_stage(stage: dict, bare_pass_ms: float, per_pass: dict, peak: float | None) -> dict:
-    """A stage's JSON entry: its measurements, the time beyond its passes at the bare-pass speed, and its floor."""
+    """A stage's JSON entry: its measurements, its time beyond its UNet rows at the bare-pass speed, and its floor.
+
+    ``ms_beyond_bare_passes`` = median − forward rows × one bare batch-1 pass:
+    what a stage spends on anything but the UNet (sampler, attention control,
+    warp, VAE, Python). It is null for stages with backward passes, whose
+    cost per row the bare forward pass does not measure.
+    """
     out = {k: v for k, v in stage.items() if k != "result"}
-    out["ms_beyond_bare_passes"] = out["median_ms"] - out["unet_passes"] * bare_pass_ms
+    beyond = None if out["unet_passes_with_grad"] else out["median_ms"] - out["unet_rows"] * bare_pass_ms
+    out["ms_beyond_bare_passes"] = beyond
     out.update(flop_floor.floor(out, per_pass, peak))
     return out
 

@@ -15,21 +15,8 @@ from __future__ import annotations
 import torch
 
 from .inputs import edit_inputs
-from .measure import PassCounter, Stager
-from .workload import Workload
-
-FEATHER = 8
-
-
-def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A state dict for ``module``: N(0, 0.02) matrices and kernels, unit norm scales, zero biases."""
-    state = {}
-    for name, tensor in module.state_dict().items():
-        if tensor.dim() > 1:
-            state[name] = torch.randn(tensor.shape, generator=generator) * 0.02
-        else:
-            state[name] = torch.ones(tensor.shape) if name.endswith("weight") else torch.zeros(tensor.shape)
-    return state
+from .measure import PassCounter, Stager, attn_cache_summary, fill_random_
+from .workload import FEATHER, Workload
 
 
 def sd15_models(dtype: torch.dtype):
@@ -39,17 +26,16 @@ def sd15_models(dtype: torch.dtype):
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    generator = torch.Generator().manual_seed(0)
     unet = UNetModel(
         image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
         channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
         use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
     )
-    model = comfy.sd.load_diffusion_model_state_dict(random_state(unet, generator), model_options={"dtype": dtype})
+    model = comfy.sd.load_diffusion_model_state_dict(fill_random_(unet, 0).state_dict(), model_options={"dtype": dtype})
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = comfy.sd.VAE(sd=random_state(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), generator))
+    vae = comfy.sd.VAE(sd=fill_random_(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 1).state_dict())
     return model, vae
 
 
@@ -63,8 +49,6 @@ def tiny_models():
 
 class ComfyPath:
     """Times the methods' stages through the pack's nodes in an in-process ComfyUI."""
-
-    backend_name = "comfyui"
 
     def __init__(self, tiny: bool, use_cuda: bool) -> None:
         from tools.comfy_host import load_pack_inproc
@@ -142,17 +126,12 @@ class ComfyPath:
                                      alpha=float(work.lora_rank), lr=5e-4, batch=work.lora_batch, seed=0, save_name="",
                                      use_cache=False)[0]
 
-            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1))
-            stager.stages["lora"]["steps"] = work.lora_steps
-            stager.stages["lora"]["seconds_per_step"] = stager.stages["lora"]["median_ms"] / 1000 / work.lora_steps
+            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), steps=work.lora_steps)
         attn_cache = {}
         if "dragdiffusion" in methods:
             kv = stager.slow("dragdiffusion_invert", lambda: invert.invert(
                 model, latent, positive, work.dragdiffusion_steps, work.dragdiffusion_strength, "decoder", "auto")[1])
-            attn_cache = {
-                "layers": len(kv.layers), "steps": len(kv.kv), "storage": str(kv.storage_device),
-                "mib_per_step": kv.kv_nbytes_per_step() / 2**20, "mib_total": kv.kv_nbytes() / 2**20,
-            }
+            attn_cache = attn_cache_summary(kv)
         optimise = classes.optimize.MotionSupervisionOptimize()
         for method in ("dragdiffusion", "gooddrag"):
             if method not in methods:
@@ -161,9 +140,9 @@ class ComfyPath:
 
             def run_optimise(zt, kv, short=False, method=method):
                 if method == "dragdiffusion":
-                    knobs = {"iterations": 2 if short else work.dragdiffusion_iterations}
+                    knobs = {"iterations": work.dragdiffusion_iterations_for(short)}
                 else:
-                    counts = (1, 1, 1) if short else (work.gooddrag_drag_steps, work.gooddrag_drags_per_step, work.gooddrag_grad_steps)
+                    counts = work.gooddrag_counts(short)
                     knobs = {"iterations": 80, "drag_steps": counts[0], "drags_per_step": counts[1], "grad_steps": counts[2],
                              "max_unchanged": 0}
                 iterations = knobs.pop("iterations")

@@ -30,8 +30,8 @@ from dragkit.lora_diffusers import remove_lora, train_lora_diffusers
 from dragkit.schedule import DDIMSchedule
 
 from .inputs import edit_inputs
-from .measure import PassCounter, Stager
-from .workload import Workload
+from .measure import PassCounter, Stager, attn_cache_summary, fill_random_
+from .workload import FEATHER, Workload
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -48,21 +48,9 @@ SD_VAE = dict(
 )
 """diffusers config of the SD1.x VAE."""
 
-FEATHER = 8
-"""Feather of the decode paste, as the workflows' VAE Decode (DragKit)."""
-
-
-@torch.no_grad()
 def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Allocate ``module`` (built on meta) on ``device`` in ``dtype``: N(0, 0.02) matrices/kernels, unit scales, zero biases."""
-    module = module.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in module.named_parameters():
-        if param.dim() > 1:
-            param.normal_(0.0, 0.02, generator=gen)
-        else:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        param.data = param.data.to(dtype)
+    """Allocate ``module`` (built on meta) on ``device`` with :func:`~benchmarks.measure.fill_random_` weights in ``dtype``."""
+    module = fill_random_(module.to_empty(device=device), seed).to(dtype)
     return module.eval().requires_grad_(False)
 
 
@@ -88,8 +76,6 @@ def tiny_models(device: torch.device, dtype: torch.dtype):
 
 class DiffusersPath:
     """Times the methods' stages on a diffusers UNet and VAE."""
-
-    backend_name = "diffusers"
 
     def __init__(self, tiny: bool, device: torch.device, dtype: torch.dtype) -> None:
         from tools.tiny_models import micro_unet_config
@@ -176,18 +162,13 @@ class DiffusersPath:
                 finally:
                     remove_lora(self.unet)
 
-            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), grad=True)
-            stager.stages["lora"]["steps"] = work.lora_steps
-            stager.stages["lora"]["seconds_per_step"] = stager.stages["lora"]["median_ms"] / 1000 / work.lora_steps
+            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), grad=True, steps=work.lora_steps)
 
         attn_cache = {}
         if "dragdiffusion" in methods:
             kv = stager.slow("dragdiffusion_invert", lambda: self.invert(
                 z0, cond, work.dragdiffusion_steps, work.dragdiffusion_strength, "decoder"))
-            attn_cache = {
-                "layers": len(kv.layers), "steps": len(kv.kv), "storage": str(kv.storage_device),
-                "mib_per_step": kv.kv_nbytes_per_step() / 2**20, "mib_total": kv.kv_nbytes() / 2**20,
-            }
+            attn_cache = attn_cache_summary(kv)
         motion = _Motion(self, work, cond, geometry.points_to_supervision(handles), geometry.points_to_supervision(targets),
                          (~geometry.mask_to_latent(inputs.mask)).float(), masactrl)
         for method in ("dragdiffusion", "gooddrag"):
@@ -217,9 +198,9 @@ class _Motion:
         schedule, work, backend = kv.schedule, self.work, self.path.backend
         args = (kv.z_star, self.cond, schedule, schedule.start_index, self.handles, self.targets, self.keep)
         if method == "dragdiffusion":
-            settings = DragDiffusionSettings(iterations=2 if short else work.dragdiffusion_iterations)
+            settings = DragDiffusionSettings(iterations=work.dragdiffusion_iterations_for(short))
             return drag_diffusion(backend, *args, settings).latent, schedule.start_index
-        counts = (1, 1, 1) if short else (work.gooddrag_drag_steps, work.gooddrag_drags_per_step, work.gooddrag_grad_steps)
+        counts = work.gooddrag_counts(short)
         settings = GoodDragSettings(drag_steps=counts[0], drags_per_step=counts[1], grad_steps=counts[2], max_unchanged=0)
         result = good_drag(backend, *args, settings)
         return result.latent, result.step_index

@@ -106,14 +106,47 @@ class Stager:
 
         return call
 
-    def fast(self, name: str, fn: Callable[[], object], grad: bool = False):
-        """Time ``fn`` as stage ``name``; returns its last result."""
-        self.stages[name] = timed(self._mode(fn, grad), self.warmup, self.repeats, self.device, self.counter)
+    def fast(self, name: str, fn: Callable[[], object]):
+        """Time ``fn`` (under inference mode) as stage ``name``; returns its last result."""
+        self.stages[name] = timed(self._mode(fn, False), self.warmup, self.repeats, self.device, self.counter)
         return self.stages[name]["result"]
 
-    def slow(self, name: str, fn: Callable[[], object], warm: Callable[[], object] | None = None, grad: bool = False):
-        """Call ``warm`` once (a shortened run), then time ``fn`` ``slow_repeats`` times; returns its last result."""
+    def slow(self, name: str, fn: Callable[[], object], warm: Callable[[], object] | None = None, grad: bool = False,
+             steps: int | None = None):
+        """Call ``warm`` once (a shortened run), then time ``fn`` ``slow_repeats`` times; returns its last result.
+
+        ``steps``: the stage is that many optimiser steps; the entry also gets
+        ``steps`` and ``seconds_per_step``.
+        """
         if warm is not None:
             self._mode(warm, grad)()
-        self.stages[name] = timed(self._mode(fn, grad), 0, self.slow_repeats, self.device, self.counter)
-        return self.stages[name]["result"]
+        stage = timed(self._mode(fn, grad), 0, self.slow_repeats, self.device, self.counter)
+        if steps is not None:
+            stage.update(steps=steps, seconds_per_step=stage["median_ms"] / 1000 / steps)
+        self.stages[name] = stage
+        return stage["result"]
+
+
+@torch.no_grad()
+def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights in place: N(0, 0.02) matrices and kernels, unit scales (1-d weights), zero biases.
+
+    The compute and memory of a model do not depend on its values; this rule
+    keeps activations finite through a real-size UNet and VAE.
+    """
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in module.named_parameters():
+        if param.dim() > 1:
+            param.normal_(0.0, 0.02, generator=generator)
+        else:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+    return module
+
+
+def attn_cache_summary(cache) -> dict:
+    """Layers, steps, storage device and size (MiB per step and in all) of an :class:`~dragkit.attention.AttnCache`."""
+    return {
+        "layers": len(cache.layers), "steps": len(cache.kv), "storage": str(cache.storage_device),
+        "mib_per_step": cache.kv_nbytes_per_step() / 2**20, "mib_total": cache.kv_nbytes() / 2**20,
+    }

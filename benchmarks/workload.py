@@ -17,6 +17,9 @@ from dragkit.lora import LoRATrainingConfig
 _DD, _GD, _LORA = DragDiffusionSettings(), GoodDragSettings(), LoRATrainingConfig()
 
 METHODS = ("fastdrag", "lora", "dragdiffusion", "gooddrag")
+
+FEATHER = 8
+"""Feather (pixels) of the decode paste, as the workflows' VAE Decode (DragKit)."""
 """Benchmarked method groups, in run order (``--methods``)."""
 
 
@@ -40,6 +43,14 @@ class Workload:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def dragdiffusion_iterations_for(self, short: bool) -> int:
+        """DragDiffusion iterations: the workload's, or 2 for a warm-up (``short``)."""
+        return 2 if short else self.dragdiffusion_iterations
+
+    def gooddrag_counts(self, short: bool) -> tuple[int, int, int]:
+        """GoodDrag's (T drag steps, B drags per step, J gradient steps): the workload's, or (1, 1, 1) for a warm-up."""
+        return (1, 1, 1) if short else (self.gooddrag_drag_steps, self.gooddrag_drags_per_step, self.gooddrag_grad_steps)
 
 
 FULL = Workload()

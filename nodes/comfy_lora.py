@@ -154,18 +154,19 @@ def effective_weights_fingerprint(model) -> str:
     return model_fingerprint(model.model)
 
 
-def training_memory(base_model, config: LoRATrainingConfig, latent_side: int = 64) -> float:
-    """Bytes to keep free beside the weights while training: 3x ComfyUI's inference estimate at the batch size.
+def training_memory(base_model, config: LoRATrainingConfig, latent_shape: tuple[int, ...]) -> float:
+    """Bytes to keep free beside the weights while training: 3x ComfyUI's inference estimate.
 
-    Backward keeps the forward activations, so the inference estimate of
-    ``BaseModel.memory_required`` for a ``(batch, 4, side, side)`` input is
+    ``latent_shape`` is the image latent's ``(1, C, h, w)``; a training step
+    runs ``config.batch`` of them. Backward keeps the forward activations, so
+    the inference estimate of ``BaseModel.memory_required`` for that batch is
     tripled (activations, their gradients, and the attention work space).
     """
-    return 3.0 * base_model.memory_required([int(config.batch), 4, latent_side, latent_side])
+    return 3.0 * base_model.memory_required([int(config.batch), *latent_shape[1:]])
 
 
 class ComfyLoRATrainer:
-    """Trains a LoRA on a clone of ``model``; :meth:`prepare` then :meth:`train`, :meth:`close` always."""
+    """Trains a LoRA on a clone of ``model``: :meth:`train` (which prepares the clone), then :meth:`close` always."""
 
     def __init__(self, model, positive: list, config: LoRATrainingConfig) -> None:
         self.model = model
@@ -177,8 +178,12 @@ class ComfyLoRATrainer:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Add the wrappers to the clone (under ``inference_mode(False)``) and fully load it."""
+    def prepare(self, latent_shape: tuple[int, ...]) -> None:
+        """Add the wrappers to the clone (under ``inference_mode(False)``) and fully load it.
+
+        ``latent_shape`` ``(1, C, h, w)`` of the training latent sizes the
+        memory asked of the model manager (:func:`training_memory`).
+        """
         config = self.config
         base = self.patcher.model
         device = torch.device(self.patcher.load_device)
@@ -199,7 +204,7 @@ class ComfyLoRATrainer:
                         continue
                     self.patcher.add_weight_wrapper(f"{name}.{attr}", copy)
         comfy.model_management.load_models_gpu(
-            [self.patcher], memory_required=training_memory(base, self.config), force_full_load=True
+            [self.patcher], memory_required=training_memory(base, self.config, tuple(latent_shape)), force_full_load=True
         )
         self.loaded = True
 
@@ -239,7 +244,7 @@ class ComfyLoRATrainer:
               progress: ProgressCallback | None = None) -> LoRATrainingResult:
         """Train on the VP image latent (scaled, ``(1, C, h, w)``); returns the losses."""
         if not self.loaded:
-            self.prepare()
+            self.prepare(tuple(latent_mean.shape))
         device = torch.device(self.patcher.load_device)
         params = [p for w in self.wrappers.values() for p in w.parameters()]
         base = self.patcher.model
