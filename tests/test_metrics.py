@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from dragkit.errors import DragInputError
 from dragkit.metrics import DAI_PAPER, DAI_RELEASED, MetricUnavailable, dai, dai_pair_sums, match_points, mean_distance, patch
-from dragkit.metrics.dift import DIFTFeaturizer, load_dift
-from dragkit.metrics.lpips import LPIPS, image_fidelity, load_lpips
+from dragkit.metrics.dift import DIFT_SEED, DIFTFeaturizer, load_dift
+from dragkit.metrics.images import to_model_input
+from dragkit.metrics.lpips import LPIPS, RELU_INDICES, alexnet_features, image_fidelity, load_lpips
 from dragkit.metrics.matching import upsampled_at
 from tools.tiny_models import micro_unet, micro_vae
 
@@ -177,15 +178,17 @@ def test_dift_features_follow_the_protocol(dift_folder):
     assert matched.tolist() == [[10, 20], [40, 5]] and distances.tolist() == [5.0, 0.0]
 
 
-def test_dift_encodes_each_samples_prompt_with_the_folders_text_encoder(dift_folder, tmp_path):
-    """A folder with tokenizer/ and text_encoder/ (a tiny CLIP with a letters-only vocabulary) encodes prompts."""
-    transformers = pytest.importorskip("transformers")
+def sd_folder_with_text_encoder(source, folder, weights: bool = True):
+    """``source``'s unet/, vae/, scheduler/ plus tokenizer/ and text_encoder/: a tiny CLIP with a letters-only vocabulary.
+
+    ``weights=False`` leaves the text encoder's weights out (config.json only).
+    """
     import json
     import shutil
 
-    folder = tmp_path / "sd"
+    transformers = pytest.importorskip("transformers")
     for sub in ("unet", "vae", "scheduler"):
-        shutil.copytree(dift_folder[0] / sub, folder / sub)
+        shutil.copytree(source / sub, folder / sub)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{t: i + 2 for i, t in enumerate(letters + [c + "</w>" for c in letters])}}
     (folder / "tokenizer").mkdir()
@@ -194,8 +197,17 @@ def test_dift_encodes_each_samples_prompt_with_the_folders_text_encoder(dift_fol
     transformers.CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt")).save_pretrained(folder / "tokenizer")
     config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, max_position_embeddings=77)
-    torch.manual_seed(0)
-    transformers.CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    if weights:
+        torch.manual_seed(0)
+        transformers.CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    else:
+        config.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def test_dift_encodes_each_samples_prompt_with_the_folders_text_encoder(dift_folder, tmp_path):
+    """A folder with tokenizer/ and text_encoder/ (a tiny CLIP with a letters-only vocabulary) encodes prompts."""
+    folder = sd_folder_with_text_encoder(dift_folder[0], tmp_path / "sd")
     dift = load_dift(folder)
     assert dift.prompt_note is None
     assert dift.encode_prompt("a cat").shape == (1, 77, 32)
@@ -211,6 +223,74 @@ def test_dift_reports_what_is_missing(tmp_path, dift_folder):
         load_dift(tmp_path, prompt_embeds=embeds)
     with pytest.raises(MetricUnavailable, match="text_encoder"):
         load_dift(folder)  # no text encoder and no fixed embedding
+
+
+def test_dift_with_partial_or_corrupt_files_is_unavailable_naming_the_file(tmp_path, dift_folder):
+    source, embeds = dift_folder
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"garbage garbage")
+    with pytest.raises(MetricUnavailable, match=f"cannot load the prompt embedding file {junk}: SafetensorError"):
+        load_dift(source, prompt_embeds=junk)
+    folder = sd_folder_with_text_encoder(source, tmp_path / "sd", weights=False)
+    with pytest.raises(MetricUnavailable, match=f"cannot load the text encoder from {folder / 'text_encoder'}: OSError"):
+        load_dift(folder)  # config.json without weights
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / "tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(MetricUnavailable, match="no tokenizer/ folder with vocab.json"):
+        load_dift(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(MetricUnavailable, match="cannot load the scheduler config"):
+        load_dift(folder, prompt_embeds=embeds)
+    [weights] = (folder / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(MetricUnavailable, match=f"cannot load the DIFT UNet from {folder / 'unet'}"):
+        load_dift(folder, prompt_embeds=embeds)
+
+
+def test_dift_feeds_the_unet_t261_noised_latents_and_keeps_up_block_1(tmp_path):
+    """Hooks on a three-level UNet: the timestep, z_t = scheduler.add_noise(z0, ε) with the seeded draws, the kept block."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    vae = micro_vae(4)
+    embeds = torch.randn(1, 5, 32)
+    dift = DIFTFeaturizer(unet, vae, lambda prompt: embeds, batch=3)
+    calls, kept, later = [], [], []
+    hooks = [
+        unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True),
+        unet.up_blocks[1].register_forward_hook(lambda m, i, o: kept.append(o.clone())),
+        unet.up_blocks[2].register_forward_hook(lambda m, i, o: later.append(o)),
+    ]
+    image = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    try:
+        features = dift.features(image, "ignored")
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # The reference draws: one CPU generator seeded 42, posterior samples first, then the noise.
+    gen = torch.Generator().manual_seed(DIFT_SEED)
+    with torch.no_grad():
+        posterior = vae.encode(to_model_input(image)).latent_dist
+    shape = (8, *posterior.mean.shape[1:])
+    draws, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    z0 = (posterior.mean + posterior.std * draws) * vae.config.scaling_factor
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    expected = scheduler.add_noise(z0, noise, torch.full((8,), 261))
+
+    assert [args[0].shape[0] for args, _ in calls] == [3, 3, 2]
+    assert torch.cat([args[1] for args, _ in calls]).tolist() == [261] * 8
+    assert torch.allclose(torch.cat([args[0] for args, _ in calls]), expected, atol=1e-5)
+    assert all(torch.equal(kwargs["encoder_hidden_states"], embeds.expand(len(args[0]), -1, -1)) for args, kwargs in calls)
+    assert later == []  # the UNet stops after up_blocks[1]
+    assert features.shape == kept[0].shape[1:] == (32, 8, 12)  # back at the latent's 1/8 size after two up-samplings
+    assert torch.allclose(features, torch.cat(kept).mean(0), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +343,22 @@ def test_image_fidelity_is_one_for_identical_images_and_lower_otherwise(tmp_path
         image_fidelity(model, image, other[:40])
 
 
+def test_lpips_trunk_has_torchvisions_alexnet_layout():
+    """Same parameter names and shapes as ``torchvision.models.alexnet().features``, and the same ReLU outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    reference = torchvision.models.alexnet(weights=None).features.eval()
+    ours = alexnet_features().eval()
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in reference.state_dict().items()]
+    assert [type(m) for m in ours] == [type(m) for m in reference[: len(ours)]]
+    assert all(isinstance(ours[i], torch.nn.ReLU) for i in RELU_INDICES)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for index in RELU_INDICES:
+            assert torch.allclose(ours[: index + 1](x), reference[: index + 1](x.clone()), atol=1e-6)
+
+
 def test_missing_or_incomplete_lpips_weights_are_unavailable_with_the_reason(tmp_path):
     with pytest.raises(MetricUnavailable, match="does not exist"):
         load_lpips(tmp_path / "nothing")
@@ -276,3 +372,12 @@ def test_missing_or_incomplete_lpips_weights_are_unavailable_with_the_reason(tmp
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(MetricUnavailable, match="cannot read"):
         load_lpips(tmp_path / "junk.pth")
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in random_lpips_state().items()}, tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:5000])
+    with pytest.raises(MetricUnavailable, match="cannot read LPIPS weights from .*cut.safetensors"):
+        load_lpips(tmp_path / "cut.safetensors")
+    torch.save({**random_lpips_state(), "lin2.model.1.weight": 0.5}, tmp_path / "odd.pth")
+    with pytest.raises(MetricUnavailable, match="lins.2.weight"):
+        load_lpips(tmp_path / "odd.pth")  # a value that is not a tensor counts as missing

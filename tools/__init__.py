@@ -6,7 +6,8 @@
   that ComfyUI's CheckpointLoaderSimple loads (stand-ins for real weights).
 - ``workflow_format`` / ``workflow_build``: UI-format workflow JSON to an API
   prompt, and back from a short graph description.
-- ``run_workflow``: the headless runner; ``make_workflows``: regenerates
+- ``run_workflow``: the headless runner (``batch_layout``: its batch output
+  folder, shared with the evaluator); ``make_workflows``: regenerates
   ``workflows/``.
 - ``evaluate`` (with ``eval_report``): DAI / MD / IF of a method's results
   over a benchmark folder, a table per method and a before/after grid.

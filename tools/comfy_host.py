@@ -596,7 +596,9 @@ class ComfyServer:
         """Poll ``/history/<id>`` until the prompt finished; returns its history entry.
 
         Raises :class:`ComfyServerError` with the node, exception message,
-        traceback and log tail when execution failed, was interrupted, or timed out.
+        traceback and log tail when execution failed, was interrupted, or timed
+        out; a timed-out prompt is cancelled first (:meth:`cancel`), so a prompt
+        queued next does not wait behind it.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -610,7 +612,8 @@ class ComfyServer:
             if self.proc is not None and self.proc.poll() is not None:
                 self._fail(f"ComfyUI exited with code {self.proc.returncode} while running {prompt_id}")
             if time.monotonic() > deadline:
-                self._fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+                self.cancel(prompt_id)
+                self._fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s (cancelled)")
             time.sleep(poll)
 
     def run(self, api_prompt: dict, timeout: float = 300.0) -> dict:
@@ -653,6 +656,22 @@ class ComfyServer:
 
     def interrupt(self) -> None:
         self.post("/interrupt")
+
+    def cancel(self, prompt_id: str) -> None:
+        """Remove ``prompt_id`` from the queue (``POST /queue`` delete), then interrupt it if it runs.
+
+        In this order a prompt that leaves the queue between the two requests
+        is still interrupted. ``/interrupt`` names the prompt, so another one
+        running is left alone. Best effort: a request that fails is ignored
+        (the caller is reporting the prompt's failure anyway).
+        """
+        import requests
+
+        for route, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
+            try:
+                self.post(route, json=body, timeout=10)
+            except requests.RequestException:
+                pass
 
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         self.post("/free", json={"unload_models": unload_models, "free_memory": free_memory})

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image, ImageDraw
 
 from dragkit.datasets import DragSample
 from dragkit.metrics import DAI_GAMMAS, DAI_PAPER, DAI_RELEASED
 
+from .batch_layout import draw_points
+
 HEADER_HEIGHT = 24
 """Height in pixels of the grid's title row."""
 
-HANDLE_COLOUR = (230, 25, 25)
-TARGET_COLOUR = (25, 75, 240)
 MISSING_COLOUR = (90, 90, 90)
+
+TINY_MARK = "pipeline check: tiny random checkpoint, not an edit"
+"""How a method run on the runner's tiny test checkpoint is marked (its numbers score no edit)."""
 
 
 def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(method: str, summary: dict, skipped: dict[str, str], total: int) -> str:
-    """One method's summary as a markdown table (metric | value), with its sample counts and skips."""
-    lines = [f"### {method}", "", f"{summary['evaluated']} of {total} samples evaluated"]
+def markdown_table(method: str, report: dict, skipped: dict[str, str]) -> str:
+    """One method's report (:func:`tools.evaluate.build_report`'s entry) as a markdown table (metric | value).
+
+    Above the table the sample counts; the table starts with the run as
+    ``timings.json`` recorded it (:data:`TINY_MARK` in bold for the tiny test
+    checkpoint) and gives a skipped metric's reason in place of its value.
+    """
+    summary = report["summary"]
+    lines = [f"### {method}", "", f"{summary['evaluated']} of {len(report['samples'])} samples evaluated"]
     for key in ("missing", "failed"):
         if summary[key]:
             lines[-1] += f"; {key}: {', '.join(summary[key])}"
     lines += ["", "| metric | value |", "|---|---|"]
+    if report.get("tiny_checkpoint"):
+        lines.append(f"| **warning** | **{TINY_MARK}** |")
+    lines += [f"| {key} | {report[key]} |" for key in ("workflow", "checkpoint") if report.get(key)]
     for label in (DAI_PAPER, DAI_RELEASED):
         for gamma in DAI_GAMMAS:
             lines.append(f"| {label}, γ={gamma} (lower is better) | {_number(summary[label][str(gamma)], 5)} |")
@@ -48,20 +58,6 @@ def _cell(image: np.ndarray, width: int) -> tuple[Image.Image, float]:
     img = Image.fromarray(image)
     scale = width / img.width
     return img.resize((width, max(1, round(img.height * scale))), Image.BILINEAR), scale
-
-
-def _dot(draw: ImageDraw.ImageDraw, x: float, y: float, radius: int, colour) -> None:
-    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline="white")
-
-
-def _draw_points(img: Image.Image, sample: DragSample, scale: float, handles: bool) -> None:
-    draw = ImageDraw.Draw(img)
-    radius = max(2, img.width // 80)
-    for (hx, hy), (tx, ty) in zip(sample.points.handles, sample.points.targets):
-        if handles:
-            draw.line([(hx * scale, hy * scale), (tx * scale, ty * scale)], fill="white", width=max(1, radius // 2))
-            _dot(draw, hx * scale, hy * scale, radius, HANDLE_COLOUR)
-        _dot(draw, tx * scale, ty * scale, radius, TARGET_COLOUR)
 
 
 def _label(img: Image.Image, text: str) -> None:
@@ -95,7 +91,7 @@ def grid_image(
     top = HEADER_HEIGHT
     for name, sample in samples:
         source, scale = _cell(sample.image, cell_width)
-        _draw_points(source, sample, scale, handles=True)
+        draw_points(source, sample.points.handles, sample.points.targets, scale)
         _label(source, name)
         canvas.paste(source, (0, top))
         for column, method in enumerate(methods, start=1):
@@ -105,13 +101,7 @@ def grid_image(
                 ImageDraw.Draw(cell).text((6, 6), "no result", fill="white")
             else:
                 cell, scale = _cell(result, cell_width)
-                _draw_points(cell, sample, scale, handles=False)
+                draw_points(cell, sample.points.handles, sample.points.targets, scale, with_handles=False)
             canvas.paste(cell, (column * cell_width, top))
         top += source.height
     return canvas
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -18,7 +18,7 @@ points, mask and models, queues it, and writes the results.
 **Batch** (``--batch DIR``): every sample folder under ``DIR`` in the Drag100
 or DragBench layout (:func:`dragkit.datasets.sample_folders`), sorted, the
 first ``--limit`` of them, through one ComfyUI server. Output layout (read
-by the evaluator)::
+by the evaluator; :mod:`tools.batch_layout`)::
 
     OUT/<sample folder name>/edited.png          the workflow's first saved image
     OUT/<sample folder name>/side_by_side.png    source | edited, points drawn
@@ -26,9 +26,15 @@ by the evaluator)::
 
 ``timings.json`` is rewritten atomically after every sample. A rerun with
 the same ``--out`` skips every sample recorded ``ok`` whose ``edited.png``
-exists; a failing sample is recorded and the batch goes on (exit code 1 if
-any sample of the run failed). A DragBench sample's own prompt is used
-unless ``--prompt`` is given.
+exists; it must be the same run (workflow content, ``--prompt``, model files,
+``--batch`` folder: see :func:`run_identity`), else it is refused. A failing
+sample is recorded and the batch goes on; a sample that runs past
+``--timeout`` is interrupted and removed from ComfyUI's queue first. A
+DragBench sample's own prompt is used unless ``--prompt`` is given.
+
+Exit codes: 0 done; 1 some sample failed (batch) or the workflow saved no
+image; 2 bad input (a message says which); 3 ComfyUI failed (did not start,
+exited during the batch, or the single run's prompt failed).
 
 Models: without ``--checkpoint`` the tiny seeded test checkpoint is used and
 the runner says loudly that the output is a pipeline check, not an edit. A
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -50,12 +57,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dragkit.atomic import write_bytes_atomic
+from dragkit.errors import DragInputError
+from dragkit.points import DragPoints, parse_drag_points
 
-from .comfy_host import ComfyServer, comfyui_problem
+from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, write_png
+from .comfy_host import ComfyServer, ComfyServerError, comfyui_problem
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
+
+EXIT_SAMPLES_FAILED = 1
+"""Exit code: a sample of the batch failed, or the single run saved no image."""
+EXIT_BAD_INPUT = 2
+"""Exit code: bad input (the message says which); nothing was run."""
+EXIT_COMFYUI = 3
+"""Exit code: ComfyUI did not start, exited during the batch, or the single run's prompt failed."""
 
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -81,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run (batch: per sample)")
     args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
     if args.batch is not None:
         given = [name for name in ("image", "points", "mask", "sample") if getattr(args, name) is not None]
         if given:
@@ -96,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mask = args.mask or (args.sample / "mask.png" if (args.sample / "mask.png").exists() else None)
     if args.image is None:
         parser.error("give --image, --sample or --batch")
+    missing = [f"--{name} {path}" for name in ("image", "points", "mask")
+               if (path := getattr(args, name)) is not None and not path.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
     return args
 
 
@@ -116,7 +139,7 @@ class Models:
 
 
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
-    """The model files for ``workflow`` (UI format); raises ``SystemExit`` naming the missing option.
+    """The model files for ``workflow`` (UI format); raises :class:`DragInputError` naming the missing option.
 
     No ``--checkpoint``: the tiny checkpoint, and the tiny ControlNet / upscaler
     for a workflow that loads one (unless given). A real checkpoint needs real
@@ -138,21 +161,29 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
         elif tiny:
             found[option] = tiny_file()
         else:
-            raise SystemExit(f"error: {args.workflow} has a {loader} node: give --{option.replace('_', '-')} <file>")
+            raise DragInputError(f"{args.workflow} has a {loader} node: give --{option.replace('_', '-')} <file>")
     for path in [checkpoint, *(p for p in found.values() if p)]:
         if not path.is_file():
-            raise SystemExit(f"error: {path} is not a file")
+            raise DragInputError(f"{path} is not a file")
     return Models(checkpoint=checkpoint, tiny=tiny, **found)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file; a :class:`DragInputError` naming the file when it is not one."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as error:
+        raise DragInputError(f"{path} is not a readable image ({error})") from None
 
 
 def editor_state_for(image: Path, points_json: str | None, mask: Path | None) -> str:
     """The Drag Points Editor state (points + mask) for an image, from a points JSON and a mask image."""
     from dragkit.editor_state import editor_state_json
-    from dragkit.points import parse_drag_points
 
-    width, height = Image.open(image).size
+    width, height = image_size(image)
     if points_json is None:
-        raise SystemExit("error: this workflow has a Drag Points Editor: give --points or --sample")
+        raise DragInputError("this workflow has a Drag Points Editor: give --points or --sample")
     points = parse_drag_points(points_json, width=width, height=height)
     mask_array = None
     if mask is not None:
@@ -198,25 +229,16 @@ def fill_inputs(
                 other["inputs"] = {k: v for k, v in other["inputs"].items() if not (isinstance(v, list) and v[:1] == [node_id])}
 
 
-def side_by_side(source: Path, result: Path, points_json: str | None, target: Path) -> None:
-    """Write ``source | result`` with the drag arrows drawn on both (red handle, blue target)."""
-    left = Image.open(source).convert("RGB")
-    right = Image.open(result).convert("RGB").resize(left.size)
-    canvas = Image.new("RGB", (left.width * 2, left.height), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    if points_json:
-        flat = json.loads(points_json).get("points", [])
-        draw = ImageDraw.Draw(canvas)
-        radius = max(3, left.width // 120)
-        for offset in (0, left.width):
-            for (hx, hy), (tx, ty) in zip(flat[0::2], flat[1::2]):
-                draw.line([(hx + offset, hy), (tx + offset, ty)], fill="white", width=max(1, radius // 2))
-                draw.ellipse([hx + offset - radius, hy - radius, hx + offset + radius, hy + radius], fill=(230, 25, 25))
-                draw.ellipse([tx + offset - radius, ty - radius, tx + offset + radius, ty + radius], fill=(25, 75, 240))
-    tmp = target.with_suffix(".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(target)
+def side_by_side(source: Path, result: Path, points: DragPoints | None, target: Path) -> None:
+    """Write ``source | result`` atomically, the drag pairs of ``points`` (DragPoints or None) drawn on both halves."""
+    halves = [Image.open(source).convert("RGB")]
+    halves.append(Image.open(result).convert("RGB").resize(halves[0].size))
+    canvas = Image.new("RGB", (halves[0].width * 2, halves[0].height), "white")
+    for index, half in enumerate(halves):
+        if points is not None:
+            draw_points(half, points.handles, points.targets)
+        canvas.paste(half, (index * half.width, 0))
+    write_png(target, canvas)
 
 
 def saved_images(server: ComfyServer, entry: dict) -> list[Path]:
@@ -225,19 +247,45 @@ def saved_images(server: ComfyServer, entry: dict) -> list[Path]:
     return outputs or server.output_files(entry)
 
 
+def read_workflow(path: Path) -> tuple[dict, str]:
+    """The UI-format workflow at ``path`` and the sha256 of its bytes; :class:`DragInputError` if unreadable."""
+    try:
+        data = path.read_bytes()
+        workflow = json.loads(data)
+    except (OSError, ValueError) as error:
+        raise DragInputError(f"cannot read the workflow {path}: {error}") from None
+    if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
+        raise DragInputError(f"{path} is not a UI-format workflow (a JSON object with a 'nodes' list)")
+    return workflow, hashlib.sha256(data).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problem = comfyui_problem()
     if problem:
         print(f"error: {problem}. Set COMFYUI_PATH to a ComfyUI checkout.", file=sys.stderr)
-        return 2
-    workflow = json.loads(args.workflow.read_text())
-    models = resolve_models(args, workflow)
-    if models.tiny:
-        print(TINY_WARNING, file=sys.stderr)
-    if args.batch is not None:
-        return run_batch(args, workflow, models)
+        return EXIT_BAD_INPUT
+    try:
+        workflow, digest = read_workflow(args.workflow)
+        models = resolve_models(args, workflow)
+        if models.tiny:
+            print(TINY_WARNING, file=sys.stderr)
+        if args.batch is not None:
+            return run_batch(args, workflow, models, run_identity(args, digest, models))
+        return run_one(args, workflow, models)
+    except DragInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ComfyServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_COMFYUI
+
+
+def run_one(args: argparse.Namespace, workflow: dict, models: Models) -> int:
+    """One sample (``--image`` / ``--sample``): every saved image and the side-by-side into ``--out``."""
     points_json = args.points.read_text() if args.points else None
+    width, height = image_size(args.image)
+    points = parse_drag_points(points_json, width=width, height=height) if points_json else None
     args.out.mkdir(parents=True, exist_ok=True)
     with models.server() as server:
         prompt = ui_to_api(workflow, server.object_info())
@@ -256,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             saved.append(target)
     if not saved:
         print("error: the workflow saved no image", file=sys.stderr)
-        return 1
+        return EXIT_SAMPLES_FAILED
     combined = args.out / f"{args.image.stem}_side_by_side.png"
-    side_by_side(args.image, saved[0], points_json, combined)
+    side_by_side(args.image, saved[0], points, combined)
     for path in saved + [combined]:
         print(f"wrote {path}")
     if models.tiny:
@@ -274,42 +322,75 @@ def _model_names(models: Models) -> tuple[str | None, str | None]:
 # ----------------------------------------------------------------------------------------------
 # Batch mode
 
-TIMINGS = "timings.json"
-EDITED = "edited.png"
-SIDE_BY_SIDE = "side_by_side.png"
 ERROR_CHARS = 4000
 """Longest error message kept per sample in timings.json (ComfyUI's log tail makes them long)."""
 
+RUN_FIELDS = {
+    "workflow_sha256": "workflow content (sha256)",
+    "prompt": "--prompt",
+    "checkpoint": "checkpoint file",
+    "controlnet": "ControlNet file",
+    "upscale_model": "upscale model file",
+    "batch": "--batch folder",
+}
+"""The ``run`` record of timings.json (see :func:`run_identity`): key → what it is, for the refusal message."""
 
-def load_timings(path: Path, workflow: str, checkpoint: str, tiny: bool) -> dict:
-    """The timings of an earlier run into the same folder, or a fresh record.
 
-    Raises ``SystemExit`` when the file belongs to another workflow or
-    checkpoint (compared by file name; mixing their results in one folder
-    would be wrong).
+def run_identity(args: argparse.Namespace, workflow_sha256: str, models: Models) -> dict:
+    """What a resumed batch must share with the run that started the folder (timings.json's ``run``).
+
+    The sha256 of the workflow file's bytes, the ``--prompt`` override (null:
+    the workflow's / each sample's own), the checkpoint, ControlNet and
+    upscale model file names (null where the workflow loads none) and the
+    resolved ``--batch`` folder.
     """
-    fresh = {"workflow": workflow, "checkpoint": checkpoint, "tiny_checkpoint": tiny, "samples": {}, "summary": {}}
+    controlnet, upscale_model = _model_names(models)
+    return {"workflow_sha256": workflow_sha256, "prompt": args.prompt, "checkpoint": models.checkpoint.name,
+            "controlnet": controlnet, "upscale_model": upscale_model, "batch": str(args.batch.resolve())}
+
+
+def run_differences(old: object, new: dict) -> list[str]:
+    """How an earlier run's ``run`` record differs from ``new``, one line per field (empty when they match)."""
+    old = old if isinstance(old, dict) else {}
+    return [f"{label}: {old[key]!r} before, {new[key]!r} now" if key in old else f"{label}: not recorded before"
+            for key, label in RUN_FIELDS.items() if key not in old or old[key] != new[key]]
+
+
+def load_timings(path: Path, fresh: dict) -> dict:
+    """``fresh`` (a new record, see :func:`write_timings`) with the samples of an earlier run into the same folder.
+
+    Raises :class:`DragInputError` when the file is unreadable or records
+    another run (:func:`run_differences`): mixing their results in one
+    folder would be wrong.
+    """
     if not path.is_file():
         return fresh
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {path} is not readable JSON ({error}); move it away to start over")
-    if [Path(str(old.get(key))).name for key in ("workflow", "checkpoint")] != [Path(workflow).name, Path(checkpoint).name]:
-        raise SystemExit(
-            f"error: {path} holds results of workflow {old.get('workflow')!r} with checkpoint "
-            f"{old.get('checkpoint')!r}, not {workflow!r} with {checkpoint!r}; use another --out"
+        raise DragInputError(f"{path} is not readable JSON ({error}); move it away to start over") from None
+    if not isinstance(old, dict):
+        raise DragInputError(f"{path} is not the runner's timings JSON; move it away to start over")
+    differences = run_differences(old.get("run"), fresh["run"])
+    if differences:
+        raise DragInputError(
+            f"{path} holds the results of another run; use another --out (or the earlier options to resume). "
+            "Differences:\n  " + "\n  ".join(differences)
         )
-    fresh["samples"] = dict(old.get("samples") or {})
-    return fresh
+    samples = old.get("samples")
+    samples = samples if isinstance(samples, dict) else {}
+    return {**fresh, "samples": {name: entry for name, entry in samples.items() if isinstance(entry, dict)}}
 
 
 def write_timings(path: Path, timings: dict, skipped: int) -> None:
     """Update the summary and write ``timings.json`` atomically.
 
-    Layout: ``{"workflow", "checkpoint", "tiny_checkpoint", "samples": {name:
-    {"status": "ok"|"error", "seconds", "width", "height", "error" (errors
-    only)}}, "summary": {"done", "skipped", "failed", "median_seconds"}}``.
+    Layout: ``{"workflow", "checkpoint", "tiny_checkpoint", "run", "samples":
+    {name: {"status": "ok"|"error", "seconds", "width", "height", "error"
+    (errors only)}}, "summary": {"done", "skipped", "failed",
+    "median_seconds"}}``. ``workflow`` and ``checkpoint`` are the paths of
+    the latest run, ``tiny_checkpoint`` whether it was the tiny test
+    checkpoint, ``run`` what a resume must match (:func:`run_identity`).
     ``seconds`` is the wall time of the sample's prompt (queue to finish; the
     first sample of a run also loads the models), for a failed sample the
     time until it failed; ``width``/``height`` are the sample image's (absent
@@ -329,25 +410,22 @@ def write_timings(path: Path, timings: dict, skipped: int) -> None:
     write_bytes_atomic(path, (json.dumps(timings, indent=2) + "\n").encode())
 
 
-def run_batch(args: argparse.Namespace, workflow: dict, models: Models) -> int:
-    """Batch mode (see the module docstring); returns the exit code (1 if any sample of this run failed)."""
+def run_batch(args: argparse.Namespace, workflow: dict, models: Models, identity: dict) -> int:
+    """Batch mode (see the module docstring); returns the exit code (see there).
+
+    ``identity`` is this run's :func:`run_identity`. Raises
+    :class:`DragInputError` for a bad ``--batch`` folder or a ``--out`` of
+    another run, :class:`ComfyServerError` when ComfyUI does not start.
+    """
     from tqdm import tqdm
 
-    from dragkit.datasets import load_sample, sample_folders
+    from dragkit.datasets import load_sample
 
-    folders = sample_folders(args.batch)
-    if not folders:
-        print(f"error: no Drag100 or DragBench sample folders under {args.batch}", file=sys.stderr)
-        return 2
-    folders = folders[: args.limit] if args.limit else folders
-    names = [folder.name for folder in folders]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        print(f"error: sample folder names must be unique (they name the output folders): {duplicates}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    folders = batch_sample_folders(args.batch, args.limit)
     timings_path = args.out / TIMINGS
-    timings = load_timings(timings_path, str(args.workflow), str(models.checkpoint), models.tiny)
+    timings = load_timings(timings_path, {"workflow": str(args.workflow), "checkpoint": str(models.checkpoint),
+                                          "tiny_checkpoint": models.tiny, "run": identity, "samples": {}, "summary": {}})
+    args.out.mkdir(parents=True, exist_ok=True)
     done_before = {name for name, entry in timings["samples"].items()
                    if entry.get("status") == "ok" and (args.out / name / EDITED).is_file()}
     pending = [folder for folder in folders if folder.name not in done_before]
@@ -379,14 +457,14 @@ def run_batch(args: argparse.Namespace, workflow: dict, models: Models) -> int:
                     bar.close()
                     print(f"error: ComfyUI exited (code {server.proc.returncode}); stopping the batch. "
                           f"Rerun the same command to resume.", file=sys.stderr)
-                    return 1
+                    return EXIT_COMFYUI
             bar.close()
     summary = timings["summary"]
     print(f"wrote {timings_path}: {summary['done']} ok, {summary['failed']} failed, {skipped} skipped, "
           f"median {_seconds(summary['median_seconds'])}", file=sys.stderr)
     if models.tiny:
         print(TINY_WARNING, file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_SAMPLES_FAILED if failed else 0
 
 
 def _short_error(error: Exception) -> str:
@@ -430,7 +508,7 @@ def _run_sample(server: ComfyServer, template: dict, sample, name: str, staging:
         raise RuntimeError("the workflow saved no image")
     out = args.out / name
     write_bytes_atomic(out / EDITED, saved[0].read_bytes())
-    side_by_side(image_path, out / EDITED, points_json, out / SIDE_BY_SIDE)
+    side_by_side(image_path, out / EDITED, sample.points, out / SIDE_BY_SIDE)
     return seconds
 
 

@@ -19,8 +19,10 @@ Images are ``(H, W, 3)`` RGB, either uint8 or float in [0, 1]; points are
 """
 
 from .dai import DAI_GAMMAS, DAI_PAPER, DAI_RELEASED, dai, dai_pair_sums, patch
+from .dift import load_dift
 from .errors import MetricUnavailable
 from .images import as_float_image
+from .lpips import image_fidelity, load_lpips
 from .matching import match_points, mean_distance
 
 __all__ = [
@@ -31,6 +33,9 @@ __all__ = [
     "as_float_image",
     "dai",
     "dai_pair_sums",
+    "image_fidelity",
+    "load_dift",
+    "load_lpips",
     "match_points",
     "mean_distance",
     "patch",

@@ -25,8 +25,9 @@ consumes it in directory order, so its draws depend on file-system order.)
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ DIFT_TIMESTEP = 261
 DIFT_UP_BLOCK = 1
 DIFT_ENSEMBLE = 8
 DIFT_SEED = 42
+
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+"""A CLIP tokenizer folder holds at least one of these (SD2.1's: vocab.json and merges.txt)."""
 
 PromptEncoder = Callable[[str], torch.Tensor]
 """``encode(prompt) -> (1, tokens, dim)`` text embedding the UNet's cross-attention takes."""
@@ -133,6 +137,17 @@ class DIFTFeaturizer:
 # Loading a user-supplied model
 
 
+@contextlib.contextmanager
+def _unavailable_on_load_error(what: str) -> Iterator[None]:
+    """Turn a loader's error on a missing, partial or corrupt file into :class:`MetricUnavailable` naming ``what``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as err:
+        raise MetricUnavailable(f"MD: cannot load {what}: {type(err).__name__}: {err}") from None
+
+
 def _require(folder: Path, sub: str, what: str) -> Path:
     path = folder / sub
     if not (path / "config.json").is_file():
@@ -149,7 +164,8 @@ def fixed_prompt_encoder(path: Path) -> PromptEncoder:
 
     if not path.is_file():
         raise MetricUnavailable(f"MD: the prompt embedding file {path} does not exist")
-    tensors = safetensors.torch.load_file(str(path))
+    with _unavailable_on_load_error(f"the prompt embedding file {path}"):
+        tensors = safetensors.torch.load_file(str(path))
     embeds = tensors.get("prompt_embeds")
     if embeds is None or embeds.dim() != 3 or embeds.shape[0] != 1:
         raise MetricUnavailable(
@@ -166,8 +182,9 @@ def clip_prompt_encoder(folder: Path, device: torch.device) -> PromptEncoder:
     the reference used encodes them; the output is the last hidden state.
     """
     _require(folder, "text_encoder", "the text encoder")
-    if not (folder / "tokenizer").is_dir():
-        raise MetricUnavailable(f"MD: {folder} has no tokenizer/ folder")
+    if not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_FILES):
+        # (transformers would build a two-token tokenizer from an empty folder without a word)
+        raise MetricUnavailable(f"MD: {folder} has no tokenizer/ folder with {' or '.join(TOKENIZER_FILES)}")
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError:
@@ -175,8 +192,10 @@ def clip_prompt_encoder(folder: Path, device: torch.device) -> PromptEncoder:
             "MD: encoding the samples' prompts needs the transformers package (pip install transformers), "
             "or pass a fixed prompt embedding with --dift-prompt-embeds"
         ) from None
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).to(device).eval()
+    with _unavailable_on_load_error(f"the tokenizer from {folder / 'tokenizer'}"):
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    with _unavailable_on_load_error(f"the text encoder from {folder / 'text_encoder'}"):
+        encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).to(device).eval()
     length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
     cache: dict[str, torch.Tensor] = {}
 
@@ -195,9 +214,12 @@ def scheduler_alphas(folder: Path) -> torch.Tensor:
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return scaled_linear_alphas_cumprod()
-    config = json.loads(config_path.read_text())
-    steps = int(config.get("num_train_timesteps", 1000))
-    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    with _unavailable_on_load_error(f"the scheduler config {config_path}"):
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        steps = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
     kind = config.get("beta_schedule", "scaled_linear")
     if kind == "scaled_linear":
         return scaled_linear_alphas_cumprod(steps, start, end)
@@ -225,17 +247,20 @@ def load_dift(
 
     device = torch.device(device)
     unet_dir, vae_dir = _require(folder, "unet", "the UNet"), _require(folder, "vae", "the VAE")
-    try:
+    with _unavailable_on_load_error(f"the DIFT UNet from {unet_dir}"):
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True).to(device).eval()
+    with _unavailable_on_load_error(f"the DIFT VAE from {vae_dir}"):
         vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(device).eval()
-    except (OSError, ValueError) as err:
-        raise MetricUnavailable(f"MD: cannot load the DIFT model from {folder}: {err}") from None
     vae.decoder = None
     if prompt_embeds is not None:
         encoder = fixed_prompt_encoder(Path(prompt_embeds))
     else:
         encoder = clip_prompt_encoder(folder, device)
-    featurizer = DIFTFeaturizer(unet, vae, encoder, scheduler_alphas(folder), batch=batch)
+    alphas = scheduler_alphas(folder)
+    try:
+        featurizer = DIFTFeaturizer(unet, vae, encoder, alphas, batch=batch)
+    except DragInputError as err:  # a UNet or schedule the protocol cannot use
+        raise MetricUnavailable(f"MD: the model in {folder} does not fit the DIFT protocol: {err}") from None
     if prompt_embeds is not None:
         featurizer.prompt_note = f"one fixed prompt embedding from {prompt_embeds} for every sample"
     return featurizer

@@ -128,26 +128,24 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _lin_key(state: dict, k: int) -> str | None:
-    for key in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight"):
-        if key in state:
-            return key
-    return None
+def _mapped(state: dict) -> dict[str, torch.Tensor]:
+    """This module's keys from LPIPS (``net.sliceK.N``) or torchvision (``features.N``) keys + ``linK``.
 
-
-def _mapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This module's keys from LPIPS (``net.sliceK.N``) or torchvision (``features.N``) keys + ``linK``."""
+    A value that is not a tensor is left out (then reported missing).
+    """
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     out = {}
     slice_of = {index: s + 1 for s, index in enumerate(CONV_INDICES)}
     for index in CONV_INDICES:
         for param in ("weight", "bias"):
             for key in (f"net.slice{slice_of[index]}.{index}.{param}", f"features.{index}.{param}"):
-                if key in state:
-                    out[f"features.{index}.{param}"] = state[key]
+                if key in tensors:
+                    out[f"features.{index}.{param}"] = tensors[key]
     for k in range(len(CHANNELS)):
-        key = _lin_key(state, k)
-        if key is not None:
-            out[f"lins.{k}.weight"] = state[key]
+        for key in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight"):
+            if key in tensors:
+                out[f"lins.{k}.weight"] = tensors[key]
+                break
     return out
 
 

@@ -5,8 +5,9 @@ and the tiny generated ControlNet and 2x upscaler standing in for the
 user's (``tools.tiny_models``); the image is a small synthetic one (the tiny
 UNet is slow at 512 px on CPU), DDIM Invert runs 10 steps, LoRA Fine-tune 2
 (batch 1), motion supervision a few. Also: the ControlNet chained into
-KV-Injected Sample acts (in-process), and the runner's single-sample and batch
-modes on downscaled Drag100 samples.
+KV-Injected Sample acts (in-process), the runner's single-sample and batch
+modes on downscaled Drag100 samples, and a timed-out prompt being cancelled
+(against a fake server).
 """
 
 import json
@@ -182,7 +183,7 @@ def downscaled_drag100(source: Path, target: Path, factor: int) -> None:
     save_drag100(DragSample(image, DragPoints(*scale, width, height), mask), target)
 
 
-def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui):
+def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui, capsys):
     """``--batch`` on two Drag100 samples (downscaled 4x) and a broken one, tiny checkpoint; then again."""
     from tools.run_workflow import main
 
@@ -201,6 +202,8 @@ def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui):
     timings = json.loads((out / "timings.json").read_text())
     assert timings["workflow"].endswith("fastdrag.json") and timings["tiny_checkpoint"] is True
     assert timings["checkpoint"].endswith(".safetensors")
+    assert timings["run"]["prompt"] is None and timings["run"]["batch"] == str(data.resolve())
+    assert len(timings["run"]["workflow_sha256"]) == 64 and timings["run"]["controlnet"] is None
     assert set(timings["samples"]) == {"art_0", "art_1", "broken_0"}
     for name, size in (("art_0", (128, 128)), ("art_1", (128, 168))):
         entry = timings["samples"][name]
@@ -220,3 +223,49 @@ def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui):
     assert again["summary"] == {**timings["summary"], "skipped": 2}
     assert {k: again["samples"][k] for k in ("art_0", "art_1")} == {k: timings["samples"][k] for k in ("art_0", "art_1")}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == written
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # atomic writes leave no temporary files
+
+    capsys.readouterr()
+    assert main(argv + ["--prompt", "another prompt"]) == 2  # not the same run: refused, nothing run
+    error = capsys.readouterr().err
+    assert "holds the results of another run" in error and "--prompt: None before, 'another prompt' now" in error
+    assert json.loads((out / "timings.json").read_text()) == again
+
+
+def test_runner_timeout_cancels_the_prompt(tmp_path):
+    """A prompt past its timeout is deleted from the queue and interrupted (a fake server that never finishes)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tools.comfy_host import ComfyServer, ComfyServerError
+
+    posts = []
+
+    class NeverFinishes(BaseHTTPRequestHandler):
+        def do_GET(self):  # /history/<id>: no entry yet
+            self._reply(b"{}")
+
+        def do_POST(self):
+            posts.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self._reply(b"")
+
+        def _reply(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NeverFinishes)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = ComfyServer(comfyui=tmp_path)
+        server.port = httpd.server_address[1]
+        with pytest.raises(ComfyServerError, match=r"did not finish within 0 s \(cancelled\)"):
+            server.wait("p1", timeout=0.3, poll=0.05)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert posts == [("/queue", {"delete": ["p1"]}), ("/interrupt", {"prompt_id": "p1"})]
