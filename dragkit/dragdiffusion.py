@@ -28,7 +28,16 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
-from .motion import LossScale, all_reached, dragdiffusion_loss, mask_regularisation, supervision_features, track_points
+from .motion import (
+    LossScale,
+    all_reached,
+    dragdiffusion_loss,
+    mask_regularisation,
+    mask_term_on,
+    supervision_features,
+    supervision_grid,
+    track_points,
+)
 from .schedule import DDIMSchedule, ddim_step, predicted_x0
 
 IterationCallback = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
@@ -94,8 +103,8 @@ def drag_diffusion(
     """
     timestep = schedule.timesteps[step_index]
     alpha, alpha_prev = schedule.alpha(timestep), schedule.alpha_prev(timestep)
-    grid = (z.shape[-2] * 4, z.shape[-1] * 4)
-    use_mask = bool(keep.any()) and settings.lam > 0
+    grid = supervision_grid(z)
+    use_mask = mask_term_on(keep, settings.lam)
     initial = handles.to(torch.float32).clone()
     targets = targets.to(torch.float32)
     result = DragResult(z, initial.clone(), 0)

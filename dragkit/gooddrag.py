@@ -33,7 +33,16 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
-from .motion import LossScale, all_reached, gooddrag_loss, mask_regularisation, supervision_features, track_points
+from .motion import (
+    LossScale,
+    all_reached,
+    gooddrag_loss,
+    mask_regularisation,
+    mask_term_on,
+    supervision_features,
+    supervision_grid,
+    track_points,
+)
 from .schedule import DDIMSchedule, ddim_step, predicted_x0
 
 DragCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
@@ -109,8 +118,8 @@ def good_drag(
     steps = min(settings.drag_steps, len(timesteps) - step_index)
     if steps < 1:
         raise DragInputError("the latent is already at the last step; GoodDrag needs steps left to drag in")
-    grid = (z.shape[-2] * 4, z.shape[-1] * 4)
-    use_mask = bool(keep.any()) and settings.lam > 0
+    grid = supervision_grid(z)
+    use_mask = mask_term_on(keep, settings.lam)
     result = GoodDragResult(z, step_index, handles.to(torch.float32).clone())
 
     def loop(predict: FeaturePredictor, z_start: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,14 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .dragdiffusion import DragDiffusionSettings, DragResult, IterationCallback
-from .motion import LossScale, appearance_loss, mask_regularisation, supervision_features
+from .motion import (
+    LossScale,
+    appearance_loss,
+    mask_regularisation,
+    mask_term_on,
+    supervision_features,
+    supervision_grid,
+)
 from .schedule import DDIMSchedule, ddim_step, predicted_x0
 
 
@@ -47,8 +54,8 @@ def refine_warped(
     """
     timestep = schedule.timesteps[step_index]
     alpha, alpha_prev = schedule.alpha(timestep), schedule.alpha_prev(timestep)
-    grid = (z_warped.shape[-2] * 4, z_warped.shape[-1] * 4)
-    use_mask = bool(keep.any()) and settings.lam > 0
+    grid = supervision_grid(z_warped)
+    use_mask = mask_term_on(keep, settings.lam)
     source = z_source.to(torch.float32)
 
     def loop(predict: FeaturePredictor, z_start: torch.Tensor) -> torch.Tensor:

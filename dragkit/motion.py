@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .geometry import SUPERVISION_PER_LATENT
+
 REACHED = 2.0
 """A handle within this many supervision cells of its target has arrived."""
 
@@ -167,6 +169,16 @@ def mask_regularisation(z_prev: torch.Tensor, z_prev_original: torch.Tensor, kee
     (1 − editable mask); latents are ``(1, C, h, w)``.
     """
     return weight * ((z_prev.float() - z_prev_original.float()).abs() * keep.to(z_prev.device, torch.float32)).sum()
+
+
+def supervision_grid(latent: torch.Tensor) -> tuple[int, int]:
+    """``(height, width)`` of the supervision grid of a ``(1, C, h, w)`` latent (:data:`SUPERVISION_PER_LATENT` cells per latent cell)."""
+    return latent.shape[-2] * SUPERVISION_PER_LATENT, latent.shape[-1] * SUPERVISION_PER_LATENT
+
+
+def mask_term_on(keep: torch.Tensor, lam: float) -> bool:
+    """Whether the mask regularisation applies: some latent cell is kept and λ > 0."""
+    return bool(keep.any()) and lam > 0
 
 
 def supervision_features(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:

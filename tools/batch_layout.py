@@ -14,6 +14,7 @@ the output folders.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,23 @@ TIMINGS = "timings.json"
 
 HANDLE_COLOUR = (230, 25, 25)
 TARGET_COLOUR = (25, 75, 240)
+
+
+def read_timings(path: Path, advice: str = "") -> dict:
+    """The runner's ``timings.json`` at ``path`` as a dict.
+
+    Raises :class:`DragInputError` naming the file (followed by ``advice``)
+    when it cannot be read, is not JSON, or holds something else than an object.
+    """
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DragInputError(f"{path} is not the runner's timings JSON: {error}{advice}") from None
+    if not isinstance(record, dict):
+        raise DragInputError(
+            f"{path} is not the runner's timings JSON: it holds a {type(record).__name__}, not an object{advice}"
+        )
+    return record
 
 
 def batch_sample_folders(root: Path, limit: int | None = None) -> list[Path]:

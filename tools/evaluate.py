@@ -65,7 +65,7 @@ from dragkit.metrics import (
 )
 
 from . import run_workflow
-from .batch_layout import EDITED, TIMINGS, batch_sample_folders, write_png
+from .batch_layout import EDITED, TIMINGS, batch_sample_folders, read_timings, write_png
 from .eval_report import TINY_MARK, grid_image, markdown_table
 
 # ----------------------------------------------------------------------------------------------
@@ -123,12 +123,7 @@ def read_run(method: Method) -> RunRecord:
     path = method.folder / TIMINGS
     if not path.is_file():
         return RunRecord()
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DragInputError(f"{path} is not the runner's timings JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise DragInputError(f"{path} is not the runner's timings JSON: it holds a {type(record).__name__}, not an object")
+    record = read_timings(path)
     samples = _field(record, "samples", dict) or {}
     return RunRecord(samples={name: entry for name, entry in samples.items() if isinstance(entry, dict)},
                      workflow=_field(record, "workflow", str), checkpoint=_field(record, "checkpoint", str),

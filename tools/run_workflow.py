@@ -63,7 +63,7 @@ from dragkit.atomic import write_bytes_atomic
 from dragkit.errors import DragInputError
 from dragkit.points import DragPoints, parse_drag_points
 
-from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, write_png
+from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
 from .comfy_host import ComfyServer, ComfyServerError, comfyui_problem
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
@@ -365,12 +365,7 @@ def load_timings(path: Path, fresh: dict) -> dict:
     """
     if not path.is_file():
         return fresh
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DragInputError(f"{path} is not readable JSON ({error}); move it away to start over") from None
-    if not isinstance(old, dict):
-        raise DragInputError(f"{path} is not the runner's timings JSON; move it away to start over")
+    old = read_timings(path, "; move it away to start over")
     differences = run_differences(old.get("run"), fresh["run"])
     if differences:
         raise DragInputError(
