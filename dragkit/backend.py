@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .attention import AttentionControl, AttnLayer
+from .errors import DragInputError
 
 NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
 """``predict_noise(z, timestep) -> eps``: ε for a VP latent ``z`` ``(B, C, h, w)``
@@ -40,6 +41,19 @@ the third of four, 640 channels) at its own resolution, ``(B, C_f, h_f, w_f)``
 ``with_eps=False`` the forward stops after that block. Gradients flow back to
 ``z`` when it requires grad; the model's weights never get gradients.
 """
+
+def feature_level(levels: int) -> int:
+    """Index of the decoder level whose output is the motion-supervision feature: the penultimate one.
+
+    ``levels`` counts the UNet's decoder levels (resolutions), lowest
+    resolution first (SD1.5: 4, so level 2: diffusers ``up_blocks[2]``,
+    ComfyUI ``output_blocks[6..8]``). Every backend picks its block with this
+    rule.
+    """
+    if levels < 2:
+        raise DragInputError("this UNet has fewer than two decoder levels; no feature block to supervise")
+    return levels - 2
+
 
 FeatureLoop = Callable[[FeaturePredictor, torch.Tensor], torch.Tensor]
 """``loop(predict, z_start) -> z_end`` for :meth:`DiffusionBackend.run_features`."""

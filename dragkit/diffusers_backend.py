@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import STAGES, AttentionControl, AttnLayer
-from .backend import FeatureLoop, FeaturePredictor, Loop
+from .backend import FeatureLoop, FeaturePredictor, Loop, feature_level
 from .errors import DragInputError
 from .schedule import scaled_linear_alphas_cumprod
 
@@ -172,10 +172,8 @@ class DiffusersBackend:
         return z_end.detach().to(device=z_start.device, dtype=torch.float32)
 
     def feature_block(self):
-        """The penultimate decoder block (SD1.5: ``up_blocks[2]``), whose output is the motion-supervision feature."""
-        if len(self.unet.up_blocks) < 2:
-            raise DragInputError("this UNet has fewer than two decoder blocks; no feature block to supervise")
-        return self.unet.up_blocks[len(self.unet.up_blocks) - 2]
+        """The decoder block whose output is the motion-supervision feature (:func:`~dragkit.backend.feature_level`; SD1.5: ``up_blocks[2]``)."""
+        return self.unet.up_blocks[feature_level(len(self.unet.up_blocks))]
 
     @contextlib.contextmanager
     def _controlled(self, control: AttentionControl):

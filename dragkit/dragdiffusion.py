@@ -13,9 +13,9 @@ where z_{t*-1} is one DDIM step of the current latent and z⁰_{t*-1} the same
 step of the unedited one. Points are supervision-grid ``(x, y)``; the mask
 term uses the ``(h, w)`` latent map of cells to keep.
 
-The latent and the loss are float32 whatever the model's compute dtype; with
-fp16 compute the loss is scaled dynamically (halved on overflow, the step
-skipped) like a GradScaler.
+The loop's set-up (fresh copies, reference features, Adam, the mask term,
+loss scaling, preview) is :mod:`dragkit.optimisation`'s, shared with GoodDrag
+and the warp refinement.
 """
 
 from __future__ import annotations
@@ -28,17 +28,9 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
-from .motion import (
-    LossScale,
-    all_reached,
-    dragdiffusion_loss,
-    mask_regularisation,
-    mask_term_on,
-    supervision_features,
-    supervision_grid,
-    track_points,
-)
-from .schedule import DDIMSchedule, ddim_step, predicted_x0
+from .motion import all_reached, dragdiffusion_loss, track_points
+from .optimisation import LatentOptimiser, fresh, reference_at
+from .schedule import DDIMSchedule
 
 IterationCallback = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
 """``callback(iterations_done, handles, x0_prediction or None)``; may raise to cancel.
@@ -102,46 +94,27 @@ def drag_diffusion(
         callback: called after each iteration.
     """
     timestep = schedule.timesteps[step_index]
-    alpha, alpha_prev = schedule.alpha(timestep), schedule.alpha_prev(timestep)
-    grid = supervision_grid(z)
-    use_mask = mask_term_on(keep, settings.lam)
-    initial = handles.to(torch.float32).clone()
-    targets = targets.to(torch.float32)
-    result = DragResult(z, initial.clone(), 0)
+    result = DragResult(z, handles.to(torch.float32).clone(), 0)
 
     def loop(predict: FeaturePredictor, z_start: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            eps0, feats0 = predict(z_start, timestep, True)
-            original = supervision_features(feats0, grid).detach()
-            z_prev_original = ddim_step(z_start, eps0, alpha, alpha_prev)
-        latent = z_start.detach().clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([latent], lr=settings.lr)
-        scaler = LossScale(enabled=feats0.dtype == torch.float16)
-        # Fresh copies: tensors a host made in inference mode may not be saved for backward.
-        current = initial.to(z_start.device).clone()
+        current, goal, keep_map = fresh(z_start.device, handles, targets, keep)
         start = current.clone()
-        goal = targets.to(z_start.device).clone()
-        keep_map = keep.to(z_start.device, torch.float32).clone()
+        reference = reference_at(predict, z_start, schedule, timestep)
+        optimiser = LatentOptimiser(z_start, reference, settings.lr, keep_map, settings.lam)
         done = 0
         for iteration in range(settings.iterations):
-            eps, feats = predict(latent, timestep, use_mask)
-            feats = supervision_features(feats, grid)
+            eps, feats = optimiser.evaluate(predict)
             if iteration > 0:
-                current = track_points(original, feats, current, start, settings.r2)
+                current = track_points(reference.features, feats, current, start, settings.r2)
             if all_reached(current, goal):
                 break
-            loss = dragdiffusion_loss(feats, current, goal, settings.r1)
-            if use_mask:
-                z_prev = ddim_step(latent, eps, alpha, alpha_prev)
-                loss = loss + mask_regularisation(z_prev, z_prev_original, keep_map, settings.lam)
-            scaler.step(loss, latent, optimiser)
+            optimiser.step(dragdiffusion_loss(feats, current, goal, settings.r1), eps)
             done = iteration + 1
             if callback is not None:
-                preview = None if eps is None else predicted_x0(latent.detach(), eps.detach(), alpha)
-                callback(done, current, preview)
+                callback(done, current, optimiser.preview(eps))
         result.handles = current.detach().cpu()
         result.iterations = done
-        return latent.detach()
+        return optimiser.result()
 
     result.latent = backend.run_features(loop, z.to(torch.float32), conditioning, AttentionControl(), [timestep])
     return result

@@ -33,17 +33,9 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .errors import DragInputError
-from .motion import (
-    LossScale,
-    all_reached,
-    gooddrag_loss,
-    mask_regularisation,
-    mask_term_on,
-    supervision_features,
-    supervision_grid,
-    track_points,
-)
-from .schedule import DDIMSchedule, ddim_step, predicted_x0
+from .motion import all_reached, gooddrag_loss, track_points
+from .optimisation import LatentOptimiser, fresh, reference_at
+from .schedule import DDIMSchedule, ddim_step
 
 DragCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
 """``callback(drag_operations_done, total_operations, handles, x0_prediction or None)``; may raise to cancel."""
@@ -118,35 +110,24 @@ def good_drag(
     steps = min(settings.drag_steps, len(timesteps) - step_index)
     if steps < 1:
         raise DragInputError("the latent is already at the last step; GoodDrag needs steps left to drag in")
-    grid = supervision_grid(z)
-    use_mask = mask_term_on(keep, settings.lam)
     result = GoodDragResult(z, step_index, handles.to(torch.float32).clone())
 
     def loop(predict: FeaturePredictor, z_start: torch.Tensor) -> torch.Tensor:
-        # Fresh copies: tensors a host made in inference mode may not be saved for backward.
-        start = handles.to(z_start.device, torch.float32).clone()
+        start, goal, keep_map, latent, unedited = fresh(z_start.device, handles, targets, keep, z_start, z_start)
         current = start.clone()
-        goal = targets.to(z_start.device, torch.float32).clone()
-        keep_map = keep.to(z_start.device, torch.float32).clone()
-        latent = z_start.detach().clone()
-        unedited = z_start.detach().clone()
         dragging, unchanged = True, 0
         for offset in range(steps):
-            t = timesteps[step_index + offset]
-            alpha, alpha_prev = schedule.alpha(t), schedule.alpha_prev(t)
-            with torch.no_grad():
-                eps_u, feats_u = predict(unedited, t, True)
-                original = supervision_features(feats_u, grid).detach()
-                unedited_next = ddim_step(unedited, eps_u, alpha, alpha_prev)
+            reference = reference_at(predict, unedited, schedule, timesteps[step_index + offset])
             if dragging:
-                latent, current, dragging, unchanged = _drag_at_step(
-                    predict, latent, t, alpha, alpha_prev, original, unedited_next, start, current, goal, keep_map,
-                    use_mask, grid, settings, unchanged, result, callback,
+                optimiser = LatentOptimiser(latent, reference, settings.lr, keep_map, settings.lam)
+                current, dragging, unchanged = _drag_at_step(
+                    predict, optimiser, start, current, goal, settings, unchanged, result, callback
                 )
+                latent = optimiser.result()
             with torch.no_grad():
-                eps, _ = predict(latent, t, True)
-                latent = ddim_step(latent, eps, alpha, alpha_prev)
-            unedited = unedited_next
+                eps, _ = predict(latent, reference.timestep, True)
+                latent = ddim_step(latent, eps, reference.alpha, reference.alpha_prev)
+            unedited = reference.next_latent
             result.denoising_steps += 1
             if not dragging:
                 break
@@ -159,32 +140,31 @@ def good_drag(
 
 
 def _drag_at_step(
-    predict, latent, t, alpha, alpha_prev, original, unedited_next, start, current, goal, keep_map,
-    use_mask, grid, settings: GoodDragSettings, unchanged: int, result: GoodDragResult, callback,
-):
-    """B drag operations at timestep ``t``; returns (latent, handles, still dragging, unchanged count)."""
-    latent = latent.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([latent], lr=settings.lr)
-    scaler: LossScale | None = None
+    predict: FeaturePredictor,
+    optimiser: LatentOptimiser,
+    start: torch.Tensor,
+    current: torch.Tensor,
+    goal: torch.Tensor,
+    settings: GoodDragSettings,
+    unchanged: int,
+    result: GoodDragResult,
+    callback: DragCallback | None,
+) -> tuple[torch.Tensor, bool, int]:
+    """B drag operations at the optimiser's timestep; returns (handles, still dragging, unchanged count)."""
+    original = optimiser.reference.features
     with torch.no_grad():
-        current = track_points(original, supervision_features(predict(latent, t, False)[1], grid), current, start, settings.r2)
+        current = track_points(original, optimiser.evaluate(predict, with_eps=False)[1], current, start, settings.r2)
     for _ in range(settings.drags_per_step):
         if all_reached(current, goal) or (settings.max_unchanged and unchanged >= settings.max_unchanged):
-            return latent.detach(), current, False, unchanged
+            return current, False, unchanged
         for _ in range(settings.grad_steps):
-            eps, feats = predict(latent, t, use_mask)
-            feats = supervision_features(feats, grid)
-            scaler = scaler or LossScale(enabled=feats.dtype == torch.float16)
-            loss = gooddrag_loss(feats, original, current, start, goal, settings.r1, settings.beta)
-            if use_mask:
-                loss = loss + mask_regularisation(ddim_step(latent, eps, alpha, alpha_prev), unedited_next, keep_map, settings.lam)
-            scaler.step(loss, latent, optimiser)
+            eps, feats = optimiser.evaluate(predict)
+            optimiser.step(gooddrag_loss(feats, original, current, start, goal, settings.r1, settings.beta), eps)
             result.gradient_steps += 1
         tracked = track_points(original, feats.detach(), current, start, settings.r2)
         unchanged = unchanged + 1 if torch.equal(tracked, current) else 0
         current = tracked
         result.drag_operations += 1
         if callback is not None:
-            preview = None if eps is None else predicted_x0(latent.detach(), eps.detach(), alpha)
-            callback(result.drag_operations, settings.total_operations, current, preview)
-    return latent.detach(), current, True, unchanged
+            callback(result.drag_operations, settings.total_operations, current, optimiser.preview(eps))
+    return current, True, unchanged

@@ -21,15 +21,13 @@ import torch
 from .attention import AttentionControl
 from .backend import DiffusionBackend, FeaturePredictor
 from .dragdiffusion import DragDiffusionSettings, DragResult, IterationCallback
-from .motion import (
-    LossScale,
-    appearance_loss,
-    mask_regularisation,
-    mask_term_on,
-    supervision_features,
-    supervision_grid,
-)
-from .schedule import DDIMSchedule, ddim_step, predicted_x0
+from .motion import appearance_loss
+from .optimisation import LatentOptimiser, fresh, reference_at
+from .schedule import DDIMSchedule
+
+
+REFINE_DEFAULTS = DragDiffusionSettings(iterations=10, r2=0)
+"""The refinement's defaults: DragDiffusion's lr, λ and r1, ten iterations; nothing is tracked (r2 unused)."""
 
 
 def refine_warped(
@@ -42,7 +40,7 @@ def refine_warped(
     handles: torch.Tensor,
     targets: torch.Tensor,
     keep: torch.Tensor,
-    settings: DragDiffusionSettings = DragDiffusionSettings(iterations=10),
+    settings: DragDiffusionSettings = REFINE_DEFAULTS,
     callback: IterationCallback | None = None,
 ) -> DragResult:
     """Refine ``z_warped`` toward the source's appearance around the moved handles.
@@ -53,33 +51,17 @@ def refine_warped(
     as the final handles.
     """
     timestep = schedule.timesteps[step_index]
-    alpha, alpha_prev = schedule.alpha(timestep), schedule.alpha_prev(timestep)
-    grid = supervision_grid(z_warped)
-    use_mask = mask_term_on(keep, settings.lam)
-    source = z_source.to(torch.float32)
 
     def loop(predict: FeaturePredictor, z_start: torch.Tensor) -> torch.Tensor:
-        # Fresh copies: tensors a host made in inference mode may not be saved for backward.
-        origin = handles.to(z_start.device, torch.float32).clone()
-        goal = targets.to(z_start.device, torch.float32).clone()
-        keep_map = keep.to(z_start.device, torch.float32).clone()
-        with torch.no_grad():
-            eps_source, feats_source = predict(source.to(z_start.device).clone(), timestep, True)
-            source_features = supervision_features(feats_source, grid).detach()
-            source_next = ddim_step(source.to(z_start.device), eps_source, alpha, alpha_prev)
-        latent = z_start.detach().clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([latent], lr=settings.lr)
-        scaler = LossScale(enabled=feats_source.dtype == torch.float16)
+        origin, goal, keep_map, source = fresh(z_start.device, handles, targets, keep, z_source)
+        reference = reference_at(predict, source, schedule, timestep)
+        optimiser = LatentOptimiser(z_start, reference, settings.lr, keep_map, settings.lam)
         for iteration in range(settings.iterations):
-            eps, feats = predict(latent, timestep, use_mask)
-            loss = appearance_loss(supervision_features(feats, grid), source_features, goal, origin, settings.r1)
-            if use_mask:
-                loss = loss + mask_regularisation(ddim_step(latent, eps, alpha, alpha_prev), source_next, keep_map, settings.lam)
-            scaler.step(loss, latent, optimiser)
+            eps, feats = optimiser.evaluate(predict)
+            optimiser.step(appearance_loss(feats, reference.features, goal, origin, settings.r1), eps)
             if callback is not None:
-                preview = None if eps is None else predicted_x0(latent.detach(), eps.detach(), alpha)
-                callback(iteration + 1, goal, preview)
-        return latent.detach()
+                callback(iteration + 1, goal, optimiser.preview(eps))
+        return optimiser.result()
 
     refined = backend.run_features(loop, z_warped.to(torch.float32), conditioning, AttentionControl(), [timestep])
     return DragResult(refined, targets.to(torch.float32).cpu(), settings.iterations)

@@ -4,8 +4,10 @@ Feature maps are ``(1, C, H, W)`` at the supervision grid (half the image
 resolution; see :mod:`dragkit.geometry`). Points are ``(N, 2)`` float tensors
 of ``(x, y)`` grid coordinates, x = column, y = row; handles are integer-valued
 (tracking returns whole cells), shifted patches are sampled bilinearly between
-cell centres. Patches and search windows are clipped to the map, so handles on
-the border work.
+cell centres. Patches and search windows are clipped to the map (a patch at
+the edge has fewer cells; its mean is over those), so handles on the border
+work. Sampling coordinates, losses and tracking costs are float32 whatever
+the features' dtype.
 
 Losses follow METHODS.md: a pair whose handle is within ``reach`` (2 cells)
 of its target contributes nothing; the patch term is the L1 mean over the
@@ -24,26 +26,50 @@ REACHED = 2.0
 """A handle within this many supervision cells of its target has arrived."""
 
 
-def patch_grid(centre: torch.Tensor, radius: int, height: int, width: int) -> torch.Tensor:
-    """Cell coordinates ``((2r+1)², 2)`` ``(x, y)`` of the square patch around an integer ``centre``, clipped to the map."""
-    offsets = torch.arange(-radius, radius + 1, device=centre.device, dtype=torch.float32)
+def patch_cells(radius: int, height: int, width: int, *centres: torch.Tensor) -> torch.Tensor:
+    """Offsets ``(K, 2)`` ``(x, y)`` of the square patch of radius ``radius`` that stay inside the map.
+
+    An offset ``q`` of ``-r..r`` in each direction is kept when ``centre + q``
+    lies inside the ``height`` x ``width`` map for every one of the integer
+    ``centres``: near the edge the patch shrinks to the cells that exist (as
+    DragDiffusion releases it), instead of counting edge cells twice. When two
+    patches are compared (GoodDrag, the warp refinement) both centres are given
+    so the patches keep the same shape. ``K`` is at least 1.
+    """
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     ys, xs = torch.meshgrid(offsets, offsets, indexing="ij")
-    cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1) + centre.to(torch.float32)
-    limit = torch.tensor([width - 1, height - 1], device=centre.device, dtype=torch.float32)
-    return torch.minimum(cells.clamp(min=0), limit)
+    cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+    inside = torch.ones(cells.shape[0], dtype=torch.bool)
+    for centre in centres:
+        x, y = float(centre[0]), float(centre[1])
+        inside &= (cells[:, 0] + x >= 0) & (cells[:, 0] + x <= width - 1) & (cells[:, 1] + y >= 0) & (cells[:, 1] + y <= height - 1)
+    return cells[inside].to(centres[0].device)
 
 
 def sample_features(features: torch.Tensor, points_xy: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``(C, P)`` of ``features`` ``(1, C, H, W)`` at ``(P, 2)`` cell coordinates.
+    """Bilinear samples ``(C, P)`` float32 of ``features`` ``(1, C, H, W)`` at ``(P, 2)`` cell coordinates.
 
-    Cell ``(x, y)`` is the centre of column x, row y, so integer points return
-    the stored values exactly; points are clamped into the map.
+    Cell ``(x, y)`` is the centre of column x, row y; points are clamped into
+    the map. Coordinates and weights stay float32 whatever the features'
+    dtype, and the four neighbours are read as stored, so integer points return
+    the stored values exactly (also in fp16) and gradients reach ``features``.
     """
     _, _, height, width = features.shape
-    scale = torch.tensor([max(width - 1, 1), max(height - 1, 1)], device=points_xy.device, dtype=torch.float32)
-    grid = (points_xy.to(torch.float32) / scale * 2 - 1).to(features.dtype)
-    out = F.grid_sample(features, grid[None, None], mode="bilinear", padding_mode="border", align_corners=True)
-    return out[0, :, 0, :]
+    points = points_xy.to(features.device, torch.float32)
+    x = points[:, 0].clamp(0, width - 1)
+    y = points[:, 1].clamp(0, height - 1)
+    x0, y0 = x.floor(), y.floor()
+    wx, wy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
+    maps = features[0]
+
+    def at(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return maps[:, rows, cols].to(torch.float32)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
 def unit_directions(handles: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +99,10 @@ def dragdiffusion_loss(features: torch.Tensor, handles: torch.Tensor, targets: t
     for handle, direction, dist in zip(handles, directions, distance):
         if dist < REACHED:
             continue
-        cells = patch_grid(handle, radius, height, width)
+        cells = handle + patch_cells(radius, height, width, handle)
         anchor = sample_features(features, cells).detach()
         shifted = sample_features(features, cells + direction)
-        loss = loss + (2 * radius + 1) ** 2 * (shifted.float() - anchor.float()).abs().mean()
+        loss = loss + (2 * radius + 1) ** 2 * (shifted - anchor).abs().mean()
     return loss
 
 
@@ -103,10 +129,10 @@ def gooddrag_loss(
     for handle, start, direction, dist in zip(handles, initial_handles, directions, distance):
         if dist < REACHED:
             continue
-        reference = sample_features(original_features, patch_grid(start, radius, height, width)).detach()
-        moved = patch_grid(handle, radius, height, width) + direction * min(max_step, float(dist))
-        shifted = sample_features(features, moved)
-        loss = loss + (2 * radius) ** 2 * (shifted.float() - reference.float()).abs().mean()
+        offsets = patch_cells(radius, height, width, start, handle)
+        reference = sample_features(original_features, start + offsets).detach()
+        shifted = sample_features(features, handle + offsets + direction * min(max_step, float(dist)))
+        loss = loss + (2 * radius) ** 2 * (shifted - reference).abs().mean()
     return loss
 
 
@@ -122,9 +148,10 @@ def appearance_loss(
     _, _, height, width = features.shape
     loss = features.new_zeros((), dtype=torch.float32)
     for point, origin in zip(at, source_at):
-        moved = sample_features(features, patch_grid(point, radius, height, width))
-        reference = sample_features(source_features, patch_grid(origin, radius, height, width)).detach()
-        loss = loss + (2 * radius + 1) ** 2 * (moved.float() - reference.float()).abs().mean()
+        offsets = patch_cells(radius, height, width, point, origin)
+        moved = sample_features(features, point + offsets)
+        reference = sample_features(source_features, origin + offsets).detach()
+        loss = loss + (2 * radius + 1) ** 2 * (moved - reference).abs().mean()
     return loss
 
 
@@ -139,8 +166,9 @@ def track_points(
 
     For handle i the template is ``original_features`` at ``initial_handles[i]``;
     the window is the (2r+1)² cells around ``handles[i]`` clipped to the map;
-    the distance is L1 over channels; ties go to the first cell in raster
-    order. Returns integer-valued ``(N, 2)`` grid ``(x, y)``.
+    the distance is L1 over channels, summed in float32 (an fp16 sum over
+    hundreds of channels rounds near-ties the wrong way); ties go to the first
+    cell in raster order. Returns integer-valued ``(N, 2)`` grid ``(x, y)``.
     """
     _, channels, height, width = features.shape
     tracked = []
@@ -150,7 +178,7 @@ def track_points(
             x0, x1 = max(int(handle[0]) - radius, 0), min(int(handle[0]) + radius, width - 1)
             y0, y1 = max(int(handle[1]) - radius, 0), min(int(handle[1]) + radius, height - 1)
             window = features[0, :, y0 : y1 + 1, x0 : x1 + 1]
-            cost = (window - template[:, None, None]).abs().sum(0)
+            cost = (window.float() - template.float()[:, None, None]).abs().sum(0)
             best = int(torch.argmin(cost.reshape(-1)))
             cols = x1 - x0 + 1
             tracked.append([x0 + best % cols, y0 + best // cols])
@@ -176,34 +204,7 @@ def supervision_grid(latent: torch.Tensor) -> tuple[int, int]:
     return latent.shape[-2] * SUPERVISION_PER_LATENT, latent.shape[-1] * SUPERVISION_PER_LATENT
 
 
-def mask_term_on(keep: torch.Tensor, lam: float) -> bool:
-    """Whether the mask regularisation applies: some latent cell is kept and λ > 0."""
-    return bool(keep.any()) and lam > 0
-
-
 def supervision_features(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """Upsample ``(B, C, h_f, w_f)`` UNet features bilinearly (align_corners=False) to the supervision grid."""
     return F.interpolate(features, size=grid_hw, mode="bilinear", align_corners=False)
 
-
-class LossScale:
-    """Dynamic loss scaling for one parameter: grow after clean steps, halve and skip on overflow."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.scale = 2.0**10 if enabled else 1.0
-        self.enabled = enabled
-        self.clean = 0
-
-    def step(self, loss: torch.Tensor, latent: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
-        optimiser.zero_grad(set_to_none=True)
-        (loss * self.scale).backward()
-        grad = latent.grad
-        if self.enabled and not torch.isfinite(grad).all():
-            self.scale /= 2
-            self.clean = 0
-            return
-        grad.div_(self.scale)
-        optimiser.step()
-        self.clean += 1
-        if self.enabled and self.clean % 200 == 0:
-            self.scale *= 2

@@ -37,7 +37,7 @@ from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
 from ..dragkit.attention import AttentionControl, AttnLayer
-from ..dragkit.backend import FeatureLoop, Loop
+from ..dragkit.backend import FeatureLoop, Loop, feature_level
 from ..dragkit.errors import DragInputError
 
 log = logging.getLogger("DragKit")
@@ -214,16 +214,18 @@ class _StopForward(Exception):
 
 
 def _feature_block_index(unet) -> int:
-    """Index of the output block whose *input* is the penultimate decoder level's output.
+    """Index of the output block whose *input* is the feature level's output (:func:`feature_level`).
 
-    Decoder levels end with an Upsample except the last, so the wanted
-    features enter the block after the last Upsample (SD1.5: block 9, i.e.
-    the output of ``output_blocks[8]``, 640 channels at latent resolution).
+    Decoder levels are the runs of output blocks ending with an Upsample (the
+    last level has none), so the wanted features enter the first block of the
+    level after it (SD1.5: block 9, i.e. the output of ``output_blocks[8]``,
+    640 channels at latent resolution). Mirrors ComfyUI 0.3.64's
+    ``UNetModel._forward``, which calls output-block patches before each block.
     """
     ends = [i for i, block in enumerate(unet.output_blocks) if any(isinstance(m, Upsample) for m in block)]
     if not ends or ends[-1] + 1 >= len(unet.output_blocks):
         raise DragInputError("this MODEL's UNet has no penultimate decoder level to take features from")
-    return ends[-1] + 1
+    return ends[feature_level(len(ends) + 1)] + 1
 
 
 @contextlib.contextmanager

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from ..dragkit.gooddrag import GoodDragSettings, good_drag
-from ..dragkit.hybrid import refine_warped
+from ..dragkit.hybrid import REFINE_DEFAULTS, refine_warped
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
+from ..dragkit.optimisation import keep_map
 from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors, require_cache, require_points
 from .invert import check_conditioning, preview_progress
@@ -17,9 +20,14 @@ PREVIEW_EVERY = 5
 METHOD_DEFAULT = -1
 """Widget value meaning "the chosen method's default" (lr, λ, r1, r2 differ between the methods)."""
 
+DD = DragDiffusionSettings()
+GD = GoodDragSettings()
+"""The methods' defaults: every default below is read from these (and :data:`REFINE_DEFAULTS`)."""
 
-def _pick(value, default):
-    return default if value == METHOD_DEFAULT else value
+
+def _settings(defaults, **knobs):
+    """``defaults`` with the knobs that are not :data:`METHOD_DEFAULT` replaced."""
+    return dataclasses.replace(defaults, **{k: v for k, v in knobs.items() if v != METHOD_DEFAULT})
 
 
 def schedule_latent(cache, timestep: int):
@@ -57,16 +65,16 @@ class MotionSupervisionOptimize:
                 "positive": ("CONDITIONING", {"tooltip": "The prompt used for inversion."}),
                 "points": (DRAG_POINTS, {"tooltip": "Handle/target pairs in source-image pixels."}),
                 "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75). refine_warp: after FastDrag Warp, pull the features around each target toward the source's around its handle (a few iterations; the hybrid)."}),
-                "iterations": ("INT", {"default": 80, "min": 1, "max": 1000, "tooltip": "dragdiffusion: most optimisation steps (it stops earlier when every handle arrived); refine_warp: the number of steps (about 10)."}),
-                "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001, "tooltip": "Adam learning rate on the latent; -1 = the method's default (dragdiffusion 0.01, gooddrag 0.02)."}),
-                "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": "λ, weight of the term that keeps the unmasked region (a sum over the latent); -1 = the method's default (0.1, 0.2)."}),
-                "r1": ("INT", {"default": -1, "min": -1, "max": 16, "tooltip": "Motion-supervision patch radius in supervision cells (2 px each); -1 = the method's default (1, 4)."}),
-                "r2": ("INT", {"default": -1, "min": -1, "max": 32, "tooltip": "Point-tracking search radius in supervision cells; -1 = the method's default (3, 12)."}),
-                "drag_steps": ("INT", {"default": 7, "min": 1, "max": 100, "tooltip": "gooddrag: T, the number of denoising steps during which dragging happens."}),
-                "drags_per_step": ("INT", {"default": 10, "min": 1, "max": 100, "tooltip": "gooddrag: B, drag operations per denoising step (K = T x B in all)."}),
-                "grad_steps": ("INT", {"default": 3, "min": 1, "max": 100, "tooltip": "gooddrag: J, Adam steps per drag operation before the handles are tracked."}),
-                "beta": ("FLOAT", {"default": 4.0, "min": 0.1, "max": 32.0, "step": 0.1, "tooltip": "gooddrag: β, the largest step (supervision cells) of the pulled patch toward the target."}),
-                "max_unchanged": ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip": "gooddrag: stop dragging after this many drag operations in a row left the handles in place (0 = never)."}),
+                "iterations": ("INT", {"default": DD.iterations, "min": 1, "max": 1000, "tooltip": f"dragdiffusion: most optimisation steps (it stops earlier when every handle arrived); refine_warp: the number of steps (about {REFINE_DEFAULTS.iterations})."}),
+                "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001, "tooltip": f"Adam learning rate on the latent; -1 = the method's default (dragdiffusion {DD.lr}, gooddrag {GD.lr})."}),
+                "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": f"λ, weight of the term that keeps the unmasked region (a sum over the latent); -1 = the method's default ({DD.lam}, {GD.lam})."}),
+                "r1": ("INT", {"default": -1, "min": -1, "max": 16, "tooltip": f"Motion-supervision patch radius in supervision cells (2 px each); -1 = the method's default ({DD.r1}, {GD.r1})."}),
+                "r2": ("INT", {"default": -1, "min": -1, "max": 32, "tooltip": f"Point-tracking search radius in supervision cells; -1 = the method's default ({DD.r2}, {GD.r2})."}),
+                "drag_steps": ("INT", {"default": GD.drag_steps, "min": 1, "max": 100, "tooltip": "gooddrag: T, the number of denoising steps during which dragging happens."}),
+                "drags_per_step": ("INT", {"default": GD.drags_per_step, "min": 1, "max": 100, "tooltip": "gooddrag: B, drag operations per denoising step (K = T x B in all)."}),
+                "grad_steps": ("INT", {"default": GD.grad_steps, "min": 1, "max": 100, "tooltip": "gooddrag: J, Adam steps per drag operation before the handles are tracked."}),
+                "beta": ("FLOAT", {"default": GD.beta, "min": 0.1, "max": 32.0, "step": 0.1, "tooltip": "gooddrag: β, the largest step (supervision cells) of the pulled patch toward the target."}),
+                "max_unchanged": ("INT", {"default": GD.max_unchanged, "min": 0, "max": 1000, "tooltip": "gooddrag: stop dragging after this many drag operations in a row left the handles in place (0 = never)."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Editable region in source pixels (1 = editable). Absent or empty: the whole image, and no keep term."}),
@@ -74,7 +82,8 @@ class MotionSupervisionOptimize:
         }
 
     def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2,
-                 drag_steps=7, drags_per_step=10, grad_steps=3, beta=4.0, max_unchanged=10, mask=None):
+                 drag_steps=GD.drag_steps, drags_per_step=GD.drags_per_step, grad_steps=GD.grad_steps, beta=GD.beta,
+                 max_unchanged=GD.max_unchanged, mask=None):
         with node_errors("Motion-Supervision Optimize"):
             require_points(points)
             require_cache(attn_cache)
@@ -88,7 +97,15 @@ class MotionSupervisionOptimize:
             editable, defaulted = resolve_editable_mask(mask, points.height, points.width)
             if defaulted:
                 log.info("DragKit Motion-Supervision Optimize: no mask (or an empty one): the whole image is editable")
-            keep = (~geometry.mask_to_latent(editable)).float() if not defaulted else editable.new_zeros(samples.shape[-2:])
+            if defaulted:
+                keep = editable.new_zeros(samples.shape[-2:])
+            else:
+                keep, widened = keep_map(geometry, editable)
+                if widened:
+                    log.info(
+                        "DragKit Motion-Supervision Optimize: the mask is too small to cover a whole latent cell; "
+                        "every latent cell it touches is editable (%d cells)", int((keep == 0).sum()),
+                    )
             if mode not in MODES:
                 raise DragInputError(f"mode must be one of {MODES}, got {mode!r}")
             backend = ComfyBackend(model)
@@ -97,9 +114,7 @@ class MotionSupervisionOptimize:
             targets = geometry.points_to_supervision(points.targets_tensor())
             schedule = attn_cache.schedule
             if mode == "dragdiffusion":
-                settings = DragDiffusionSettings(
-                    iterations=iterations, lr=_pick(lr, 0.01), lam=_pick(lam, 0.1), r1=_pick(r1, 1), r2=_pick(r2, 3)
-                )
+                settings = _settings(DD, iterations=iterations, lr=lr, lam=lam, r1=r1, r2=r2)
                 progress = preview_progress(model, iterations, every=PREVIEW_EVERY)
                 result = drag_diffusion(
                     backend, z, ComfyConditioning(positive), schedule, step.step_index, handles, targets, keep, settings,
@@ -108,9 +123,7 @@ class MotionSupervisionOptimize:
                 latent_out, index, tracked = result.latent, step.step_index, result.handles
                 log.info("DragKit Motion-Supervision Optimize: DragDiffusion, %d iterations", result.iterations)
             elif mode == "refine_warp":
-                settings = DragDiffusionSettings(
-                    iterations=iterations, lr=_pick(lr, 0.01), lam=_pick(lam, 0.1), r1=_pick(r1, 1), r2=0
-                )
+                settings = _settings(REFINE_DEFAULTS, iterations=iterations, lr=lr, lam=lam, r1=r1)
                 source = schedule_latent(attn_cache, step.timestep)
                 progress = preview_progress(model, iterations, every=PREVIEW_EVERY)
                 result = refine_warped(
@@ -119,9 +132,9 @@ class MotionSupervisionOptimize:
                 )
                 latent_out, index, tracked = result.latent, step.step_index, result.handles
             else:
-                settings = GoodDragSettings(
-                    drag_steps=drag_steps, drags_per_step=drags_per_step, grad_steps=grad_steps, lr=_pick(lr, 0.02),
-                    lam=_pick(lam, 0.2), r1=_pick(r1, 4), r2=_pick(r2, 12), beta=beta, max_unchanged=max_unchanged,
+                settings = _settings(
+                    GD, drag_steps=drag_steps, drags_per_step=drags_per_step, grad_steps=grad_steps, lr=lr, lam=lam,
+                    r1=r1, r2=r2, beta=beta, max_unchanged=max_unchanged,
                 )
                 progress = preview_progress(model, settings.total_operations, every=PREVIEW_EVERY)
                 result = good_drag(

@@ -9,7 +9,7 @@ from dragkit.motion import (
     dragdiffusion_loss,
     gooddrag_loss,
     mask_regularisation,
-    patch_grid,
+    patch_cells,
     sample_features,
     track_points,
 )
@@ -32,9 +32,47 @@ def test_sampling_at_integer_points_is_exact_and_between_cells_is_bilinear():
     assert out[:, 1].tolist() == pytest.approx(((features[0, :, 0, 0] + features[0, :, 0, 1]) / 2).tolist())
 
 
-def test_patch_is_clipped_at_the_border():
-    cells = patch_grid(torch.tensor([0.0, 3.0]), 1, 4, 6)
-    assert cells[:, 0].min() == 0 and cells[:, 1].max() == 3 and cells.shape == (9, 2)
+def test_patch_shrinks_to_the_cells_inside_the_map():
+    corner = torch.tensor([0.0, 3.0])
+    assert sorted(map(tuple, patch_cells(1, 4, 6, corner).tolist())) == [(0, -1), (0, 0), (1, -1), (1, 0)]
+    assert patch_cells(1, 4, 6, torch.tensor([2.0, 2.0])).shape == (9, 2)
+    both = patch_cells(2, 10, 10, torch.tensor([1.0, 5.0]), torch.tensor([5.0, 9.0]))
+    assert both[:, 0].min() == -1 and both[:, 1].max() == 0 and both.shape == (4 * 3, 2)
+
+
+def test_an_edge_patch_is_averaged_over_the_cells_that_exist():
+    """Handle on the left edge, drag to the right: the 3x3 patch keeps its 2 inner columns (6 cells).
+
+    Features are x² in every channel, so shifting cell x by one column costs
+    2x + 1: 1 at x = 0 and 3 at x = 1, mean 2, loss 9 · 2. Clamping the
+    patch instead counts the edge column twice (mean 5/3, loss 15).
+    """
+    squares = (torch.arange(8, dtype=torch.float32) ** 2).expand(8, 8)
+    features = torch.stack([squares, squares])[None]
+    handle = torch.tensor([[0.0, 4.0]])
+    assert dragdiffusion_loss(features, handle, torch.tensor([[6.0, 4.0]])).item() == pytest.approx(18.0)
+
+
+def test_sampling_fp16_features_at_integer_points_returns_the_stored_values():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 3, 256, 256, generator=gen).half()
+    points = torch.tensor([[201.0, 117.0], [255.0, 0.0], [3.0, 254.0], [128.0, 77.0]])
+    out = sample_features(features, points)
+    stored = features[0][:, points[:, 1].long(), points[:, 0].long()]
+    assert out.dtype == torch.float32 and torch.equal(out, stored.float())
+
+
+def test_tracking_sums_the_fp16_cost_in_float32():
+    """Two candidates 0.125 apart in a cost of about 640: fp16 (spacing 0.5) would round both to 640 and keep the first."""
+    channels = 640
+    original = torch.zeros(1, channels, 8, 8, dtype=torch.float16)
+    moved = torch.full((1, channels, 8, 8), 2.0, dtype=torch.float16)
+    moved[0, :, 3, 3] = 1.0
+    moved[0, 0, 3, 3] = 1.25
+    moved[0, :, 3, 4] = 1.0
+    moved[0, 0, 3, 4] = 1.125
+    start = torch.tensor([[3.0, 3.0]])
+    assert track_points(original, moved, start, start, radius=1).tolist() == [[4.0, 3.0]]
 
 
 @pytest.mark.parametrize("direction", [(1.0, 0.0), (0.0, -1.0), (0.6, 0.8)])
@@ -71,6 +109,15 @@ def test_gooddrag_loss_falls_and_moves_content_toward_the_target():
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
     assert shift[0].item() == pytest.approx(4.0, abs=0.5) and abs(shift[1].item()) < 0.5
+
+
+def test_dragdiffusion_gradient_reaches_only_the_shifted_patch():
+    """The anchor patch is the stop-gradient side: a cell only the anchor reads gets no gradient."""
+    features = wave_features(torch.zeros(2)).requires_grad_(True)
+    handle = torch.tensor([[16.0, 16.0]])
+    dragdiffusion_loss(features, handle, handle + torch.tensor([[8.0, 0.0]])).backward()
+    grad = features.grad[0].abs().sum(0)
+    assert grad[15:18, 15].sum() == 0 and grad[15:18, 18].sum() > 0
 
 
 def test_reached_pairs_contribute_nothing():
