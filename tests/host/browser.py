@@ -1,0 +1,150 @@
+"""Headless Chromium driven over the DevTools protocol, for the browser tests.
+
+Debian's Chromium (``apt-get install chromium``) or ``DRAGKIT_CHROMIUM``;
+driven with ``websocket-client`` (no browser download, no extra driver).
+Shared by ``test_editor_browser.py`` and ``test_workflows_browser.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+VIEWPORT = (1400, 1000)
+
+
+def chromium() -> str | None:
+    """The Chromium/Chrome executable to drive (``DRAGKIT_CHROMIUM`` or the first found on PATH), or None."""
+    explicit = os.environ.get("DRAGKIT_CHROMIUM")
+    if explicit:
+        return explicit if shutil.which(explicit) else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class Browser:
+    """One headless Chromium page, driven over the DevTools protocol."""
+
+    def __init__(self, executable: str) -> None:
+        import websocket
+
+        width, height = VIEWPORT
+        self.user_dir = tempfile.mkdtemp(prefix="dragkit-chromium-")
+        self.proc = subprocess.Popen(
+            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
+             "--disable-dev-shm-usage", f"--user-data-dir={self.user_dir}", "--remote-debugging-port=0",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        port_file = Path(self.user_dir) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{executable} did not start a DevTools endpoint")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+        self.send("Runtime.enable")
+        self.send("Page.enable")
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def send(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            if "method" in msg:
+                self.events.append(msg)
+
+    def js(self, expression: str, timeout: float = 60):
+        """Evaluate ``expression`` in the page (promises awaited) and return its JSON value."""
+        result = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True,
+                           timeout=int(timeout * 1000))
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(f"JS error: {details.get('exception', {}).get('description') or details.get('text')}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {expression}")
+            time.sleep(0.05)
+
+    def _mouse(self, kind: str, x: float, y: float, button: str = "none", buttons: int = 0) -> None:
+        self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button=button, buttons=buttons, clickCount=1)
+
+    def click(self, x: float, y: float, button: str = "left") -> None:
+        mask = {"left": 1, "right": 2}[button]
+        self._mouse("mouseMoved", x, y)
+        self._mouse("mousePressed", x, y, button, mask)
+        self._mouse("mouseReleased", x, y, button, 0)
+
+    def drag(self, points: list[tuple[float, float]]) -> None:
+        self._mouse("mouseMoved", *points[0])
+        self._mouse("mousePressed", *points[0], "left", 1)
+        for point in points[1:]:
+            self._mouse("mouseMoved", *point, "left", 1)
+        self._mouse("mouseReleased", *points[-1], "left", 0)
+
+    def key(self, key: str, code: str, key_code: int, modifiers: int = 0) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
+                      modifiers=modifiers)
+
+    def screenshot(self, path: Path, clip: dict | None = None) -> None:
+        params = {"format": "png"}
+        if clip:
+            params["clip"] = {**clip, "scale": 1}
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", **params)["data"]))
+
+    def errors(self, needle: str) -> list[str]:
+        """Uncaught exceptions and console errors whose text contains ``needle``."""
+        found = []
+        for event in self.events:
+            params = event.get("params", {})
+            if event["method"] == "Runtime.exceptionThrown":
+                text = json.dumps(params.get("exceptionDetails", {}))
+            elif event["method"] == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                text = json.dumps(params.get("args", []))
+            else:
+                continue
+            if needle in text:
+                found.append(text[:2000])
+        return found
+
+    def close(self) -> None:
+        ws = getattr(self, "ws", None)
+        if ws is not None:
+            ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.user_dir, ignore_errors=True)
