@@ -126,6 +126,17 @@ def gaussian_lora_init(out_features: int, in_features: int, rank: int, generator
     return down, up
 
 
+def grad_scaler_for(dtype: torch.dtype, device: torch.device) -> "torch.amp.GradScaler | None":
+    """A GradScaler when the model computes in float16 (on any device), else None.
+
+    fp16 gradients of the small LoRA updates underflow without loss
+    scaling; bfloat16 and float32 have the exponent range and need none.
+    """
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 def check_latent(latent_mean: torch.Tensor, latent_std: torch.Tensor | None = None) -> None:
     """Raise unless the latent is one finite image ``(1, C, h, w)``."""
     if latent_mean.dim() != 4 or latent_mean.shape[0] != 1:

@@ -28,6 +28,7 @@ from .lora import (
     LoRATrainingResult,
     ProgressCallback,
     gaussian_lora_init,
+    grad_scaler_for,
     train_lora,
 )
 from .schedule import scaled_linear_alphas_cumprod
@@ -129,7 +130,7 @@ def train_lora_diffusers(
     params = add_lora(unet, config.rank, config.alpha, config.seed)
     device = params[0].device
     dtype = next(p for p, _ in base_flags).dtype
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+    scaler = grad_scaler_for(dtype, device)
     try:
         with torch.enable_grad():
             return train_lora(

@@ -13,10 +13,10 @@
   and other conditioning extras, model patches and wrappers therefore work
   exactly as in KSampler.
 - :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
-  fully loaded clone, with the UNet's inference-mode weights swapped for plain
-  copies while it runs (autograd may not save inference tensors; the originals
-  are put back), and captures the penultimate decoder level's output with an
-  output-block patch.
+  fully loaded clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
+  (weights made autograd-safe in place, no copy; the measured backward memory
+  reserved with the model manager), and captures the penultimate decoder
+  level's output with an output-block patch.
 - LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
   noisy latent the variance-exploding form ``x = z_VP * sqrt(1 + σ²)``, so a
   LATENT from DDIM Invert can also be finished by KSamplerAdvanced.
@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
 from ..dragkit.errors import DragInputError
+from .comfy_autograd import prepare_for_backward, release
 
 log = logging.getLogger("DragKit")
 
@@ -161,7 +161,6 @@ class ComfyBackend:
             return h, hsp
 
         patcher.set_model_output_block_patch(output_block_patch)
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
             extra_args = extra_args or {}
@@ -175,8 +174,17 @@ class ComfyBackend:
                     eps = None
                 return eps, capture["features"]
 
-            with torch.inference_mode(False), torch.enable_grad(), _autograd_safe_weights(self.model.model):
-                return loop(predict, x.to(torch.float32).clone()).detach()
+            def probe(h: int, w: int) -> None:
+                z = torch.zeros(*x.shape[:2], h, w, device=x.device, requires_grad=True)
+                eps, feats = predict(z, timesteps[0], True)
+                (eps.sum() + feats.to(torch.float32).sum()).backward()
+
+            with torch.inference_mode(False), torch.enable_grad():
+                prepare_for_backward(patcher, probe, tuple(x.shape))
+                try:
+                    return loop(predict, x.to(torch.float32).clone()).detach()
+                finally:
+                    release()
 
         return self._guided_run(patcher, conditioning, sample, z_start, timesteps)
 
@@ -226,31 +234,6 @@ def _feature_block_index(unet) -> int:
     if not ends or ends[-1] + 1 >= len(unet.output_blocks):
         raise DragInputError("this MODEL's UNet has no penultimate decoder level to take features from")
     return ends[feature_level(len(ends) + 1)] + 1
-
-
-@contextlib.contextmanager
-def _autograd_safe_weights(module: torch.nn.Module):
-    """Give ``module`` plain (non-inference) copies of its inference-mode parameters while the block runs.
-
-    Weights loaded under ComfyUI's inference mode may not be saved for
-    backward. Each such parameter is replaced by a frozen copy made outside
-    inference mode, and the original Parameter objects are put back afterwards,
-    so the shared model ends exactly as it was. Must be entered under
-    ``torch.inference_mode(False)``; costs one copy of the weights (not one per
-    forward, and without changing the patcher, so ComfyUI does not reload the
-    model).
-    """
-    swapped = []
-    try:
-        for sub in module.modules():
-            for name, param in list(sub.named_parameters(recurse=False)):
-                if param.is_inference():
-                    swapped.append((sub, name, param))
-                    setattr(sub, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
-        yield
-    finally:
-        for sub, name, param in swapped:
-            setattr(sub, name, param)
 
 
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):

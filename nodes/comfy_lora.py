@@ -1,24 +1,21 @@
 """Per-image LoRA on a ComfyUI MODEL (ModelPatcher): training, fingerprint, file format.
 
-Training never mutates the shared MODEL:
+Training never changes the shared MODEL's patches or values:
 
-- the patcher is cloned; every attention projection weight
-  (``…attn1/attn2.to_q/to_k/to_v/to_out.0.weight``) gets a
-  :class:`LoRAWeightWrapper` (trainable float32 down/up, ``w + (alpha/r)·up@down``)
-  through ``add_weight_wrapper`` on the clone; every other weight and bias
-  gets an identity wrapper, because the checkpoint's parameters are inference
-  tensors that autograd cannot save for backward (ComfyUI copies wrapped
-  weights on every forward, which gives normal tensors);
-- the clone is fully loaded (``force_full_load``, asking the model manager
-  for room for the training activations, see :func:`training_memory`, so other
-  models are offloaded only when they must be) and trained under
-  ``inference_mode(False)`` +
-  ``enable_grad()`` with :func:`dragkit.lora.train_lora`; ε comes from
-  ``BaseModel.apply_model`` (ε = (x − x̂0)/σ), so v-prediction models train
-  in ε-space too. Compute runs in the model's dtype (fp16/bf16 on GPU; fp16
-  uses loss scaling), the LoRA parameters and optimiser state are float32;
-- afterwards the wrappers are removed from the (shared) modules, so the
-  next load of any patcher sees the plain model.
+- every attention projection (``…attn1/attn2.to_q/to_k/to_v/to_out.0``) gets
+  a :class:`LoRAAdapter`, as peft does: a forward hook adds
+  ``(alpha/r) · up(down(x))`` to the projection's output, with trainable
+  float32 ``down``/``up`` cast to the activation's dtype. No weight is
+  wrapped, copied or materialised; the hooks are removed by
+  :meth:`ComfyLoRATrainer.close`;
+- the MODEL is fully loaded, its weights made usable by autograd in place and
+  the measured backward memory reserved with the model manager
+  (:func:`nodes.comfy_autograd.prepare_for_backward`), then trained under
+  ``inference_mode(False)`` + ``enable_grad()`` with
+  :func:`dragkit.lora.train_lora`; ε comes from ``BaseModel.apply_model``
+  (ε = (x − x̂0)/σ), so v-prediction models train in ε-space too. Compute runs
+  in the model's dtype (fp16/bf16 on GPU; fp16 uses a GradScaler), the LoRA
+  parameters and optimiser state are float32.
 
 The trained LoRA is a state dict in ComfyUI's generic LoRA keys,
 ``diffusion_model.<ldm module>.lora_up.weight`` / ``.lora_down.weight`` /
@@ -40,7 +37,15 @@ import comfy.utils
 import torch
 
 from ..dragkit.errors import DragInputError
-from ..dragkit.lora import LoRATrainingConfig, LoRATrainingResult, ProgressCallback, gaussian_lora_init, train_lora
+from ..dragkit.lora import (
+    LoRATrainingConfig,
+    LoRATrainingResult,
+    ProgressCallback,
+    gaussian_lora_init,
+    grad_scaler_for,
+    train_lora,
+)
+from .comfy_autograd import prepare_for_backward, release
 
 log = logging.getLogger("DragKit")
 
@@ -48,19 +53,12 @@ ATTENTION_PROJECTION = re.compile(r"\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$")
 """Module paths (under the BaseModel) of the projections that get a LoRA."""
 
 
-class _DragKitWrapper:
-    """Marker base of the weight functions this module installs (so they can be removed again)."""
+class LoRAAdapter(torch.nn.Module):
+    """A trainable LoRA beside one linear projection: ``y + scale · up(down(x))``.
 
-
-class _CopyWeight(_DragKitWrapper):
-    """Identity weight function: makes ComfyUI hand the layer a normal (non-inference) copy."""
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
-
-class LoRAWeightWrapper(torch.nn.Module, _DragKitWrapper):
-    """A trainable LoRA on one weight: ``w + scale · up @ down`` in float32, cast to ``w``'s dtype."""
+    ``down`` ``(r, in)`` and ``up`` ``(out, r)`` are float32 master
+    parameters; the product runs in the activation's dtype.
+    """
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         super().__init__()
@@ -68,14 +66,11 @@ class LoRAWeightWrapper(torch.nn.Module, _DragKitWrapper):
         self.up = torch.nn.Parameter(up)
         self.scale = float(scale)
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = (self.up @ self.down) * self.scale
-        return weight + delta.to(device=weight.device, dtype=weight.dtype)
-
-    def move_to(self, device=None) -> int:
-        if device is not None:
-            self.to(device)
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+    def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the projection: its output plus the LoRA's."""
+        x = inputs[0]
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return output + update.to(output.dtype) * self.scale
 
 
 def attention_projections(base_model) -> list[tuple[str, torch.nn.Module]]:
@@ -83,31 +78,54 @@ def attention_projections(base_model) -> list[tuple[str, torch.nn.Module]]:
     found = []
     for name, module in base_model.named_modules():
         weight = getattr(module, "weight", None)
-        if ATTENTION_PROJECTION.search(name) and hasattr(module, "weight_function") and weight is not None and weight.dim() == 2:
+        if ATTENTION_PROJECTION.search(name) and isinstance(module, torch.nn.Linear) and weight is not None and weight.dim() == 2:
             found.append((name, module))
     if not found:
         raise DragInputError("this MODEL has no attention to_q/to_k/to_v/to_out.0 projections to adapt")
     return sorted(found, key=lambda item: item[0])
 
 
-def model_fingerprint(base_model, samples_per_tensor: int = 64) -> str:
-    """A content fingerprint of the loaded diffusion model (its effective, patched weights).
+def sample_indices(numel: int, count: int) -> torch.Tensor:
+    """``min(count, numel)`` evenly spaced int64 indices into a flat tensor of ``numel`` elements.
 
-    Hashes the model class, its sampling class, and for every UNet tensor its
-    name, shape, dtype and ``samples_per_tensor`` evenly spaced values. Cheap
-    (no full pass over the weights) and stable across restarts; a different
-    checkpoint or an upstream LoRA changes it.
+    Integer arithmetic (``i·(numel−1) // (k−1)``): a float32 ``linspace`` rounds
+    the last index of a tensor above 2**24 elements up to ``numel``, out of
+    bounds (a device-side assert on CUDA, an IndexError on the CPU).
+    """
+    count = min(int(count), int(numel))
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.int64)
+    return torch.arange(count, dtype=torch.int64) * (int(numel) - 1) // (count - 1)
+
+
+def weights_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 64) -> str:
+    """sha256 over every tensor of ``module``'s state dict: name, shape, dtype and evenly spaced values.
+
+    Cheap (no full pass over the weights), stable across restarts and devices,
+    and it reads weights only, never the output of a (possibly
+    non-deterministic) GPU computation.
     """
     h = hashlib.sha256()
-    h.update(type(base_model).__name__.encode())
-    h.update(type(getattr(base_model, "model_sampling", None)).__name__.encode())
-    for name, tensor in sorted(base_model.diffusion_model.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         if flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()), device=flat.device).long()
+        idx = sample_indices(flat.numel(), samples_per_tensor).to(flat.device)
         h.update(flat[idx].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(base_model, samples_per_tensor: int = 64) -> str:
+    """A content fingerprint of the loaded diffusion model (its effective, patched weights).
+
+    The model and sampling classes plus :func:`weights_fingerprint` of the
+    UNet; a different checkpoint or an upstream LoRA changes it.
+    """
+    h = hashlib.sha256()
+    h.update(type(base_model).__name__.encode())
+    h.update(type(getattr(base_model, "model_sampling", None)).__name__.encode())
+    h.update(weights_fingerprint(base_model.diffusion_model, samples_per_tensor).encode())
     return h.hexdigest()
 
 
@@ -154,80 +172,74 @@ def effective_weights_fingerprint(model) -> str:
     return model_fingerprint(model.model)
 
 
-def training_memory(base_model, config: LoRATrainingConfig, latent_shape: tuple[int, ...]) -> float:
-    """Bytes to keep free beside the weights while training: 3x ComfyUI's inference estimate.
-
-    ``latent_shape`` is the image latent's ``(1, C, h, w)``; a training step
-    runs ``config.batch`` of them. Backward keeps the forward activations, so
-    the inference estimate of ``BaseModel.memory_required`` for that batch is
-    tripled (activations, their gradients, and the attention work space).
-    """
-    return 3.0 * base_model.memory_required([int(config.batch), *latent_shape[1:]])
-
-
 class ComfyLoRATrainer:
-    """Trains a LoRA on a clone of ``model``: :meth:`train` (which prepares the clone), then :meth:`close` always."""
+    """Trains a LoRA on ``model``'s attention projections: :meth:`train`, then :meth:`close` always.
+
+    The adapters hook the shared modules while training runs (the MODEL's
+    patches are never changed, so ComfyUI does not reload it afterwards);
+    :meth:`close` removes them.
+    """
 
     def __init__(self, model, positive: list, config: LoRATrainingConfig) -> None:
         self.model = model
         self.config = config.validate()
         self.cond, self.cond_options = single_prompt(positive)
-        self.patcher = model.clone()
-        self.wrappers: dict[str, LoRAWeightWrapper] = {}
-        self.loaded = False
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._hooks: list = []
+        self.reserved_bytes = 0
 
     # -- set-up ------------------------------------------------------------------------------
 
     def prepare(self, latent_shape: tuple[int, ...]) -> None:
-        """Add the wrappers to the clone (under ``inference_mode(False)``) and fully load it.
+        """Attach the adapters, load the MODEL fully and reserve the measured backward memory.
 
-        ``latent_shape`` ``(1, C, h, w)`` of the training latent sizes the
-        memory asked of the model manager (:func:`training_memory`).
+        ``latent_shape`` ``(1, C, h, w)`` of the training latent; the probe
+        steps that measure the backward memory run at the training batch.
         """
         config = self.config
-        base = self.patcher.model
-        device = torch.device(self.patcher.load_device)
+        base = self.model.model
+        device = torch.device(self.model.load_device)
         gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
         with torch.inference_mode(False):
             for name, module in attention_projections(base):
                 out_features, in_features = module.weight.shape
                 down, up = gaussian_lora_init(out_features, in_features, int(config.rank), gen)
-                wrapper = LoRAWeightWrapper(down.to(device), up.to(device), config.scale)
-                self.wrappers[name] = wrapper
-                self.patcher.add_weight_wrapper(f"{name}.weight", wrapper)
-            copy = _CopyWeight()
-            for name, module in base.named_modules():
-                if not hasattr(module, "weight_function"):
-                    continue
-                for attr in ("weight", "bias"):
-                    if getattr(module, attr, None) is None or (attr == "weight" and name in self.wrappers):
-                        continue
-                    self.patcher.add_weight_wrapper(f"{name}.{attr}", copy)
-        comfy.model_management.load_models_gpu(
-            [self.patcher], memory_required=training_memory(base, self.config, tuple(latent_shape)), force_full_load=True
-        )
-        self.loaded = True
+                adapter = LoRAAdapter(down.to(device), up.to(device), config.scale)
+                self.adapters[name] = adapter
+                self._hooks.append(module.register_forward_hook(adapter.hook))
+        batch_shape = (int(config.batch), *latent_shape[1:])
+        self.reserved_bytes = prepare_for_backward(self.model, self._probe, batch_shape)
+
+    def _probe(self, h: int, w: int) -> None:
+        """One training step's forward and backward on a zero latent of ``h x w`` (gradients then cleared)."""
+        channels = self.model.model.latent_format.latent_channels
+        z = torch.zeros(int(self.config.batch), channels, h, w, device=self.model.load_device)
+        t = torch.full((z.shape[0],), self.alphas_cumprod().shape[0] // 2, dtype=torch.long, device=z.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            self._eps_predictor(z)(z, t).to(torch.float32).square().mean().backward()
+        for adapter in self.adapters.values():
+            adapter.zero_grad(set_to_none=True)
 
     # -- training ------------------------------------------------------------------------------
 
     def alphas_cumprod(self) -> torch.Tensor:
-        ms = self.patcher.get_model_object("model_sampling")
+        ms = self.model.get_model_object("model_sampling")
         if not hasattr(ms, "num_timesteps"):
             raise DragInputError("this MODEL has a continuous noise schedule; LoRA fine-tuning needs a discrete one")
         sigmas = ms.sigma(torch.arange(ms.num_timesteps)).to(torch.float64).cpu()
         return 1.0 / (1.0 + sigmas**2)
 
     def _eps_predictor(self, z_like: torch.Tensor):
-        base = self.patcher.model
+        base = self.model.model
         device = z_like.device
-        ms = self.patcher.get_model_object("model_sampling")
+        ms = self.model.get_model_object("model_sampling")
         sigmas = ms.sigma(torch.arange(ms.num_timesteps)).to(torch.float32).to(device)
         cond = self.cond.clone().to(device)
         options = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.cond_options.items()}
         extras = base.extra_conds(**{**options, "cross_attn": cond, "device": device, "noise": z_like, "latent_image": z_like})
         if "c_concat" in extras:
             raise DragInputError("this MODEL needs concat conditioning (inpainting/instruct models are not supported)")
-        transformer_options = dict(self.patcher.model_options.get("transformer_options", {}))
+        transformer_options = dict(self.model.model_options.get("transformer_options", {}))
 
         def predict_eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             batch = z_t.shape[0]
@@ -243,43 +255,34 @@ class ComfyLoRATrainer:
     def train(self, latent_mean: torch.Tensor, latent_std: torch.Tensor | None = None,
               progress: ProgressCallback | None = None) -> LoRATrainingResult:
         """Train on the VP image latent (scaled, ``(1, C, h, w)``); returns the losses."""
-        if not self.loaded:
+        if not self.adapters:
             self.prepare(tuple(latent_mean.shape))
-        device = torch.device(self.patcher.load_device)
-        params = [p for w in self.wrappers.values() for p in w.parameters()]
-        base = self.patcher.model
+        device = torch.device(self.model.load_device)
+        params = [p for adapter in self.adapters.values() for p in adapter.parameters()]
+        base = self.model.model
         dtype = base.manual_cast_dtype or base.get_dtype()
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
         with torch.inference_mode(False), torch.enable_grad():
             mean = latent_mean.detach().clone().to(device, torch.float32)
             std = None if latent_std is None else latent_std.detach().clone().to(device, torch.float32)
-            for p in params:
-                p.requires_grad_(True)
-            try:
-                return train_lora(self._eps_predictor(mean), params, mean, self.alphas_cumprod(), self.config,
-                                  latent_std=std, progress=progress, grad_scaler=scaler)
-            finally:
-                for p in params:
-                    p.requires_grad_(False)
+            return train_lora(self._eps_predictor(mean), params, mean, self.alphas_cumprod(), self.config,
+                              latent_std=std, progress=progress, grad_scaler=grad_scaler_for(dtype, device))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained LoRA in ComfyUI's generic keys (float32, CPU)."""
         out = {}
         alpha = torch.tensor(float(self.config.alpha), dtype=torch.float32)
-        for name, wrapper in self.wrappers.items():
-            out[f"{name}.lora_up.weight"] = wrapper.up.detach().to("cpu", torch.float32).clone()
-            out[f"{name}.lora_down.weight"] = wrapper.down.detach().to("cpu", torch.float32).clone()
+        for name, adapter in self.adapters.items():
+            out[f"{name}.lora_up.weight"] = adapter.up.detach().to("cpu", torch.float32).clone()
+            out[f"{name}.lora_down.weight"] = adapter.down.detach().to("cpu", torch.float32).clone()
             out[f"{name}.alpha"] = alpha.clone()
         return out
 
     def close(self) -> None:
-        """Remove this trainer's weight functions from the shared modules (the model stays loaded)."""
-        for module in self.patcher.model.modules():
-            for attr in ("weight_function", "bias_function"):
-                functions = getattr(module, attr, None)
-                if functions and any(isinstance(f, _DragKitWrapper) for f in functions):
-                    setattr(module, attr, [f for f in functions if not isinstance(f, _DragKitWrapper)])
-        self.wrappers = {}
+        """Remove this trainer's hooks from the shared modules and give cached memory back."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        release()
 
 
 def apply_lora(model, lora_sd: dict, strength: float = 1.0):

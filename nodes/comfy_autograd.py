@@ -1,0 +1,141 @@
+"""The one way DragKit runs autograd through a shared ComfyUI MODEL (LoRA Fine-tune and motion supervision).
+
+ComfyUI loads weights under ``torch.inference_mode()``, and autograd may not
+save inference tensors for backward. Earlier versions worked around that by
+copying weights: identity weight wrappers during LoRA training (a fresh copy
+of every weight on every forward, kept for backward) and a second copy of
+every UNet parameter during motion supervision. Both cost a full copy of the
+UNet or more on the GPU. Instead:
+
+- :func:`make_weights_autograd_safe` turns the loaded module's inference-mode
+  parameters into ordinary tensors **in place, one tensor at a time** (same
+  values, same device and dtype; the peak is one extra tensor, not one extra
+  model). The ModelPatcher is not touched, so ComfyUI neither re-patches nor
+  reloads the model afterwards; ordinary tensors work under inference mode
+  too, so nothing has to be put back. A later reload of the model under
+  inference mode brings inference tensors back, and the next call converts
+  them again.
+- :func:`backward_memory` measures what a training or optimisation step keeps
+  for backward (saved-tensor hooks on two small probe steps, extrapolated in
+  the number of latent tokens), and :func:`reserve` asks ComfyUI's model
+  manager for that much room, so other models are offloaded first instead of
+  the step running out of memory. :func:`release` hands cached blocks back
+  afterwards.
+
+Mirrors ComfyUI 0.3.64 ``comfy.model_management.load_models_gpu`` (its
+``memory_required`` frees other models until that much is free beside the
+weights) and ``soft_empty_cache``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import comfy.model_management
+import torch
+
+log = logging.getLogger("DragKit")
+
+PROBE_SIDES = (8, 16)
+"""Latent sides ``h = w`` of the two probe steps (8 keeps every SD UNet level at least 1x1)."""
+
+MARGIN = 1.25
+"""Headroom on the extrapolated saved bytes (allocator rounding, transient gradients)."""
+
+
+def make_weights_autograd_safe(module: torch.nn.Module) -> int:
+    """Replace ``module``'s inference-mode parameters by ordinary tensors, in place; returns the bytes converted.
+
+    Values, device, dtype and ``requires_grad=False`` are unchanged, so the
+    module computes exactly what it did. Parameters that are already ordinary
+    tensors are left alone (a second call converts nothing).
+    """
+    converted = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is None or not param.is_inference():
+                    continue
+                sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                converted += param.numel() * param.element_size()
+    return converted
+
+
+def saved_tensors(step: Callable[[], None]) -> list[torch.Tensor]:
+    """Every distinct tensor storage that ``step`` (a forward and backward) saved for backward.
+
+    Parameters saved by reference are included (callers filter them); the
+    list keeps the tensors alive, so only use it in tests and small probes.
+    """
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            seen.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return list(seen.values())
+
+
+def saved_activation_bytes(step: Callable[[], None], module: torch.nn.Module) -> int:
+    """Bytes ``step`` saved for backward beyond ``module``'s own parameters (which are saved by reference)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(
+        t.untyped_storage().nbytes() for t in saved_tensors(step) if t.untyped_storage().data_ptr() not in weights
+    )
+
+
+def backward_memory(probe: Callable[[int, int], None], module: torch.nn.Module, latent_hw: tuple[int, int]) -> int:
+    """Bytes one step at latent size ``latent_hw`` keeps for backward, measured.
+
+    ``probe(h, w)`` runs one forward and backward of the real step on a latent
+    of that size (same batch, model and options). It runs at the two
+    :data:`PROBE_SIDES`; the saved bytes are fitted as ``a·N + b·N²`` in the
+    token count N = h·w (attention that materialises its weights grows with
+    N²) and extrapolated to ``latent_hw``, times :data:`MARGIN`.
+    """
+    sizes = [side * side for side in PROBE_SIDES]
+    measured = [saved_activation_bytes(lambda s=side: probe(s, s), module) for side in PROBE_SIDES]
+    (n1, n2), (b1, b2) = sizes, measured
+    quadratic = max(0.0, (b2 / n2 - b1 / n1) / (n2 - n1))
+    linear = max(0.0, b1 / n1 - quadratic * n1)
+    tokens = int(latent_hw[0]) * int(latent_hw[1])
+    return int(MARGIN * (linear * tokens + quadratic * tokens * tokens))
+
+
+def reserve(patcher, nbytes: float) -> None:
+    """Fully load ``patcher`` with ``nbytes`` free beside it (ComfyUI offloads other models first if needed)."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=float(nbytes), force_full_load=True)
+
+
+def release() -> None:
+    """Give the allocator's cached blocks back after a training or optimisation run."""
+    comfy.model_management.soft_empty_cache()
+
+
+def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shape: tuple[int, ...]) -> int:
+    """Load ``patcher`` fully, make its weights autograd-safe and reserve the measured backward memory.
+
+    ``latent_shape`` is one step's ``(B, C, h, w)`` (ComfyUI's own inference
+    estimate of the forward work space for it is added on top of the
+    measured saved bytes). On a CPU the model manager has nothing to
+    offload, so the probe is skipped and 0 is returned; otherwise the
+    reserved bytes.
+    """
+    base = patcher.model
+    latent_hw = tuple(latent_shape[-2:])
+    forward_space = base.memory_required(list(latent_shape))
+    reserve(patcher, forward_space)
+    converted = make_weights_autograd_safe(base.diffusion_model)
+    if converted:
+        log.debug("DragKit: made %.1f MiB of inference-mode weights usable by autograd", converted / 2**20)
+    if torch.device(patcher.load_device).type == "cpu":
+        return 0
+    saved = backward_memory(probe, base.diffusion_model, latent_hw)
+    need = saved + forward_space
+    log.info("DragKit: reserving %.0f MiB for backward (measured %.0f MiB of saved activations)", need / 2**20, saved / 2**20)
+    reserve(patcher, need)
+    return int(need)
