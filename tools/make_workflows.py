@@ -1,16 +1,27 @@
-"""Regenerate the shipped workflows in ``workflows/`` (UI format).
+"""Regenerate the shipped workflows in ``workflows/`` (UI format) and their template-browser thumbnails.
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m tools.make_workflows
+    COMFYUI_PATH=/path/to/ComfyUI python -m tools.make_workflows          # workflows + thumbnails
+    python -m tools.make_workflows --thumbnails                            # thumbnails only (no ComfyUI)
 
 Starts ComfyUI headless with this pack, reads ``/object_info`` and writes
 each graph below with :class:`tools.workflow_build.WorkflowBuilder`, so
-sockets and widget order always match the node definitions. Checkpoint,
+sockets and widget order match the node definitions and the frontend's
+widget order (:func:`tools.workflow_format.widget_layout`; checked against
+the real frontend by ``tests/host/test_workflows_browser.py``). Checkpoint,
 ControlNet, upscale-model and image names are placeholders the user (or
 ``tools.run_workflow``) replaces.
+
+Template browser (comfyui-frontend-package 1.27.10, ComfyUI 0.3.64): a pack's
+templates are the ``*.json`` files of its ``workflows/`` folder; the card's
+title is the file name without ``.json``, its description that name with
+``-``/``_`` read as spaces, and its thumbnail ``<name>.jpg`` beside it.
+The thumbnails are drawn from the repository's sample (``samples/art_0``):
+the image with its editable region and drag arrows, and the method's name.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,6 +32,32 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 IMAGE = "example.png"
 CONTROLNET = "control_v11p_sd15_canny.pth"
 UPSCALER = "RealESRGAN_x4plus.pth"
+
+START_HERE = """START HERE: 1. Load Checkpoint: pick your SD1.5 checkpoint (.safetensors in models/checkpoints).
+2. Load Image: pick or upload your photo.{editor}
+{needs}"""
+
+EDITOR_STEP = """
+3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more
+   pairs. Paint the region that may change with Brush (or "Mask handles"); nothing painted = the whole
+   image may change.
+4. Queue. Then move a point and queue again: only the nodes after the editor re-run."""
+
+JSON_STEP = """
+3. Drag Points (JSON): type handle, target, handle, target ... in pixels of the photo. Editable mask:
+   pick a mask image (white = editable), or bypass that node (Ctrl+B) to edit the whole image.
+4. Queue. (For clicking points instead, use the FastDrag workflow with the Drag Points Editor.)"""
+
+NEEDS = {
+    "roundtrip": "Needs: any GPU, or a CPU (slow: tens of seconds per step at 512x512).",
+    "fastdrag": ("Needs: about 3 GiB of GPU memory; about 0.6 s per edit and 0.3 s per re-edit on an H100 at 512x512\n"
+                 "(DDIM Invert is cached: moving a point never re-runs it). Runs on a CPU too, slowly."),
+    "refine": ("Needs: about 5 GiB of GPU memory (the supervision steps take gradients through the UNet); a few\n"
+               "seconds per edit on a GPU. A CPU works but each supervision step takes several seconds."),
+    "motion": ("Needs: a CUDA GPU with about 6 GiB free. The LoRA ({steps} steps) trains once per image and is cached;\n"
+               "on a CPU one LoRA step takes over a minute, so do not run this on a CPU. The edit itself takes\n"
+               "{edit} on an H100 (512x512, fp16, without the LoRA)."),
+}
 
 ROUNDTRIP_NOTE = """DragKit round trip: invert an image and sample it back with the source's keys/values injected.
 
@@ -43,30 +80,11 @@ on a 10-step DDIM schedule, strength 0.7 (warp at t = 601).
   "LoraLoaderModelOnly" (strength 1) between the checkpoint and both DragKit model inputs, or load an
   LCM checkpoint (e.g. LCM Dreamshaper v7). Do NOT add "ModelSamplingDiscrete (lcm)": FastDrag uses
   the LCM UNet as an epsilon predictor on the normal schedule. Plain SD1.5 works too (softer results).
-- Drag Points (JSON): handle, target, handle, target ... in pixels of the loaded image.
-- Load Image (as Mask): the editable region (white = editable); leave it out to edit the whole image.
+- Load Image feeds both the editor and VAE Encode, so moving a point re-runs only the warp, the sampling
+  and the decode, never the inversion.
 - FastDrag Warp+BNNI: mode drag (warp), move or copy (shift the masked object); fill bnni (paper) or
   bnni_as_released (the official code's variant).
 - KV-Injected Sample: the source's keys/values in every decoder self-attention layer at every step."""
-
-
-def roundtrip(info: dict) -> dict:
-    g = WorkflowBuilder(info)
-    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
-    image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
-    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title="Prompt (may stay empty)")
-    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": Out(ckpt, 2)})
-    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 50, "strength": 0.7},
-                   {"model": Out(ckpt, 0), "latent": Out(encode, 0), "positive": Out(prompt, 0)}, height=220)
-    sample = g.add("DragKitKVInjectedSample", 3, 0, {},
-                   {"model": Out(ckpt, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
-                    "positive": Out(prompt, 0)}, height=240)
-    decode = g.add("DragKitVAEDecode", 4, 0, {"feather": 8},
-                   {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0)}, height=160)
-    g.add("SaveImage", 5, 0, {"filename_prefix": "dragkit_roundtrip"}, {"images": Out(decode, 0)}, height=320)
-    g.note(ROUNDTRIP_NOTE, 2, 3)
-    return g.to_json()
-
 
 REFINE_NOTE = """DragKit hybrid: FastDrag's one-step warp, then a few supervision steps (ours).
 
@@ -79,7 +97,7 @@ sampling. Same model set-up as the FastDrag workflow (10 steps, strength 0.7, op
 CONTROL_UPSCALE_NOTE = """DragKit FastDrag + ControlNet + upscaler: native nodes chained around the drag nodes.
 
 The FastDrag graph, with a ControlNet in the conditioning of KV-Injected Sample and an upscale model after
-VAE Decode (DragKit).
+VAE Decode (DragKit). Also pick the ControlNet and the upscale model before queueing.
 - Load ControlNet Model: an SD1.5 ControlNet that matches the hint, e.g. control_v11p_sd15_canny (with the
   Canny node as here), control_v11p_sd15_lineart or control_v11f1p_sd15_depth (swap Canny for a lineart or
   depth preprocessor, e.g. from comfyui_controlnet_aux). It must be an SD1.x ControlNet for an SD1.x checkpoint.
@@ -97,25 +115,59 @@ VAE Decode (DragKit).
   RealESRGAN_x4plus, 4x-UltraSharp or 4x_NMKD-Siax_200k; Upscale Image (using Model) scales by the
   model's factor after the compositing (the unmasked pixels are the source's before upscaling)."""
 
+EDITOR_TITLE = "Drag Points Editor: click handle, then target; paint the mask"
 
-def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False) -> dict:
+
+def start_here(needs: str, editor: bool = True) -> str:
+    """The first lines of every Note: what to select before queueing, and what the method needs."""
+    return START_HERE.format(editor=EDITOR_STEP if editor else JSON_STEP, needs=needs)
+
+
+def roundtrip(info: dict) -> dict:
     g = WorkflowBuilder(info)
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
-    mask = g.add("LoadImageMask", 0, 5, {"image": IMAGE, "channel": "red"}, title="Editable mask (white = editable)", height=320)
-    points = g.add("DragKitPointsFromJSON", 1, 4, {"points_json": '{"points": [[120, 200], [180, 200]]}'},
-                   {"image": Out(image, 0)}, height=160)
+    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title="Prompt (may stay empty)")
+    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": Out(ckpt, 2)})
+    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 50, "strength": 0.7},
+                   {"model": Out(ckpt, 0), "latent": Out(encode, 0), "positive": Out(prompt, 0)}, height=220)
+    sample = g.add("DragKitKVInjectedSample", 3, 0, {},
+                   {"model": Out(ckpt, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
+                    "positive": Out(prompt, 0)}, height=240)
+    decode = g.add("DragKitVAEDecode", 4, 0, {"feather": 8},
+                   {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0)}, height=160)
+    g.add("SaveImage", 5, 0, {"filename_prefix": "dragkit_roundtrip"}, {"images": Out(decode, 0)}, height=320)
+    note = START_HERE.format(editor="\n3. Queue: the result should look like the photo.", needs=NEEDS["roundtrip"])
+    g.lead_note(note + "\n\n" + ROUNDTRIP_NOTE, height=380)
+    return g.to_json()
+
+
+def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False, json_points: bool = False) -> dict:
+    """The FastDrag graph: points and mask from the Drag Points Editor, or typed JSON + a mask image (``json_points``)."""
+    g = WorkflowBuilder(info)
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
+    image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
+    if json_points:
+        mask_node = g.add("LoadImageMask", 0, 5, {"image": IMAGE, "channel": "red"},
+                          title="Editable mask (white = editable)", height=320)
+        points_node = g.add("DragKitPointsFromJSON", 1, 4, {"points_json": '{"points": [[120, 200], [180, 200]]}'},
+                            {"image": Out(image, 0)}, height=160)
+        points, mask = Out(points_node, 0), Out(mask_node, 0)
+    else:
+        editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)},
+                       title=EDITOR_TITLE, height=560)
+        points, mask = Out(editor, 1), Out(editor, 2)
     prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title="Prompt (may stay empty)")
     encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": Out(ckpt, 2)})
     invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 10, "strength": 0.7},
                    {"model": Out(ckpt, 0), "latent": Out(encode, 0), "positive": Out(prompt, 0)}, height=220)
     warp = g.add("DragKitFastDragWarp", 3, 2, {"mode": "drag", "fill": "bnni"},
-                 {"latent": Out(invert, 0), "points": Out(points, 0), "mask": Out(mask, 0)}, height=180)
+                 {"latent": Out(invert, 0), "points": points, "mask": mask}, height=180)
     warped = Out(warp, 0)
     if refine:
         refined = g.add("DragKitMotionSupervisionOptimize", 3, 4, {"mode": "refine_warp", "iterations": 10},
                         {"model": Out(ckpt, 0), "latent": warped, "attn_cache": Out(invert, 1),
-                         "positive": Out(prompt, 0), "points": Out(points, 0), "mask": Out(mask, 0)}, height=420)
+                         "positive": Out(prompt, 0), "points": points, "mask": mask}, height=420)
         warped = Out(refined, 0)
     positive = Out(prompt, 0)
     if control_upscale:
@@ -131,7 +183,7 @@ def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False) ->
                     "positive": positive}, height=240)
     decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
                    {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0),
-                    "mask": Out(mask, 0), "points": Out(points, 0)}, height=180)
+                    "mask": mask, "points": points}, height=180)
     result, save_column, prefix = Out(decode, 0), 6, "dragkit_fastdrag"
     if control_upscale:
         upscaler = g.add("UpscaleModelLoader", 5, 2, {"model_name": UPSCALER})
@@ -139,12 +191,13 @@ def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False) ->
         result, save_column, prefix = Out(upscale, 0), 7, "dragkit_fastdrag_controlnet_upscale"
     g.add("SaveImage", save_column, 0, {"filename_prefix": prefix}, {"images": result}, height=320)
     g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
+    head = start_here(NEEDS["refine" if refine else "fastdrag"], editor=not json_points)
     if control_upscale:
-        g.note(CONTROL_UPSCALE_NOTE + "\n\n" + FASTDRAG_NOTE, 4, 3, width=520, height=420)
+        g.lead_note(head + "\n\n" + CONTROL_UPSCALE_NOTE + "\n\n" + FASTDRAG_NOTE, height=640)
     elif refine:
-        g.note(REFINE_NOTE + "\n\n" + FASTDRAG_NOTE, 2, 7, width=520, height=320)
+        g.lead_note(head + "\n\n" + REFINE_NOTE + "\n\n" + FASTDRAG_NOTE, height=520)
     else:
-        g.note(FASTDRAG_NOTE, 2, 4, width=520, height=320)
+        g.lead_note(head + "\n\n" + FASTDRAG_NOTE, height=440)
     return g.to_json()
 
 
@@ -152,7 +205,6 @@ MOTION_NOTE = """DragKit {title}: motion supervision of the noisy latent, then s
 
 - Load Image feeds both the editor (to place points) and VAE Encode: moving a point then re-runs only the
   optimisation and sampling, never the LoRA or the inversion (ComfyUI caches them).
-- Drag Points Editor: click handle (red) then target (blue); paint the editable region.
 - Prompt: {prompt}
 - LoRA Fine-tune: the per-image identity LoRA the method trains first ({steps} steps, rank 16, alpha 16,
   lr 5e-4, batch 4, on the image with the prompt); its MODEL feeds every DragKit node. Cached by image,
@@ -171,12 +223,15 @@ MOTION_PROMPTS = {
                  "GoodDrag's default is empty, for the LoRA and the edit; a caption of the image may help."),
 }
 
+MOTION_EDIT_TIME = {"dragdiffusion": "about 13 s", "gooddrag": "about 18 s"}
+
 
 def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int) -> dict:
     g = WorkflowBuilder(info)
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
-    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)}, height=560)
+    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)},
+                   title=EDITOR_TITLE, height=560)
     prompt_title, prompt_help = MOTION_PROMPTS[mode]
     prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title=prompt_title)
     encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": Out(ckpt, 2)})
@@ -198,8 +253,9 @@ def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int)
     g.add("SaveImage", 7, 0, {"filename_prefix": f"dragkit_{mode}"}, {"images": Out(decode, 0)}, height=320)
     g.add("PreviewImage", 7, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
     title = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag"}[mode]
-    g.note(MOTION_NOTE.format(title=title, strength=strength, t_star=t_star, mode=mode, steps=lora_steps,
-                              prompt=prompt_help), 3, 3, width=560, height=360)
+    head = start_here(NEEDS["motion"].format(steps=lora_steps, edit=MOTION_EDIT_TIME[mode]))
+    g.lead_note(head + "\n\n" + MOTION_NOTE.format(title=title, strength=strength, t_star=t_star, mode=mode,
+                                                   steps=lora_steps, prompt=prompt_help), height=520)
     return g.to_json()
 
 
@@ -208,21 +264,86 @@ WORKFLOWS = {
     "fastdrag.json": fastdrag,
     "fastdrag_refine.json": lambda info: fastdrag(info, refine=True),
     "fastdrag_controlnet_upscale.json": lambda info: fastdrag(info, control_upscale=True),
+    "fastdrag_json_points.json": lambda info: fastdrag(info, json_points=True),
     "dragdiffusion.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80),
     "gooddrag.json": lambda info: motion(info, "gooddrag", 0.75, 741, 70),
 }
 
+THUMBNAILS = {
+    "roundtrip.json": ("Round trip", "invert + sample back, no edit"),
+    "fastdrag.json": ("FastDrag", "one-step warp, editor; fast, ~3 GiB GPU"),
+    "fastdrag_refine.json": ("FastDrag + refine", "warp, then supervision steps; GPU"),
+    "fastdrag_controlnet_upscale.json": ("FastDrag + ControlNet", "Canny ControlNet, then an upscaler"),
+    "fastdrag_json_points.json": ("FastDrag (JSON points)", "typed points + mask image, for scripts"),
+    "dragdiffusion.json": ("DragDiffusion", "LoRA + motion supervision; CUDA GPU"),
+    "gooddrag.json": ("GoodDrag", "LoRA + alternating drag/denoise; CUDA GPU"),
+}
+"""Per workflow: the thumbnail's caption (method, one line of what it is)."""
 
-def main() -> None:
+THUMBNAIL_SIZE = 384
+SAMPLE = "samples/art_0"
+
+
+def thumbnail(sample_dir: Path, title: str, subtitle: str, edited: bool = True):
+    """A template-browser card image: the sample with its editable region tinted and drag arrows, and a caption."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from dragkit.datasets import load_drag100
+
+    from .batch_layout import draw_points
+
+    sample = load_drag100(sample_dir)
+    image = Image.fromarray(sample.image).convert("RGB")
+    scale = THUMBNAIL_SIZE / max(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    image = image.resize(size, Image.LANCZOS)
+    if edited and sample.mask is not None:
+        mask = Image.fromarray((sample.mask > 0).astype(np.uint8) * 255).resize(size, Image.NEAREST)
+        tint = Image.new("RGB", size, (255, 220, 60))
+        image = Image.composite(Image.blend(image, tint, 0.35), image, mask)
+    if edited:
+        draw_points(image, sample.points.handles, sample.points.targets, scale=scale)
+    card = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), (24, 24, 28))
+    card.paste(image, ((THUMBNAIL_SIZE - size[0]) // 2, 0))
+    draw = ImageDraw.Draw(card)
+    band = 72
+    draw.rectangle([0, THUMBNAIL_SIZE - band, THUMBNAIL_SIZE, THUMBNAIL_SIZE], fill=(24, 24, 28))
+    draw.text((14, THUMBNAIL_SIZE - band + 10), title, fill="white", font=ImageFont.load_default(size=26))
+    draw.text((14, THUMBNAIL_SIZE - band + 44), subtitle, fill=(200, 200, 200), font=ImageFont.load_default(size=16))
+    return card
+
+
+def write_thumbnails(out_dir: Path) -> None:
+    """``<workflow>.jpg`` beside each workflow (the frontend's thumbnail for a pack's template)."""
+    import io
+
+    from dragkit.atomic import write_bytes_atomic
+
+    for name, (title, subtitle) in THUMBNAILS.items():
+        card = thumbnail(repo_root() / SAMPLE, title, subtitle, edited=name != "roundtrip.json")
+        buffer = io.BytesIO()
+        card.save(buffer, format="JPEG", quality=85, optimize=True)
+        path = out_dir / Path(name).with_suffix(".jpg")
+        write_bytes_atomic(path, buffer.getvalue())
+        print(f"wrote {path.relative_to(repo_root())}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Regenerate workflows/*.json (needs COMFYUI_PATH) and thumbnails.")
+    parser.add_argument("--thumbnails", action="store_true", help="only the thumbnails (no ComfyUI needed)")
+    args = parser.parse_args(argv)
     out_dir = repo_root() / "workflows"
-    with ComfyServer() as server:
-        info = server.object_info()
-    for name, build in WORKFLOWS.items():
-        path = out_dir / name
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(build(info), indent=2) + "\n")
-        tmp.replace(path)
-        print(f"wrote {Path(path).relative_to(repo_root())}")
+    if not args.thumbnails:
+        with ComfyServer() as server:
+            info = server.object_info()
+        for name, build in WORKFLOWS.items():
+            path = out_dir / name
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(build(info), indent=2) + "\n")
+            tmp.replace(path)
+            print(f"wrote {Path(path).relative_to(repo_root())}")
+    write_thumbnails(out_dir)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .workflow_format import _widget_slots
+from .workflow_format import ordered_inputs, widget_layout, widget_names
 
 NODE_WIDTH = 320
 COLUMN = 380
@@ -33,6 +33,8 @@ class WorkflowBuilder:
         self.info = object_info
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.row_shift = 0
+        """Pixels every later node moves down (below a :meth:`lead_note`)."""
 
     def add(
         self,
@@ -54,26 +56,26 @@ class WorkflowBuilder:
         inputs = dict(inputs or {})
         node_id = len(self.nodes) + 1
         values = []
-        for name, extra in _widget_slots(definition):
+        for name, ui_value in widget_layout(definition):
+            if name is None:
+                values.append(ui_value)
+                continue
             spec = definition["input"].get("required", {}).get(name) or definition["input"]["optional"][name]
             values.append(widgets.pop(name) if name in widgets else _default(spec))
-            options = spec[1] if len(spec) > 1 else {}
-            if extra:
-                values.append("image" if options.get("image_upload") else "fixed")
         if widgets:
             raise KeyError(f"{kind} has no widgets {sorted(widgets)}")
         sockets = []
-        for section in ("required", "optional"):
-            for name, spec in definition["input"].get(section, {}).items():
-                if name in inputs or not any(name == slot for slot, _ in _widget_slots(definition)):
-                    socket = {"name": name, "type": _type_name(spec[0]), "link": None}
-                    if name in inputs:
-                        source = inputs.pop(name)
-                        link_id = len(self.links) + 1
-                        self.links.append([link_id, source.node, source.slot, node_id, len(sockets), socket["type"]])
-                        self._node(source.node)["outputs"][source.slot]["links"].append(link_id)
-                        socket["link"] = link_id
-                    sockets.append(socket)
+        widget_inputs = widget_names(definition)
+        for name, spec in ordered_inputs(definition):
+            if name in inputs or name not in widget_inputs:
+                socket = {"name": name, "type": _type_name(spec[0]), "link": None}
+                if name in inputs:
+                    source = inputs.pop(name)
+                    link_id = len(self.links) + 1
+                    self.links.append([link_id, source.node, source.slot, node_id, len(sockets), socket["type"]])
+                    self._node(source.node)["outputs"][source.slot]["links"].append(link_id)
+                    socket["link"] = link_id
+                sockets.append(socket)
         if inputs:
             raise KeyError(f"{kind} has no inputs {sorted(inputs)}")
         outputs = [
@@ -84,7 +86,7 @@ class WorkflowBuilder:
             {
                 "id": node_id,
                 "type": kind,
-                "pos": [40 + column * COLUMN, 40 + row * 160],
+                "pos": [40 + column * COLUMN, 40 + row * 160 + self.row_shift],
                 "size": [NODE_WIDTH, height],
                 "flags": {},
                 "order": node_id - 1,
@@ -105,7 +107,7 @@ class WorkflowBuilder:
             {
                 "id": node_id,
                 "type": "Note",
-                "pos": [40 + column * COLUMN, 40 + row * 160],
+                "pos": [40 + column * COLUMN, 40 + row * 160 + self.row_shift],
                 "size": [width, height],
                 "flags": {},
                 "order": node_id - 1,
@@ -118,6 +120,16 @@ class WorkflowBuilder:
                 "bgcolor": "#653",
             }
         )
+        return node_id
+
+    def lead_note(self, text: str, width: int = 800, height: int = 420) -> int:
+        """Add the workflow's main Note at the top left, where the view opens, and move every node below it."""
+        shift = height + 80
+        for node in self.nodes:
+            node["pos"][1] += shift
+        self.row_shift += shift
+        node_id = self.note(text, 0, 0, width=width, height=height)
+        self._node(node_id)["pos"] = [40, 40]
         return node_id
 
     def _node(self, node_id: int) -> dict:

@@ -4,13 +4,18 @@ The backend never reads the UI ("save") format: the frontend turns the graph
 into an API prompt (``graphToPrompt``). This module does the same for
 headless runs and tests, using the node definitions of ``/object_info``:
 
-- a node's ``widgets_values`` are positional over its widget inputs, in the
-  order of ``input.required`` then ``input.optional``; an input that is a
-  widget type (a combo list, INT, FLOAT, STRING, BOOLEAN) takes a slot even
-  when a link feeds it (a converted widget), and a link then wins;
-- a widget with ``control_after_generate`` (seeds) is followed by one extra
-  value ("fixed", "randomize", ...), and a combo with ``image_upload`` by the
-  upload button's value; neither reaches the prompt;
+- a node's ``widgets_values`` are positional over its widgets in the
+  frontend's order (:func:`widget_layout`): the ``input_order`` of
+  ``/object_info`` (required, then optional), then the upload button that
+  the frontend's ``Comfy.UploadImage`` extension appends to a node with an
+  ``image_upload`` combo (so it comes after every other widget, optional
+  ones included); an input that is a widget type (a combo list, INT, FLOAT,
+  STRING, BOOLEAN) takes a slot even when a link feeds it (a converted
+  widget), and a link then wins;
+- an INT or combo with ``control_after_generate`` (by default INTs named
+  ``seed`` / ``noise_seed``) is followed by its control value ("fixed",
+  "randomize", ...); neither that nor the upload button's value reaches the
+  prompt;
 - frontend-only nodes (Note, MarkdownNote) are dropped, Reroute nodes are
   followed to their source, muted nodes (mode 2) are dropped, and bypassed
   nodes (mode 4) pass their first input of a matching type through;
@@ -34,23 +39,61 @@ class WorkflowError(ValueError):
 
 def _is_widget(spec: list) -> bool:
     kind = spec[0]
-    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if options.get("forceInput"):
+    if _options(spec).get("forceInput"):
         return False
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def _widget_slots(node_def: dict) -> list[tuple[str, int]]:
-    """``(input name, extra values after it)`` for each widget input, in widgets_values order."""
-    slots = []
-    for section in ("required", "optional"):
-        for name, spec in node_def.get("input", {}).get(section, {}).items():
-            if not _is_widget(spec):
-                continue
-            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            extra = 1 if options.get("control_after_generate") or options.get("image_upload") else 0
-            slots.append((name, extra))
+def _options(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def ordered_inputs(node_def: dict) -> list[tuple[str, list]]:
+    """``(name, spec)`` of every required and optional input in the frontend's order.
+
+    Mirrors ``getOrderedInputSpecs`` of comfyui-frontend-package 1.27.10:
+    ``input_order.required``, then ``input_order.optional``, then anything
+    not listed (in definition order); without ``input_order``, definition order.
+    """
+    sections = node_def.get("input", {})
+    specs = {name: spec for section in ("required", "optional") for name, spec in sections.get(section, {}).items()}
+    order = node_def.get("input_order") or {}
+    names = [n for section in ("required", "optional") for n in order.get(section, []) if n in sections.get(section, {})]
+    names += [n for n in specs if n not in names]
+    return [(name, specs[name]) for name in names]
+
+
+def widget_layout(node_def: dict) -> list[tuple[str | None, Any]]:
+    """The node's ``widgets_values`` slots as the frontend saves them, in order.
+
+    Each slot is ``(input name, None)`` for a widget input, or ``(None,
+    value)`` for a UI-only value with what a new node saves there (a control
+    widget: ``"fixed"``; the upload button: ``"image"``). See the module
+    docstring for the rules.
+    """
+    slots: list[tuple[str | None, Any]] = []
+    upload = False
+    for name, spec in ordered_inputs(node_def):
+        if not _is_widget(spec):
+            continue
+        options = _options(spec)
+        slots.append((name, None))
+        is_combo = isinstance(spec[0], list) or spec[0] == "COMBO"
+        control = options.get("control_after_generate")
+        if control is None:
+            control = spec[0] == "INT" and name in ("seed", "noise_seed")
+        if control and (spec[0] == "INT" or is_combo):
+            slots.append((None, "fixed"))
+        if is_combo and any(options.get(k) for k in ("image_upload", "video_upload", "animated_image_upload")):
+            upload = True
+    if upload:
+        slots.append((None, "image"))
     return slots
+
+
+def widget_names(node_def: dict) -> list[str]:
+    """Names of the node's widget inputs (the inputs that have a ``widgets_values`` slot)."""
+    return [name for name, _ in widget_layout(node_def) if name is not None]
 
 
 def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
@@ -90,12 +133,9 @@ def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str
         if isinstance(values, dict):
             inputs.update(values)
         else:
-            position = 0
-            for name, extra in _widget_slots(object_info[kind]):
-                if position < len(values):
-                    value = values[position]
+            for (name, _), value in zip(widget_layout(object_info[kind]), values):
+                if name is not None:
                     inputs[name] = {"__value__": value} if isinstance(value, list) else value
-                position += 1 + extra
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
                 inputs[socket["name"]] = source_of(socket["link"])
