@@ -1,9 +1,9 @@
 """Run a shipped workflow headless through ComfyUI's own execution engine: one sample, or a folder of them.
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m tools.run_workflow workflows/fastdrag.json \\
-        --sample ../shared/data/Drag100/art_0 --checkpoint /models/sd15.safetensors --out out/
+    COMFYUI_PATH=/path/to/ComfyUI bash scripts/run_workflow.sh workflows/fastdrag.json \\
+        --sample samples/art_0 --checkpoint /models/sd15.safetensors --out out/
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m tools.run_workflow workflows/fastdrag.json \\
+    COMFYUI_PATH=/path/to/ComfyUI bash scripts/run_workflow.sh workflows/fastdrag.json \\
         --batch ../shared/data/Drag100 --checkpoint /models/sd15.safetensors --out runs/fastdrag [--limit N]
 
 Starts ComfyUI (``COMFYUI_PATH``) headless with this pack, converts the UI
@@ -64,7 +64,7 @@ from dragkit.errors import DragInputError
 from dragkit.points import DragPoints, parse_drag_points
 
 from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
-from .comfy_host import ComfyServer, ComfyServerError, comfyui_problem
+from .comfy_host import ComfyServer, ComfyServerError, comfyui_path, comfyui_problem
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
 EXIT_SAMPLES_FAILED = 1
@@ -259,11 +259,74 @@ def read_workflow(path: Path) -> tuple[dict, str]:
     return workflow, hashlib.sha256(data).hexdigest()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+SETUP_COMMAND = "COMFYUI_PATH={path} bash scripts/test.sh"
+"""The README's set-up command: makes .venv with this pack's and ComfyUI's requirements (and runs the tests)."""
+
+GET_COMFYUI = "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI"
+
+REQUIREMENT_MODULES = {"pyyaml": "yaml", "pillow": "PIL"}
+"""Import names of ComfyUI requirements whose distribution name is not the module name (lower case, - as _)."""
+
+
+def comfyui_requirements_missing(comfyui: Path) -> list[str]:
+    """ComfyUI's essential requirements (``requirements.txt`` up to "non essential") not importable here."""
+    import importlib.util
+    import re
+
+    try:
+        lines = (comfyui / "requirements.txt").read_text().splitlines()
+    except OSError:
+        return []
+    missing = []
+    for line in lines:
+        if "non essential" in line.lower():
+            break
+        name = re.split(r"[<>=~!;\[ ]", line.strip(), maxsplit=1)[0]
+        if not name or name.startswith("#"):
+            continue
+        module = REQUIREMENT_MODULES.get(name.lower(), name.lower().replace("-", "_"))
+        if importlib.util.find_spec(module) is None:
+            missing.append(name)
+    return missing
+
+
+def setup_problem() -> str | None:
+    """What is missing to run ComfyUI from here, with the exact command that fixes it (None when nothing is)."""
+    path = comfyui_path()
+    shown = str(path) if path else "/path/to/ComfyUI"
+    setup = SETUP_COMMAND.format(path=shown)
+    if path is None:
+        return ("COMFYUI_PATH is not set. Get ComfyUI and set up this repository (installs ComfyUI's requirements "
+                f"into .venv and runs the tests), then put COMFYUI_PATH=... in front of this command:\n"
+                f"  {GET_COMFYUI}\n  {SETUP_COMMAND.format(path='../ComfyUI')}")
     problem = comfyui_problem()
     if problem:
-        print(f"error: {problem}. Set COMFYUI_PATH to a ComfyUI checkout.", file=sys.stderr)
+        return f"{problem}.\nGet ComfyUI with:\n  {GET_COMFYUI}\nand set COMFYUI_PATH to that folder."
+    missing = comfyui_requirements_missing(path)
+    if missing:
+        return (f"ComfyUI's requirements are not installed in this Python ({sys.executable}; missing: "
+                f"{', '.join(missing)}). Run the set-up command, which installs them into .venv:\n  {setup}\n"
+                f"or install them into this Python:\n  {sys.executable} -m pip install -r {path / 'requirements.txt'}")
+    return None
+
+
+def startup_hint(error: ComfyServerError) -> str:
+    """A line saying what to run when ComfyUI failed to start for a missing module ('' otherwise)."""
+    import re
+
+    found = re.search(r"No module named '([^']+)'", str(error))
+    if not found:
+        return ""
+    path = comfyui_path() or Path("/path/to/ComfyUI")
+    return (f"\nComfyUI could not import '{found.group(1)}': install ComfyUI's requirements with\n"
+            f"  {SETUP_COMMAND.format(path=path)}\nor\n  {sys.executable} -m pip install -r {path / 'requirements.txt'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = setup_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         workflow, digest = read_workflow(args.workflow)
@@ -277,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ComfyServerError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{startup_hint(error)}", file=sys.stderr)
         return EXIT_COMFYUI
 
 

@@ -148,3 +148,12 @@ class Browser:
             self.proc.kill()
             self.proc.wait(timeout=10)
         shutil.rmtree(self.user_dir, ignore_errors=True)
+
+
+def open_comfyui(browser: Browser, server, node_class: str, timeout: float = 90) -> Browser:
+    """Load ComfyUI's frontend from ``server`` (a ComfyServer) in ``browser``, without the "Get started"
+    dialog, and wait until ``node_class`` is registered; returns ``browser``."""
+    assert server.post("/settings/Comfy.TutorialCompleted", json=True).status_code == 200
+    browser.send("Page.navigate", url=server.url)
+    browser.wait_for(f"!!(window.app?.graph && window.LiteGraph?.registered_node_types?.['{node_class}'])", timeout)
+    return browser

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.host
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 DRAG100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "Drag100"
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "art_0"  # the README's first-run sample
 POINTS = json.dumps({"points": [[40, 50], [70, 52], [90, 30], [96, 40]]})
 
 
@@ -152,12 +153,40 @@ def test_ui_conversion_matches_the_widget_order(comfy_server):
     assert not any(n["class_type"] == "Note" for n in prompt.values())
 
 
+def test_fastdrag_workflows_take_points_and_mask_from_the_editor(comfy_server):
+    """fastdrag, fastdrag_refine and fastdrag_controlnet_upscale: Load Image -> editor and VAE Encode; editor -> drag nodes."""
+    info = comfy_server.object_info()
+    for name in ("fastdrag.json", "fastdrag_refine.json", "fastdrag_controlnet_upscale.json"):
+        prompt = ui_to_api(json.loads((WORKFLOWS[0].parent / name).read_text()), info)
+        kinds = {node["class_type"] for node in prompt.values()}
+        assert "DragKitPointsFromJSON" not in kinds and "LoadImageMask" not in kinds, name
+        [editor] = [i for i, n in prompt.items() if n["class_type"] == "DragKitPointsEditor"]
+        [load] = [i for i, n in prompt.items() if n["class_type"] == "LoadImage"]
+        assert prompt[editor]["inputs"]["image"] == [load, 0]
+        assert next(n for n in prompt.values() if n["class_type"] == "VAEEncode")["inputs"]["pixels"] == [load, 0]
+        for node in prompt.values():
+            if node["class_type"] in ("DragKitFastDragWarp", "DragKitVAEDecode", "DragKitMotionSupervisionOptimize"):
+                assert node["inputs"]["points"] == [editor, 1] and node["inputs"]["mask"] == [editor, 2], name
+    scripted = ui_to_api(json.loads((WORKFLOWS[0].parent / "fastdrag_json_points.json").read_text()), info)
+    assert {"DragKitPointsFromJSON", "LoadImageMask"} <= {n["class_type"] for n in scripted.values()}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_each_workflow_has_a_thumbnail_and_a_note_that_says_what_to_select_first(workflow):
+    assert workflow.with_suffix(".jpg").is_file()
+    with Image.open(workflow.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 256
+    notes = [n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and notes[0]["pos"] == [40, 40]  # where the view opens
+    text = notes[0]["widgets_values"][0]
+    assert text.startswith("START HERE: 1. Load Checkpoint: pick your SD1.5 checkpoint")
+    assert "2. Load Image: pick or upload your photo." in text and "\nNeeds: " in text
+
+
 def test_main_job_command_runs(tmp_path, comfyui):
     from tools.run_workflow import main
 
-    sample = DRAG100 / "art_0"
-    if not sample.exists():
-        pytest.skip(f"{sample} is not present")
+    sample = SAMPLE
     small = tmp_path / "sample"
     small.mkdir()
     Image.open(sample / "original.jpg").resize((128, 128)).save(small / "original.jpg")

@@ -1,0 +1,82 @@
+"""The README's first run in a fresh clone: the set-up command, then the main job, exactly as the README gives them.
+
+The commands are parsed from the README's "First run" section (its three
+``bash`` blocks, in order), so this test fails when the README drifts. The
+repository (its committed ``HEAD``) is cloned with ``git clone`` into a
+temporary folder. Step 1 (``git clone https://github.com/Comfy-Org/ComfyUI
+../ComfyUI``) needs the network: the test checks that the README says
+exactly that and puts a link to ``COMFYUI_PATH``'s checkout at
+``../ComfyUI`` instead. Steps 2 and 3 run with ``bash -c`` in the clone,
+unchanged, without ``COMFYUI_PATH`` in the environment (the commands set it).
+
+- ``VENV``: the set-up and the runner scripts honour it; the test points it
+  at this interpreter's virtual environment (unless ``DRAGKIT_FRESH_VENV=1``,
+  which lets the set-up make ``.venv`` in the clone and download torch), so
+  the same scripts run without downloading torch again.
+- The set-up command runs the whole suite (about 18 minutes on a 2-core CPU,
+  and it contains this test): ``PYTEST_ADDOPTS`` narrows it to the quick
+  first-run tests unless ``DRAGKIT_FRESH_CLONE_FULL=1``; inside the clone
+  this test skips itself (``DRAGKIT_IN_FRESH_CLONE``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tools.comfy_host import comfyui_path, repo_root
+
+pytestmark = pytest.mark.slow
+
+GET_COMFYUI = "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI"
+
+
+def first_run_commands(readme: str) -> list[str]:
+    """The ``bash`` blocks of the README's "## First run" section, in order (leading indentation removed)."""
+    match = re.search(r"^## First run\n(.*?)^## ", readme, flags=re.S | re.M)
+    assert match, "the README has no '## First run' section"
+    blocks = re.findall(r"^( *)```bash\n(.*?)^\1```", match.group(1), flags=re.S | re.M)
+    return ["\n".join(line[len(indent):] for line in body.strip("\n").splitlines()) for indent, body in blocks]
+
+
+def test_readme_first_run_commands_in_a_fresh_clone(tmp_path, comfyui):
+    if os.environ.get("DRAGKIT_IN_FRESH_CLONE"):
+        pytest.skip("already inside the fresh-clone test")
+    readme = (repo_root() / "README.md").read_text()
+    get_comfyui, set_up, main_job = first_run_commands(readme)
+    assert get_comfyui == GET_COMFYUI
+    assert "COMFYUI_PATH=../ComfyUI" in set_up and "scripts/test.sh" in set_up
+    assert "COMFYUI_PATH=../ComfyUI" in main_job and "--out out/" in main_job
+
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["git", "clone", "--quiet", str(repo_root()), str(work / "dragkit")], check=True)
+    (work / "ComfyUI").symlink_to(comfyui_path(), target_is_directory=True)  # what step 1 makes
+    clone = work / "dragkit"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS", "VIRTUAL_ENV")}
+    env["DRAGKIT_IN_FRESH_CLONE"] = "1"
+    if not os.environ.get("DRAGKIT_FRESH_VENV"):
+        env["VENV"] = sys.prefix
+    if not os.environ.get("DRAGKIT_FRESH_CLONE_FULL"):
+        env["PYTEST_ADDOPTS"] = "-k first_run_messages"
+
+    timings = {}
+    for label, command in (("set-up", set_up), ("main job", main_job)):
+        start = time.monotonic()
+        result = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
+                                timeout=3600)
+        timings[label] = time.monotonic() - start
+        assert result.returncode == 0, f"{label}: {command}\nexit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    print(f"fresh clone: set-up {timings['set-up']:.0f} s, main job {timings['main job']:.0f} s")
+
+    written = sorted(p.name for p in (clone / "out").iterdir())
+    assert "original_side_by_side.png" in written and len(written) == 2, written
+    with Image.open(clone / "out" / "original_side_by_side.png") as combined:
+        assert combined.size == (1024, 512)
