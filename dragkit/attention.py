@@ -209,6 +209,8 @@ class KVRecorder(AttentionControl):
         self.policy = policy
         self.num_steps = num_steps
         self.placed = False
+        self.async_sources: set[torch.device] = set()
+        """CUDA devices with copies into pinned CPU memory still in flight (see :meth:`finish`)."""
 
     def begin_step(self, timestep: int) -> None:
         if not self.placed and self.cache.kv:
@@ -216,9 +218,17 @@ class KVRecorder(AttentionControl):
         super().begin_step(timestep)
 
     def finish(self) -> None:
-        """Settle the storage device once recording is over (call after the last step)."""
+        """Settle the storage device once recording is over (call after the last step).
+
+        Copies from a CUDA device into pinned CPU memory are asynchronous; this
+        waits for them, so the cache can be read on the host as soon as it
+        returns.
+        """
         if not self.placed and self.cache.kv:
             self._place()
+        for device in self.async_sources:
+            torch.cuda.synchronize(device)
+        self.async_sources.clear()
 
     def _place(self) -> None:
         estimate = self.cache.kv_nbytes_per_step() * self.num_steps
@@ -226,9 +236,20 @@ class KVRecorder(AttentionControl):
         if device != self.cache.storage_device:
             for step in self.cache.kv.values():
                 for index, (k, v) in step.items():
-                    step[index] = (_store(k, device), _store(v, device))
+                    step[index] = (self._store(k, device), self._store(v, device))
             self.cache.storage_device = device
         self.placed = True
+
+    def _store(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A detached copy of ``t`` on ``device``; from CUDA to the CPU an asynchronous copy into pinned memory."""
+        t = t.detach()
+        if t.device == device:
+            return t.clone()
+        pin = device.type == "cpu" and t.device.type == "cuda"
+        out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+        if pin:
+            self.async_sources.add(t.device)
+        return out.copy_(t, non_blocking=pin)
 
     def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.index in self.indices:
@@ -237,18 +258,10 @@ class KVRecorder(AttentionControl):
             if not self.placed:
                 self.cache.storage_device = k.device
             step = self.cache.kv.setdefault(self.timestep, {})
-            step[layer.index] = (_store(k, self.cache.storage_device), _store(v, self.cache.storage_device))
+            step[layer.index] = (self._store(k, self.cache.storage_device), self._store(v, self.cache.storage_device))
         return k, v
 
 
-def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A detached copy of ``t`` on ``device`` (pinned CPU memory when it comes from CUDA)."""
-    t = t.detach()
-    if t.device == device:
-        return t.clone()
-    pin = device.type == "cpu" and t.device.type == "cuda"
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
-    return out.copy_(t, non_blocking=pin)
 
 
 class KVInjector(AttentionControl):

@@ -80,8 +80,6 @@ def ddim_invert(
     backend.run(loop, z0, conditioning, recorder, timesteps)
     cache.trajectory.update({t: z.cpu() for t, z in trajectory.items()})
     recorder.finish()
-    if cache.storage_device.type == "cuda":
-        torch.cuda.synchronize(cache.storage_device)
     return cache
 
 

@@ -223,12 +223,53 @@ def train_lora(
     return result
 
 
+def sample_indices(numel: int, count: int) -> torch.Tensor:
+    """``min(count, numel)`` evenly spaced int64 indices into a flat tensor of ``numel`` elements.
+
+    Integer arithmetic (``i·(numel−1) // (k−1)``): a float32 ``linspace`` rounds
+    the last index of a tensor above 2**24 elements up to ``numel``, out of
+    bounds (a device-side assert on CUDA, an IndexError on the CPU).
+    """
+    count = min(int(count), int(numel))
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.int64)
+    return torch.arange(count, dtype=torch.int64) * (int(numel) - 1) // (count - 1)
+
+
+def weights_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 64) -> str:
+    """sha256 over every tensor of ``module``'s state dict: name, shape, dtype and evenly spaced values.
+
+    Cheap (no full pass over the weights), stable across restarts and devices,
+    and it reads weights only, never the output of a (possibly
+    non-deterministic) GPU computation.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        if flat.numel() == 0:
+            continue
+        idx = sample_indices(flat.numel(), samples_per_tensor).to(flat.device)
+        h.update(flat[idx].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's shape, dtype and exact values (CPU copy)."""
     t = tensor.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def pixel_digest(image: torch.Tensor) -> str:
+    """sha256 of an IMAGE ``(B, H, W, C)`` in [0, 1] as 8-bit pixels.
+
+    Keys on what the image shows, not on float bits that a GPU op upstream
+    (e.g. an upscaler with cudnn benchmark or atomics) may change from run to
+    run of the same input.
+    """
+    return tensor_digest((image.detach().to(torch.float32).clamp(0, 1) * 255).round().to(torch.uint8))
 
 
 def cache_key(parts: Iterable[tuple[str, str]]) -> str:

@@ -44,6 +44,7 @@ from ..dragkit.lora import (
     gaussian_lora_init,
     grad_scaler_for,
     train_lora,
+    weights_fingerprint,
 )
 from .comfy_autograd import prepare_for_backward, release
 
@@ -83,37 +84,6 @@ def attention_projections(base_model) -> list[tuple[str, torch.nn.Module]]:
     if not found:
         raise DragInputError("this MODEL has no attention to_q/to_k/to_v/to_out.0 projections to adapt")
     return sorted(found, key=lambda item: item[0])
-
-
-def sample_indices(numel: int, count: int) -> torch.Tensor:
-    """``min(count, numel)`` evenly spaced int64 indices into a flat tensor of ``numel`` elements.
-
-    Integer arithmetic (``i·(numel−1) // (k−1)``): a float32 ``linspace`` rounds
-    the last index of a tensor above 2**24 elements up to ``numel``, out of
-    bounds (a device-side assert on CUDA, an IndexError on the CPU).
-    """
-    count = min(int(count), int(numel))
-    if count <= 1:
-        return torch.zeros(count, dtype=torch.int64)
-    return torch.arange(count, dtype=torch.int64) * (int(numel) - 1) // (count - 1)
-
-
-def weights_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 64) -> str:
-    """sha256 over every tensor of ``module``'s state dict: name, shape, dtype and evenly spaced values.
-
-    Cheap (no full pass over the weights), stable across restarts and devices,
-    and it reads weights only, never the output of a (possibly
-    non-deterministic) GPU computation.
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        if flat.numel() == 0:
-            continue
-        idx = sample_indices(flat.numel(), samples_per_tensor).to(flat.device)
-        h.update(flat[idx].to("cpu", torch.float64).numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_fingerprint(base_model, samples_per_tensor: int = 64) -> str:

@@ -14,10 +14,13 @@ from typing import Callable
 
 import comfy.model_management
 import comfy.utils
+import torch
 
 from ..dragkit.attention import AttnCache
 from ..dragkit.errors import DragInputError
 from ..dragkit.points import DragPoints
+
+INPUT_LATENT = "the input latent (made upstream of this node)"
 
 CATEGORY = "DragKit"
 """The one Add-Node menu category of the pack."""
@@ -45,6 +48,25 @@ def node_errors(node_name: str) -> Iterator[None]:
         yield
     except DragInputError as err:
         raise NodeInputError(f"[{node_name}] {err}") from None
+
+
+FINITE_HINT = (
+    "On a GPU in fp16 this is usually an overflow: start ComfyUI with --fp32-unet (model) or --fp32-vae (VAE), "
+    "or use an fp16-safe model or VAE."
+)
+
+
+def require_finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """``tensor`` unchanged when every value is finite; otherwise a clear error saying ``where`` they appeared.
+
+    ``where`` names the stage, e.g. "the output of DDIM inversion" or "the
+    input latent (made upstream of this node)", so a NaN that would decode to
+    a black region never reaches the user silently.
+    """
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise DragInputError(f"{where} holds {bad} non-finite values (NaN or inf) of {tensor.numel()}. {FINITE_HINT}")
+    return tensor
 
 
 def require_points(points) -> DragPoints:

@@ -8,7 +8,7 @@ from ..dragkit.compositing import draw_points, paste_edit
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.points import DragPoints
-from .common import CATEGORY, DRAG_POINTS, log, node_errors, require_points
+from .common import CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_finite, require_points
 from .latent_io import read_step
 
 
@@ -44,14 +44,14 @@ class DragVAEDecode:
 
     def decode(self, vae, latent, feather, source_image=None, mask=None, points=None):
         with node_errors("VAE Decode (DragKit)"):
-            samples = latent["samples"]
+            samples = require_finite(latent["samples"], INPUT_LATENT)
             if samples.shape[0] != 1:
                 raise DragInputError(f"the latent holds a batch of {samples.shape[0]}; decode one edited image")
             if read_step(latent) is not None:
                 log.warning("DragKit VAE Decode: this latent is still noisy (it has a diffusion step); denoise it first")
             decoded = vae.decode(samples)
             decoded = decoded.reshape(-1, *decoded.shape[-3:])[:1]
-            image = decoded[0]
+            image = require_finite(decoded[0], "the output of the VAE decode")
             if source_image is not None:
                 image = self._paste(source_image, image, mask, feather)
             elif mask is not None:

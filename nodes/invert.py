@@ -9,7 +9,7 @@ from ..dragkit.ddim import ddim_invert
 from ..dragkit.errors import DragInputError
 from ..dragkit.schedule import DDIMSchedule
 from .comfy_backend import ComfyBackend, ComfyConditioning
-from .common import ATTN_CACHE, CATEGORY, log, node_errors, progress_reporter
+from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, progress_reporter, require_finite
 from .latent_io import read_step, with_step
 
 
@@ -82,9 +82,10 @@ class DDIMInvert:
             layers = select_layers(backend.self_attention_layers(), cache_layers)
             schedule = DDIMSchedule(backend.alphas_cumprod(), steps, strength)
             backend.check_timesteps(schedule.inversion_timesteps())
-            z0 = backend.latent_to_vp(latent["samples"], 0.0)
+            z0 = require_finite(backend.latent_to_vp(latent["samples"], 0.0), INPUT_LATENT)
             progress = preview_progress(model, schedule.num_inversion_steps)
             cache = ddim_invert(backend, z0, ComfyConditioning(positive), schedule, layers, cache_device, progress)
+            require_finite(cache.z_star, "the output of DDIM inversion (the model's noise predictions)")
         sigma = backend.sigma(schedule.t_star)
         samples = backend.vp_to_latent(cache.z_star, sigma)
         log.info(

@@ -9,7 +9,7 @@ import folder_paths
 
 from ..dragkit.errors import DragInputError
 from ..dragkit.atomic import save_safetensors_atomic
-from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, tensor_digest
+from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, pixel_digest, weights_fingerprint
 from .comfy_lora import (
     ComfyLoRATrainer,
     apply_lora,
@@ -23,7 +23,7 @@ from .common import CATEGORY, log, node_errors, progress_reporter
 NODE_NAME = "LoRA Fine-tune"
 CACHE_FOLDER = "dragkit-lora-cache"
 """Sub-folder of ComfyUI's first ``loras`` folder that holds cached LoRAs (``<key>.safetensors``)."""
-FORMAT_VERSION = "dragkit-lora-v1"
+FORMAT_VERSION = "dragkit-lora-v2"
 """Part of every cache key; bump when training or the file format changes."""
 NONE = "none"
 
@@ -134,11 +134,10 @@ class LoRAFineTune:
             config = LoRATrainingConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seed=seed).validate()
             single_prompt(positive)
             target = _save_path(save_name)
-            mean, std = encode_latent(model, vae, image)
             key = cache_key([
                 ("format", FORMAT_VERSION),
-                ("image", tensor_digest(image)),
-                ("latent", tensor_digest(mean)),
+                ("image", pixel_digest(image)),
+                ("vae", weights_fingerprint(vae.first_stage_model)),
                 ("model", effective_weights_fingerprint(model)),
                 ("prompt", conditioning_digest(positive)),
                 ("config", config_fingerprint(config)),
@@ -150,6 +149,7 @@ class LoRAFineTune:
                 STATS["cache_hits"] += 1
                 log.info("DragKit LoRA Fine-tune: cache hit %s, not training", cache_relative)
             else:
+                mean, std = encode_latent(model, vae, image)
                 lora_sd = _train(model, positive, config, mean, std, unique_id)
                 if use_cache:
                     save_safetensors_atomic(lora_sd, cache_path, _metadata(key, config))

@@ -11,7 +11,7 @@ from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.optimisation import keep_map
 from .comfy_backend import ComfyBackend, ComfyConditioning
-from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, log, node_errors, require_cache, require_points
+from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_cache, require_finite, require_points
 from .invert import check_conditioning, preview_progress
 from .latent_io import clean_latent, require_step, with_step
 
@@ -109,7 +109,7 @@ class MotionSupervisionOptimize:
             if mode not in MODES:
                 raise DragInputError(f"mode must be one of {MODES}, got {mode!r}")
             backend = ComfyBackend(model)
-            z = backend.latent_to_vp(samples, step.sigma)
+            z = require_finite(backend.latent_to_vp(samples, step.sigma), INPUT_LATENT)
             handles = geometry.points_to_supervision(points.handles_tensor())
             targets = geometry.points_to_supervision(points.targets_tensor())
             schedule = attn_cache.schedule
@@ -146,6 +146,7 @@ class MotionSupervisionOptimize:
                     "DragKit Motion-Supervision Optimize: GoodDrag, %d drag operations, %d gradient steps, %d denoising steps",
                     result.drag_operations, result.gradient_steps, result.denoising_steps,
                 )
+            require_finite(latent_out, f"the output of {mode} optimisation")
         moved = points.with_handles(geometry.supervision_to_points(tracked))
         if index == schedule.num_steps:
             log.info("DragKit Motion-Supervision Optimize: the drag phase reached the last step; the latent is clean")

@@ -6,7 +6,7 @@ from ..dragkit.attention import LAYER_SPEC_HELP, select_layers
 from ..dragkit.ddim import KV_SOURCES, kv_sample
 from ..dragkit.errors import DragInputError
 from .comfy_backend import ComfyBackend, ComfyConditioning
-from .common import ATTN_CACHE, CATEGORY, log, node_errors, require_cache
+from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, require_cache, require_finite
 from .invert import check_conditioning, preview_progress
 from .latent_io import clean_latent, require_step
 
@@ -61,12 +61,13 @@ class KVInjectedSample:
             layers = select_layers(backend.self_attention_layers(), inject_layers)
             timesteps = schedule.denoising_timesteps(step.step_index)
             backend.check_timesteps(timesteps)
-            z = backend.latent_to_vp(latent["samples"], step.sigma)
+            z = require_finite(backend.latent_to_vp(latent["samples"], step.sigma), INPUT_LATENT)
             conditioning = ComfyConditioning(positive, negative, cfg)
             progress = preview_progress(model, len(timesteps))
             z0 = kv_sample(
                 backend, z, conditioning, attn_cache, step.step_index, layers, inject_start, inject_end, progress, kv_source
             )
+            require_finite(z0, "the output of KV-injected denoising")
         log.info(
             "DragKit KV-Injected Sample: %d steps from t=%d, %d layers injected",
             len(timesteps), step.timestep, len(layers),

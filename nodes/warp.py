@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..dragkit.errors import DragInputError
 from ..dragkit.fastdrag import FILLS, MODES, fastdrag_edit
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
-from .common import CATEGORY, DRAG_POINTS, log, node_errors, require_points
+from .common import CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_finite, require_points
 from .latent_io import require_step, with_step
 
 
@@ -42,7 +42,7 @@ class FastDragWarp:
         with node_errors("FastDrag Warp+BNNI"):
             require_points(points)
             step = require_step(latent)
-            samples = latent["samples"]
+            samples = require_finite(latent["samples"], INPUT_LATENT)
             if samples.shape[0] != 1:
                 raise DragInputError(f"the latent holds a batch of {samples.shape[0]}; warp one image at a time")
             geometry = LatentGeometry(points.width, points.height)
@@ -61,6 +61,7 @@ class FastDragWarp:
                 fill=fill,
                 patch_cells=patch_cells,
             )
+            require_finite(warped, "the output of the warp")
         return (with_step(warped, step.num_steps, step.step_index, step.timestep, step.sigma),)
 
 
