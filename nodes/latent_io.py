@@ -3,13 +3,15 @@
 A noisy latent travels as a normal ComfyUI LATENT (``{"samples": ...}``,
 variance-exploding at its σ, unscaled, so KSamplerAdvanced can finish it)
 plus a :class:`LatentStep` under :data:`STEP_KEY`. Native nodes copy LATENT
-dicts with unknown keys, so the step also records a fingerprint of the
-samples: when a node changed the samples but kept the key, the step is
-recognised as stale and ignored rather than trusted.
+dicts with unknown keys, so the step also records a content digest of the
+samples (shape, dtype and a hash of every byte): when a node changed the
+samples but kept the key (even a flip, which keeps the shape and the sum),
+the step is recognised as stale and ignored rather than trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -28,18 +30,20 @@ class LatentStep:
         step_index: index into the schedule's descending timesteps.
         timestep: the UNet timestep of that index.
         sigma: ComfyUI's σ of that timestep (the samples are VE at it).
-        fingerprint: checksum of the samples it was attached to.
+        fingerprint: content digest of the samples it was attached to (:func:`_fingerprint`).
     """
 
     num_steps: int
     step_index: int
     timestep: int
     sigma: float
-    fingerprint: tuple[tuple[int, ...], float]
+    fingerprint: tuple[tuple[int, ...], str, str]
 
 
-def _fingerprint(samples: torch.Tensor) -> tuple[tuple[int, ...], float]:
-    return tuple(samples.shape), float(samples.detach().to(torch.float64).sum())
+def _fingerprint(samples: torch.Tensor) -> tuple[tuple[int, ...], str, str]:
+    """``(shape, dtype, BLAKE2b hex digest of the bytes)`` of ``samples`` (copied to the CPU to hash)."""
+    data = samples.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return tuple(samples.shape), str(samples.dtype), hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def with_step(samples: torch.Tensor, num_steps: int, step_index: int, timestep: int, sigma: float) -> dict:
