@@ -72,21 +72,26 @@ def widget_layout(node_def: dict) -> list[tuple[str | None, Any]]:
     docstring for the rules.
     """
     slots: list[tuple[str | None, Any]] = []
-    upload = False
+    required = node_def.get("input", {}).get("required", {})
+    upload = pending = False  # Comfy.UploadImage: one button, for the first required upload combo
     for name, spec in ordered_inputs(node_def):
         if not _is_widget(spec):
             continue
-        options = _options(spec)
+        if pending and name not in required and not node_def.get("input_order"):
+            slots.append((None, "image"))  # without input_order the button follows the required widgets
+            pending = False
         slots.append((name, None))
+        options = _options(spec)
         is_combo = isinstance(spec[0], list) or spec[0] == "COMBO"
         control = options.get("control_after_generate")
         if control is None:
             control = spec[0] == "INT" and name in ("seed", "noise_seed")
         if control and (spec[0] == "INT" or is_combo):
             slots.append((None, "fixed"))
-        if is_combo and any(options.get(k) for k in ("image_upload", "video_upload", "animated_image_upload")):
-            upload = True
-    if upload:
+        uploads = any(options.get(k) for k in ("image_upload", "video_upload", "animated_image_upload"))
+        if is_combo and uploads and name in required and not upload:
+            upload = pending = True
+    if pending:
         slots.append((None, "image"))
     return slots
 
