@@ -18,8 +18,12 @@ Precision: the warp's geometry (stretch factors, weights, destinations) is
 computed in float64 on the CPU whatever the latent's device and dtype, so the
 same points and mask give the same destinations everywhere (MPS has no
 float64, and fp32 on a GPU could round a destination that sits at .5 the other
-way). Latent values are moved, never mixed, by the warp; BNNI mixes them in
-float32 (float64 for a float64 latent) and returns the latent's dtype.
+way). The ``as_released`` arithmetic (fill ``bnni_as_released``) instead
+repeats the release's float32 formulas in its order of operations on the CPU
+(:func:`released_destinations`), so destinations that sit at .5 in exact
+arithmetic round as the release rounds them. Latent values are moved, never
+mixed, by the warp; BNNI mixes them in float32 (float64 for a float64 latent)
+and returns the latent's dtype.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ FILLS = ("bnni", "bnni_as_released", "keep", "zero")
 
 BNNI_MODES = ("paper", "as_released")
 """The two BNNI variants of :func:`bnni_fill`."""
+
+ARITHMETICS = ("exact", "as_released")
+"""How :func:`latent_warp` computes destinations: float64 (exact), or the release's float32 (:func:`released_destinations`)."""
+
+PAIRWISE_DISTANCE_EPS = 1e-6
+"""``torch.nn.PairwiseDistance``'s default eps, which the release's circle radius includes."""
 
 HANDLE_WEIGHT_EPS = 1e-4
 """Added to the cell-handle distance in the inverse-distance handle weights (as released)."""
@@ -67,8 +77,8 @@ def fastdrag_edit(
         mode: ``drag`` warps every pair (:func:`latent_warp`); ``move`` and
             ``copy`` use **only the first pair** and ignore the others
             (:func:`object_move`); ``fill`` does not apply to them.
-        fill: ``bnni`` (paper BNNI), ``bnni_as_released`` (the release's causal
-            raster BNNI), ``keep`` (the masked cells keep their original values
+        fill: ``bnni`` (paper BNNI), ``bnni_as_released`` (the release's float32
+            warp arithmetic and its causal raster BNNI), ``keep`` (the masked cells keep their original values
             under the warped ones: nothing is emptied) or ``zero`` (empty cells
             stay 0).
         patch_cells: ``move`` mode: side of the tiled patch, in latent cells.
@@ -93,7 +103,8 @@ def fastdrag_edit(
     if mode == "drag":
         if torch.equal(handles, targets):
             return z.clone()
-        warped, null_mask = _warp(z, handles, targets, mask, empty=fill != "keep")
+        arithmetic = "as_released" if fill == "bnni_as_released" else "exact"
+        warped, null_mask = _warp(z, handles, targets, mask, fill != "keep", arithmetic)
         if fill == "bnni":
             return _bnni(warped, null_mask, "paper")
         if fill == "bnni_as_released":
@@ -111,6 +122,7 @@ def latent_warp(
     targets: torch.Tensor,
     mask: torch.Tensor,
     empty: bool = True,
+    arithmetic: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FastDrag's latent warpage function (LWF).
 
@@ -128,6 +140,9 @@ def latent_warp(
         empty: ``False`` skips the emptying (fill "keep", the release's
             "ori"): unwritten masked cells keep their original values and the
             null mask is all False.
+        arithmetic: ``exact`` (float64, :func:`displacements`) or
+            ``as_released`` (:func:`released_destinations`: the release's
+            float32 rounding, and a cell exactly on a handle writes nothing).
 
     Returns:
         ``(warped, null_mask)``: the ``(1, C, h, w)`` warped latent (empty
@@ -137,7 +152,9 @@ def latent_warp(
     _check_latent(z)
     height, width = z.shape[-2:]
     handles, targets = _checked_pairs(handles, targets, height, width)
-    return _warp(z, handles, targets, _checked_mask(mask, height, width), empty)
+    if arithmetic not in ARITHMETICS:
+        raise DragInputError(f"unknown warp arithmetic {arithmetic!r}; choose one of {', '.join(ARITHMETICS)}")
+    return _warp(z, handles, targets, _checked_mask(mask, height, width), empty, arithmetic)
 
 
 def displacement_field(handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -393,11 +410,11 @@ def tiled_patch(z: torch.Tensor, centre: torch.Tensor, patch_cells: int = RELEAS
 
 
 def _warp(
-    z: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, empty: bool
+    z: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, empty: bool, arithmetic: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`latent_warp` on validated inputs (points float64 CPU, mask bool CPU)."""
     batch, channels, height, width = z.shape
-    written, sources = _first_writers(handles, targets, mask)
+    written, sources = _first_writers(handles, targets, mask, arithmetic)
     source = torch.arange(height * width)
     source[written] = sources
     null_mask = torch.zeros(height * width, dtype=torch.bool)
@@ -410,29 +427,90 @@ def _warp(
 
 
 def _first_writers(
-    handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, arithmetic: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Destinations written by the warp and the masked cell that writes each.
 
     Args:
         handles, targets: ``(N, 2)`` float64 latent ``(x, y)``.
         mask: ``(h, w)`` bool CPU mask, at least one cell.
+        arithmetic: one of :data:`ARITHMETICS`.
 
     Returns:
         ``(written, sources)``: ``(K,)`` int64 flat (row-major) indices of the
         written cells and of their first writers (smallest row-major index).
     """
     height, width = mask.shape
-    sources = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    rows, cols = sources // width, sources % width
-    step = displacements(handles, targets, mask, torch.stack([cols, rows], dim=1))
-    dest_rows = torch.round(rows + step[:, 1]).clamp(0, height - 1).long()
-    dest_cols = torch.round(cols + step[:, 0]).clamp(0, width - 1).long()
+    if arithmetic == "as_released":
+        sources, dest_rows, dest_cols = released_destinations(handles, targets, mask)
+    else:
+        sources = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        rows, cols = sources // width, sources % width
+        step = displacements(handles, targets, mask, torch.stack([cols, rows], dim=1))
+        dest_rows = torch.round(rows + step[:, 1]).clamp(0, height - 1).long()
+        dest_cols = torch.round(cols + step[:, 0]).clamp(0, width - 1).long()
     unwritten = height * width
     first = torch.full((height * width,), unwritten, dtype=torch.long)
     first.scatter_reduce_(0, dest_rows * width + dest_cols, sources, reduce="amin")
     written = torch.nonzero(first < unwritten).squeeze(1)
     return written, first[written]
+
+
+def released_destinations(
+    handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LWF's destinations with the release's float32 arithmetic, for bit-exact comparison.
+
+    The same warp as :func:`displacements` + rounding, computed the way the
+    official code computes it: in float32 (row, col) order, the circle's
+    radius as ``PairwiseDistance`` gives it (``|O - corner + 1e-6|``), the
+    stretch factor as ``|PC| / |AP|`` with ``AP = (L1 - L0) e`` and
+    ``PC = AC - AP``, per-handle weights ``1/(|C - A_i| + 1e-4)`` normalised
+    by their sum, then ``round(C + v)`` (half to even) clamped into the grid.
+    Rounding can differ from the exact arithmetic where ``C + v`` sits at
+    .5 (e.g. 30.500002 instead of 30.5). Where the formula is NaN (a cell
+    exactly on a handle, or a handle outside the circle) the release skips
+    the cell; so does this (the release crashes when that cell is the first
+    masked one). The norms, products and sums use the same torch float32
+    operations on the same layouts as the release's per-cell code, so the
+    results are bit-identical to it on the CPU.
+
+    Args:
+        handles, targets: ``(N, 2)`` latent ``(x, y)`` (quarter-cell values).
+        mask: ``(h, w)`` bool CPU mask, at least one cell.
+
+    Returns:
+        ``(sources, dest_rows, dest_cols)``: ``(K,)`` int64 flat row-major
+        indices of the masked cells that write, in row-major order, and their
+        destination rows and columns.
+    """
+    height, width = mask.shape
+    cells = torch.nonzero(mask)
+    corner = cells.min(0).values.to(torch.float32)
+    centre = (corner + cells.max(0).values.to(torch.float32)) / 2
+    radius = torch.pairwise_distance(centre, corner, p=2.0, eps=PAIRWISE_DISTANCE_EPS)
+    a = handles.flip(-1).to(torch.float32)
+    shift = targets.flip(-1).to(torch.float32) - a
+    to_handle = a - centre
+    handle_dist = torch.linalg.vector_norm(to_handle, dim=-1)
+    ac = cells[:, None, :] - a[None]
+    dist = torch.linalg.vector_norm(ac, dim=-1)
+    unit = ac / dist[..., None]
+    l0 = (ac * to_handle[None]).sum(-1) / dist
+    l1 = torch.sqrt(radius**2 - handle_dist**2 + l0**2)
+    ap = (l1 - l0)[..., None] * unit
+    pc = ac - ap
+    factor = torch.linalg.vector_norm(pc, dim=-1) / torch.linalg.vector_norm(ap, dim=-1)
+    moves = factor[..., None] * shift[None]
+    weights = 1 / (dist + HANDLE_WEIGHT_EPS)
+    weights = weights / weights.sum(-1, keepdim=True)
+    move = (weights[:, None, :] * moves.transpose(1, 2).contiguous()).sum(-1)
+    dest = torch.round(cells + move)
+    ok = torch.isfinite(dest).all(-1)
+    dest = dest[ok].long()
+    rows = dest[:, 0].clamp(0, height - 1)
+    cols = dest[:, 1].clamp(0, width - 1)
+    return (cells[ok, 0] * width + cells[ok, 1]), rows, cols
 
 
 def _bnni(z: torch.Tensor, null_mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ class FastDragWarp:
                 "latent": ("LATENT", {"tooltip": "The noisy latent z_t from DDIM Invert (FastDrag: 10 steps, strength 0.7, t* = 601)."}),
                 "points": (DRAG_POINTS, {"tooltip": "Handle/target pairs, in pixels of the source image."}),
                 "mode": (list(MODES), {"default": "drag", "tooltip": "drag: warp every pair (FastDrag). move: shift the masked object by the first pair and fill where it was. copy: shift a copy, keep the original."}),
-                "fill": (list(FILLS), {"default": "bnni", "tooltip": "How cells left empty by the warp are filled: bnni (paper: symmetric nearest valid neighbour in four directions, inverse-distance weights), bnni_as_released (the official code's causal raster variant), keep (the original values), zero."}),
+                "fill": (list(FILLS), {"default": "bnni", "tooltip": "How cells left empty by the warp are filled: bnni (paper: symmetric nearest valid neighbour in four directions, inverse-distance weights), bnni_as_released (the official code exactly: its float32 warp arithmetic and causal raster BNNI), keep (the original values), zero."}),
                 "patch_cells": ("INT", {"default": 12, "min": 1, "max": 64, "tooltip": "move mode: side, in latent cells, of the patch around the target that is tiled over the vacated region (12 as released)."}),
             },
             "optional": {

@@ -20,6 +20,7 @@ from dragkit.fastdrag import (
     latent_warp,
     mask_circle,
     object_move,
+    released_destinations,
     stretch_factors,
 )
 
@@ -313,6 +314,92 @@ def test_bnni_with_no_null_cell_is_identity():
     assert torch.equal(bnni_fill(z, torch.zeros(8, 8, dtype=torch.bool)), z)
 
 
+# ---------------------------------------------------------------- "as released" float32 arithmetic
+
+
+def _released_destinations_one_cell_at_a_time(handles, targets, mask):
+    """Oracle: the release's warp arithmetic as described in docs/reference-implementations.md §2.3, cell by cell.
+
+    Everything float32, points in (row, col); torch.norm / torch.dot on
+    single 2-vectors, as the release does per cell. Returns a list of
+    ``(flat source, dest row, dest col)``; cells whose value is NaN are skipped.
+    """
+    height, width = mask.shape
+    cells = torch.nonzero(mask)
+    lo, hi = cells.min(0).values, cells.max(0).values
+    corner = torch.tensor([float(lo[0]), float(lo[1])], dtype=torch.float32)
+    far = torch.tensor([float(hi[0]), float(hi[1])], dtype=torch.float32)
+    centre = torch.stack([(corner[0] + far[0]) / 2, (corner[1] + far[1]) / 2])
+    radius = torch.nn.PairwiseDistance(p=2)(centre, corner)
+    out = []
+    for cell in cells:
+        moves, weights = [], []
+        for handle, target in zip(handles, targets):
+            a = torch.tensor([float(handle[1]), float(handle[0])], dtype=torch.float32)
+            shift = torch.tensor([float(target[1]), float(target[0])], dtype=torch.float32) - a
+            oa = a - centre
+            ac = cell - a
+            d_ac = torch.norm(ac)
+            l0 = torch.dot(ac, oa) / d_ac
+            l1 = torch.sqrt(radius**2 - torch.norm(oa) ** 2 + l0**2)
+            ap = (l1 - l0) * (ac / d_ac)
+            moves.append((torch.norm(ac - ap) / torch.norm(ap)) * shift)
+            weights.append(1 / (torch.norm(cell - a) + 0.0001))
+        moves, weights = torch.stack(moves), torch.stack(weights)
+        move = ((weights / weights.sum()) * moves.T).T.sum(dim=0)
+        dest = torch.round(cell + move)
+        if not torch.isfinite(dest).all():
+            continue
+        row = min(max(int(dest[0]), 0), height - 1)
+        col = min(max(int(dest[1]), 0), width - 1)
+        out.append((int(cell[0]) * width + int(cell[1]), row, col))
+    return out
+
+
+def _edit_oracle(z, handles, targets, mask, fill):
+    """``fastdrag_edit``'s expected result: the per-cell loops, with the release's float32 warp for ``bnni_as_released``."""
+    if fill == "bnni_as_released":
+        warped, null = latent_warp(z, handles, targets, mask, arithmetic="as_released")
+        return bnni_loops(warped, null, causal=True)
+    return fastdrag_loops(z, handles, targets, mask, fill)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 16, 24, 32, 56])
+def test_released_arithmetic_is_bit_exact_with_the_per_cell_computation(seed):
+    """Seeds 16, 24, 32 and 56 are cases where the same formulas in float64 send some cell elsewhere."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    height, width = 12 + 3 * (seed % 6), 16
+    mask = _blob_mask(gen, height, width)
+    handles = _random_points(gen, 1 + seed % 4, height, width)
+    handles[0] = torch.nonzero(mask)[0].flip(0).to(torch.float32)  # a cell exactly on a handle: NaN, skipped
+    targets = _random_points(gen, 1 + seed % 4, height, width)
+    sources, rows, cols = released_destinations(handles.double(), targets.double(), mask)
+    want = _released_destinations_one_cell_at_a_time(handles, targets, mask)
+    assert list(zip(sources.tolist(), rows.tolist(), cols.tolist())) == want
+    assert int(torch.nonzero(mask.reshape(-1))[0]) not in sources.tolist()
+
+
+def test_released_arithmetic_rounds_a_half_cell_destination_as_the_release():
+    """Handle (y, x) = (16, 23.5), target (17.25, 31.75), mask rows 0-19 x columns 22-28 of a 32x32 latent.
+
+    Cell (17, 25) lands exactly on column 30.5: float64 rounds half to even
+    (30), the release's float32 gets 30.500002 (31).
+    """
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[0:20, 22:29] = True
+    handles, targets = _pts((23.5, 16.0)), _pts((31.75, 17.25))
+    assert 25 + float(displacement_field(handles, targets, mask)[17, 25, 0]) == 30.5
+    sources, rows, cols = released_destinations(handles.double(), targets.double(), mask)
+    index = sources.tolist().index(17 * 32 + 25)
+    assert (rows[index], cols[index]) == (18, 31)
+    z = _numbered_latent(32, 32)
+    exact, _ = latent_warp(z, handles, targets, mask)
+    released, _ = latent_warp(z, handles, targets, mask, arithmetic="as_released")
+    assert torch.equal(released[..., 18, 31], z[..., 17, 25]) and not torch.equal(exact[..., 18, 31], z[..., 17, 25])
+    filled = fastdrag_edit(z, handles, targets, mask, fill="bnni_as_released")
+    assert torch.equal(filled[..., 18, 31], z[..., 17, 25])
+
+
 # ---------------------------------------------------------------- fastdrag_edit and fills
 
 
@@ -324,7 +411,7 @@ def test_fastdrag_edit_equals_oracle_pipeline(fill):
     handles = _random_points(gen, 3, 20, 28)
     targets = _random_points(gen, 3, 20, 28)
     got = fastdrag_edit(z, handles, targets, mask, fill=fill)
-    assert torch.allclose(got, fastdrag_loops(z, handles, targets, mask, fill), atol=1e-10, rtol=0)
+    assert torch.allclose(got, _edit_oracle(z, handles, targets, mask, fill), atol=1e-10, rtol=0)
 
 
 def test_keep_and_zero_fills():
@@ -404,7 +491,7 @@ def test_points_on_the_border_and_mask_touching_the_border():
     for fill in ("bnni", "bnni_as_released"):
         out = fastdrag_edit(z, handles, targets, mask, fill=fill)
         assert torch.isfinite(out).all()
-        assert torch.allclose(out, fastdrag_loops(z, handles, targets, mask, fill), atol=1e-10, rtol=0)
+        assert torch.allclose(out, _edit_oracle(z, handles, targets, mask, fill), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(40, 64), (37, 53)])
