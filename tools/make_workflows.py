@@ -50,13 +50,13 @@ JSON_STEP = """
 
 NEEDS = {
     "roundtrip": "Needs: any GPU, or a CPU (slow: tens of seconds per step at 512x512).",
-    "fastdrag": ("Needs: about 3 GiB of GPU memory; about 0.6 s per edit and 0.3 s per re-edit on an H100 at 512x512\n"
-                 "(DDIM Invert is cached: moving a point never re-runs it). Runs on a CPU too, slowly."),
-    "refine": ("Needs: about 5 GiB of GPU memory (the supervision steps take gradients through the UNet); a few\n"
-               "seconds per edit on a GPU. A CPU works but each supervision step takes several seconds."),
-    "motion": ("Needs: a CUDA GPU with about 6 GiB free. The LoRA ({steps} steps) trains once per image and is cached;\n"
-               "on a CPU one LoRA step takes over a minute, so do not run this on a CPU. The edit itself takes\n"
-               "{edit} on an H100 (512x512, fp16, without the LoRA)."),
+    "fastdrag": ("Needs: about 3 GiB of GPU memory (2.7 GiB measured at 512x512, fp16); about 0.6 s per edit and 0.3 s\n"
+                 "per re-edit on an H100 (DDIM Invert is cached: moving a point never re-runs it). A CPU works, slowly."),
+    "refine": ("Needs: about 5 GiB of GPU memory (the supervision steps take gradients through the UNet, like\n"
+               "DragDiffusion's 4.8 GiB); a few seconds per edit on a GPU. On a CPU each step takes several seconds."),
+    "motion": ("Needs: a CUDA GPU. The edit peaks at 4.8 GiB and takes {edit} on an H100 (512x512, fp16, measured\n"
+               "without the LoRA; the LoRA's own time and memory on a GPU are not measured yet). The LoRA ({steps} steps)\n"
+               "trains once per image and is cached; on a CPU one LoRA step takes over a minute: do not use a CPU."),
 }
 
 ROUNDTRIP_NOTE = """DragKit round trip: invert an image and sample it back with the source's keys/values injected.
