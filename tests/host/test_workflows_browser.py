@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -90,14 +89,20 @@ def _history_ids(server) -> set[str]:
     return set(server.get_json("/history"))
 
 
-def _new_entry(server, before: set[str], timeout: float) -> tuple[str, dict]:
-    """The history entry of the one prompt queued since ``before`` was taken, once it finished."""
+def _new_entry(server, before: set[str], timeout: float, interrupt: bool = False) -> dict:
+    """The history entry of the one prompt queued since ``before`` was taken, once it finished.
+
+    ``interrupt``: keep interrupting until it finishes (an interrupt that comes
+    before the prompt starts executing is reset by the executor).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if interrupt:
+            server.interrupt()
         history = server.get_json("/history")
         new = [key for key in history if key not in before]
         if new and history[new[0]].get("status", {}).get("completed") is not None:
-            return new[0], history[new[0]]
+            return history[new[0]]
         time.sleep(0.5)
     raise AssertionError(f"no finished prompt after {timeout:.0f} s; server log:\n{server.log_tail()}")
 
@@ -170,10 +175,7 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
     errors = chrome.js("app.lastNodeErrors")
     assert not errors, errors
     run_to_end = name in RUN_TO_END
-    if not run_to_end:
-        time.sleep(1)
-        comfy_server.interrupt()
-    prompt_id, entry = _new_entry(comfy_server, before, timeout=600 if run_to_end else 120)
+    entry = _new_entry(comfy_server, before, timeout=600 if run_to_end else 120, interrupt=not run_to_end)
     if run_to_end:
         assert entry["status"]["status_str"] == "success", entry["status"]
         saved_images = [p for p in comfy_server.output_files(entry) if "/output/" in str(p)]
