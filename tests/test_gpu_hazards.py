@@ -14,7 +14,14 @@ from dragkit.attention import AttentionControl
 from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from dragkit.errors import DragInputError
-from dragkit.lora import LoRATrainingConfig, grad_scaler_for, sample_indices, train_lora, weights_fingerprint
+from dragkit.lora import (
+    LoRATrainingConfig,
+    grad_scaler_for,
+    pixel_digest,
+    sample_indices,
+    train_lora,
+    weights_fingerprint,
+)
 from dragkit.lora_diffusers import train_lora_diffusers
 from dragkit.optimisation import LossScale
 from dragkit.schedule import DDIMSchedule
@@ -126,3 +133,14 @@ def test_motion_supervision_runs_in_half_precision_on_cpu(dtype):
 
     backend.run_features(loop, z, cond, AttentionControl(), [schedule.t_star])
     assert features["dtype"] == dtype, "the features really were computed in half precision"
+
+
+def test_lora_cache_key_image_part_ignores_float_noise_below_a_pixel_level():
+    image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    image = (image * 255).round() / 255
+    noisy = image + (torch.rand(image.shape, generator=torch.Generator().manual_seed(1)) - 0.5) * 1e-4
+    assert not torch.equal(noisy, image)
+    assert pixel_digest(noisy) == pixel_digest(image), "GPU float jitter upstream must not miss the cache"
+    changed = image.clone()
+    changed[0, 3, 4, 1] = (changed[0, 3, 4, 1] * 255 + 1).clamp(max=255) / 255 if changed[0, 3, 4, 1] < 1 else 0.0
+    assert pixel_digest(changed) != pixel_digest(image), "a changed pixel is a different image"

@@ -370,7 +370,7 @@ class ComfyServer:
         extra_model_paths.yaml                 (base_path + custom_nodes and the model folders)
         server.log                             (stdout + stderr)
 
-    Started as ``python main.py --cpu --listen 127.0.0.1 --port P
+    Started as ``python main.py [--cpu] --listen 127.0.0.1 --port P
     --disable-auto-launch --base-directory B --extra-model-paths-config Y
     --output-directory ... --input-directory ... --temp-directory ...
     --user-directory ... --database-url sqlite:///:memory:`` from ``COMFYUI_PATH``
@@ -391,6 +391,7 @@ class ComfyServer:
         python: str | None = None,
         keep_dir: bool | None = None,
         env: dict[str, str] | None = None,
+        cpu: bool = True,
     ) -> None:
         self.comfyui = Path(comfyui).resolve() if comfyui else comfyui_path()
         if self.comfyui is None:
@@ -409,6 +410,8 @@ class ComfyServer:
         self.python = python or sys.executable
         self.keep_dir = bool(os.environ.get("DRAGKIT_KEEP_SERVER_DIR")) if keep_dir is None else keep_dir
         self.env = env
+        self.cpu = cpu
+        """Start ComfyUI with ``--cpu`` (tests, CPU machines); False lets it use the GPU."""
         self.base: Path | None = None
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -457,7 +460,7 @@ class ComfyServer:
         b = self.base
         return [
             self.python, "main.py",
-            "--cpu",
+            *(["--cpu"] if self.cpu else []),
             "--listen", "127.0.0.1",
             "--port", str(self.port),
             "--disable-auto-launch",

@@ -97,9 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default=None, help="text for every CLIP Text Encode node (default: as in the workflow)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run (batch: per sample)")
+    parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                        help="where ComfyUI computes: auto = the GPU when PyTorch sees CUDA, else the CPU")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_TYPE.INPUT=VALUE",
+                        help="set a widget of every node of that type, e.g. DragKitLoRAFineTune.steps=10 "
+                             "(VALUE read as JSON, else as text); repeatable")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    try:
+        args.overrides = [parse_override(text) for text in args.overrides]
+    except DragInputError as error:
+        parser.error(str(error))
     if args.batch is not None:
         given = [name for name in ("image", "points", "mask", "sample") if getattr(args, name) is not None]
         if given:
@@ -131,11 +140,13 @@ class Models:
     """True when the checkpoint is the tiny seeded test checkpoint (the output is a pipeline check)."""
     controlnet: Path | None = None
     upscale_model: Path | None = None
+    gpu: bool = False
+    """Run ComfyUI on the GPU (else ``--cpu``)."""
 
     def server(self) -> ComfyServer:
         """A ComfyServer (not started) with these files in its model folders."""
         return ComfyServer(checkpoints=[self.checkpoint], controlnets=[p for p in (self.controlnet,) if p],
-                           upscale_models=[p for p in (self.upscale_model,) if p])
+                           upscale_models=[p for p in (self.upscale_model,) if p], cpu=not self.gpu)
 
 
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
@@ -165,7 +176,7 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     for path in [checkpoint, *(p for p in found.values() if p)]:
         if not path.is_file():
             raise DragInputError(f"{path} is not a file")
-    return Models(checkpoint=checkpoint, tiny=tiny, **found)
+    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), **found)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -227,6 +238,45 @@ def fill_inputs(
             del prompt[node_id]
             for other in prompt.values():
                 other["inputs"] = {k: v for k, v in other["inputs"].items() if not (isinstance(v, list) and v[:1] == [node_id])}
+
+
+def use_gpu(device: str) -> bool:
+    """Whether ``--device`` asks for the GPU (``auto``: when PyTorch sees CUDA); ``gpu`` without CUDA is an error."""
+    import torch
+
+    if device == "cpu":
+        return False
+    available = torch.cuda.is_available()
+    if device == "gpu" and not available:
+        raise DragInputError("--device gpu: PyTorch sees no CUDA device here (use --device cpu or auto)")
+    return available
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"NODE_TYPE.INPUT=VALUE"`` -> ``(node type, input, value)``; VALUE is JSON when it parses, else text."""
+    target, sep, raw = text.partition("=")
+    kind, dot, name = target.partition(".")
+    if not sep or not dot or not kind or not name:
+        raise DragInputError(f"--set {text!r}: write NODE_TYPE.INPUT=VALUE, e.g. DragKitLoRAFineTune.steps=10")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return kind, name, value
+
+
+def apply_overrides(prompt: dict, overrides: list[tuple[str, str, object]]) -> None:
+    """Set each ``(node type, input, value)`` on every node of that type in the API prompt (in place).
+
+    Raises :class:`DragInputError` when no node of the type has that input
+    (a typo must not run the workflow unchanged).
+    """
+    for kind, name, value in overrides:
+        nodes = [node for node in prompt.values() if node["class_type"] == kind and name in node["inputs"]]
+        if not nodes:
+            raise DragInputError(f"--set {kind}.{name}: this workflow has no {kind} node with an input {name!r}")
+        for node in nodes:
+            node["inputs"][name] = value
 
 
 def side_by_side(source: Path, result: Path, points: DragPoints | None, target: Path) -> None:
@@ -359,6 +409,7 @@ def run_one(args: argparse.Namespace, workflow: dict, models: Models) -> int:
             state = editor_state_for(args.image, points_json, args.mask)
         fill_inputs(prompt, image_name, mask_name, points_json, models.checkpoint.name, args.prompt, state,
                     *_model_names(models))
+        apply_overrides(prompt, args.overrides)
         entry = server.run(prompt, timeout=args.timeout)
         saved = []
         for path in saved_images(server, entry):
@@ -395,6 +446,7 @@ RUN_FIELDS = {
     "controlnet": "ControlNet file",
     "upscale_model": "upscale model file",
     "batch": "--batch folder",
+    "overrides": "--set values",
 }
 """The ``run`` record of timings.json (see :func:`run_identity`): key → what it is, for the refusal message."""
 
@@ -404,12 +456,13 @@ def run_identity(args: argparse.Namespace, workflow_sha256: str, models: Models)
 
     The sha256 of the workflow file's bytes, the ``--prompt`` override (null:
     the workflow's / each sample's own), the checkpoint, ControlNet and
-    upscale model file names (null where the workflow loads none) and the
-    resolved ``--batch`` folder.
+    upscale model file names (null where the workflow loads none), the
+    resolved ``--batch`` folder and the ``--set`` values.
     """
     controlnet, upscale_model = _model_names(models)
     return {"workflow_sha256": workflow_sha256, "prompt": args.prompt, "checkpoint": models.checkpoint.name,
-            "controlnet": controlnet, "upscale_model": upscale_model, "batch": str(args.batch.resolve())}
+            "controlnet": controlnet, "upscale_model": upscale_model, "batch": str(args.batch.resolve()),
+            "overrides": [list(item) for item in args.overrides]}
 
 
 def run_differences(old: object, new: dict) -> list[str]:
@@ -494,6 +547,7 @@ def run_batch(args: argparse.Namespace, workflow: dict, models: Models, identity
     if pending:
         with models.server() as server, tempfile.TemporaryDirectory(prefix="dragkit-batch-") as staging:
             template = ui_to_api(workflow, server.object_info())
+            apply_overrides(template, args.overrides)
             bar = tqdm(pending, unit="sample", file=sys.stderr, dynamic_ncols=True)
             for folder in bar:
                 bar.set_postfix_str(folder.name)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One command that proves the GPU path (see tools/gpu_check.py):
+#
+#   COMFYUI_PATH=/path/to/ComfyUI bash scripts/gpu_check.sh [--out DIR]   # CUDA machine, < 8 min on an H100
+#   bash scripts/gpu_check.sh --tiny                                     # CPU pipeline check (CI)
+#
+# Python: $PYTHON, else .venv/bin/python (made by scripts/test.sh), else python3.
+# On a machine without network, wheels carried in .whl/ (diffusers, av,
+# torchsde, trampoline, importlib_metadata: see the README's Development
+# section) are installed into a scratch folder when those imports fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+if ! "$py" -c "import diffusers, torchsde, av" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    site="$(mktemp -d)/site"
+    "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+exec "$py" -m tools.gpu_check "$@"
