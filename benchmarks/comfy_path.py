@@ -15,28 +15,19 @@ from __future__ import annotations
 import torch
 
 from .inputs import edit_inputs
-from .measure import PassCounter, Stager, attn_cache_summary, fill_random_
+from .measure import PassCounter, Stager, attn_cache_summary
 from .workload import FEATHER, Workload
 
 
 def sd15_models(dtype: torch.dtype):
-    """A real-size SD1.5 MODEL and VAE with random weights, built through ComfyUI's loaders."""
-    import comfy.ops
+    """A real-size SD1.5 MODEL and VAE with random weights (:mod:`tools.sd15_random`), through ComfyUI's loaders."""
     import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
-        use_spatial_transformer=True, legacy=False, dtype=torch.float32, operations=comfy.ops.manual_cast,
-    )
-    model = comfy.sd.load_diffusion_model_state_dict(fill_random_(unet, 0).state_dict(), model_options={"dtype": dtype})
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = comfy.sd.VAE(sd=fill_random_(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 1).state_dict())
-    return model, vae
+    from tools.sd15_random import comfy_sd15_modules
+
+    unet, vae = comfy_sd15_modules(seed=0)
+    model = comfy.sd.load_diffusion_model_state_dict(unet.state_dict(), model_options={"dtype": dtype})
+    return model, comfy.sd.VAE(sd=vae.state_dict())
 
 
 def tiny_models():

@@ -29,8 +29,10 @@ from dragkit.lora import LoRATrainingConfig
 from dragkit.lora_diffusers import remove_lora, train_lora_diffusers
 from dragkit.schedule import DDIMSchedule
 
+from tools.sd15_random import fill_random_
+
 from .inputs import edit_inputs
-from .measure import PassCounter, Stager, attn_cache_summary, fill_random_
+from .measure import PassCounter, Stager, attn_cache_summary
 from .workload import FEATHER, Workload
 
 SD15_UNET = dict(
@@ -49,7 +51,7 @@ SD_VAE = dict(
 """diffusers config of the SD1.x VAE."""
 
 def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Allocate ``module`` (built on meta) on ``device`` with :func:`~benchmarks.measure.fill_random_` weights in ``dtype``."""
+    """Allocate ``module`` (built on meta) on ``device`` with :func:`~tools.sd15_random.fill_random_` weights in ``dtype``."""
     module = fill_random_(module.to_empty(device=device), seed).to(dtype)
     return module.eval().requires_grad_(False)
 

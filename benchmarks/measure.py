@@ -128,22 +128,6 @@ class Stager:
 
 
 @torch.no_grad()
-def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights in place: N(0, 0.02) matrices and kernels, unit scales (1-d weights), zero biases.
-
-    The compute and memory of a model do not depend on its values; this rule
-    keeps activations finite through a real-size UNet and VAE.
-    """
-    device = next(module.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in module.named_parameters():
-        if param.dim() > 1:
-            param.normal_(0.0, 0.02, generator=generator)
-        else:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-    return module
-
-
 def attn_cache_summary(cache) -> dict:
     """Layers, steps, storage device and size (MiB per step and in all) of an :class:`~dragkit.attention.AttnCache`."""
     return {
