@@ -397,7 +397,8 @@ def test_resume_needs_the_same_workflow_content_prompt_models_and_batch_folder(t
     path = tmp_path / "timings.json"
     record = fresh_record(args)
     assert run_workflow.load_timings(path, record) is record  # no file yet
-    assert set(record["run"]) == {"workflow_sha256", "prompt", "checkpoint", "controlnet", "upscale_model", "batch"}
+    assert set(record["run"]) == {"workflow_sha256", "prompt", "checkpoint", "controlnet", "upscale_model", "batch",
+                                  "overrides"}
     run_workflow.write_timings(path, {**record, "samples": {"a": {"status": "ok", "seconds": 1.0}}}, 0)
     written = json.loads(path.read_text())
     path.write_text(json.dumps({**written, "samples": {**written["samples"], "b": "junk"}}))
@@ -408,6 +409,8 @@ def test_resume_needs_the_same_workflow_content_prompt_models_and_batch_folder(t
         (resume_args(tmp_path, prompt="a cat"), "sd15.safetensors", ["--prompt: None before, 'a cat' now"]),
         (resume_args(tmp_path), "other.safetensors", ["checkpoint file: 'sd15.safetensors' before, 'other.safetensors' now"]),
         (resume_args(tmp_path, batch=str(tmp_path / "other")), "sd15.safetensors", ["--batch folder"]),
+        (resume_args(tmp_path, set="DragKitLoRAFineTune.steps=10"), "sd15.safetensors",
+         ["--set values: [] before, [['DragKitLoRAFineTune', 'steps', 10]] now"]),
     ):
         with pytest.raises(evaluate.DragInputError, match="another run") as error:
             run_workflow.load_timings(path, fresh_record(args, checkpoint))

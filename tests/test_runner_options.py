@@ -1,0 +1,57 @@
+"""The runner's --set and --device options, and the GPU check's per-workflow overrides and tiny sample."""
+
+import json
+
+import pytest
+import torch
+
+from dragkit.errors import DragInputError
+from tools import gpu_check, run_workflow
+
+
+def test_set_values_are_json_else_text_and_malformed_ones_are_refused():
+    assert run_workflow.parse_override("DragKitLoRAFineTune.steps=10") == ("DragKitLoRAFineTune", "steps", 10)
+    assert run_workflow.parse_override("CLIPTextEncode.text=a cat") == ("CLIPTextEncode", "text", "a cat")
+    assert run_workflow.parse_override('X.flag=true') == ("X", "flag", True)
+    for bad in ("steps=10", "DragKitLoRAFineTune.steps", ".steps=1", "Node.=1"):
+        with pytest.raises(DragInputError, match="NODE_TYPE.INPUT=VALUE"):
+            run_workflow.parse_override(bad)
+    with pytest.raises(SystemExit):
+        run_workflow.parse_args(["w.json", "--image", "x.png", "--set", "nonsense"])
+
+
+def test_set_changes_every_node_of_the_type_and_refuses_an_input_nobody_has():
+    prompt = {"1": {"class_type": "A", "inputs": {"steps": 80, "model": ["0", 0]}},
+              "2": {"class_type": "A", "inputs": {"steps": 80}},
+              "3": {"class_type": "B", "inputs": {"steps": 5}}}
+    run_workflow.apply_overrides(prompt, [("A", "steps", 10)])
+    assert [prompt[k]["inputs"]["steps"] for k in "123"] == [10, 10, 5]
+    with pytest.raises(DragInputError, match="no A node with an input 'stpes'"):
+        run_workflow.apply_overrides(prompt, [("A", "stpes", 10)])
+    with pytest.raises(DragInputError, match="no C node"):
+        run_workflow.apply_overrides(prompt, [("C", "steps", 10)])
+
+
+def test_device_auto_follows_cuda_and_gpu_without_cuda_is_an_error():
+    assert run_workflow.use_gpu("cpu") is False
+    assert run_workflow.use_gpu("auto") is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(DragInputError, match="no CUDA device"):
+            run_workflow.use_gpu("gpu")
+
+
+def test_gpu_check_overrides_only_the_node_types_a_workflow_holds(repo_root):
+    fastdrag = gpu_check.overrides_for(repo_root / "workflows" / "fastdrag.json", gpu_check.TINY)
+    assert "DragKitLoRAFineTune.steps=2" not in fastdrag and "DragKitDDIMInvert.steps=10" in fastdrag
+    dragdiffusion = gpu_check.overrides_for(repo_root / "workflows" / "dragdiffusion.json", gpu_check.TINY)
+    assert "DragKitLoRAFineTune.steps=2" in dragdiffusion and "DragKitMotionSupervisionOptimize.iterations=2" in dragdiffusion
+
+
+def test_gpu_check_tiny_sample_scales_image_mask_and_points(tmp_path):
+    from PIL import Image
+
+    sample = gpu_check.scaled_sample(gpu_check.SAMPLE, tmp_path / "s", 128)
+    assert Image.open(sample / "original.jpg").size == (128, 128) and Image.open(sample / "mask.png").size == (128, 128)
+    source = json.loads((gpu_check.SAMPLE / "points.json").read_text())["points"]
+    scaled = json.loads((sample / "points.json").read_text())["points"]
+    assert scaled == [[min(round(x / 4), 127), min(round(y / 4), 127)] for x, y in source]
