@@ -18,13 +18,12 @@ UNet or more on the GPU. Instead:
 - :func:`backward_memory` measures what a training or optimisation step keeps
   for backward (saved-tensor hooks on two small probe steps, extrapolated in
   the number of latent tokens), and :func:`reserve` asks ComfyUI's model
-  manager for that much room, so other models are offloaded first instead of
-  the step running out of memory. :func:`release` hands cached blocks back
-  afterwards.
+  manager for that much room, so models the run does not use are offloaded
+  first instead of the step running out of memory. :func:`release` hands
+  cached blocks back afterwards.
 
-Mirrors ComfyUI 0.3.64 ``comfy.model_management.load_models_gpu`` (its
-``memory_required`` frees other models until that much is free beside the
-weights) and ``soft_empty_cache``.
+Mirrors ComfyUI 0.3.64 ``comfy.model_management.free_memory`` (as
+``load_models_gpu`` calls it) and ``soft_empty_cache``.
 """
 
 from __future__ import annotations
@@ -106,9 +105,19 @@ def backward_memory(probe: Callable[[int, int], None], module: torch.nn.Module, 
     return int(MARGIN * (linear * tokens + quadratic * tokens * tokens))
 
 
-def reserve(patcher, nbytes: float) -> None:
-    """Fully load ``patcher`` with ``nbytes`` free beside it (ComfyUI offloads other models first if needed)."""
-    comfy.model_management.load_models_gpu([patcher], memory_required=float(nbytes), force_full_load=True)
+def reserve(device: torch.device, nbytes: float) -> None:
+    """Make ``nbytes`` free on ``device``, offloading only models the current run does not use.
+
+    Mirrors the ``free_memory`` call of ``load_models_gpu`` (ComfyUI 0.3.64)
+    with ``keep_loaded`` = the loaded models marked ``currently_used``: called
+    inside a sampler run, it must not offload the UNet or a ControlNet that
+    the run loaded. Nothing to do on a CPU.
+    """
+    if torch.device(device).type == "cpu":
+        return
+    mm = comfy.model_management
+    keep = [loaded for loaded in mm.current_loaded_models if loaded.currently_used]
+    mm.free_memory(float(nbytes) + mm.extra_reserved_memory(), torch.device(device), keep_loaded=keep)
 
 
 def release() -> None:
@@ -117,18 +126,18 @@ def release() -> None:
 
 
 def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shape: tuple[int, ...]) -> int:
-    """Load ``patcher`` fully, make its weights autograd-safe and reserve the measured backward memory.
+    """Make a loaded ``patcher``'s weights autograd-safe and reserve the measured backward memory.
 
-    ``latent_shape`` is one step's ``(B, C, h, w)`` (ComfyUI's own inference
-    estimate of the forward work space for it is added on top of the
-    measured saved bytes). On a CPU the model manager has nothing to
-    offload, so the probe is skipped and 0 is returned; otherwise the
-    reserved bytes.
+    The model must already be loaded (fully or partially: partially loaded
+    weights are cast per forward into ordinary tensors, which autograd can
+    save). ``latent_shape`` is one step's ``(B, C, h, w)``; ComfyUI's own
+    inference estimate of the forward work space for it is added to the
+    measured saved bytes. On a CPU the model manager has nothing to offload,
+    so the probe is skipped and 0 is returned; otherwise the reserved bytes.
     """
     base = patcher.model
     latent_hw = tuple(latent_shape[-2:])
     forward_space = base.memory_required(list(latent_shape))
-    reserve(patcher, forward_space)
     converted = make_weights_autograd_safe(base.diffusion_model)
     if converted:
         log.debug("DragKit: made %.1f MiB of inference-mode weights usable by autograd", converted / 2**20)
@@ -137,5 +146,5 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
     saved = backward_memory(probe, base.diffusion_model, latent_hw)
     need = saved + forward_space
     log.info("DragKit: reserving %.0f MiB for backward (measured %.0f MiB of saved activations)", need / 2**20, saved / 2**20)
-    reserve(patcher, need)
+    reserve(patcher.load_device, need)
     return int(need)

@@ -178,6 +178,9 @@ class ComfyLoRATrainer:
                 self.adapters[name] = adapter
                 self._hooks.append(module.register_forward_hook(adapter.hook))
         batch_shape = (int(config.batch), *latent_shape[1:])
+        comfy.model_management.load_models_gpu(
+            [self.model], memory_required=base.memory_required(list(batch_shape)), force_full_load=True
+        )
         self.reserved_bytes = prepare_for_backward(self.model, self._probe, batch_shape)
 
     def _probe(self, h: int, w: int) -> None:

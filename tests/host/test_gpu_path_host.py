@@ -177,3 +177,19 @@ def test_non_finite_values_name_the_stage_that_made_them(comfy_inproc, tiny_comf
         with torch.inference_mode():
             comfy_inproc.run_node("DragKitDDIMInvert", model=tiny_comfy_models.model, latent=huge, positive=positive(),
                                   steps=10, strength=0.7, cache_layers="none", cache_device="auto")
+
+
+def test_reserve_keeps_the_models_the_current_run_uses(comfy_inproc, tiny_comfy_models, monkeypatch):
+    import comfy.model_management as mm
+
+    autograd = comfy_inproc.pack.nodes.comfy_autograd
+    mm.load_models_gpu([tiny_comfy_models.model])
+    in_use = [loaded for loaded in mm.current_loaded_models if loaded.currently_used]
+    assert in_use, "ComfyUI 0.3.64 marks the models a run loaded as currently_used"
+    calls = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): calls.append((need, device, keep_loaded)))
+    autograd.reserve(torch.device("cpu"), 2**30)
+    assert calls == [], "nothing to offload on a CPU"
+    autograd.reserve(torch.device("cuda", 0), 2**30)
+    (need, device, keep), = calls
+    assert need >= 2**30 and device == torch.device("cuda", 0) and keep == in_use
