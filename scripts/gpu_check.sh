@@ -5,9 +5,10 @@
 #   bash scripts/gpu_check.sh --tiny                                     # CPU pipeline check (CI)
 #
 # Python: $PYTHON, else .venv/bin/python (made by scripts/test.sh), else python3.
-# On a machine without network, wheels carried in .whl/ (diffusers, av,
-# torchsde, trampoline, importlib_metadata: see the README's Development
-# section) are installed into a scratch folder when those imports fail.
+# On a machine without network, wheels carried in .whl/ (made by
+# scripts/prepare_gpu_carry.sh: diffusers, av, torchsde, trampoline,
+# importlib_metadata, ComfyUI's frontend package) are installed into a
+# scratch folder when those imports fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,7 @@ py="${PYTHON:-}"
 if [ -z "$py" ]; then
     if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
-if ! "$py" -c "import diffusers, torchsde, av" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$py" -c "import diffusers, torchsde, av, comfyui_frontend_package" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     site="$(mktemp -d)/site"
     "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
