@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
             resolutions[str(side)] = {
                 "attn_cache": attn_cache,
                 "stages": {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()},
+                "native_ratios": native_ratios(stager.stages),
             }
     finally:
         path.close()
@@ -193,6 +194,21 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+NATIVE_PAIRS = {
+    "fastdrag_sample": "native_ksampler_advanced",
+    "vae_decode": "native_vae_decode",
+}
+"""Our stage -> ComfyUI's native equivalent timed in the same run (ComfyUI path only):
+KV-Injected Sample vs KSamplerAdvanced (same model, latent, steps and start step, ddim / ddim_uniform,
+no added noise, cfg 1), VAE Decode (DragKit, with paste and preview) vs core VAE Decode."""
+
+
+def native_ratios(stages: dict) -> dict:
+    """``{our stage: our median / native median}`` for each pair of :data:`NATIVE_PAIRS` that ran."""
+    return {ours: stages[ours]["median_ms"] / stages[native]["median_ms"]
+            for ours, native in NATIVE_PAIRS.items() if ours in stages and native in stages}
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "–"
@@ -210,6 +226,9 @@ def tables(report: dict) -> str:
             peak = "–" if s["peak_mib"] is None else f"{s['peak_mib'] / 1024:.2f} GiB"
             lines.append(f"| {name} | {_ms(s['median_ms'])} | {_ms(s['p10_ms'])}–{_ms(s['p90_ms'])} | {s['repeats']} | {peak} | "
                          f"{s['unet_passes']} ({s['unet_rows']}, {s['unet_rows_with_grad']}) |")
+        if res.get("native_ratios"):
+            lines += ["", "| our stage | ÷ ComfyUI's native equivalent |", "|---|---|"]
+            lines += [f"| {ours} ÷ {NATIVE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["native_ratios"].items()]
         per_pass = flops["per_pass"][side]
         lines += ["", f"Compute floor at {side}×{side}: {per_pass['forward'] / 1e9:.1f} GFLOP per forward pass, "
                       f"{per_pass['forward_backward'] / 1e9:.1f} with backward; peak "

@@ -102,6 +102,11 @@ class ComfyPath:
             warped = stager.fast("fastdrag_warp", lambda: fd_warp(z_t))
             edited = stager.fast("fastdrag_sample", lambda: fd_sample(warped, cache))
             stager.fast("vae_decode", lambda: decoded(edited))
+            stager.fast("native_vae_decode", lambda: nodes.VAEDecode().decode(vae, edited)[0])
+            native_start = steps - round(strength * steps)
+            stager.fast("native_ksampler_advanced", lambda: nodes.KSamplerAdvanced().sample(
+                model, "disable", 0, steps, 1.0, "ddim", "ddim_uniform", positive, positive, warped, native_start, 10000,
+                "disable")[0])
             stager.fast("fastdrag_re_edit", lambda: decoded(fd_sample(fd_warp(z_t), cache)))
 
             def first_edit():

@@ -125,7 +125,12 @@ def test_comfyui_path_counts_the_same_passes(comfyui, tmp_path):
     assert report["backend"] == "comfyui" and report["versions"]["comfyui"]
     stages = report["resolutions"]["64"]["stages"]
     assert set(stages) == {"unet_forward", "vae_encode", "fastdrag_invert", "fastdrag_warp", "fastdrag_sample",
-                           "vae_decode", "fastdrag_re_edit", "fastdrag_first_edit", "lora"}
+                           "vae_decode", "native_vae_decode", "native_ksampler_advanced", "fastdrag_re_edit",
+                           "fastdrag_first_edit", "lora"}
+    steps = round(TINY.fastdrag_steps * TINY.fastdrag_strength)
+    assert stages["native_ksampler_advanced"]["unet_passes"] == stages["fastdrag_sample"]["unet_passes"] == steps
+    ratios = report["resolutions"]["64"]["native_ratios"]
+    assert set(ratios) == {"fastdrag_sample", "vae_decode"} and all(r > 0 for r in ratios.values())
     assert all(set(stage) >= STAGE_FIELDS for stage in stages.values())
     assert stages["fastdrag_first_edit"]["unet_passes"] == 2 * round(TINY.fastdrag_steps * TINY.fastdrag_strength)
     assert stages["lora"]["unet_rows_with_grad"] == TINY.lora_steps * TINY.lora_batch
