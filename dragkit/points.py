@@ -131,6 +131,10 @@ def parse_drag_points(value: Any, width: int | None = None, height: int | None =
             value = json.loads(text)
         except json.JSONDecodeError as err:
             raise DragInputError(f"the points are not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        except RecursionError:
+            raise DragInputError("the points JSON is nested too deeply to be points") from None
+        except ValueError as err:  # e.g. an integer longer than Python's int digit limit
+            raise DragInputError(f"the points JSON holds a value that cannot be read: {_short(str(err))}") from None
     if not isinstance(value, dict):
         raise DragInputError(f"points must be a JSON object, got {type(value).__name__}")
 
