@@ -169,20 +169,25 @@ def track_points(
     the distance is L1 over channels, summed in float32 (an fp16 sum over
     hundreds of channels rounds near-ties the wrong way); ties go to the first
     cell in raster order. Returns integer-valued ``(N, 2)`` grid ``(x, y)``.
+    All handles at once on the features' device, with no copy to the host.
     """
-    _, channels, height, width = features.shape
-    tracked = []
+    _, _, height, width = features.shape
     with torch.no_grad():
-        for handle, start in zip(handles, initial_handles):
-            template = original_features[0, :, int(start[1]), int(start[0])]
-            x0, x1 = max(int(handle[0]) - radius, 0), min(int(handle[0]) + radius, width - 1)
-            y0, y1 = max(int(handle[1]) - radius, 0), min(int(handle[1]) + radius, height - 1)
-            window = features[0, :, y0 : y1 + 1, x0 : x1 + 1]
-            cost = (window.float() - template.float()[:, None, None]).abs().sum(0)
-            best = int(torch.argmin(cost.reshape(-1)))
-            cols = x1 - x0 + 1
-            tracked.append([x0 + best % cols, y0 + best // cols])
-    return torch.tensor(tracked, dtype=torch.float32, device=handles.device).reshape(-1, 2)
+        offsets = torch.arange(-radius, radius + 1, device=features.device)
+        dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+        window = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)  # (K, 2) (x, y), raster order
+        centres = handles.to(features.device).long()
+        candidates = centres[:, None, :] + window[None]  # (N, K, 2)
+        inside = ((candidates[..., 0] >= 0) & (candidates[..., 0] < width)
+                  & (candidates[..., 1] >= 0) & (candidates[..., 1] < height))
+        xs = candidates[..., 0].clamp(0, width - 1)
+        ys = candidates[..., 1].clamp(0, height - 1)
+        starts = initial_handles.to(features.device).long()
+        templates = original_features[0][:, starts[:, 1], starts[:, 0]].float()  # (C, N)
+        cost = (features[0][:, ys, xs].float() - templates[:, :, None]).abs().sum(0)  # (N, K)
+        best = cost.masked_fill(~inside, float("inf")).argmin(dim=1)
+        tracked = candidates[torch.arange(len(best), device=best.device), best]
+    return tracked.to(device=handles.device, dtype=torch.float32).reshape(-1, 2)
 
 
 def all_reached(handles: torch.Tensor, targets: torch.Tensor) -> bool:

@@ -164,3 +164,34 @@ def test_appearance_loss_moves_content_onto_the_target():
     assert losses[-1] < 0.05 * losses[0]
     assert shift.detach().tolist() == pytest.approx([3.0, -2.0], abs=0.2)
     assert appearance_loss(wave_features(torch.tensor([3.0, -2.0])), source, target, handle, 2) < 1e-5
+
+
+def _track_one_by_one(original, features, handles, initial, radius):
+    """The window search written plainly, handle by handle (clipped window, first minimum in raster order)."""
+    _, _, height, width = features.shape
+    out = []
+    for (hx, hy), (sx, sy) in zip(handles.long().tolist(), initial.long().tolist()):
+        template = original[0, :, sy, sx].float()
+        best, best_cost = None, None
+        for y in range(max(hy - radius, 0), min(hy + radius, height - 1) + 1):
+            for x in range(max(hx - radius, 0), min(hx + radius, width - 1) + 1):
+                cost = float((features[0, :, y, x].float() - template).abs().sum())
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = [x, y], cost
+        out.append(best)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def test_batched_tracking_equals_the_window_search_handle_by_handle():
+    gen = torch.Generator().manual_seed(7)
+    for case in range(40):
+        height, width = 12 + case % 5, 10 + case % 7
+        original = torch.randn(1, 6, height, width, generator=gen)
+        features = original + 0.5 * torch.randn(1, 6, height, width, generator=gen)
+        features[..., :3, :3] = features[..., :1, :1]  # exact ties: the first cell in raster order wins
+        n = 1 + case % 4
+        handles = torch.stack([torch.randint(0, width, (n,), generator=gen), torch.randint(0, height, (n,), generator=gen)], 1)
+        initial = torch.stack([torch.randint(0, width, (n,), generator=gen), torch.randint(0, height, (n,), generator=gen)], 1)
+        radius = 1 + case % 4
+        expected = _track_one_by_one(original, features, handles.float(), initial.float(), radius)
+        assert torch.equal(track_points(original, features, handles.float(), initial.float(), radius), expected), case
