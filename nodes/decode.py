@@ -1,4 +1,10 @@
-"""VAE Decode (DragKit): decode, keep the unmasked source exactly, and draw the points."""
+"""VAE Decode (DragKit): decode, keep the unmasked source exactly, and draw the points.
+
+The paste, the feathered blend and the preview run on the VAE's device (the
+GPU on a GPU machine); the two output images are copied to the host once, at
+the end (ComfyUI's VAE.decode hands its pixels to the CPU, so they go back
+once for the compositing).
+"""
 
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ class DragVAEDecode:
                 log.warning("DragKit VAE Decode: this latent is still noisy (it has a diffusion step); denoise it first")
             decoded = vae.decode(samples)
             decoded = decoded.reshape(-1, *decoded.shape[-3:])[:1]
-            image = require_finite(decoded[0], "the output of the VAE decode")
+            image = require_finite(decoded[0], "the output of the VAE decode").to(vae.device)
             if source_image is not None:
                 image = self._paste(source_image, image, mask, feather)
             elif mask is not None:
@@ -59,7 +65,7 @@ class DragVAEDecode:
             preview = image
             if points is not None:
                 preview = self._draw(image, points, source_image is not None)
-        return (image[None].contiguous(), preview[None].contiguous())
+        return (image[None].contiguous().cpu(), preview[None].contiguous().cpu())
 
     @staticmethod
     def _paste(source_image: torch.Tensor, image: torch.Tensor, mask, feather: int) -> torch.Tensor:
@@ -80,7 +86,7 @@ class DragVAEDecode:
             geometry = LatentGeometry(points.width, points.height)
             offset = torch.tensor([geometry.crop_x, geometry.crop_y], dtype=torch.float32)
             handles, targets = handles - offset, targets - offset
-        return draw_points(image.cpu(), handles, targets)
+        return draw_points(image, handles, targets)
 
 
 NODE_CLASS_MAPPINGS = {"DragKitVAEDecode": DragVAEDecode}

@@ -108,6 +108,8 @@ def test_backward_memory_is_measured_and_grows_with_the_latent(comfy_inproc, tin
 class OverflowingVAE:
     """Stands in for an fp16 VAE whose decoder overflows: every pixel NaN."""
 
+    device = torch.device("cpu")
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         return torch.full((samples.shape[0], samples.shape[2] * 8, samples.shape[3] * 8, 3), float("nan"))
 
