@@ -42,20 +42,24 @@ class AttnLayer:
         stage: ``"down"`` (encoder), ``"mid"`` or ``"up"`` (decoder).
         name: the backend's own name for the layer (for messages).
         channels: width of its keys and values (heads x head_dim).
+        downscale: its feature map is the latent's size divided by this
+            (1 at the UNet's full resolution; SD1.5's decoder: 4, 2, 1).
     """
 
     index: int
     stage: str
     name: str
     channels: int
+    downscale: int = 1
 
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d*)$")
 _STAGE_WORDS = {"encoder": "down", "down": "down", "middle": "mid", "mid": "mid", "decoder": "up", "up": "up"}
 
 LAYER_SPEC_HELP = (
-    'Comma-separated: "decoder", "encoder", "middle", "all", "none", "masactrl" (the last two thirds of the '
-    'decoder layers, i.e. MasaCtrl/DragDiffusion\'s layers 10-15 on SD1.5), a layer index in execution order '
+    'Comma-separated: "decoder", "encoder", "middle", "all", "none", "masactrl" (the decoder layers of every '
+    "resolution but the coarsest one that has attention, i.e. MasaCtrl/DragDiffusion's layers 10-15 on SD1.5 "
+    "and the 6 layers of the middle decoder level on SDXL), a layer index in execution order "
     '("10"), or a range ("10-15", "10-" = from 10 on). SD1.5 has 16 self-attention layers: 0-5 encoder, '
     "6 middle, 7-15 decoder."
 )
@@ -76,8 +80,7 @@ def select_layers(layers: tuple[AttnLayer, ...], spec: str) -> tuple[AttnLayer, 
         if term == "all":
             chosen.update(layer.index for layer in layers)
         elif term == "masactrl":
-            decoder = [layer.index for layer in layers if layer.stage == "up"]
-            chosen.update(decoder[len(decoder) // 3 :])
+            chosen.update(layer.index for layer in masactrl_layers(layers))
         elif term in _STAGE_WORDS:
             chosen.update(layer.index for layer in layers if layer.stage == _STAGE_WORDS[term])
         elif term.isdigit() or _RANGE.match(term):
@@ -86,6 +89,22 @@ def select_layers(layers: tuple[AttnLayer, ...], spec: str) -> tuple[AttnLayer, 
         else:
             raise DragInputError(f'cannot read layer selection term "{term}". {LAYER_SPEC_HELP}')
     return tuple(layer for layer in layers if layer.index in chosen)
+
+
+def masactrl_layers(layers: tuple[AttnLayer, ...]) -> tuple[AttnLayer, ...]:
+    """The decoder layers mutual self-attention uses, chosen by role.
+
+    Every decoder self-attention layer finer than the coarsest decoder level
+    that has attention (SD1.5: the two highest-resolution of its three
+    attention levels, layers 10-15; SDXL: its 2-block level, not the 10-block
+    one). When the decoder has attention at one resolution only, all of it.
+    """
+    decoder = [layer for layer in layers if layer.stage == "up"]
+    if not decoder:
+        return ()
+    coarsest = max(layer.downscale for layer in decoder)
+    finer = tuple(layer for layer in decoder if layer.downscale < coarsest)
+    return finer or tuple(decoder)
 
 
 def _parse_range(term: str, count: int) -> tuple[int, int]:

@@ -135,9 +135,19 @@ class DiffusersBackend:
                     found.append((stage, name, module))
         found.sort(key=lambda item: STAGES.index(item[0]))
         return [
-            (AttnLayer(index=i, stage=stage, name=name, channels=module.to_k.out_features), module)
+            (AttnLayer(index=i, stage=stage, name=name, channels=module.to_k.out_features,
+                       downscale=self._downscale(name)), module)
             for i, (stage, name, module) in enumerate(found)
         ]
+
+    def _downscale(self, name: str) -> int:
+        """Latent size / feature-map size of the module at ``name`` (``down_blocks.i``: 2**i, up blocks mirrored)."""
+        parts = name.split(".")
+        levels = len(self.unet.down_blocks)
+        if parts[0] == "mid_block":
+            return 2 ** (levels - 1)
+        level = int(parts[1])
+        return 2 ** (level if parts[0] == "down_blocks" else len(self.unet.up_blocks) - 1 - level)
 
     def run(
         self,

@@ -33,7 +33,7 @@ import comfy.model_sampling
 import comfy.samplers
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
-from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
@@ -107,6 +107,7 @@ class ComfyBackend:
             ("output", list(getattr(unet, "output_blocks", []))),
         ]
         found = []
+        downscale = 1  # the latent's size / the block's feature map: x2 after a Downsample, /2 after an Upsample
         for block_name, blocks in groups:
             for number, block in enumerate(blocks):
                 for sub in block:
@@ -119,8 +120,13 @@ class ComfyBackend:
                             stage=_STAGE_OF_BLOCK[block_name],
                             name=f"{block_name}.{number}.{depth}",
                             channels=int(transformer.attn1.to_k.weight.shape[0]),
+                            downscale=downscale,
                         )
                         found.append((layer, key))
+                if any(isinstance(sub, Downsample) for sub in block):
+                    downscale *= 2
+                if any(isinstance(sub, Upsample) for sub in block):
+                    downscale //= 2
         if not found:
             raise DragInputError("this MODEL has no UNet self-attention layers (SD1.x/SD2.x/SDXL UNets are supported)")
         return found

@@ -16,9 +16,20 @@ from dragkit.errors import DragInputError
 from dragkit.schedule import DDIMSchedule, scaled_linear_alphas_cumprod
 
 
+SD15_DOWNSCALES = [1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1]
+"""Latent / feature-map size of SD1.5's 16 self-attention layers in execution order."""
+
+
 def sd15_like_layers():
     stages = ["down"] * 6 + ["mid"] + ["up"] * 9
-    return tuple(AttnLayer(i, stage, f"layer{i}", 320) for i, stage in enumerate(stages))
+    return tuple(AttnLayer(i, stage, f"layer{i}", 320, scale) for i, (stage, scale) in enumerate(zip(stages, SD15_DOWNSCALES)))
+
+
+def test_masactrl_is_every_decoder_level_but_the_coarsest_with_attention():
+    sdxl = tuple(AttnLayer(i, "up", f"up{i}", 640, 4 if i < 30 else 2) for i in range(36))
+    assert [layer.index for layer in select_layers(sdxl, "masactrl")] == list(range(30, 36))
+    one_level = tuple(AttnLayer(i, "up", f"up{i}", 64) for i in range(3))
+    assert select_layers(one_level, "masactrl") == one_level
 
 
 @pytest.mark.parametrize(
