@@ -132,8 +132,8 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
     weights are cast per forward into ordinary tensors, which autograd can
     save). ``latent_shape`` is one step's ``(B, C, h, w)``; ComfyUI's own
     inference estimate of the forward work space for it is added to the
-    measured saved bytes. On a CPU the model manager has nothing to offload,
-    so the probe is skipped and 0 is returned; otherwise the reserved bytes.
+    measured saved bytes. Returns the bytes needed (measured on a CPU too,
+    where :func:`reserve` has nothing to offload).
     """
     base = patcher.model
     latent_hw = tuple(latent_shape[-2:])
@@ -141,8 +141,6 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
     converted = make_weights_autograd_safe(base.diffusion_model)
     if converted:
         log.debug("DragKit: made %.1f MiB of inference-mode weights usable by autograd", converted / 2**20)
-    if torch.device(patcher.load_device).type == "cpu":
-        return 0
     saved = backward_memory(probe, base.diffusion_model, latent_hw)
     need = saved + forward_space
     log.info("DragKit: reserving %.0f MiB for backward (measured %.0f MiB of saved activations)", need / 2**20, saved / 2**20)

@@ -13,7 +13,7 @@
   and other conditioning extras, model patches and wrappers therefore work
   exactly as in KSampler.
 - :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
-  fully loaded clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
+  clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
   (weights made autograd-safe in place, no copy; the measured backward memory
   reserved with the model manager), and captures the penultimate decoder
   level's output with an output-block patch.

@@ -49,6 +49,7 @@ def test_a_lora_step_keeps_no_copy_of_the_weights(comfy_inproc, tiny_comfy_model
             trainer.prepare(tuple(latent.shape))
             saved = pack.nodes.comfy_autograd.saved_tensors(lambda: trainer.train(latent))
         assert saved, "the step saved activations for backward"
+        assert trainer.reserved_bytes > 0, "the backward memory was measured with the probe steps"
         assert weight_copies(saved, unet) == []
         adapted = [m for _, m in pack.nodes.comfy_lora.attention_projections(model.model)]
         assert all(m._forward_hooks for m in adapted)
@@ -59,8 +60,12 @@ def test_a_lora_step_keeps_no_copy_of_the_weights(comfy_inproc, tiny_comfy_model
     assert not any(p.is_inference() for p in unet.parameters()), "weights were made autograd-safe in place"
 
 
-def test_a_motion_supervision_iteration_keeps_no_copy_of_the_weights(comfy_inproc, tiny_comfy_models):
+def test_a_motion_supervision_iteration_keeps_no_copy_of_the_weights(comfy_inproc, tiny_comfy_models, monkeypatch):
     pack = comfy_inproc.pack
+    measured = []
+    real = pack.nodes.comfy_autograd.backward_memory
+    monkeypatch.setattr(pack.nodes.comfy_autograd, "backward_memory",
+                        lambda *args: measured.append(real(*args)) or measured[-1])
     model = tiny_comfy_models.model
     unet = model.model.diffusion_model
     backend = pack.nodes.comfy_backend.ComfyBackend(model)
@@ -84,6 +89,7 @@ def test_a_motion_supervision_iteration_keeps_no_copy_of_the_weights(comfy_inpro
         backend.run_features(loop, z, conditioning, pack.dragkit.attention.AttentionControl(), [681])
     assert saved and weight_copies(saved, unet) == []
     assert sum(p.numel() for p in unet.parameters()) == parameters_before
+    assert len(measured) == 1 and measured[0] > 0, "the probe ran through the guider's model before the loop"
 
 
 def test_backward_memory_is_measured_and_grows_with_the_latent(comfy_inproc, tiny_comfy_models):
