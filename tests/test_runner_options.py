@@ -55,3 +55,12 @@ def test_gpu_check_tiny_sample_scales_image_mask_and_points(tmp_path):
     source = json.loads((gpu_check.SAMPLE / "points.json").read_text())["points"]
     scaled = json.loads((sample / "points.json").read_text())["points"]
     assert scaled == [[min(round(x / 4), 127), min(round(y / 4), 127)] for x, y in source]
+
+
+def test_gpu_check_judges_goals_only_on_a_cuda_run_at_512():
+    rows = [{"stage": "resolutions/512/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
+            {"stage": "resolutions/512/stages/vae_decode", "median_ms": 20.0, "peak_gib": 2.0}]
+    lines = gpu_check.goal_rows(rows, cuda=True)
+    assert "| lora | peak_gib | 6.50 | ≤ 6 | NO |" in lines and "| lora | median_ms | 5000.00 | ≤ 6000 | yes |" in lines
+    assert "| vae_decode | median_ms | 20.00 | ≤ 30 | yes |" in lines
+    assert all("n/a" in line for line in gpu_check.goal_rows(rows, cuda=False))
