@@ -43,7 +43,7 @@ STATE_VERSION = 1
 MAX_STATE_CHARS = 4_000_000
 """Longest state string accepted (a brush-painted mask takes a few kB)."""
 
-STATE_KEYS = frozenset({"version", "width", "height", "pairs", "pending", "mask"})
+STATE_KEYS = frozenset({"version", "width", "height", "pairs", "pending", "mask", "erase"})
 
 _MAX_INT_DIGITS = 18
 """JSON integers with more digits are read as floats (so ``inf``), never as huge ints."""
@@ -60,11 +60,14 @@ class EditorState:
     ``points.width`` x ``points.height`` image; ``pending`` is an unfinished
     handle ``(x, y)`` in source pixels or None; ``mask`` is an
     ``(height, width)`` bool array (True = editable) or None when nothing is painted.
+    ``erase`` (optional ``"erase"`` field) holds the pixels erased on top of a
+    connected MASK input, or None: the node's mask is ``(input | mask) & ~erase``.
     """
 
     points: DragPoints
     pending: Point | None = None
     mask: np.ndarray | None = None
+    erase: np.ndarray | None = None
 
     @property
     def width(self) -> int:
@@ -79,9 +82,10 @@ class EditorState:
             return NotImplemented
         if self.points != other.points or self.pending != other.pending:
             return False
-        if self.mask is None or other.mask is None:
-            return self.mask is None and other.mask is None
-        return bool(np.array_equal(self.mask, other.mask))
+        for mine, theirs in ((self.mask, other.mask), (self.erase, other.erase)):
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
+                return False
+        return True
 
     def drag_points(self) -> DragPoints:
         """The pairs to edit with; raises when there are none or a handle still lacks its target."""
@@ -108,6 +112,7 @@ class EditorState:
             "pairs": [{"handle": _compact_point(p["handle"]), "target": _compact_point(p["target"])} for p in pairs],
             "pending": None if self.pending is None else _compact_point(self.pending),
             "mask": None if self.mask is None or not self.mask.any() else {"rle": encode_mask(self.mask)},
+            **({} if self.erase is None or not self.erase.any() else {"erase": {"rle": encode_mask(self.erase)}}),
         }
 
     def to_json(self) -> str:
@@ -166,7 +171,8 @@ def parse_editor_state(value: Any, width: int | None = None, height: int | None 
     points = _read_pairs(value.get("pairs"), state_w, state_h)
     pending = _read_pending(value.get("pending"), state_w, state_h)
     mask = _read_mask(value.get("mask"), state_w, state_h)
-    return EditorState(points, pending, mask)
+    erase = _read_mask(value.get("erase"), state_w, state_h, "erase")
+    return EditorState(points, pending, mask, erase)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,11 +303,11 @@ def _read_pending(pending: Any, width: int, height: int) -> Point | None:
     return points.handles[0]
 
 
-def _read_mask(mask: Any, width: int, height: int) -> np.ndarray | None:
+def _read_mask(mask: Any, width: int, height: int, field: str = "mask") -> np.ndarray | None:
     if mask is None:
         return None
     if not isinstance(mask, dict) or set(mask) != {"rle"}:
-        raise DragInputError(f'the editor state\'s "mask" must be null or {{"rle": "<base64>"}}, got {_short(mask)}')
+        raise DragInputError(f'the editor state\'s "{field}" must be null or {{"rle": "<base64>"}}, got {_short(mask)}')
     decoded = decode_mask(mask["rle"], width, height)
     return decoded if decoded.any() else None
 

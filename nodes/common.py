@@ -96,3 +96,24 @@ def progress_reporter(total: int) -> Callable[[int], None]:
         bar.update_absolute(done, total)
 
     return report
+
+
+def save_temp_png(pixels, prefix: str) -> dict:
+    """Save ``pixels`` (uint8 numpy, ``(H, W)`` or ``(H, W, 3)``) as a PNG in ComfyUI's temp folder for the
+    frontend to show; returns its ``/view`` reference ``{"filename", "subfolder", "type": "temp"}``.
+
+    ``prefix`` gets a random suffix, so two runs never overwrite a file a browser may still be loading.
+    """
+    import os
+    import secrets
+
+    import folder_paths
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        f"{prefix}_{secrets.token_hex(3)}", folder_paths.get_temp_directory(), width, height
+    )
+    name = f"{filename}_{counter:05}_.png"
+    Image.fromarray(pixels).save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": subfolder, "type": "temp"}

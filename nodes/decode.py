@@ -14,8 +14,13 @@ from ..dragkit.compositing import draw_points, paste_edit
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.points import DragPoints
-from .common import CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_finite, require_points
+from .common import (CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_finite, require_points,
+                     save_temp_png)
 from .latent_io import read_step
+
+
+RESULT_UI_KEY = "dragkit_result"
+"""Key of the node's ``ui``: the decoded image in the temp folder, shown by the Drag Points Editor upstream of it."""
 
 
 class DragVAEDecode:
@@ -25,7 +30,7 @@ class DragVAEDecode:
         "connected, the preview output shows the drag arrows."
     )
     CATEGORY = CATEGORY
-    FUNCTION = "decode"
+    FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("image", "preview")
     OUTPUT_TOOLTIPS = (
@@ -66,6 +71,11 @@ class DragVAEDecode:
             if points is not None:
                 preview = self._draw(image, points, source_image is not None)
         return (image[None].contiguous().cpu(), preview[None].contiguous().cpu())
+
+    def run(self, vae, latent, feather, source_image=None, mask=None, points=None):
+        """The node: ``decode``, plus the image in ``ui`` so a Drag Points Editor upstream can show the result."""
+        image, preview = self.decode(vae, latent, feather, source_image, mask, points)
+        return {"ui": {RESULT_UI_KEY: [save_temp_png((image[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), "dragkit_result")]}, "result": (image, preview)}
 
     @staticmethod
     def _paste(source_image: torch.Tensor, image: torch.Tensor, mask, feather: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ import node_helpers
 
 from ..dragkit.editor_state import parse_editor_state
 from ..dragkit.errors import DragInputError
-from .common import CATEGORY, DRAG_POINTS, NodeInputError, node_errors
+from .common import CATEGORY, DRAG_POINTS, NodeInputError, node_errors, save_temp_png
 
 NODE_NAME = "Drag Points Editor"
 
@@ -44,7 +43,9 @@ class DragPointsEditor:
         "(red), click again for its target (blue); drag points to adjust them, right-click one to delete its pair. "
         "Brush/eraser paint the mask (1 = editable; nothing painted = the whole image is editable). Enlarge opens "
         "a bigger view. The image comes from the IMAGE input when connected, else from the node's own upload. "
-        "Points are (x, y) pixels of that image and are saved in the workflow."
+        "Points are (x, y) pixels of that image and are saved in the workflow. An optional MASK input seeds the "
+        "editable region; brush/eraser strokes apply on top of it. After a run the editor shows the image of the "
+        "VAE Decode (DragKit) it feeds (Result), and Live re-runs the graph after each point drop or stroke."
     )
     CATEGORY = CATEGORY
     FUNCTION = "edit"
@@ -77,6 +78,11 @@ class DragPointsEditor:
                     "tooltip": "An image to edit instead of the uploaded file (one image). The editor shows it once "
                                "the upstream Load Image has a file or after one run.",
                 }),
+                "mask": ("MASK", {
+                    "tooltip": "An initial editable region (e.g. from ComfyUI's MaskEditor or any mask node), at the "
+                               "image's size; values >= 0.5 are editable. Brush and eraser strokes in the editor apply "
+                               "on top of it: mask output = (input OR painted) AND NOT erased.",
+                }),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -101,26 +107,66 @@ class DragPointsEditor:
         except (DragInputError, OSError):
             return f"unreadable:{image_file!r}"
 
-    def edit(self, image_file, editor_state, image=None, unique_id=None):
+    def edit(self, image_file, editor_state, image=None, mask=None, unique_id=None):
         with node_errors(NODE_NAME):
             pixels = _single_image(image) if image is not None else _load_image_file(image_file)
-        height, width = int(pixels.shape[1]), int(pixels.shape[2])
+            height, width = int(pixels.shape[1]), int(pixels.shape[2])
+            seed = None if mask is None else _input_mask(mask, width, height)
         preview = _save_preview(pixels) if image is not None else None
+        seed_preview = None if seed is None else _save_mask_preview(seed)
         try:
             with node_errors(NODE_NAME):
                 state = parse_editor_state(editor_state, width=width, height=height)
                 points = state.drag_points()
         except NodeInputError:
-            _send_to_editor(unique_id, preview)
+            _send_to_editor(unique_id, preview, seed_preview)
             raise
-        if state.mask is None:
-            mask = torch.zeros((1, height, width), dtype=torch.float32)
-        else:
-            mask = torch.from_numpy(state.mask.astype(np.float32))[None]
-        summary = {"width": width, "height": height, "pairs": points.num_pairs, "mask_pixels": int(mask.sum())}
+        editable = combine_masks(seed, state.mask, state.erase, width, height)
+        out_mask = torch.from_numpy(editable.astype(np.float32))[None]
+        summary = {"width": width, "height": height, "pairs": points.num_pairs, "mask_pixels": int(editable.sum())}
         if preview is not None:
             summary["image"] = preview
-        return {"ui": {UI_KEY: [summary]}, "result": (pixels, points, mask)}
+        if seed_preview is not None:
+            summary["input_mask"] = seed_preview
+        return {"ui": {UI_KEY: [summary]}, "result": (pixels, points, out_mask)}
+
+
+def combine_masks(seed, painted, erased, width: int, height: int) -> np.ndarray:
+    """The node's editable region: ``(input mask OR painted) AND NOT erased``, as a ``(height, width)`` bool array.
+
+    The MASK input seeds the region; the editor's own brush (``painted``) and
+    eraser (``erased``) strokes are stored in its state and applied on top, so
+    re-running with the same or a changed input mask keeps the user's edits.
+    Any of the three may be None (nothing there).
+    """
+    editable = np.zeros((height, width), dtype=bool)
+    if seed is not None:
+        editable |= seed
+    if painted is not None:
+        editable |= painted
+    if erased is not None:
+        editable &= ~erased
+    return editable
+
+
+def _input_mask(mask, width: int, height: int) -> np.ndarray:
+    """The MASK input as a ``(height, width)`` bool array (>= 0.5 editable); one mask at the image's size."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
+        raise DragInputError(f"the mask input must be a MASK [batch, height, width], got {getattr(mask, 'shape', mask)!r}")
+    if mask.dim() == 3:
+        if mask.shape[0] != 1:
+            raise DragInputError(f"the mask input holds {mask.shape[0]} masks; connect one (it belongs to one image)")
+        mask = mask[0]
+    mask_h, mask_w = int(mask.shape[0]), int(mask.shape[1])
+    if (mask_w, mask_h) != (width, height):
+        raise DragInputError(
+            f"the mask input is {mask_w}x{mask_h} but the image is {width}x{height} (width x height); "
+            "connect a mask made on this image (e.g. Load Image's MASK output or the MaskEditor) or resize it to match"
+        )
+    values = mask.detach().to("cpu", torch.float32)
+    if not torch.isfinite(values).all():
+        raise DragInputError("the mask input contains NaN or infinite values")
+    return (values >= 0.5).numpy()
 
 
 def _single_image(image: torch.Tensor) -> torch.Tensor:
@@ -164,22 +210,17 @@ def _load_image_file(name) -> torch.Tensor:
 
 def _save_preview(pixels: torch.Tensor) -> dict:
     """Save a connected IMAGE to the temp folder for the editor; returns its ``/view`` reference."""
-    from PIL import Image
-
-    height, width = int(pixels.shape[1]), int(pixels.shape[2])
-    prefix = "dragkit_editor_" + secrets.token_hex(3)
-    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        prefix, folder_paths.get_temp_directory(), width, height
-    )
-    name = f"{filename}_{counter:05}_.png"
-    array = (pixels[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    Image.fromarray(array).save(os.path.join(folder, name), compress_level=1)
-    return {"filename": name, "subfolder": subfolder, "type": "temp"}
+    return save_temp_png((pixels[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), "dragkit_editor")
 
 
-def _send_to_editor(unique_id, preview: dict | None) -> None:
-    """Show a connected IMAGE in the editor even though the node failed (the user needs it to place points)."""
-    if preview is None or unique_id is None:
+def _save_mask_preview(mask: np.ndarray) -> dict:
+    """Save the MASK input (bool, H x W) as a black/white PNG in the temp folder for the editor; its ``/view`` reference."""
+    return save_temp_png(mask.astype(np.uint8) * 255, "dragkit_editor_mask")
+
+
+def _send_to_editor(unique_id, preview: dict | None, mask_preview: dict | None = None) -> None:
+    """Show a connected IMAGE (and MASK) in the editor even though the node failed (the user needs it to place points)."""
+    if (preview is None and mask_preview is None) or unique_id is None:
         return
     try:
         from server import PromptServer
@@ -187,7 +228,8 @@ def _send_to_editor(unique_id, preview: dict | None) -> None:
         return
     server = getattr(PromptServer, "instance", None)
     if server is not None:
-        server.send_sync(IMAGE_EVENT, {"node": str(unique_id), "image": preview}, server.client_id)
+        server.send_sync(IMAGE_EVENT, {"node": str(unique_id), "image": preview, "input_mask": mask_preview},
+                         server.client_id)
 
 
 NODE_CLASS_MAPPINGS = {"DragKitPointsEditor": DragPointsEditor}

@@ -165,8 +165,10 @@ def test_decode_keeps_unmasked_source_and_draws_points(comfy_inproc, tiny_comfy_
     mask = torch.zeros(1, 70, 100)
     mask[0, 20:50, 30:70] = 1
     points = comfy_inproc.pack.dragkit.points.parse_drag_points('{"points": [[40, 30], [60, 35]]}', 100, 70)
-    image, preview = run(comfy_inproc, "DragKitVAEDecode", vae=vae, latent=latent, feather=4,
-                         source_image=source, mask=mask, points=points)
+    out = run(comfy_inproc, "DragKitVAEDecode", vae=vae, latent=latent, feather=4,
+              source_image=source, mask=mask, points=points)
+    image, preview = out["result"]
+    assert out["ui"]["dragkit_result"][0]["type"] == "temp"  # shown by the Drag Points Editor upstream
     assert image.shape == (1, 70, 100, 3)
     assert torch.equal(image[0][mask[0] == 0], source[0][mask[0] == 0])
     assert not torch.equal(image, source)
