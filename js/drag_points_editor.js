@@ -8,6 +8,14 @@
 // workflow, sent in the API prompt, and restored on reload, paste and undo.
 // All coordinates are (x, y) pixels of the source image.
 //
+// A MASK input seeds the editable region: the widget shows it (after a run) and
+// the brush/eraser strokes are kept in the state on top of it ("mask" = painted,
+// "erase" = erased), so the node's mask is (input OR painted) AND NOT erased.
+// After a run the editor shows the image decoded downstream of it (any
+// "VAE Decode (DragKit)" fed by this node's outputs; Source/Result toggle), and
+// with "Live" on (node property dragkit_live) it queues the graph 400 ms after a
+// point is dropped or a stroke ends, once, after any run already pending.
+//
 // Plain JavaScript for the ComfyUI frontend (1.27), no build step.
 
 import { app } from "../../scripts/app.js";
@@ -17,6 +25,11 @@ const NODE_CLASS = "DragKitPointsEditor";
 const STATE_WIDGET = "editor_state";
 const FILE_WIDGET = "image_file";
 const IMAGE_INPUT = "image";
+const MASK_INPUT = "mask";
+const FILE_WIDGETS = [FILE_WIDGET, "upload"]; // hidden while an IMAGE is connected
+const RESULT_KEY = "dragkit_result"; // ui key of VAE Decode (DragKit): its decoded image
+const LIVE_PROPERTY = "dragkit_live"; // node property: re-run the graph after each edit
+const LIVE_DELAY_MS = 400;
 const UI_KEY = "dragkit_editor";
 const IMAGE_EVENT = "dragkit.editor.image";
 const STATE_VERSION = 1;
@@ -114,8 +127,29 @@ class EditorModel {
     this.height = 0;
     this.pairs = []; // [{handle: {x, y}, target: {x, y}}]
     this.pending = null; // {x, y}: a handle waiting for its target
-    this.mask = null; // Uint8Array(width * height), 1 = editable
+    this.mask = null; // Uint8Array(width * height), 1 = painted with the brush
     this.maskCount = 0;
+    this.erase = null; // Uint8Array(width * height), 1 = erased on top of the MASK input
+    this.eraseCount = 0;
+    this.seed = null; // Uint8Array(width * height) from the MASK input (not part of the state), or null
+    this.editableCount = 0; // pixels of (seed OR mask) AND NOT erase
+    this.eraseOverSeed = false; // whether the eraser records erasures (a MASK input is connected)
+  }
+
+  editable(i) {
+    return ((this.seed !== null && this.seed[i] === 1) || this.mask[i] === 1) && this.erase[i] !== 1;
+  }
+
+  recountEditable() {
+    let n = 0;
+    if (this.mask) for (let i = 0; i < this.mask.length; i++) n += this.editable(i) ? 1 : 0;
+    this.editableCount = n;
+  }
+
+  /** Use `seed` (Uint8Array of this size, or null) as the MASK input under the strokes. */
+  setSeed(seed) {
+    this.seed = seed && seed.length === this.width * this.height ? seed : null;
+    this.recountEditable();
   }
 
   get hasSize() {
@@ -123,7 +157,7 @@ class EditorModel {
   }
 
   get isEmpty() {
-    return !this.pairs.length && !this.pending && !this.maskCount;
+    return !this.pairs.length && !this.pending && !this.maskCount && !this.eraseCount;
   }
 
   setSize(width, height) {
@@ -133,6 +167,10 @@ class EditorModel {
     this.pending = null;
     this.mask = new Uint8Array(width * height);
     this.maskCount = 0;
+    this.erase = new Uint8Array(width * height);
+    this.eraseCount = 0;
+    this.seed = null;
+    this.editableCount = 0;
   }
 
   /** The widget string: "" before any image was shown, else version-1 JSON. */
@@ -146,13 +184,14 @@ class EditorModel {
       pairs: this.pairs.map((p) => ({ handle: pt(p.handle), target: pt(p.target) })),
       pending: this.pending ? pt(this.pending) : null,
       mask: this.maskCount ? { rle: encodeMask(this.mask) } : null,
+      ...(this.eraseCount ? { erase: { rle: encodeMask(this.erase) } } : {}),
     });
   }
 
   /** Replace the model by a widget string; throws (leaving the model unchanged) when it is malformed. */
   load(text) {
     if (!text || !String(text).trim()) {
-      Object.assign(this, new EditorModel());
+      Object.assign(this, new EditorModel(), { eraseOverSeed: this.eraseOverSeed });
       return;
     }
     const state = JSON.parse(text);
@@ -174,7 +213,14 @@ class EditorModel {
     if (state.mask != null) {
       ({ mask, painted: maskCount } = decodeMask(state.mask.rle, width, height));
     }
-    Object.assign(this, { width, height, pairs, pending, mask, maskCount });
+    let erase = new Uint8Array(width * height);
+    let eraseCount = 0;
+    if (state.erase != null) {
+      ({ mask: erase, painted: eraseCount } = decodeMask(state.erase.rle, width, height));
+    }
+    const seed = this.seed && this.width === width && this.height === height ? this.seed : null;
+    Object.assign(this, { width, height, pairs, pending, mask, maskCount, erase, eraseCount, seed });
+    this.recountEditable();
   }
 
   /** A click at (x, y): sets a pending handle, or completes the pending one with this target. */
@@ -223,10 +269,18 @@ class EditorModel {
         const dx = x + 0.5 - u;
         if (dx * dx + dy * dy > r2) continue;
         const i = y * this.width + x;
+        const was = this.editable(i);
         if (this.mask[i] !== value) {
           this.mask[i] = value;
           this.maskCount += value ? 1 : -1;
         }
+        // the brush un-erases; the eraser erases the MASK input's pixels too (while one is connected)
+        const erased = value ? 0 : this.eraseOverSeed ? 1 : this.erase[i];
+        if (this.erase[i] !== erased) {
+          this.erase[i] = erased;
+          this.eraseCount += erased ? 1 : -1;
+        }
+        this.editableCount += (this.editable(i) ? 1 : 0) - (was ? 1 : 0);
       }
     }
     return { x0, y0, x1, y1 };
@@ -254,9 +308,13 @@ class EditorModel {
     return rect;
   }
 
+  /** Drop the painted and erased strokes (with a MASK input, back to the input mask). */
   clearMask() {
     this.mask?.fill(0);
+    this.erase?.fill(0);
     this.maskCount = 0;
+    this.eraseCount = 0;
+    this.recountEditable();
   }
 
   /**
@@ -267,13 +325,17 @@ class EditorModel {
     const inside = (p) => p.x <= width - 1 && p.y <= height - 1;
     const kept = this.pairs.filter((p) => inside(p.handle) && inside(p.target));
     const dropped = this.pairs.length - kept.length + (this.pending && !inside(this.pending) ? 1 : 0);
-    const mask = new Uint8Array(width * height);
-    let maskCount = 0;
-    for (let y = 0; y < Math.min(height, this.height); y++) {
-      const row = this.mask.subarray(y * this.width, y * this.width + Math.min(width, this.width));
-      mask.set(row, y * width);
-    }
-    for (let i = 0; i < mask.length; i++) maskCount += mask[i];
+    const crop = (layer) => {
+      const out = new Uint8Array(width * height);
+      for (let y = 0; y < Math.min(height, this.height); y++) {
+        out.set(layer.subarray(y * this.width, y * this.width + Math.min(width, this.width)), y * width);
+      }
+      let count = 0;
+      for (let i = 0; i < out.length; i++) count += out[i];
+      return [out, count];
+    };
+    const [mask, maskCount] = crop(this.mask);
+    const [erase, eraseCount] = crop(this.erase);
     const maskLost = this.maskCount - maskCount;
     Object.assign(this, {
       width,
@@ -282,7 +344,11 @@ class EditorModel {
       pending: this.pending && inside(this.pending) ? this.pending : null,
       mask,
       maskCount,
+      erase,
+      eraseCount,
+      seed: null, // the MASK input of the old size no longer applies; the next run brings the new one
     });
+    this.recountEditable();
     return { dropped, maskLost };
   }
 }
@@ -336,6 +402,119 @@ class DragPointsEditor {
     this.maskPixels = null;
     this.dialog = null;
     this.unreadable = false; // the widget holds a state this editor could not read: keep it until an edit
+    this.result = null; // {image, ref, nodeId, title}: the image decoded downstream by the last run
+    this.showResult = false;
+    this.inputMaskRef = null; // {filename, subfolder, type} of the MASK input, from the last run
+    this.liveTimer = null;
+    this.liveRuns = 0; // graphs queued by live re-edit (for scripts and tests)
+    this.liveDeferred = 0; // edits that waited for a pending run to finish
+  }
+
+  get live() {
+    return this.node.properties?.[LIVE_PROPERTY] === true;
+  }
+
+  setLive(on) {
+    this.node.properties = this.node.properties || {};
+    this.node.properties[LIVE_PROPERTY] = !!on;
+    if (!on) liveRunner.cancel(this);
+    this.redraw();
+  }
+
+  linked(name) {
+    const slot = this.node.findInputSlot?.(name) ?? -1;
+    return slot >= 0 && this.node.inputs[slot].link != null;
+  }
+
+  // -- the result of the graph it feeds ---------------------------------------------------------
+
+  /** Show `ref` ({filename, subfolder, type}), decoded by node `fromNode` downstream of this editor. */
+  setResult(ref, fromNode) {
+    const img = new Image();
+    const key = JSON.stringify(ref);
+    this.pendingResult = key;
+    img.onload = () => {
+      if (this.pendingResult !== key) return;
+      this.result = { image: img, ref, nodeId: fromNode.id, title: fromNode.title || fromNode.type };
+      this.showResult = true;
+      this.redraw();
+    };
+    img.onerror = () => {
+      if (this.pendingResult === key) this.pendingResult = null;
+    };
+    img.src = viewUrl(ref);
+  }
+
+  clearResult() {
+    this.result = null;
+    this.pendingResult = null;
+    this.showResult = false;
+  }
+
+  toggleResult() {
+    this.showResult = !this.showResult && !!this.result;
+    this.redraw();
+  }
+
+  // -- the MASK input ---------------------------------------------------------------------------
+
+  /** Seed the mask with the MASK input's preview file (null: no input mask). */
+  setInputMask(ref) {
+    const key = ref ? JSON.stringify(ref) : null;
+    if (key === this.inputMaskKey) return;
+    this.inputMaskKey = key;
+    this.inputMaskRef = ref;
+    if (!ref) {
+      if (this.model.seed) {
+        this.model.setSeed(null);
+        this.rebuildMaskOverlay();
+        this.redraw();
+      }
+      return;
+    }
+    const img = new Image();
+    img.onload = () => {
+      if (this.inputMaskKey !== key) return;
+      const { width, height } = this.model;
+      if (img.naturalWidth !== width || img.naturalHeight !== height) {
+        if (this.imageStatus === "loading" || !this.model.hasSize) return; // applied once the image is in
+        this.warning = `The mask input is ${img.naturalWidth}×${img.naturalHeight} but the image is ${width}×${height}.`;
+        this.redraw();
+        return;
+      }
+      const canvas = document.createElement("canvas");
+      canvas.width = width;
+      canvas.height = height;
+      const ctx = canvas.getContext("2d", { willReadFrequently: true });
+      ctx.drawImage(img, 0, 0);
+      const data = ctx.getImageData(0, 0, width, height).data;
+      const seed = new Uint8Array(width * height);
+      for (let i = 0; i < seed.length; i++) seed[i] = data[i * 4] > 127 ? 1 : 0;
+      const old = this.model.seed;
+      const changed = old && (old.length !== seed.length || old.some((v, i) => v !== seed[i]));
+      if (changed && (this.model.maskCount || this.model.eraseCount)) {
+        this.warning = "The mask input changed: your brush and eraser strokes are applied on top of the new mask " +
+          "(Clear mask drops them).";
+      }
+      this.model.setSeed(seed);
+      this.rebuildMaskOverlay();
+      this.redraw();
+    };
+    img.src = viewUrl(ref);
+  }
+
+  // -- live re-edit -----------------------------------------------------------------------------
+
+  /** After an edit with Live on: queue the graph once the edits pause for LIVE_DELAY_MS. */
+  scheduleLiveRun() {
+    if (!this.live) return;
+    clearTimeout(this.liveTimer);
+    this.liveTimer = setTimeout(() => {
+      this.liveTimer = null;
+      const m = this.model;
+      if (m.pending || !m.pairs.length) return; // nothing the node could run with yet
+      liveRunner.request(this);
+    }, LIVE_DELAY_MS);
   }
 
   get stateWidget() {
@@ -465,14 +644,15 @@ class DragPointsEditor {
 
   updateMaskOverlay(rect) {
     if (!rect || !this.maskPixels) return;
-    const { width, height, mask } = this.model;
+    const model = this.model;
+    const { width, height } = model;
     const data = this.maskPixels.data;
     // one pixel more on each side: a change moves the outline of its neighbours too
     const x0 = Math.max(0, rect.x0 - 1);
     const y0 = Math.max(0, rect.y0 - 1);
     const x1 = Math.min(width - 1, rect.x1 + 1);
     const y1 = Math.min(height - 1, rect.y1 + 1);
-    const painted = (x, y) => x >= 0 && y >= 0 && x < width && y < height && mask[y * width + x] === 1;
+    const painted = (x, y) => x >= 0 && y >= 0 && x < width && y < height && model.editable(y * width + x);
     for (let y = y0; y <= y1; y++) {
       for (let x = x0; x <= x1; x++) {
         const o = (y * width + x) * 4;
@@ -532,10 +712,18 @@ class DragPointsEditor {
     const img = new Image();
     img.onload = () => {
       if (this.sourceKey !== source.key) return;
+      const previous = this.image;
+      if (previous && previous.src !== img.src && !source.key.startsWith("run:")) this.clearResult();
       this.image = img;
       this.imageStatus = "loaded";
       this.message = "";
       this.adoptImageSize();
+      if (this.inputMaskRef && !this.model.seed) {
+        // the mask input arrived before this image (or belonged to another size): apply it again
+        const ref = this.inputMaskRef;
+        this.inputMaskKey = null;
+        this.setInputMask(ref);
+      }
       this.redraw();
     };
     img.onerror = () => {
@@ -547,6 +735,28 @@ class DragPointsEditor {
     };
     img.src = source.url;
     this.redraw();
+  }
+
+  /** Show or hide the upload combo and button: an IMAGE input, when connected, wins over them. */
+  updateFileWidgets() {
+    const hide = this.linked(IMAGE_INPUT);
+    let changed = false;
+    for (const w of this.node.widgets ?? []) {
+      if (FILE_WIDGETS.includes(w.name) && !!w.hidden !== hide) {
+        w.hidden = hide;
+        // the layout gives every widget its computeSize height, hidden or not: none while hidden
+        if (hide) {
+          w.dragkitComputeSize = Object.prototype.hasOwnProperty.call(w, "computeSize") ? w.computeSize : null;
+          w.computeSize = () => [0, -4];
+        } else if (w.dragkitComputeSize) {
+          w.computeSize = w.dragkitComputeSize;
+        } else {
+          delete w.computeSize;
+        }
+        changed = true;
+      }
+    }
+    if (changed) this.node.setDirtyCanvas?.(true, true);
   }
 
   /** Make the model's size the image's: keep what still fits and warn about the rest. */
@@ -589,7 +799,14 @@ class DragPointsEditor {
     if (!m.hasSize) return this.message || "No image yet.";
     const parts = [`${m.width}×${m.height}`, `${m.pairs.length} pair${m.pairs.length === 1 ? "" : "s"}`];
     if (m.pending) parts.push("1 handle waiting for its target");
-    parts.push(m.maskCount ? `mask ${m.maskCount.toLocaleString()} px` : "no mask (whole image editable)");
+    const px = m.editableCount.toLocaleString();
+    if (m.seed) parts.push(`mask ${px} px (input mask + your strokes)`);
+    else if (this.linked(MASK_INPUT)) parts.push(`mask ${px} px painted; the mask input shows after a run`);
+    else parts.push(m.editableCount ? `mask ${px} px` : "no mask (whole image editable)");
+    if (this.showResult && this.result) {
+      const { image, title, nodeId } = this.result;
+      parts.push(`showing the result of ${title} #${nodeId} (${image.naturalWidth}×${image.naturalHeight})`);
+    }
     if (this.message) parts.push(this.message);
     return parts.join(" · ");
   }
@@ -703,7 +920,19 @@ class EditorView {
     this.undoButton = button("Undo", "Undo the last editor change", () => ed.undo(), "undo");
     this.redoButton = button("Redo", "Redo", () => ed.redo(), "redo");
     button("Clear points", "Remove all handle/target pairs", () => ed.clearPoints(), "clear-points");
-    button("Clear mask", "Erase the whole mask", () => ed.clearMask(), "clear-mask");
+    button("Clear mask", "Erase the whole mask (with a mask input: drop your strokes, back to the input mask)",
+      () => ed.clearMask(), "clear-mask");
+    this.resultButton = button("Result", "Show the image decoded from this editor's points by the last run " +
+      "(VAE Decode (DragKit) downstream); click again for the source", () => ed.toggleResult(), "result");
+    const live = document.createElement("label");
+    live.title = `Live re-edit: queue the graph ${LIVE_DELAY_MS} ms after a point is dropped or a stroke ends ` +
+      "(only what depends on the points re-runs; saved in the workflow)";
+    this.liveInput = document.createElement("input");
+    this.liveInput.type = "checkbox";
+    this.liveInput.dataset.action = "live";
+    this.liveInput.addEventListener("change", () => ed.setLive(this.liveInput.checked));
+    live.append(this.liveInput, "Live");
+    this.bar.append(live);
     if (this.enlarged) button("Close", "Close the large view (Esc)", onClose, "close");
     else button("Enlarge", "Open a large editing view", () => ed.openEnlarged(), "enlarge");
   }
@@ -792,6 +1021,7 @@ class EditorView {
     this.canvas.setPointerCapture(e.pointerId);
     const before = m.serialize();
     ed.warning = "";
+    m.eraseOverSeed = ed.linked(MASK_INPUT);
     if (ed.tool === "points") {
       const ref = this.hitTest(e);
       if (ref) {
@@ -839,6 +1069,7 @@ class EditorView {
     this.drag = null;
     if (this.canvas.hasPointerCapture(e.pointerId)) this.canvas.releasePointerCapture(e.pointerId);
     this.editor.commit(drag.before);
+    if (this.editor.model.serialize() !== drag.before) this.editor.scheduleLiveRun();
   }
 
   onKeyDown(e) {
@@ -868,6 +1099,9 @@ class EditorView {
     this.sizeLabel.textContent = `${ed.brushSize}px`;
     this.undoButton.disabled = !ed.undoStack.length;
     this.redoButton.disabled = !ed.redoStack.length;
+    this.resultButton.disabled = !ed.result;
+    this.resultButton.classList.toggle("active", ed.showResult && !!ed.result);
+    this.liveInput.checked = ed.live;
     this.status.textContent = ed.statusText();
     if (ed.warning) {
       const warn = document.createElement("div");
@@ -897,14 +1131,16 @@ class EditorView {
     const { ox, oy } = this.fit;
     const w = m.width * scale;
     const h = m.height * scale;
-    if (ed.image) {
-      ctx.imageSmoothingEnabled = scale < 1;
-      ctx.drawImage(ed.image, ox, oy, w, h);
+    // the result may have another size (e.g. cropped to multiples of 8): it is drawn over the source's frame
+    const shown = ed.showResult && ed.result ? ed.result.image : ed.image;
+    if (shown) {
+      ctx.imageSmoothingEnabled = scale < 1 || shown !== ed.image;
+      ctx.drawImage(shown, ox, oy, w, h);
     } else {
       ctx.fillStyle = "#333";
       ctx.fillRect(ox, oy, w, h);
     }
-    if (m.maskCount) {
+    if (m.editableCount && (!(ed.showResult && ed.result) || ed.tool !== "points")) {
       ctx.imageSmoothingEnabled = false;
       ctx.drawImage(ed.maskCanvas, ox, oy, w, h);
     }
@@ -1024,6 +1260,91 @@ function openDialog(editor) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Live re-edit: one queue at a time for the whole page. An edit while a run is pending (ours or
+// anyone's: ComfyUI's queue is not empty) waits, and all such edits are queued once when it empties.
+
+const liveRunner = {
+  queueRemaining: 0,
+  waiting: new Set(), // editors with an edit not yet queued
+
+  request(editor) {
+    this.waiting.add(editor);
+    if (this.queueRemaining > 0) {
+      editor.liveDeferred++;
+      editor.message = "live: queued after the current run";
+      editor.redraw();
+      return;
+    }
+    this.run();
+  },
+
+  cancel(editor) {
+    clearTimeout(editor.liveTimer);
+    editor.liveTimer = null;
+    this.waiting.delete(editor);
+  },
+
+  async run() {
+    const editors = [...this.waiting];
+    this.waiting.clear();
+    if (!editors.length) return;
+    this.queueRemaining = Math.max(this.queueRemaining, 1); // until the server's status says otherwise
+    for (const editor of editors) {
+      editor.liveRuns++;
+      editor.message = "live: running";
+      editor.redraw();
+    }
+    try {
+      await app.queuePrompt(0, 1);
+    } catch (err) {
+      console.warn("DragKit live re-edit: queueing failed", err);
+    }
+  },
+
+  onStatus(status) {
+    const remaining = status?.exec_info?.queue_remaining;
+    if (typeof remaining !== "number") return;
+    this.queueRemaining = remaining;
+    if (remaining === 0 && this.waiting.size) this.run();
+  },
+};
+
+/** Ids of the nodes fed, directly or not, by `node`'s outputs. */
+function downstreamIds(node) {
+  const graph = node.graph;
+  const seen = new Set();
+  const stack = [node];
+  while (stack.length) {
+    const current = stack.pop();
+    for (const output of current.outputs ?? []) {
+      for (const linkId of output.links ?? []) {
+        const link = graph.links?.get?.(linkId) ?? graph.links?.[linkId] ?? graph.getLink?.(linkId);
+        const target = link && graph.getNodeById(link.target_id);
+        if (target && !seen.has(target.id)) {
+          seen.add(target.id);
+          stack.push(target);
+        }
+      }
+    }
+  }
+  return seen;
+}
+
+/** An `executed` message: a decoded result goes to every editor upstream of the node that made it. */
+function onExecuted(detail) {
+  const ref = detail?.output?.[RESULT_KEY]?.[0];
+  const graph = app.graph;
+  if (!ref || !graph) return;
+  const from = graph.getNodeById?.(detail.display_node ?? detail.node) ?? graph.getNodeById?.(detail.node);
+  if (!from) return;
+  for (const node of graph.nodes ?? graph._nodes ?? []) {
+    if (node.type === NODE_CLASS && node.dragPointsEditor && downstreamIds(node).has(from.id)) {
+      node.dragPointsEditor.setResult(ref, from);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Registration
 
 function setUpNode(node) {
@@ -1046,6 +1367,7 @@ function setUpNode(node) {
   const [w, h] = node.size;
   node.setSize([Math.max(w, 380), Math.max(h, 480)]);
   editor.loadFromWidget();
+  editor.updateFileWidgets();
   return editor;
 }
 
@@ -1054,9 +1376,13 @@ app.registerExtension({
 
   setup() {
     api.addEventListener(IMAGE_EVENT, ({ detail }) => {
-      const node = app.graph?.getNodeById?.(detail?.node);
-      node?.dragPointsEditor?.setExecutedImage(detail.image);
+      const editor = app.graph?.getNodeById?.(detail?.node)?.dragPointsEditor;
+      if (!editor) return;
+      if (detail.image) editor.setExecutedImage(detail.image);
+      editor.setInputMask(detail.input_mask ?? null);
     });
+    api.addEventListener("executed", ({ detail }) => onExecuted(detail));
+    api.addEventListener("status", ({ detail }) => liveRunner.onStatus(detail));
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -1073,6 +1399,7 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const result = onConfigure?.apply(this, arguments);
       this.dragPointsEditor?.loadFromWidget();
+      this.dragPointsEditor?.updateFileWidgets();
       return result;
     };
 
@@ -1083,6 +1410,7 @@ app.registerExtension({
       const editor = this.dragPointsEditor;
       if (editor && summary) {
         if (summary.image) editor.setExecutedImage(summary.image);
+        editor.setInputMask(summary.input_mask ?? null);
         editor.message = `last run: ${summary.pairs} pair${summary.pairs === 1 ? "" : "s"}, mask ${summary.mask_pixels} px`;
         editor.redraw();
       }
@@ -1092,12 +1420,18 @@ app.registerExtension({
     const onConnectionsChange = nodeType.prototype.onConnectionsChange;
     nodeType.prototype.onConnectionsChange = function (type, index, connected, link, slot) {
       const result = onConnectionsChange?.apply(this, arguments);
-      if (slot?.name === IMAGE_INPUT) this.dragPointsEditor?.setExecutedImage(null);
+      const editor = this.dragPointsEditor;
+      if (editor && slot?.name === IMAGE_INPUT) {
+        editor.setExecutedImage(null);
+        editor.updateFileWidgets();
+      }
+      if (editor && slot?.name === MASK_INPUT && !connected) editor.setInputMask(null);
       return result;
     };
 
     const onRemoved = nodeType.prototype.onRemoved;
     nodeType.prototype.onRemoved = function () {
+      if (this.dragPointsEditor) liveRunner.cancel(this.dragPointsEditor);
       this.dragPointsEditor?.destroy();
       return onRemoved?.apply(this, arguments);
     };

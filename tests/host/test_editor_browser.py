@@ -325,3 +325,210 @@ def test_a_connected_image_is_shown_and_wins(comfy_server, page, tmp_path):
     error = chrome.wait_for("app.lastExecutionError?.exception_message", 30)
     assert error.startswith("[Drag Points Editor] no handle/target pairs were placed")
     assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13: file widgets hidden while an IMAGE is connected; a MASK input seeds the mask;
+# the edited image of the graph shows in the editor; live re-edit re-runs only what follows the points.
+
+RECORD_EVENTS = """(() => {
+    const api = window.comfyAPI.api.api;
+    if (!window.__events) {
+        window.__events = [];
+        for (const type of ['executing', 'status', 'execution_cached'])
+            api.addEventListener(type, (e) => window.__events.push({type, detail: e.detail, t: performance.now()}));
+    }
+    window.__events.length = 0;
+    return true;
+})()"""
+
+IDLE = ("(() => { const s = window.__events.filter(e => e.type === 'status');"
+        " return s.length > 0 && s[s.length - 1].detail?.exec_info?.queue_remaining === 0; })()")
+
+
+def _close_dialogs(chrome: Browser) -> None:
+    """Dismiss dialogs an earlier test left open (e.g. ComfyUI's execution error), which would catch the mouse."""
+    for _ in range(3):
+        if not chrome.js("document.querySelectorAll('.p-dialog').length"):
+            return
+        chrome.key("Escape", "Escape", 27)
+        time.sleep(0.2)
+    assert not chrome.js("document.querySelectorAll('.p-dialog').length"), "a dialog stays open over the canvas"
+
+
+def _executed(chrome: Browser) -> set[str]:
+    """Ids of the nodes that ran (not cached) since the events were last cleared."""
+    return set(chrome.js("window.__events.filter(e => e.type === 'executing' && e.detail != null)"
+                         ".map(e => String(e.detail))"))
+
+
+def _wait_idle(chrome: Browser, timeout: float = 240) -> None:
+    chrome.wait_for(f"window.__events.some(e => e.type === 'executing' && e.detail === null) && {IDLE}", timeout)
+
+
+def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, tmp_path):
+    chrome = page
+    _close_dialogs(chrome)
+    width, height = 96, 64
+    rgba = np.dstack([_test_image()[:height, :width], np.full((height, width), 255, np.uint8)])
+    rgba[16:48, 8:40, 3] = 0  # transparent box: Load Image's MASK output is 1 there
+    file_name = _upload(comfy_server, tmp_path, "dragkit_editor_mask_input.png", rgba)
+    seed = np.zeros((height, width), bool)
+    seed[16:48, 8:40] = True
+    chrome.js(RECORD_EVENTS)
+    chrome.js(f"""(() => {{
+        app.graph.clear();
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [0, 0];
+        const add = (type, pos) => {{ const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; }};
+        const load = add('LoadImage', [20, 100]);
+        const image = load.widgets.find(w => w.name === 'image');
+        image.value = {json.dumps(file_name)};
+        image.callback?.(image.value);
+        const node = add('{NODE_CLASS}', [380, 60]);
+        node.setSize([440, 520]);
+        const toImage = add('MaskToImage', [900, 100]);
+        node.connect(2, toImage, 0);
+        toImage.connect(0, add('PreviewImage', [1150, 100]), 0);
+        app.canvas.setDirty(true, true);
+        window.__editorNode = node;
+        window.__loadNode = load;
+        return true;
+    }})()""")
+    hidden = f"window.__editorNode.widgets.filter(w => ['image_file', 'upload'].includes(w.name)).map(w => !!w.hidden)"
+    saved_values = "app.graph.serialize().nodes.find(n => n.type === 'DragKitPointsEditor').widgets_values"
+    assert chrome.js(hidden) == [False, False]
+    before = chrome.js(saved_values)
+    chrome.js("window.__loadNode.connect(0, window.__editorNode, window.__editorNode.findInputSlot('image')); true")
+    assert chrome.js(hidden) == [True, True]
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    after = chrome.js(saved_values)  # [image_file, editor_state, upload]: hiding changes no position
+    assert len(after) == len(before) == 3 and after[0] == before[0] and after[2] == before[2]
+    chrome.js("window.__editorNode.disconnectInput(window.__editorNode.findInputSlot('image')); true")
+    assert chrome.js(hidden) == [False, False]
+    chrome.js("window.__loadNode.connect(0, window.__editorNode, window.__editorNode.findInputSlot('image'));"
+              "window.__loadNode.connect(1, window.__editorNode, window.__editorNode.findInputSlot('mask')); true")
+    assert chrome.js(hidden) == [True, True]
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [width, height]
+
+    # one pair, then a run: the widget shows the input mask
+    chrome.click(*_client_xy(chrome, 20, 30))
+    chrome.click(*_client_xy(chrome, 60, 30))
+    assert parse_editor_state(_state(chrome)).points.num_pairs == 1
+    chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
+    chrome.wait_for(f"{EDITOR}.model.seed !== null", 60)
+    assert chrome.js(f"{EDITOR}.model.editableCount") == int(seed.sum())
+    _screenshot_node(chrome, ARTIFACTS / "editor-mask-input.png")
+
+    # keep editing it: erase a stroke across the box, paint one below it; the node's MASK is the combination
+    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=eraser]').click()")
+    chrome.drag([_client_xy(chrome, x, 30) for x in range(0, 50, 4)])
+    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=brush]').click()")
+    chrome.drag([_client_xy(chrome, x, 58) for x in range(50, 90, 4)])
+    state = json.loads(_state(chrome))
+    assert state.get("erase") and state.get("mask"), (state, chrome.js(f"{EDITOR}.tool"))
+    parsed = parse_editor_state(_state(chrome), width=width, height=height)
+    expected = (seed | parsed.mask) & ~parsed.erase
+    assert chrome.js(f"{EDITOR}.model.editableCount") == int(expected.sum())
+    chrome.js(RECORD_EVENTS)
+    prompt = chrome.js("(async () => (await app.graphToPrompt()).output)()")
+    entry = comfy_server.run(prompt, timeout=120)
+    preview_id = chrome.js("String(app.graph.nodes.find(n => n.type === 'PreviewImage').id)")
+    [mask_file] = comfy_server.output_files(entry, preview_id)
+    assert np.array_equal(np.asarray(Image.open(mask_file).convert("L")) > 127, expected)
+    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+
+
+def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(comfy_server, page, tmp_path,
+                                                                              tiny_checkpoint):
+    chrome = page
+    _close_dialogs(chrome)
+    image = np.asarray(Image.open(repo_root() / "samples" / "art_0" / "original.jpg").convert("RGB").resize((64, 64)))
+    file_name = _upload(comfy_server, tmp_path, "dragkit_editor_live.png", image)
+    chrome.js(RECORD_EVENTS)
+    ids = chrome.js(f"""(() => {{
+        app.graph.clear();
+        app.canvas.ds.scale = 0.6;
+        app.canvas.ds.offset = [0, 0];
+        const add = (type, pos, values = {{}}) => {{
+            const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n);
+            for (const [name, value] of Object.entries(values)) {{
+                const w = n.widgets.find(w => w.name === name); w.value = value; w.callback?.(value);
+            }}
+            return n;
+        }};
+        const link = (a, slot, b, name) => a.connect(slot, b, b.findInputSlot(name));
+        const ckpt = add('CheckpointLoaderSimple', [0, 0], {{ckpt_name: {json.dumps(tiny_checkpoint.name)}}});
+        const load = add('LoadImage', [0, 200], {{image: {json.dumps(file_name)}}});
+        const clip = add('CLIPTextEncode', [400, 0], {{text: ''}});
+        const encode = add('VAEEncode', [400, 250]);
+        const invert = add('DragKitDDIMInvert', [700, 0], {{steps: 10, strength: 0.7}});
+        const editor = add('{NODE_CLASS}', [350, 420]);
+        editor.setSize([440, 520]);
+        const warp = add('DragKitFastDragWarp', [1000, 300]);
+        const sample = add('DragKitKVInjectedSample', [1300, 0]);
+        const decode = add('DragKitVAEDecode', [1600, 0]);
+        const preview = add('PreviewImage', [1900, 0]);
+        link(ckpt, 1, clip, 'clip');
+        link(load, 0, encode, 'pixels'); link(ckpt, 2, encode, 'vae');
+        link(ckpt, 0, invert, 'model'); link(encode, 0, invert, 'latent'); link(clip, 0, invert, 'positive');
+        link(load, 0, editor, 'image');
+        link(invert, 0, warp, 'latent'); link(editor, 1, warp, 'points'); link(editor, 2, warp, 'mask');
+        link(ckpt, 0, sample, 'model'); link(warp, 0, sample, 'latent'); link(invert, 1, sample, 'attn_cache');
+        link(clip, 0, sample, 'positive');
+        link(ckpt, 2, decode, 'vae'); link(sample, 0, decode, 'latent'); link(load, 0, decode, 'source_image');
+        link(editor, 2, decode, 'mask');
+        decode.connect(0, preview, 0);
+        app.canvas.setDirty(true, true);
+        window.__editorNode = editor;
+        const id = (n) => String(n.id);
+        return {{upstream: [ckpt, load, clip, encode, invert].map(id),
+                 downstream: [editor, warp, sample, decode, preview].map(id), decode: id(decode)}};
+    }})()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    # bring the editor's canvas into view for real mouse events
+    chrome.js("(() => { const n = window.__editorNode; app.canvas.ds.scale = 1;"
+              " app.canvas.ds.offset = [-n.pos[0] + 60, -n.pos[1] + 60]; app.canvas.setDirty(true, true); return true; })()")
+    chrome.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+    chrome.click(*_client_xy(chrome, 20, 32))
+    chrome.click(*_client_xy(chrome, 30, 32))
+    assert parse_editor_state(_state(chrome)).points.num_pairs == 1
+    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=mask-handles]').click()")
+
+    # the first run: everything runs; the decoded result shows in the editor
+    chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
+    _wait_idle(chrome)
+    assert set(ids["upstream"] + ids["downstream"]) <= _executed(chrome)
+    chrome.wait_for(f"{EDITOR}.result?.nodeId != null && {EDITOR}.showResult", 30)
+    assert chrome.js(f"String({EDITOR}.result.nodeId)") == ids["decode"]
+    assert chrome.js(f"{EDITOR}.result.image.naturalWidth") == 64
+    assert chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=result]').classList.contains('active')")
+    _screenshot_node(chrome, ARTIFACTS / "editor-result.png")
+    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=result]').click()")  # back to the source
+    assert chrome.js(f"{EDITOR}.showResult") is False
+
+    # live re-edit on (a node property, saved in the workflow; widgets_values unchanged)
+    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar input[data-action=live]').click()")
+    saved = chrome.js("app.graph.serialize().nodes.find(n => n.type === 'DragKitPointsEditor')")
+    assert saved["properties"]["dragkit_live"] is True and len(saved["widgets_values"]) == 3
+    chrome.js(RECORD_EVENTS)
+    old_result = chrome.js(f"{EDITOR}.result.ref.filename")
+    chrome.drag([_client_xy(chrome, 30, 32), _client_xy(chrome, 36, 34), _client_xy(chrome, 40, 36)])  # move target
+    assert chrome.js(f"{EDITOR}.liveRuns") == 0  # debounced: nothing queued at once
+    chrome.wait_for(f"{EDITOR}.liveRuns === 1", 10)
+    # a second drop while that run is pending: queued once, after it
+    chrome.drag([_client_xy(chrome, 40, 36), _client_xy(chrome, 42, 38)])
+    _wait_idle(chrome)
+    chrome.wait_for(f"{EDITOR}.liveRuns === 2", 10)
+    assert chrome.js(f"{EDITOR}.liveDeferred") == 1  # the second drop waited for the first run
+    _wait_idle(chrome)
+    queued = chrome.js("window.__events.filter(e => e.type === 'status').map(e => e.detail?.exec_info?.queue_remaining)")
+    assert max(queued) == 1, queued  # never two of our runs in ComfyUI's queue at once
+    ran = _executed(chrome)
+    assert not ran & set(ids["upstream"]), f"upstream nodes re-ran: {sorted(ran & set(ids['upstream']))}"
+    assert set(ids["downstream"]) <= ran
+    chrome.wait_for(f"{EDITOR}.result.ref.filename !== {json.dumps(old_result)} && {EDITOR}.showResult", 30)
+    state = parse_editor_state(_state(chrome), width=64, height=64)
+    assert state.points.targets == ((42.0, 38.0),)
+    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
