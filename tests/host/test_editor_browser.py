@@ -11,6 +11,11 @@ them and that the queued prompt runs and outputs them; then the enlarged
 view, right-click delete and replacing the image. Two more tests: a Drag100
 sample's state written by Python reads back byte-identical in JS, and a
 connected IMAGE is shown (Load Image at once, other sources after a run).
+Issue 13: the file combo and upload button hide while an IMAGE is connected;
+a MASK input seeds the mask and eraser/brush strokes apply on top; in an
+editor -> FastDrag graph the decoded result shows in the editor after a run,
+and with Live on a point drop re-runs only the nodes after the points
+(counted from ComfyUI's ``executing`` messages), once per pending run.
 Screenshots go to ``test-artifacts/editor-browser/``.
 
 Skips with a message when ComfyUI (``COMFYUI_PATH``) or Chromium is missing.
