@@ -1299,6 +1299,13 @@ const liveRunner = {
     } catch (err) {
       console.warn("DragKit live re-edit: queueing failed", err);
     }
+    // a prompt refused by validation never reaches the queue (no status message follows): ask the server
+    try {
+      const response = await api.fetchApi("/prompt");
+      if (response.ok) this.onStatus(await response.json());
+    } catch (err) {
+      this.queueRemaining = 0;
+    }
   },
 
   onStatus(status) {
