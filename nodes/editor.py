@@ -20,6 +20,7 @@ import node_helpers
 from ..dragkit.editor_state import parse_editor_state
 from ..dragkit.errors import DragInputError
 from .common import CATEGORY, DRAG_POINTS, NodeInputError, node_errors, save_temp_png
+from .file_names import contained_path
 
 NODE_NAME = "Drag Points Editor"
 
@@ -182,11 +183,10 @@ def _image_path(name) -> str:
     """Path of the upload combo's file (``name``, ``sub/name`` or ``name [output]``), inside ComfyUI's folders."""
     if not isinstance(name, str) or not name.strip():
         raise DragInputError("no image: upload one with the node's upload button, or connect an IMAGE")
-    path = os.path.abspath(folder_paths.get_annotated_filepath(name))
-    roots = [os.path.abspath(d) for d in (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
-                                          folder_paths.get_temp_directory())]
-    if not any(os.path.commonpath([path, root]) == root for root in roots):
-        raise DragInputError(f"the image file {name!r} is outside ComfyUI's input, output and temp folders")
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
+    path = contained_path(folder_paths.get_annotated_filepath(name), roots)
+    if path is None:
+        raise DragInputError(f"the image file {name!r} is outside ComfyUI's input, output and temp folders (links are followed)")
     if not os.path.isfile(path):
         raise DragInputError(f"the image file {name!r} does not exist; upload it again or pick another")
     return path
@@ -204,7 +204,8 @@ def _load_image_file(name) -> torch.Tensor:
             img = img.point(lambda v: v * (1 / 255))
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DragInputError(f"cannot read the image file {name!r}: {err}") from None
+        detail = str(err).replace(path, name)  # PIL names the file by its server path
+        raise DragInputError(f"cannot read the image file {name!r}: {detail}") from None
     return torch.from_numpy(rgb)[None]
 
 

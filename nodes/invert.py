@@ -17,6 +17,12 @@ def check_conditioning(conditioning: list, name: str = "positive") -> None:
     """Raise unless a CONDITIONING holds prompt embeddings for one image."""
     if not isinstance(conditioning, list) or not conditioning:
         raise DragInputError(f"the {name} conditioning is empty; connect a CLIP Text Encode")
+    if len(conditioning) > 1:
+        count = {2: "two", 3: "three"}.get(len(conditioning), str(len(conditioning)))
+        raise DragInputError(
+            f"the {name} conditioning holds {count} prompts (e.g. joined by Conditioning (Combine)) but drag editing "
+            "uses one; connect one CLIP Text Encode"
+        )
     for cond, _ in conditioning:
         if cond.shape[0] != 1:
             raise DragInputError(

@@ -19,6 +19,7 @@ from .comfy_lora import (
     single_prompt,
 )
 from .common import CATEGORY, log, node_errors, progress_reporter
+from .file_names import check_save_name, check_target
 
 NODE_NAME = "LoRA Fine-tune"
 CACHE_FOLDER = "dragkit-lora-cache"
@@ -26,6 +27,7 @@ CACHE_FOLDER = "dragkit-lora-cache"
 FORMAT_VERSION = "dragkit-lora-v2"
 """Part of every cache key; bump when training or the file format changes."""
 NONE = "none"
+SUFFIX = ".safetensors"
 
 STATS = {"trainings": 0, "cache_hits": 0, "loaded": 0}
 """Counters (this process): LoRAs trained, cache hits, existing LoRAs loaded. Tests read them."""
@@ -42,17 +44,12 @@ def _lora_choices() -> list[str]:
         return [NONE]
 
 
-def _save_path(save_name: str) -> tuple[Path, str] | None:
-    name = save_name.strip()
-    if not name:
-        return None
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts or not parts:
-        raise DragInputError(f"save_name={save_name!r}: give a file name (optionally with a sub-folder) inside the loras folder")
-    relative = name + ".safetensors"
-    return loras_root() / relative, relative
+def _save(lora_sd: dict, path: Path, relative: str, metadata: dict) -> None:
+    """Write the LoRA; a failure names the file inside the loras folder, not its server path."""
+    try:
+        save_safetensors_atomic(lora_sd, path, metadata)
+    except OSError as err:
+        raise DragInputError(f"cannot write loras/{relative}: {err.strerror or type(err).__name__}") from None
 
 
 def _text_progress(node_id, total: int):
@@ -112,6 +109,7 @@ class LoRAFineTune:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Seed of the LoRA initialisation and of every random draw (same seed, same LoRA on CPU)."}),
                 "save_name": ("STRING", {"default": "", "tooltip": "Also save the LoRA as loras/<save_name>.safetensors (empty = do not save under a name)."}),
                 "use_cache": ("BOOLEAN", {"default": True, "tooltip": "Reuse a LoRA trained before on the same image, model, prompt and parameters (kept in loras/dragkit-lora-cache/); off = always train and write no cache file."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace loras/<save_name>.safetensors when it already exists (off = refuse before training and name the file)."}),
             },
             "optional": {
                 "existing_lora": (_lora_choices(), {"default": NONE, "tooltip": "Load this LoRA from the loras folder instead of training (none = train)."}),
@@ -119,9 +117,21 @@ class LoRAFineTune:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, save_name=None):
+        """Refuses a bad save_name before anything runs (a linked one is checked when the node starts)."""
+        if save_name is None:
+            return True
+        try:
+            check_save_name(save_name, SUFFIX, CACHE_FOLDER)
+        except DragInputError as err:
+            return f"[{NODE_NAME}] {err}"
+        return True
+
     def finetune(self, model, vae, image, positive, steps, rank, alpha, lr, batch, seed, save_name, use_cache,
-                 existing_lora=NONE, unique_id=None):
+                 overwrite=False, existing_lora=NONE, unique_id=None):
         with node_errors(NODE_NAME):
+            relative = check_save_name(save_name, SUFFIX, CACHE_FOLDER)
             if existing_lora and existing_lora != NONE:
                 path = folder_paths.get_full_path("loras", existing_lora)
                 if path is None:
@@ -133,7 +143,7 @@ class LoRAFineTune:
 
             config = LoRATrainingConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seed=seed).validate()
             single_prompt(positive)
-            target = _save_path(save_name)
+            target = None if relative is None else check_target("loras", loras_root(), relative, overwrite, CACHE_FOLDER)
             key = cache_key([
                 ("format", FORMAT_VERSION),
                 ("image", pixel_digest(image)),
@@ -152,12 +162,12 @@ class LoRAFineTune:
                 mean, std = encode_latent(model, vae, image)
                 lora_sd = _train(model, positive, config, mean, std, unique_id)
                 if use_cache:
-                    save_safetensors_atomic(lora_sd, cache_path, _metadata(key, config))
+                    _save(lora_sd, cache_path, cache_relative, _metadata(key, config))
             name = cache_relative if use_cache else ""
             if target is not None:
-                save_safetensors_atomic(lora_sd, target[0], _metadata(key, config))
-                name = target[1]
-                log.info("DragKit LoRA Fine-tune: saved %s", target[0])
+                _save(lora_sd, target, relative, _metadata(key, config))
+                name = relative
+                log.info("DragKit LoRA Fine-tune: saved loras/%s", name)
         return (apply_lora(model, lora_sd), name)
 
 

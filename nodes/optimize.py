@@ -13,7 +13,7 @@ from ..dragkit.optimisation import keep_map
 from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_cache, require_finite, require_points
 from .invert import check_conditioning, preview_progress
-from .latent_io import clean_latent, require_step, with_step
+from .latent_io import require_step, with_step
 
 MODES = ("dragdiffusion", "gooddrag", "refine_warp")
 PREVIEW_EVERY = 5
@@ -35,6 +35,18 @@ def schedule_latent(cache, timestep: int):
     if timestep not in cache.trajectory:
         raise DragInputError(f"the attention cache has no inverted latent at timestep {timestep}; use the same DDIM Invert")
     return cache.trajectory[timestep]
+
+
+def check_drag_steps(drag_steps: int, step_index: int, num_steps: int) -> None:
+    """Raise unless GoodDrag's ``drag_steps`` denoising steps from ``step_index`` leave a step to sample."""
+    left = num_steps - step_index
+    if drag_steps >= left:
+        fix = f"use drag_steps of at most {left - 1}" if left > 1 else "invert with a higher strength"
+        raise DragInputError(
+            f"gooddrag: drag_steps={drag_steps} reaches the end of the schedule: the latent is {left} of "
+            f"{num_steps} steps from clean (DDIM Invert's steps and strength), so nothing would be left for "
+            f"KV-Injected Sample; {fix}"
+        )
 
 
 class MotionSupervisionOptimize:
@@ -91,6 +103,8 @@ class MotionSupervisionOptimize:
             if step.num_steps != attn_cache.schedule.num_steps:
                 raise DragInputError("the latent and the attention cache come from different schedules")
             check_conditioning(positive)
+            if mode == "gooddrag":
+                check_drag_steps(drag_steps, step.step_index, step.num_steps)
             samples = latent["samples"]
             geometry = LatentGeometry(points.width, points.height)
             geometry.check_latent(samples.shape[-2], samples.shape[-1])
@@ -148,9 +162,6 @@ class MotionSupervisionOptimize:
                 )
             require_finite(latent_out, f"the output of {mode} optimisation")
         moved = points.with_handles(geometry.supervision_to_points(tracked))
-        if index == schedule.num_steps:
-            log.info("DragKit Motion-Supervision Optimize: the drag phase reached the last step; the latent is clean")
-            return (clean_latent(backend.vp_to_latent(latent_out, 0.0)), moved)
         timestep = schedule.timesteps[index]
         sigma = backend.sigma(timestep)
         return (with_step(backend.vp_to_latent(latent_out, sigma), step.num_steps, index, timestep, sigma), moved)
