@@ -298,3 +298,15 @@ def test_runner_timeout_cancels_the_prompt(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert posts == [("/queue", {"delete": ["p1"]}), ("/interrupt", {"prompt_id": "p1"})]
+
+
+def test_shipped_workflows_are_what_the_generator_makes_now(comfy_server):
+    """Every workflows/*.json equals tools.make_workflows' output for the live /object_info (a new input or widget
+    of a node -- e.g. the editor's mask socket -- must be regenerated into them)."""
+    from tools.make_workflows import WORKFLOWS as BUILDERS
+
+    info = comfy_server.object_info()
+    folder = WORKFLOWS[0].parent
+    stale = [name for name, build in BUILDERS.items()
+             if json.loads((folder / name).read_text()) != json.loads(json.dumps(build(info)))]
+    assert stale == [], f"regenerate with `python -m tools.make_workflows`: {stale}"
