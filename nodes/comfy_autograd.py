@@ -61,6 +61,16 @@ def make_weights_autograd_safe(module: torch.nn.Module) -> int:
     return converted
 
 
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(identity, bytes)`` of the memory behind ``tensor``; tensor subclasses without a plain storage
+    (e.g. quantised weights from other packs) count as themselves."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return id(tensor), tensor.numel() * tensor.element_size()
+
+
 def saved_tensors(step: Callable[[], None]) -> list[torch.Tensor]:
     """Every distinct tensor storage that ``step`` (a forward and backward) saved for backward.
 
@@ -71,7 +81,7 @@ def saved_tensors(step: Callable[[], None]) -> list[torch.Tensor]:
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "meta":
-            seen.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+            seen.setdefault(_storage(tensor)[0], tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -81,10 +91,8 @@ def saved_tensors(step: Callable[[], None]) -> list[torch.Tensor]:
 
 def saved_activation_bytes(step: Callable[[], None], module: torch.nn.Module) -> int:
     """Bytes ``step`` saved for backward beyond ``module``'s own parameters (which are saved by reference)."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    return sum(
-        t.untyped_storage().nbytes() for t in saved_tensors(step) if t.untyped_storage().data_ptr() not in weights
-    )
+    weights = {_storage(p)[0] for p in module.parameters()}
+    return sum(nbytes for key, nbytes in map(_storage, saved_tensors(step)) if key not in weights)
 
 
 def backward_memory(probe: Callable[[int, int], None], module: torch.nn.Module, latent_hw: tuple[int, int]) -> int:
