@@ -42,6 +42,10 @@ PROBE_SIDES = (8, 16)
 MARGIN = 1.25
 """Headroom on the extrapolated saved bytes (allocator rounding, transient gradients)."""
 
+FALLBACK_FACTOR = 3.0
+"""When the probe cannot run (a model patch that refuses the small probe latent), the saved bytes are taken
+as this many times ComfyUI's inference estimate, and the log says why."""
+
 
 def make_weights_autograd_safe(module: torch.nn.Module) -> int:
     """Replace ``module``'s inference-mode parameters by ordinary tensors, in place; returns the bytes converted.
@@ -149,7 +153,14 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
     converted = make_weights_autograd_safe(base.diffusion_model)
     if converted:
         log.debug("DragKit: made %.1f MiB of inference-mode weights usable by autograd", converted / 2**20)
-    saved = backward_memory(probe, base.diffusion_model, latent_hw)
+    try:
+        saved = backward_memory(probe, base.diffusion_model, latent_hw)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a measurement must not fail the user's run
+        saved = int(FALLBACK_FACTOR * forward_space)
+        log.warning("DragKit: could not measure the backward memory (%s: %s); assuming %.0f MiB",
+                    type(error).__name__, error, saved / 2**20)
     need = saved + forward_space
     log.info("DragKit: reserving %.0f MiB for backward (measured %.0f MiB of saved activations)", need / 2**20, saved / 2**20)
     reserve(patcher.load_device, need)

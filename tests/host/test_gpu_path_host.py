@@ -201,3 +201,17 @@ def test_reserve_keeps_the_models_the_current_run_uses(comfy_inproc, tiny_comfy_
     autograd.reserve(torch.device("cuda", 0), 2**30)
     (need, device, keep), = calls
     assert need >= 2**30 and device == torch.device("cuda", 0) and keep == in_use
+
+
+def test_a_probe_that_cannot_run_falls_back_to_an_estimate(comfy_inproc, tiny_comfy_models, caplog):
+    autograd = comfy_inproc.pack.nodes.comfy_autograd
+    model = tiny_comfy_models.model
+
+    def refusing_probe(h, w):
+        raise ValueError(f"this patch needs a bigger latent than {h}x{w}")
+
+    with torch.inference_mode(False):
+        need = autograd.prepare_for_backward(model, refusing_probe, (1, 4, 8, 8))
+    forward_space = model.model.memory_required([1, 4, 8, 8])
+    assert need == int(int(autograd.FALLBACK_FACTOR * forward_space) + forward_space)
+    assert "could not measure the backward memory (ValueError: this patch needs a bigger latent" in caplog.text
