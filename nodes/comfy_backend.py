@@ -28,6 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
@@ -52,6 +53,37 @@ class ComfyConditioning:
     positive: list
     negative: list | None = None
     cfg: float = 1.0
+
+
+def check_conditioning_fits(model, conditioning: list, name: str = "positive") -> None:
+    """Raise unless every prompt of ``conditioning`` fits the UNet of ``model`` (a ModelPatcher).
+
+    A CONDITIONING from another family's CLIP would otherwise fail deep in the
+    UNet with a matrix-shape error. Two checks, by role: the prompt
+    embeddings' width (the last axis of each ``(1, tokens, width)`` tensor)
+    must be the UNet's cross-attention context width (SD1.x 768, SD2.x 1024,
+    SDXL 2048), and a UNet whose class-label (ADM) input is built from the
+    pooled text embedding (SDXL, SDXL refiner) needs ``pooled_output``.
+    Mirrors ComfyUI 0.3.64: ``model_config.unet_config["context_dim"]`` and
+    ``comfy.model_base.sdxl_pooled`` (which reads ``pooled_output`` unless
+    ``unclip_conditioning`` is given).
+    """
+    base = model.model
+    family = type(base.model_config).__name__
+    width = base.model_config.unet_config.get("context_dim")
+    needs_pooled = isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner))
+    for cond, options in conditioning:
+        if width is not None and cond.shape[-1] != width:
+            raise DragInputError(
+                f"the {name} conditioning's prompt embeddings are {cond.shape[-1]} wide but this {family} MODEL "
+                f"takes {width} (SD1.x 768, SD2.x 1024, SDXL 2048): encode the prompt with the CLIP of the same "
+                "checkpoint as the MODEL"
+            )
+        if needs_pooled and "pooled_output" not in options and "unclip_conditioning" not in options:
+            raise DragInputError(
+                f"the {name} conditioning has no pooled text embedding, which this {family} MODEL needs: encode the "
+                "prompt with the checkpoint's own CLIP in CLIP Text Encode"
+            )
 
 
 class ComfyBackend:

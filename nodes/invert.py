@@ -8,13 +8,13 @@ from ..dragkit.attention import CACHE_POLICIES, LAYER_SPEC_HELP, select_layers
 from ..dragkit.ddim import ddim_invert
 from ..dragkit.errors import DragInputError
 from ..dragkit.schedule import DDIMSchedule
-from .comfy_backend import ComfyBackend, ComfyConditioning
+from .comfy_backend import ComfyBackend, ComfyConditioning, check_conditioning_fits
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, progress_reporter, require_finite
 from .latent_io import read_step, with_step
 
 
-def check_conditioning(conditioning: list, name: str = "positive") -> None:
-    """Raise unless a CONDITIONING holds prompt embeddings for one image."""
+def check_conditioning(conditioning: list, model, name: str = "positive") -> None:
+    """Raise unless a CONDITIONING holds prompt embeddings for one image that fit ``model``'s UNet."""
     if not isinstance(conditioning, list) or not conditioning:
         raise DragInputError(f"the {name} conditioning is empty; connect a CLIP Text Encode")
     if len(conditioning) > 1:
@@ -29,6 +29,7 @@ def check_conditioning(conditioning: list, name: str = "positive") -> None:
                 f"the {name} conditioning has a batch of {cond.shape[0]} but drag editing edits one image; "
                 "encode one prompt"
             )
+    check_conditioning_fits(model, conditioning, name)
 
 
 def preview_progress(model, total: int, every: int = 1):
@@ -83,7 +84,7 @@ class DDIMInvert:
         with node_errors("DDIM Invert"):
             if read_step(latent) is not None:
                 raise DragInputError("this latent is already noisy (it came from DDIM Invert); connect the VAE Encode latent")
-            check_conditioning(positive)
+            check_conditioning(positive, model)
             backend = ComfyBackend(model)
             layers = select_layers(backend.self_attention_layers(), cache_layers)
             schedule = DDIMSchedule(backend.alphas_cumprod(), steps, strength)

@@ -10,6 +10,7 @@ import folder_paths
 from ..dragkit.errors import DragInputError
 from ..dragkit.atomic import save_safetensors_atomic
 from ..dragkit.lora import LoRATrainingConfig, cache_key, config_fingerprint, pixel_digest, weights_fingerprint
+from .comfy_backend import check_conditioning_fits
 from .comfy_lora import (
     ComfyLoRATrainer,
     apply_lora,
@@ -143,6 +144,7 @@ class LoRAFineTune:
 
             config = LoRATrainingConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seed=seed).validate()
             single_prompt(positive)
+            check_conditioning_fits(model, positive)
             target = None if relative is None else check_target("loras", loras_root(), relative, overwrite, CACHE_FOLDER)
             key = cache_key([
                 ("format", FORMAT_VERSION),

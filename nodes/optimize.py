@@ -102,7 +102,7 @@ class MotionSupervisionOptimize:
             step = require_step(latent)
             if step.num_steps != attn_cache.schedule.num_steps:
                 raise DragInputError("the latent and the attention cache come from different schedules")
-            check_conditioning(positive)
+            check_conditioning(positive, model)
             if mode == "gooddrag":
                 check_drag_steps(drag_steps, step.step_index, step.num_steps)
             samples = latent["samples"]

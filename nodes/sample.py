@@ -56,7 +56,9 @@ class KVInjectedSample:
                 )
             if cfg != 1.0 and negative is None:
                 raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
-            check_conditioning(positive)
+            check_conditioning(positive, model)
+            if negative is not None and cfg != 1.0:
+                check_conditioning(negative, model, "negative")
             backend = ComfyBackend(model)
             layers = select_layers(backend.self_attention_layers(), inject_layers)
             timesteps = schedule.denoising_timesteps(step.step_index)

@@ -116,3 +116,40 @@ def test_v_prediction_inversion_round_trip(comfy_inproc, sd2v):
                                    inject_start=0.0, inject_end=1.0)
     error = (out["samples"] - latent["samples"]).abs().mean() / latent["samples"].abs().mean()
     assert error < 0.3, error  # the SD1.5 host test's bound (tests/host/test_foundation_nodes.py)
+
+
+def sd15_conditioning(seed=1):
+    return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.mark.parametrize(
+    "family, conditioning, message",
+    [
+        ("sdxl", sd15_conditioning, r"prompt embeddings are 768 wide but this SDXL MODEL takes 2048"),
+        ("sdxl", lambda: [[sdxl_conditioning()[0][0], {}]], r"no pooled text embedding, which this SDXL MODEL needs"),
+        ("sd2v", sdxl_conditioning, r"prompt embeddings are 2048 wide but this SD20 MODEL takes 1024"),
+    ],
+)
+def test_conditioning_of_another_family_is_a_clear_node_error(comfy_inproc, request, family, conditioning, message):
+    model, vae = request.getfixturevalue(family)
+    positive = conditioning()
+    with pytest.raises(ValueError, match=r"^\[DDIM Invert\] the positive conditioning.*" + message):
+        comfy_inproc.run_node("DragKitDDIMInvert", model=model, latent=source_latent(), positive=positive, steps=10,
+                              strength=0.7, cache_layers="decoder", cache_device="auto")
+    right = sdxl_conditioning() if family == "sdxl" else sd2_conditioning()
+    z_t, cache = comfy_inproc.run_node("DragKitDDIMInvert", model=model, latent=source_latent(), positive=right,
+                                       steps=4, strength=0.5, cache_layers="decoder", cache_device="auto")
+    with pytest.raises(ValueError, match=r"^\[KV-Injected Sample\] the negative conditioning.*" + message):
+        comfy_inproc.run_node("DragKitKVInjectedSample", model=model, latent=z_t, attn_cache=cache, positive=right,
+                              negative=positive, cfg=2.0, kv_source="inversion cache", inject_layers="decoder",
+                              inject_start=0.0, inject_end=1.0)
+    points = comfy_inproc.pack.dragkit.points.parse_drag_points('{"points": [[20, 30], [40, 30]]}', SIDE, SIDE)
+    with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] the positive conditioning.*" + message):
+        with torch.inference_mode():
+            comfy_inproc.pack.nodes.optimize.MotionSupervisionOptimize().optimize(
+                model, z_t, cache, positive, points, "dragdiffusion", 2, -1, -1, -1, -1)
+    image = torch.rand(1, SIDE, SIDE, 3, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"^\[LoRA Fine-tune\] the positive conditioning.*" + message):
+        with torch.inference_mode():
+            comfy_inproc.pack.nodes.lora.LoRAFineTune().finetune(model, vae, image, positive, 2, 4, 4.0, 1e-2, 1, 0,
+                                                                 "", False)
