@@ -42,17 +42,26 @@ the third of four, 640 channels) at its own resolution, ``(B, C_f, h_f, w_f)``
 ``z`` when it requires grad; the model's weights never get gradients.
 """
 
-def feature_level(levels: int) -> int:
-    """Index of the decoder level whose output is the motion-supervision feature: the penultimate one.
+def feature_level(levels: int, chosen: int | None = None) -> int:
+    """Index of the decoder level whose output is the motion-supervision feature: by default the penultimate one.
 
     ``levels`` counts the UNet's decoder levels (resolutions), lowest
     resolution first (SD1.5: 4, so level 2: diffusers ``up_blocks[2]``,
-    ComfyUI ``output_blocks[6..8]``). Every backend picks its block with this
-    rule.
+    ComfyUI ``output_blocks[6..8]``; SDXL: 3, so level 1, ``output_blocks[3..5]``).
+    ``chosen`` picks another level, 0 to ``levels - 2`` (the last level, at
+    full resolution just before the output convolution, is not offered).
+    Every backend picks its block with this rule.
     """
     if levels < 2:
         raise DragInputError("this UNet has fewer than two decoder levels; no feature block to supervise")
-    return levels - 2
+    if chosen is None:
+        return levels - 2
+    if not 0 <= chosen <= levels - 2:
+        raise DragInputError(
+            f"feature_level {chosen} is not available: this UNet's decoder has {levels} levels, so choose 0 (lowest "
+            f"resolution) to {levels - 2}, or -1 for the default ({levels - 2}, the penultimate level)"
+        )
+    return chosen
 
 
 FeatureLoop = Callable[[FeaturePredictor, torch.Tensor], torch.Tensor]

@@ -97,13 +97,18 @@ class DiffusersBackend:
         unet: the UNet, already on its compute device and dtype.
         alphas_cumprod: ᾱ per training timestep; default SD1.x scaled_linear.
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` (the model's output).
+        feature_level: the decoder level (``up_blocks`` index) whose output is
+            the motion-supervision feature (:func:`~dragkit.backend.feature_level`;
+            ``None``: the penultimate).
     """
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon") -> None:
+    def __init__(self, unet, alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon",
+                 feature_level: int | None = None) -> None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise DragInputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         self.unet = unet
         self.prediction_type = prediction_type
+        self.feature_level = feature_level
         self._alphas = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(torch.float64)
         self._modules = self._find_self_attention()
         self.control = AttentionControl()
@@ -183,7 +188,7 @@ class DiffusersBackend:
 
     def feature_block(self):
         """The decoder block whose output is the motion-supervision feature (:func:`~dragkit.backend.feature_level`; SD1.5: ``up_blocks[2]``)."""
-        return self.unet.up_blocks[feature_level(len(self.unet.up_blocks))]
+        return self.unet.up_blocks[feature_level(len(self.unet.up_blocks), self.feature_level)]
 
     @contextlib.contextmanager
     def _controlled(self, control: AttentionControl):

@@ -89,8 +89,10 @@ def check_conditioning_fits(model, conditioning: list, name: str = "positive") -
 class ComfyBackend:
     """:class:`~dragkit.backend.DiffusionBackend` over a ComfyUI ``ModelPatcher``."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, feature_level: int | None = None) -> None:
+        """``feature_level``: the decoder level whose output :meth:`run_features` captures (:func:`feature_level`; ``None``: the penultimate)."""
         self.model = model
+        self.feature_level = feature_level
         self.model_sampling = model.get_model_object("model_sampling")
         if not isinstance(self.model_sampling, comfy.model_sampling.EPS) or isinstance(
             self.model_sampling, comfy.model_sampling.CONST
@@ -104,6 +106,8 @@ class ComfyBackend:
         timesteps = torch.arange(self.model_sampling.num_timesteps)
         self._sigmas = self.model_sampling.sigma(timesteps).to(torch.float64).cpu()
         self._layers = self._find_self_attention()
+        if feature_level is not None:
+            _feature_block_index(model.model.diffusion_model, feature_level)  # a level this UNet lacks fails here, before any work
 
     @property
     def model_key(self) -> str:
@@ -189,7 +193,7 @@ class ComfyBackend:
         if conditioning.negative is not None and conditioning.cfg != 1.0:
             raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
         patcher = self._patched_clone(control)
-        capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model)}
+        capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model, self.feature_level)}
 
         def output_block_patch(h, hsp, transformer_options):
             if transformer_options.get("block") == ("output", capture["index"]):
@@ -259,8 +263,8 @@ class _StopForward(Exception):
     """Raised by the feature patch to skip the rest of the UNet when only features are wanted."""
 
 
-def _feature_block_index(unet) -> int:
-    """Index of the output block whose *input* is the feature level's output (:func:`feature_level`).
+def _feature_block_index(unet, level: int | None = None) -> int:
+    """Index of the output block whose *input* is the output of decoder level ``level`` (:func:`feature_level`).
 
     Decoder levels are the runs of output blocks ending with an Upsample (the
     last level has none), so the wanted features enter the first block of the
@@ -271,7 +275,7 @@ def _feature_block_index(unet) -> int:
     ends = [i for i, block in enumerate(unet.output_blocks) if any(isinstance(m, Upsample) for m in block)]
     if not ends or ends[-1] + 1 >= len(unet.output_blocks):
         raise DragInputError("this MODEL's UNet has no penultimate decoder level to take features from")
-    return ends[feature_level(len(ends) + 1)] + 1
+    return ends[feature_level(len(ends) + 1, level)] + 1
 
 
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):

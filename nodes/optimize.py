@@ -90,12 +90,13 @@ class MotionSupervisionOptimize:
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Editable region in source pixels (1 = editable). Absent or empty: the whole image, and no keep term."}),
+                "feature_level": ("INT", {"default": METHOD_DEFAULT, "min": METHOD_DEFAULT, "max": 8, "tooltip": "The decoder level whose output gives the supervision features, 0 = lowest resolution; -1 = the penultimate level, the methods' choice (SD1.5: 2 of 0-3, 640 channels at latent resolution; SDXL: 1 of 0-2, the same role). Lower levels are more semantic and coarser."}),
             },
         }
 
     def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2,
                  drag_steps=GD.drag_steps, drags_per_step=GD.drags_per_step, grad_steps=GD.grad_steps, beta=GD.beta,
-                 max_unchanged=GD.max_unchanged, mask=None):
+                 max_unchanged=GD.max_unchanged, mask=None, feature_level=METHOD_DEFAULT):
         with node_errors("Motion-Supervision Optimize"):
             require_points(points)
             require_cache(attn_cache)
@@ -122,7 +123,7 @@ class MotionSupervisionOptimize:
                     )
             if mode not in MODES:
                 raise DragInputError(f"mode must be one of {MODES}, got {mode!r}")
-            backend = ComfyBackend(model)
+            backend = ComfyBackend(model, None if feature_level == METHOD_DEFAULT else feature_level)
             z = require_finite(backend.latent_to_vp(samples, step.sigma), INPUT_LATENT)
             handles = geometry.points_to_supervision(points.handles_tensor())
             targets = geometry.points_to_supervision(points.targets_tensor())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dragkit.attention import AttentionControl
-from dragkit.diffusers_backend import DiffusersConditioning
+from dragkit.backend import feature_level
+from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from dragkit.errors import DragInputError
 from dragkit.hybrid import refine_warped
@@ -46,6 +47,18 @@ def test_features_are_the_penultimate_decoder_block_and_can_stop_early(backend, 
     eps, feats = outputs["full"]
     assert eps.shape == z.shape and feats.shape == (1, 64, 8, 8)
     assert outputs["early"][0] is None and torch.equal(outputs["early"][1], feats)
+
+
+def test_feature_level_is_the_penultimate_by_default_and_can_be_chosen(backend):
+    assert [feature_level(levels) for levels in (2, 3, 4)] == [0, 1, 2]  # micro UNet, SDXL, SD1.5
+    assert feature_level(4, 0) == 0 and feature_level(3, 1) == 1
+    for levels, chosen in ((4, 3), (3, 2), (3, -1)):
+        with pytest.raises(DragInputError, match=f"feature_level {chosen} is not available.*choose 0 .* to {levels - 2}"):
+            feature_level(levels, chosen)
+    other = DiffusersBackend(backend.unet, feature_level=0)
+    assert other.feature_block() is backend.unet.up_blocks[0]
+    with pytest.raises(DragInputError, match="feature_level 1 is not available"):
+        DiffusersBackend(backend.unet, feature_level=1).feature_block()
 
 
 def test_optimisation_runs_and_reports_each_iteration(backend, setup):

@@ -153,3 +153,24 @@ def test_conditioning_of_another_family_is_a_clear_node_error(comfy_inproc, requ
         with torch.inference_mode():
             comfy_inproc.pack.nodes.lora.LoRAFineTune().finetune(model, vae, image, positive, 2, 4, 4.0, 1e-2, 1, 0,
                                                                  "", False)
+
+
+def test_feature_level_option_on_sdxl(comfy_inproc, sdxl):
+    model, _ = sdxl
+    pack, positive = comfy_inproc.pack, sdxl_conditioning()
+    block_index = pack.nodes.comfy_backend._feature_block_index
+    assert block_index(model.model.diffusion_model, 0) == 3, "level 0 ends with output_blocks[2]'s upsample"
+    z_t, cache = comfy_inproc.run_node("DragKitDDIMInvert", model=model, latent=source_latent(), positive=positive,
+                                       steps=10, strength=0.7, cache_layers="decoder", cache_device="auto")
+    points = pack.dragkit.points.parse_drag_points('{"points": [[20, 30], [40, 30]]}', SIDE, SIDE)
+    optimise = pack.nodes.optimize.MotionSupervisionOptimize()
+    outputs = {}
+    with torch.inference_mode():
+        for level in (-1, 1, 0):
+            outputs[level] = optimise.optimize(model, z_t, cache, positive, points, "dragdiffusion", 2, -1, -1, -1, -1,
+                                               feature_level=level)[0]["samples"]
+        with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] feature_level 2 is not available: "
+                                             r"this UNet's decoder has 3 levels"):
+            optimise.optimize(model, z_t, cache, positive, points, "dragdiffusion", 2, -1, -1, -1, -1, feature_level=2)
+    assert torch.equal(outputs[-1], outputs[1]), "the default is the penultimate of SDXL's three decoder levels"
+    assert not torch.allclose(outputs[0], outputs[1]), "another level supervises other features"
