@@ -20,7 +20,7 @@ import node_helpers
 from ..dragkit.editor_state import parse_editor_state
 from ..dragkit.errors import DragInputError
 from .common import CATEGORY, DRAG_POINTS, NodeInputError, node_errors, save_temp_png
-from .file_names import contained_path
+from .file_names import contained_path, without_path
 
 NODE_NAME = "Drag Points Editor"
 
@@ -204,7 +204,7 @@ def _load_image_file(name) -> torch.Tensor:
             img = img.point(lambda v: v * (1 / 255))
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        detail = str(err).replace(path, name)  # PIL names the file by its server path
+        detail = without_path(str(err), path, name)  # PIL names the file by its server path
         raise DragInputError(f"cannot read the image file {name!r}: {detail}") from None
     return torch.from_numpy(rgb)[None]
 

@@ -126,6 +126,12 @@ def contained_path(path: str, roots: list[str]) -> str | None:
     return real if any(_inside(real, os.path.realpath(root)) for root in roots) else None
 
 
+def without_path(message: str, path: str, shown: str) -> str:
+    """``message`` with the server path ``path`` replaced by ``shown``, also where it is quoted by ``repr``
+    (Windows paths appear there with doubled backslashes)."""
+    return message.replace(repr(path), repr(shown)).replace(path, shown)
+
+
 def _inside(path: str, root: str) -> bool:
     try:
         return os.path.commonpath([path, root]) == root

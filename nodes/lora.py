@@ -20,7 +20,7 @@ from .comfy_lora import (
     single_prompt,
 )
 from .common import CATEGORY, log, node_errors, progress_reporter
-from .file_names import check_save_name, check_target
+from .file_names import check_save_name, check_target, without_path
 
 NODE_NAME = "LoRA Fine-tune"
 CACHE_FOLDER = "dragkit-lora-cache"
@@ -51,6 +51,20 @@ def _save(lora_sd: dict, path: Path, relative: str, metadata: dict) -> None:
         save_safetensors_atomic(lora_sd, path, metadata)
     except OSError as err:
         raise DragInputError(f"cannot write loras/{relative}: {err.strerror or type(err).__name__}") from None
+
+
+def _load(path: Path | str, relative: str) -> dict:
+    """Read the LoRA file ``path`` (``relative`` to the loras folder); a failure names it ``loras/<relative>``.
+
+    ComfyUI's loader and safetensors name a corrupt file by its server path
+    (``File path: /...``); the message keeps only the first line, without it.
+    """
+    try:
+        return comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as err:  # safetensors, torch.load (pickle) and OS errors alike: the file is unusable
+        shown = f"loras/{relative}"
+        detail = without_path(str(err).strip().split("\n")[0], str(path), shown) or type(err).__name__
+        raise DragInputError(f"cannot read {shown} as a LoRA file ({detail}); replace or delete it") from None
 
 
 def _text_progress(node_id, total: int):
@@ -137,7 +151,7 @@ class LoRAFineTune:
                 path = folder_paths.get_full_path("loras", existing_lora)
                 if path is None:
                     raise DragInputError(f"existing_lora={existing_lora!r} is not in the loras folder")
-                lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+                lora_sd = _load(path, existing_lora)
                 STATS["loaded"] += 1
                 log.info("DragKit LoRA Fine-tune: loaded %s instead of training", existing_lora)
                 return (apply_lora(model, lora_sd), existing_lora)
@@ -157,7 +171,7 @@ class LoRAFineTune:
             cache_relative = f"{CACHE_FOLDER}/{key[:32]}.safetensors"
             cache_path = loras_root() / cache_relative
             if use_cache and cache_path.is_file():
-                lora_sd = comfy.utils.load_torch_file(str(cache_path), safe_load=True)
+                lora_sd = _load(cache_path, cache_relative)
                 STATS["cache_hits"] += 1
                 log.info("DragKit LoRA Fine-tune: cache hit %s, not training", cache_relative)
             else:

@@ -219,3 +219,37 @@ def test_editor_unreadable_image_message_names_the_file_not_its_server_path(comf
     with pytest.raises(ValueError, match=rf"^\[Drag Points Editor\] cannot read the image file '{name}': cannot identify") as err:
         comfy_inproc.run_node("DragKitPointsEditor", image_file=name, editor_state="", unique_id="1")
     no_server_path(str(err.value), folder_paths.get_input_directory())
+
+
+@pytest.mark.parametrize("cut", [None, -3], ids=["not-safetensors", "truncated"])
+def test_an_unreadable_existing_lora_is_named_inside_the_loras_folder(lora_node, tiny_comfy_models, loras_dir, cut):
+    import safetensors.torch
+
+    content = b"not a LoRA" if cut is None else safetensors.torch.save({"w": torch.zeros(4)})[:cut]
+    (loras_dir / "sub").mkdir()
+    (loras_dir / "sub" / "broken.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=r"^\[LoRA Fine-tune\] cannot read loras/sub/broken\.safetensors as a LoRA file "
+                                         r"\(.+\); replace or delete it$") as err:
+        finetune(lora_node, tiny_comfy_models, existing_lora="sub/broken.safetensors")
+    assert "\n" not in str(err.value)
+    no_server_path(str(err.value), loras_dir)
+
+
+def test_an_unreadable_cache_file_is_named_inside_the_loras_folder(lora_node, tiny_comfy_models, loras_dir, monkeypatch):
+    monkeypatch.setattr(lora_node, "cache_key", lambda parts: "0" * 64)
+    cache = loras_dir / lora_node.CACHE_FOLDER
+    cache.mkdir()
+    (cache / ("0" * 32 + ".safetensors")).write_bytes(b"\xff" * 64)
+    trainings = lora_node.STATS["trainings"]
+    with pytest.raises(ValueError, match=r"^\[LoRA Fine-tune\] cannot read loras/dragkit-lora-cache/0{32}\.safetensors "
+                                         r"as a LoRA file") as err:
+        finetune(lora_node, tiny_comfy_models, use_cache=True)
+    assert lora_node.STATS["trainings"] == trainings
+    no_server_path(str(err.value), loras_dir)
+
+
+def test_server_paths_are_removed_also_where_repr_doubles_backslashes(comfy_inproc):
+    file_names = importlib.import_module(comfy_inproc.module_name + ".nodes.file_names")
+    path = "C:\\ComfyUI\\input\\a.png"
+    message = f"cannot identify image file {path!r}; {path}"
+    assert file_names.without_path(message, path, "a.png") == "cannot identify image file 'a.png'; a.png"
