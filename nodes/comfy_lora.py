@@ -43,6 +43,7 @@ from ..dragkit.lora import (
     ProgressCallback,
     gaussian_lora_init,
     grad_scaler_for,
+    tensor_digest,
     train_lora,
     weights_fingerprint,
 )
@@ -103,19 +104,14 @@ def conditioning_digest(positive: list) -> str:
     """sha256 of a CONDITIONING: every tensor and plain option of every entry."""
     h = hashlib.sha256()
     for cond, options in positive:
-        h.update(_tensor_bytes(cond))
+        h.update(tensor_digest(cond).encode())
         for key in sorted(options):
             value = options[key]
             if isinstance(value, torch.Tensor):
-                h.update(key.encode() + _tensor_bytes(value))
+                h.update(f"{key}={tensor_digest(value)}".encode())
             elif isinstance(value, (int, float, str, bool, type(None))):
                 h.update(f"{key}={value!r}".encode())
     return h.hexdigest()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    t = tensor.detach().to("cpu").contiguous()
-    return f"{tuple(t.shape)}|{t.dtype}|".encode() + (t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def single_prompt(positive: list) -> tuple[torch.Tensor, dict]:
