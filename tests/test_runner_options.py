@@ -64,3 +64,14 @@ def test_gpu_check_judges_goals_only_on_a_cuda_run_at_512():
     assert "| lora | peak_gib | 6.50 | ≤ 6 | NO |" in lines and "| lora | median_ms | 5000.00 | ≤ 6000 | yes |" in lines
     assert "| vae_decode | median_ms | 20.00 | ≤ 30 | yes |" in lines
     assert all("n/a" in line for line in gpu_check.goal_rows(rows, cuda=False))
+
+
+def test_gpu_check_reads_every_stage_of_the_benchmark_report(tmp_path):
+    report = {"resolutions": {"512": {"stages": {"lora": {"median_ms": 5000.0, "peak_mib": 6656.0},
+                                                 "fastdrag_warp": {"median_ms": 3.0, "peak_mib": None}}}}}
+    (tmp_path / "bench.json").write_text(json.dumps(report))
+    assert gpu_check.bench_rows(tmp_path / "bench.json") == [
+        {"stage": "resolutions/512/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
+        {"stage": "resolutions/512/stages/fastdrag_warp", "median_ms": 3.0, "peak_gib": None},
+    ]
+    assert gpu_check.bench_rows(tmp_path / "missing.json") == []

@@ -157,29 +157,17 @@ def overrides_for(workflow: Path, table: dict) -> list[str]:
 
 
 def bench_rows(path: Path) -> list[dict]:
-    """``{"stage", "median_ms", "peak_gib"}`` for every stage (a dict with ``median_ms``) in the benchmark JSON."""
+    """``{"stage": "resolutions/<side>/stages/<name>", "median_ms", "peak_gib"}`` per stage of the benchmark JSON
+    (:func:`benchmarks.bench.run`'s report); empty when the benchmark wrote none."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        resolutions = json.loads(path.read_text())["resolutions"]
+    except (OSError, ValueError, KeyError):
         return []
-    rows = []
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            if "median_s" in node or "median_ms" in node:
-                median = node.get("median_ms", (node.get("median_s") or 0) * 1000)
-                peak = node.get("peak_mib")
-                rows.append({"stage": prefix, "median_ms": median, "peak_gib": None if peak is None else peak / 1024})
-                return
-            for key, value in node.items():
-                walk(value, f"{prefix}/{key}" if prefix else str(key))
-        elif isinstance(node, list):
-            for index, value in enumerate(node):
-                label = value.get("name") or value.get("stage") if isinstance(value, dict) else None
-                walk(value, f"{prefix}/{label or index}")
-
-    walk(data, "")
-    return rows
+    return [
+        {"stage": f"resolutions/{side}/stages/{name}", "median_ms": stage["median_ms"],
+         "peak_gib": None if stage.get("peak_mib") is None else stage["peak_mib"] / 1024}
+        for side, result in resolutions.items() for name, stage in result["stages"].items()
+    ]
 
 
 def goal_rows(rows: list[dict], cuda: bool) -> list[str]:
