@@ -29,7 +29,7 @@ from dragkit.lora import LoRATrainingConfig
 from dragkit.lora_diffusers import remove_lora, train_lora_diffusers
 from dragkit.schedule import DDIMSchedule
 
-from tools.sd15_random import fill_random_
+from tools.sd15_random import materialise_random
 
 from .inputs import edit_inputs
 from .measure import PassCounter, Stager, attn_cache_summary
@@ -50,10 +50,10 @@ SD_VAE = dict(
 )
 """diffusers config of the SD1.x VAE."""
 
+
 def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Allocate ``module`` (built on meta) on ``device`` with :func:`~tools.sd15_random.fill_random_` weights in ``dtype``."""
-    module = fill_random_(module.to_empty(device=device), seed).to(dtype)
-    return module.eval().requires_grad_(False)
+    """``module`` (built on meta) on ``device`` with :func:`~tools.sd15_random.fill_random_` weights in ``dtype``, frozen."""
+    return materialise_random(module, device, seed).to(dtype).eval().requires_grad_(False)
 
 
 def sd15_models(device: torch.device, dtype: torch.dtype):

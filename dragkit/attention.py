@@ -281,8 +281,6 @@ class KVRecorder(AttentionControl):
         return k, v
 
 
-
-
 class KVInjector(AttentionControl):
     """Replaces the keys/values of chosen layers by the cached source ones (FastDrag's consistency).
 

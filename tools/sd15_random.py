@@ -68,7 +68,8 @@ def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def _materialise(module: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
+def materialise_random(module: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
+    """``module`` built on the meta device, allocated on ``device`` with :func:`fill_random_` weights."""
     return fill_random_(module.to_empty(device=device), seed)
 
 
@@ -82,7 +83,7 @@ def comfy_sd15_modules(seed: int = 0, device: str | torch.device = "cpu") -> tup
     with torch.device("meta"):
         unet = UNetModel(**SD15_LDM_UNET, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
         vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
-    return _materialise(unet, device, seed), _materialise(vae, device, seed + 1)
+    return materialise_random(unet, device, seed), materialise_random(vae, device, seed + 1)
 
 
 def checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu") -> dict:
@@ -95,7 +96,7 @@ def checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, dev
     del unet, vae
     with torch.device("meta"):
         clip = sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32)
-    clip = _materialise(clip, torch.device(device), seed + 2)
+    clip = materialise_random(clip, torch.device(device), seed + 2)
     for key, value in clip.state_dict().items():
         if key == "clip_l.transformer.text_projection.weight":
             continue  # real SD1.5 checkpoints have none; ComfyUI cannot load it from one
@@ -112,7 +113,7 @@ def controlnet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, dev
     config.pop("out_channels")
     with torch.device("meta"):
         net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
-    net = _materialise(net, torch.device(device), seed + 3)
+    net = materialise_random(net, torch.device(device), seed + 3)
     return {"control_model." + k: v.to(dtype).to("cpu").contiguous() for k, v in net.state_dict().items()}
 
 
