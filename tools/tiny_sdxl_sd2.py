@@ -16,8 +16,13 @@ ComfyUI 0.3.64 detects a family from the UNet's shape (``comfy/supported_models.
   320 channels with attention in the top three, like SD1.5/SD2.
 
 Both files hold the UNet (fp16, ``model.diffusion_model.*``) and a seeded
-TAESD VAE (``first_stage_model.*``), no text encoder: tests build the
-CONDITIONING themselves (SDXL: ``pooled_output``, ``width``, ``height``).
+TAESD VAE (``first_stage_model.*``). Without a text encoder tests build the
+CONDITIONING themselves (SDXL: ``pooled_output``, ``width``, ``height``);
+``tiny_sdxl_checkpoint_path(with_clip=True)`` adds SDXL's real-size text
+encoders (CLIP-L and CLIP-G, ``comfy.sdxl_clip.SDXLClipModel``, seeded, fp16:
+817 M parameters, 1.6 GB) in the keys of a released SDXL checkpoint, so
+CheckpointLoaderSimple returns a CLIP whose CLIPTextEncode gives the
+``(1, 77, 2048)`` prompt embedding and the ``(1, 1280)`` pooled output.
 Written atomically into :func:`tools.tiny_models.cache_dir`; needs ComfyUI
 importable (``COMFYUI_PATH``).
 """
@@ -76,6 +81,29 @@ def _state_dict(unet_config: dict, seed: int, v_prediction: bool = False) -> dic
     return sd
 
 
+def _sdxl_clip_state_dict(seed: int) -> dict:
+    """SDXL's text encoders, seeded, fp16, in a released SDXL checkpoint's keys.
+
+    ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, transformers
+    layout) and ``conditioner.embedders.1.model.*`` (CLIP-G, OpenCLIP layout:
+    fused ``in_proj`` q/k/v, ``text_projection`` as ``(1280, 1280)`` input x
+    output). The layout is ComfyUI's own SDXL checkpoint saver's
+    (``supported_models.SDXL.process_clip_state_dict_for_saving``), the inverse
+    of what its loader reads; CLIP-L's ``text_projection`` and ``logit_scale``
+    are left out as that saver and released checkpoints do.
+    """
+    from . import comfy_host
+
+    comfy_host.prepare_comfy_imports()
+    import comfy.sdxl_clip
+    import comfy.supported_models
+
+    clip = seeded_fill_(comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed)
+    clip_sd = {k: v.detach() for k, v in clip.state_dict().items()}
+    saved = comfy.supported_models.SDXL(dict(SDXL_LDM_UNET)).process_clip_state_dict_for_saving(clip_sd)
+    return {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in saved.items()}
+
+
 def _cached(name: str, build) -> Path:
     path = cache_dir() / name
     if not path.is_file():
@@ -83,9 +111,16 @@ def _cached(name: str, build) -> Path:
     return path
 
 
-def tiny_sdxl_checkpoint_path(seed: int = 0) -> Path:
-    """The cached tiny SDXL checkpoint (built the first time: ~10 s, 570 MB)."""
-    return _cached(f"dragkit-tiny-sdxl-{VERSION}-s{seed}.safetensors", lambda: _state_dict(SDXL_LDM_UNET, seed))
+def tiny_sdxl_checkpoint_path(seed: int = 0, with_clip: bool = False) -> Path:
+    """The cached tiny SDXL checkpoint (built the first time: ~10 s, 570 MB).
+
+    ``with_clip``: with SDXL's CLIP-L and CLIP-G text encoders, seeded with
+    ``seed + 2`` (another file: ~35 s the first time on 2 CPU cores, 2.2 GB).
+    """
+    if not with_clip:
+        return _cached(f"dragkit-tiny-sdxl-{VERSION}-s{seed}.safetensors", lambda: _state_dict(SDXL_LDM_UNET, seed))
+    return _cached(f"dragkit-tiny-sdxl-clip-{VERSION}-s{seed}.safetensors",
+                   lambda: {**_state_dict(SDXL_LDM_UNET, seed), **_sdxl_clip_state_dict(seed + 2)})
 
 
 def tiny_sd2_v_checkpoint_path(seed: int = 0) -> Path:
