@@ -117,25 +117,29 @@ def controlnet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, dev
     return {"control_model." + k: v.to(dtype).to("cpu").contiguous() for k, v in net.state_dict().items()}
 
 
+def write_random(path, state_dict, tag: str, seed: int, dtype: torch.dtype, device: str | torch.device) -> Path:
+    """Write ``state_dict(seed, dtype, device)`` to ``path`` atomically, with ``tag``, the seed and dtype as metadata;
+    returns the path."""
+    path = Path(path)
+    save_safetensors_atomic(state_dict(seed, dtype, device), path, {tag: "1", "seed": str(seed), "dtype": str(dtype)})
+    return path
+
+
 def write_checkpoint(path, seed: int = 0, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu") -> Path:
     """Write the random SD1.5 checkpoint to ``path`` atomically; returns the path."""
-    path = Path(path)
-    metadata = {"dragkit_random_sd15": "1", "seed": str(seed), "dtype": str(dtype)}
-    save_safetensors_atomic(checkpoint_state_dict(seed, dtype, device), path, metadata)
-    return path
+    return write_random(path, checkpoint_state_dict, "dragkit_random_sd15", seed, dtype, device)
 
 
 def write_controlnet(path, seed: int = 0, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu") -> Path:
     """Write the random SD1.5 ControlNet to ``path`` atomically; returns the path."""
-    path = Path(path)
-    metadata = {"dragkit_random_controlnet_sd15": "1", "seed": str(seed), "dtype": str(dtype)}
-    save_safetensors_atomic(controlnet_state_dict(seed, dtype, device), path, metadata)
-    return path
+    return write_random(path, controlnet_state_dict, "dragkit_random_controlnet_sd15", seed, dtype, device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a real-size SD1.5 checkpoint and ControlNet with random weights.")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the two files")
+def write_files_cli(description: str, files, argv: list[str] | None = None) -> int:
+    """The command line of a random-model writer: ``--out DIR [--seed S] [--device D] [--dtype T]``; writes each
+    ``(name(seed, dtype), write(path, seed, dtype, device))`` of ``files`` that is not there yet and prints its path."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where to fill the weights (cuda is much faster)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
@@ -145,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     comfy_host.prepare_comfy_imports()
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, write in ((checkpoint_name, write_checkpoint), (controlnet_name, write_controlnet)):
+    for name, write in files:
         target = args.out / name(args.seed, dtype)
         if not target.is_file():
             write(target, args.seed, dtype, args.device)
         print(target)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_files_cli("Write a real-size SD1.5 checkpoint and ControlNet with random weights.",
+                           ((checkpoint_name, write_checkpoint), (controlnet_name, write_controlnet)), argv)
 
 
 if __name__ == "__main__":
