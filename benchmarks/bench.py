@@ -1,11 +1,12 @@
 """Per-stage speed, memory and compute floor of DragKit edits.
 
-    python -m benchmarks.bench [--tiny] [--resolutions 512,768,1024] [--methods fastdrag,lora,dragdiffusion,gooddrag]
+    python -m benchmarks.bench [--tiny] [--model sd15|sdxl] [--resolutions 512,768,1024]
+                               [--methods fastdrag,lora,dragdiffusion,gooddrag]
                                [--backend auto|comfyui|diffusers] [--json [out.json]] [--peak-tflops T]
 
-Builds the real-size SD1.5 UNet and SD VAE with random weights (the compute
-and memory are the real ones; nothing is downloaded) and times each method's
-stages:
+Builds the real-size SD1.5 (or, with ``--model sdxl``, SDXL) UNet and SD VAE
+with random weights (the compute and memory are the real ones; nothing is
+downloaded) and times each method's stages:
 
 - FastDrag (10 steps, strength 0.7, KV cache of the decoder self-attention
   layers): VAE encode, DDIM inversion, warp + BNNI, KV-injected sampling,
@@ -26,6 +27,13 @@ the engine's loops on diffusers models (:mod:`benchmarks.diffusers_path`).
 (:data:`benchmarks.workload.TINY`) on the CPU, on one thread, in seconds: a
 pipeline check.
 
+``--model sdxl`` (ComfyUI path only) benchmarks SDXL at 1024² by default
+(FastDrag, LoRA and DragDiffusion unless ``--methods`` says otherwise; with
+``--tiny``, the tiny SDXL test checkpoint at 64²). The issues' goals for the
+family and side (:mod:`benchmarks.goals`: SD1.5 at 512², SDXL at 1024²) are
+judged beside the results on a CUDA run and listed as not applicable
+elsewhere.
+
 Fast stages run ``--warmup`` times, then ``--repeats`` times; slow ones (LoRA,
 optimisers, whole motion edits) a shortened warm-up, then ``--slow-repeats``.
 The JSON holds the machine, device, dtype, versions, backend, the workload,
@@ -34,7 +42,8 @@ memory (MiB; null on a CPU), the UNet passes counted (calls and batch rows,
 with autograd and without) and the compute floor (FLOPs of those passes ÷
 the device's peak; :mod:`benchmarks.flops`), as ``flops``, ``floor_ms`` and
 ``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs),
-and ``ms_beyond_bare_passes`` (see :func:`report_stage`).
+and ``ms_beyond_bare_passes`` (see :func:`report_stage`); per resolution also
+``goals`` (:func:`benchmarks.goals.judge`).
 """
 
 from __future__ import annotations
@@ -51,10 +60,13 @@ import torch
 from dragkit.atomic import write_bytes_atomic
 
 from . import flops as flop_floor
+from . import goals
 from .measure import Stager
-from .workload import FULL, METHODS, TINY
+from .workload import FULL, METHODS, SDXL_METHODS, TINY
 
 TINY_SIDE = 64
+DEFAULT_SIDE = {"sd15": 512, "sdxl": 1024}
+"""Image side per model family (``--model``) when ``--resolutions`` is not given: the family's native size."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -78,9 +90,12 @@ def _methods(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny test models and workload on the CPU (seconds; for CI)")
+    parser.add_argument("--model", choices=tuple(DEFAULT_SIDE), default="sd15",
+                        help="model family (default sd15; sdxl needs the ComfyUI backend)")
     parser.add_argument("--resolutions", type=_int_list, default=None,
-                        help=f"comma-separated image sides in pixels (default 512; --tiny: {TINY_SIDE})")
-    parser.add_argument("--methods", type=_methods, default=METHODS, help=f"subset of {','.join(METHODS)} (default: all)")
+                        help=f"comma-separated image sides in pixels (default 512, sdxl 1024; --tiny: {TINY_SIDE})")
+    parser.add_argument("--methods", type=_methods, default=None,
+                        help=f"subset of {','.join(METHODS)} (default: all; sdxl: {','.join(SDXL_METHODS)})")
     parser.add_argument("--backend", choices=("auto", "comfyui", "diffusers"), default="auto",
                         help="auto: comfyui when COMFYUI_PATH names a usable checkout, else diffusers")
     parser.add_argument("--repeats", type=int, default=5, help="measured runs of each fast stage (default 5)")
@@ -92,15 +107,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.repeats, args.slow_repeats) < 1 or args.warmup < 0:
         parser.error("--repeats and --slow-repeats must be at least 1, --warmup at least 0")
-    args.resolutions = args.resolutions or ([TINY_SIDE] if args.tiny else [512])
+    args.resolutions = args.resolutions or [TINY_SIDE if args.tiny else DEFAULT_SIDE[args.model]]
+    args.methods = args.methods or (SDXL_METHODS if args.model == "sdxl" else METHODS)
     return args
 
 
-def choose_backend(requested: str) -> str:
-    """``comfyui`` or ``diffusers``; ``auto`` picks comfyui only when a usable checkout is configured."""
+def choose_backend(requested: str, family: str = "sd15") -> str:
+    """``comfyui`` or ``diffusers``; ``auto`` picks comfyui only when a usable checkout is configured.
+
+    SDXL runs on the ComfyUI path only (the diffusers path builds SD1.5).
+    """
     from tools.comfy_host import comfyui_problem
 
     problem = comfyui_problem()
+    if family == "sdxl" and (requested == "diffusers" or problem):
+        raise SystemExit("error: --model sdxl runs on the ComfyUI backend only: "
+                         + (problem or "drop --backend diffusers"))
     if requested == "comfyui" and problem:
         raise SystemExit(f"error: --backend comfyui: {problem}")
     if requested == "auto":
@@ -119,13 +141,13 @@ def _versions(backend: str) -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "comfyui": comfyui}
 
 
-def build_path(backend: str, tiny: bool):
+def build_path(backend: str, tiny: bool, family: str = "sd15"):
     """The benchmark path with its models: fp16 on CUDA when there is one (and not ``tiny``), else float32 on the CPU."""
     use_cuda = torch.cuda.is_available() and not tiny
     if backend == "comfyui":
         from .comfy_path import ComfyPath
 
-        return ComfyPath(tiny, use_cuda)
+        return ComfyPath(tiny, use_cuda, family)
     from .diffusers_path import DiffusersPath
 
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -149,11 +171,11 @@ def report_stage(stage: dict, bare_pass_ms: float, per_pass: dict, peak: float |
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark and return the report (see the module docstring)."""
-    backend = choose_backend(args.backend)
+    backend = choose_backend(args.backend, args.model)
     workload = TINY if args.tiny else FULL
     if args.tiny:
         torch.set_num_threads(1)  # tiny ops on 2+ oversubscribed threads can stall 100x on a shared CPU
-    path = build_path(backend, args.tiny)
+    path = build_path(backend, args.tiny, args.model)
     device_name = torch.cuda.get_device_name(path.device) if path.device.type == "cuda" else "cpu"
     peak, peak_source = flop_floor.device_peak(device_name, path.dtype, args.peak_tflops)
     per_pass = flop_floor.unet_flops(path.unet_config, args.resolutions)
@@ -163,10 +185,12 @@ def run(args: argparse.Namespace) -> dict:
             stager = Stager(path.device, path.counter, args.warmup, args.repeats, args.slow_repeats)
             attn_cache = path.run(side, workload, args.methods, stager)
             bare = stager.stages["unet_forward"]["median_ms"]
+            stages = {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()}
             resolutions[str(side)] = {
                 "attn_cache": attn_cache,
-                "stages": {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()},
+                "stages": stages,
                 "native_ratios": native_ratios(stager.stages),
+                "goals": goals.judge(args.model, side, goal_measures(stages), path.device.type == "cuda"),
             }
     finally:
         path.close()
@@ -179,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
         "versions": _versions(backend),
         "backend": backend,
         "model": path.model_name,
+        "model_family": args.model,
         "tiny": bool(args.tiny),
         "workload": workload.as_dict(),
         "methods": list(args.methods),
@@ -201,6 +226,12 @@ NATIVE_PAIRS = {
 """Our stage -> ComfyUI's native equivalent timed in the same run (ComfyUI path only):
 KV-Injected Sample vs KSamplerAdvanced (same model, latent, steps and start step, ddim / ddim_uniform,
 no added noise, cfg 1), VAE Decode (DragKit, with paste and preview) vs core VAE Decode."""
+
+
+def goal_measures(stages: dict) -> dict:
+    """``{stage: {"median_ms", "peak_gib"}}`` of the reported stages (peak None without CUDA), as goals are stated."""
+    return {name: {"median_ms": s["median_ms"], "peak_gib": None if s["peak_mib"] is None else s["peak_mib"] / 1024}
+            for name, s in stages.items()}
 
 
 def native_ratios(stages: dict) -> dict:
@@ -229,6 +260,8 @@ def tables(report: dict) -> str:
         if res.get("native_ratios"):
             lines += ["", "| our stage | ÷ ComfyUI's native equivalent |", "|---|---|"]
             lines += [f"| {ours} ÷ {NATIVE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["native_ratios"].items()]
+        if res.get("goals"):
+            lines += [""] + goals.markdown(res["goals"], report["model_family"], int(side))
         per_pass = flops["per_pass"][side]
         lines += ["", f"Compute floor at {side}×{side}: {per_pass['forward'] / 1e9:.1f} GFLOP per forward pass, "
                       f"{per_pass['forward_backward'] / 1e9:.1f} with backward; peak "

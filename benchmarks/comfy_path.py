@@ -5,9 +5,13 @@ Each stage calls the nodes exactly as the executor does (under
 Warp+BNNI, KV-Injected Sample, VAE Decode (DragKit), LoRA Fine-tune (no
 cache, nothing saved) and Motion-Supervision Optimize.
 
-Models: a real-size SD1.5 UNet and SD VAE with random weights built through
-ComfyUI's loaders (nothing is downloaded), or with ``--tiny`` the tiny
-seeded test checkpoint (:func:`tools.tiny_models.tiny_checkpoint_path`).
+Models (``--model``): a real-size SD1.5 or SDXL UNet and SD VAE with random
+weights built through ComfyUI's loaders (nothing is downloaded), or with
+``--tiny`` the tiny seeded test checkpoint of that family
+(:func:`tools.tiny_models.tiny_checkpoint_path`,
+:func:`tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path`). SDXL's conditioning
+carries a random pooled prompt and the image size, as its CLIPTextEncode
+would.
 """
 
 from __future__ import annotations
@@ -30,32 +34,73 @@ def sd15_models(dtype: torch.dtype):
     return model, comfy.sd.VAE(sd=vae.state_dict())
 
 
-def tiny_models():
+def sdxl_models(dtype: torch.dtype, device: torch.device):
+    """A real-size SDXL MODEL and VAE with random weights (:mod:`tools.sdxl_random`, filled on ``device``),
+    through ComfyUI's loaders."""
+    import comfy.sd
+
+    from tools.sd15_random import materialise_random
+    from tools.sdxl_random import meta_modules
+
+    modules = meta_modules(dtype)
+    unet = materialise_random(modules["unet"], device, 0).state_dict()
+    model = comfy.sd.load_diffusion_model_state_dict(unet, model_options={"dtype": dtype})
+    del unet
+    return model, comfy.sd.VAE(sd=materialise_random(modules["vae"], device, 1).state_dict())
+
+
+def tiny_models(family: str):
     from tools.comfy_host import load_checkpoint_inproc
     from tools.tiny_models import tiny_checkpoint_path
+    from tools.tiny_sdxl_sd2 import tiny_sdxl_checkpoint_path
 
-    loaded = load_checkpoint_inproc(tiny_checkpoint_path())
+    loaded = load_checkpoint_inproc(tiny_sdxl_checkpoint_path() if family == "sdxl" else tiny_checkpoint_path())
     return loaded.model, loaded.vae
+
+
+FAMILIES = {
+    "sd15": {"context_dim": 768, "name": "SD1.5"},
+    "sdxl": {"context_dim": 2048, "pooled_dim": 1280, "name": "SDXL"},
+}
+"""The model families the ComfyUI path benchmarks (``--model``): prompt width, pooled prompt width (SDXL)."""
+
+
+def conditioning(family: str, context: torch.Tensor, side: int) -> list:
+    """A CONDITIONING as the family's CLIPTextEncode gives it: SDXL adds a random pooled prompt and the image size."""
+    extra = {}
+    if "pooled_dim" in FAMILIES[family]:
+        pooled = torch.randn(1, FAMILIES[family]["pooled_dim"], generator=torch.Generator().manual_seed(3))
+        extra = {"pooled_output": pooled, "width": side, "height": side}
+    return [[context, extra]]
 
 
 class ComfyPath:
     """Times the methods' stages through the pack's nodes in an in-process ComfyUI."""
 
-    def __init__(self, tiny: bool, use_cuda: bool) -> None:
+    def __init__(self, tiny: bool, use_cuda: bool, family: str = "sd15") -> None:
         from tools.comfy_host import load_pack_inproc
         from tools.tiny_models import sd15_unet_config
 
-        from .diffusers_path import SD15_UNET
+        from .diffusers_path import SD15_UNET, sdxl_unet_config
 
         self.host = load_pack_inproc(cpu=not use_cuda)
         import comfy.model_management as mm
 
         self.device = mm.get_torch_device()
-        self.model, self.vae = tiny_models() if tiny else sd15_models(torch.float16 if use_cuda else torch.float32)
+        self.family = family
+        dtype = torch.float16 if use_cuda else torch.float32
+        if tiny:
+            self.model, self.vae = tiny_models(family)
+        else:
+            self.model, self.vae = sdxl_models(dtype, self.device) if family == "sdxl" else sd15_models(dtype)
         mm.load_models_gpu([self.model], force_full_load=True)
         self.dtype = self.model.model_dtype()
-        self.unet_config = sd15_unet_config() if tiny else dict(SD15_UNET)
-        self.model_name = "tiny seeded SD1.5-shaped checkpoint" if tiny else "SD1.5 architecture, random weights"
+        if family == "sdxl":
+            self.unet_config = sdxl_unet_config((320,) * 3 if tiny else (320, 640, 1280))
+        else:
+            self.unet_config = sd15_unet_config() if tiny else dict(SD15_UNET)
+        name = FAMILIES[family]["name"]
+        self.model_name = f"tiny seeded {name}-shaped checkpoint" if tiny else f"{name} architecture, random weights"
         self.counter = PassCounter(self.model.model.diffusion_model)
 
     def close(self) -> None:
@@ -74,15 +119,16 @@ class ComfyPath:
         nodes, classes, model, vae = self.host.nodes, self.host.pack.nodes, self.model, self.vae
         invert, warp = classes.invert.DDIMInvert(), classes.warp.FastDragWarp()
         sample, decode = classes.sample.KVInjectedSample(), classes.decode.DragVAEDecode()
-        inputs = edit_inputs(side, 768)
+        inputs = edit_inputs(side, FAMILIES[self.family]["context_dim"])
         points = self.host.pack.dragkit.points.parse_drag_points(inputs.points.to_json_dict(), side, side)
         image, mask = inputs.image[None], inputs.mask[None]
-        positive = [[inputs.context, {}]]
+        positive = conditioning(self.family, inputs.context, side)
+        adm = model.model.encode_adm(**positive[0][1])  # SDXL's pooled prompt + size embedding; None for SD1.5
 
         def unet_pass():
             latent = torch.zeros(1, 4, side // 8, side // 8, device=model.load_device)
             sigma = torch.tensor([1.0], device=model.load_device)
-            return model.model.apply_model(latent, sigma, c_crossattn=inputs.context.to(model.load_device))
+            return model.model.apply_model(latent, sigma, c_crossattn=inputs.context.to(model.load_device), y=adm)
 
         def decoded(latent):
             return decode.decode(vae, latent, FEATHER, image, mask, points)[0]

@@ -43,6 +43,19 @@ SD15_UNET = dict(
 )
 """diffusers config of the SD1.5 UNet."""
 
+
+def sdxl_unet_config(channels: tuple[int, int, int] = (320, 640, 1280)) -> dict:
+    """diffusers config of the SDXL UNet (``channels``: its three levels' widths; the tiny SDXL test checkpoint keeps
+    320 throughout). Used for its FLOPs only: SDXL runs on the ComfyUI path."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        attention_head_dim=tuple(c // 64 for c in channels), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+
 SD_VAE = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,

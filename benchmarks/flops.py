@@ -3,8 +3,8 @@
 FLOPs per pass are **counted**, not derived by hand:
 ``torch.utils.flop_counter.FlopCounterMode`` records one pass of a diffusers
 ``UNet2DConditionModel`` of the benchmarked architecture built on the
-``meta`` device (no memory, no compute), batch 1, 77 context tokens, at each
-resolution. It counts matrix products, convolutions and attention (the
+``meta`` device (no memory, no compute), batch 1, 77 context tokens (SDXL:
+and its pooled prompt and size numbers), at each resolution. It counts matrix products, convolutions and attention (the
 tensor-core work); normalisations and element-wise operations are left out,
 so the floor is a lower bound. ``forward_backward`` is the forward plus the
 backward to the latent with frozen weights (what a motion-supervision step
@@ -63,16 +63,21 @@ def unet_flops(config: dict, resolutions: list[int]) -> dict[int, dict[str, int]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config).requires_grad_(False)
     channels, context_dim = unet.config.in_channels, unet.config.cross_attention_dim
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled prompt and six size numbers
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, device="meta"),
+                                      "time_ids": torch.zeros(1, 6, device="meta")}
     out = {}
     for side in resolutions:
         latent = torch.zeros(1, channels, side // 8, side // 8, device="meta")
         context = torch.zeros(1, CONTEXT_TOKENS, context_dim, device="meta")
         timestep = torch.tensor([500], device="meta")
         with FlopCounterMode(display=False) as forward:
-            unet(latent, timestep, encoder_hidden_states=context)
+            unet(latent, timestep, encoder_hidden_states=context, **extra)
         latent.requires_grad_(True)
         with FlopCounterMode(display=False) as both:
-            unet(latent, timestep, encoder_hidden_states=context).sample.sum().backward()
+            unet(latent, timestep, encoder_hidden_states=context, **extra).sample.sum().backward()
         out[side] = {"forward": int(forward.get_total_flops()), "forward_backward": int(both.get_total_flops())}
     return out
 

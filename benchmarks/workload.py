@@ -17,10 +17,13 @@ from dragkit.lora import LoRATrainingConfig
 _DD, _GD, _LORA = DragDiffusionSettings(), GoodDragSettings(), LoRATrainingConfig()
 
 METHODS = ("fastdrag", "lora", "dragdiffusion", "gooddrag")
+"""Benchmarked method groups, in run order (``--methods``)."""
+
+SDXL_METHODS = ("fastdrag", "lora", "dragdiffusion")
+"""The groups benchmarked by default for SDXL (``--model sdxl``): those issue 17 sets goals for."""
 
 FEATHER = 8
 """Feather (pixels) of the decode paste, as the workflows' VAE Decode (DragKit)."""
-"""Benchmarked method groups, in run order (``--methods``)."""
 
 
 @dataclass(frozen=True)

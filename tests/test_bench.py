@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench, flops
-from benchmarks.workload import METHODS, TINY
+from benchmarks import bench, flops, goals
+from benchmarks.workload import METHODS, SDXL_METHODS, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,7 @@ def test_report_has_every_field(report):
     assert report["device"] == "cpu" and report["dtype"] == "torch.float32" and report["tiny"] is True
     assert {"platform", "processor", "python", "cpu_count", "torch_threads"} <= set(report["machine"])
     assert report["workload"] == TINY.as_dict() and report["methods"] == list(METHODS)
+    assert report["model_family"] == "sd15" and report["resolutions"]["64"]["goals"] == [], "goals are for 512²"
     assert report["flops"]["peak_tflops"] is None and "--peak-tflops" in report["flops"]["peak_source"]
     per_pass = report["flops"]["per_pass"]["64"]
     assert 0 < per_pass["forward"] < per_pass["forward_backward"]
@@ -110,6 +111,31 @@ def test_arguments():
     for bad in (["--resolutions", "500"], ["--methods", "magic"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_sdxl_defaults_and_goals():
+    args = bench.parse_args(["--model", "sdxl"])
+    assert args.resolutions == [1024] and args.methods == SDXL_METHODS
+    assert bench.parse_args(["--model", "sdxl", "--tiny"]).resolutions == [bench.TINY_SIDE]
+    with pytest.raises(SystemExit, match="ComfyUI backend only"):
+        bench.choose_backend("diffusers", "sdxl")
+    stages = {"fastdrag_re_edit": {"median_ms": 350.0, "peak_gib": 17.0},
+              "dragdiffusion_edit": {"median_ms": 12000.0, "peak_gib": 9.0}}
+    rows = {(r["stage"], r["measure"]): r["met"] for r in goals.judge("sdxl", 1024, stages, cuda=True)}
+    assert rows[("fastdrag_re_edit", "median_ms")] is True and rows[("fastdrag_re_edit", "peak_gib")] is False
+    assert rows[("dragdiffusion_edit", "median_ms")] is False and rows[("dragdiffusion_edit", "peak_gib")] is True
+    assert rows[("lora", "peak_gib")] is None, "not measured"
+    assert all(r["met"] is None for r in goals.judge("sdxl", 1024, stages, cuda=False))
+    assert goals.judge("sdxl", 512, stages, cuda=True) == []
+
+
+def test_sdxl_unet_flops_at_1024():
+    """SDXL's UNet at 1024²: about 6.8 TFLOP per forward (counted on the meta device)."""
+    from benchmarks.diffusers_path import sdxl_unet_config
+
+    counts = flops.unet_flops(sdxl_unet_config(), [1024])[1024]
+    assert 6.6e12 < counts["forward"] < 6.9e12
+    assert 1.8 < counts["forward_backward"] / counts["forward"] < 2.2
 
 
 @pytest.mark.host
