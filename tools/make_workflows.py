@@ -29,11 +29,12 @@ from .comfy_host import ComfyServer, repo_root
 from .workflow_build import Out, WorkflowBuilder
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 IMAGE = "example.png"
 CONTROLNET = "control_v11p_sd15_canny.pth"
 UPSCALER = "RealESRGAN_x4plus.pth"
 
-START_HERE = """START HERE: 1. Load Checkpoint: pick your SD1.5 checkpoint (.safetensors in models/checkpoints).
+START_HERE = """START HERE: 1. Load Checkpoint: pick your {family} checkpoint (.safetensors in models/checkpoints).
 2. Load Image: pick or upload your photo.{editor}
 {needs}"""
 
@@ -57,6 +58,13 @@ NEEDS = {
     "motion": ("Needs: a CUDA GPU. The edit peaks at 4.8 GiB and takes {edit} on an H100 (512x512, fp16, measured\n"
                "without the LoRA; the LoRA's own time and memory on a GPU are not measured yet). The LoRA ({steps} steps)\n"
                "trains once per image and is cached; on a CPU one LoRA step takes over a minute: do not use a CPU."),
+    "fastdrag_sdxl": ("Needs: an SDXL checkpoint (base 1.0 or a fine-tune) and a photo of about 1024x1024 (SDXL's size, a\n"
+                      "128x128 latent; other sizes work). GPU time and memory on SDXL are not measured yet. At 1024x1024 the\n"
+                      "attention cache is about 1.4 GiB (7 steps x 36 layers, fp16), so cache_device auto keeps it in CPU\n"
+                      "memory. A CPU works, very slowly."),
+    "motion_sdxl": ("Needs: a CUDA GPU and an SDXL checkpoint (base 1.0 or a fine-tune); a photo of about 1024x1024.\n"
+                    "GPU time and memory of the LoRA and the edit on SDXL are not measured yet. The LoRA ({steps} steps)\n"
+                    "trains once per image and is cached; do not use a CPU."),
 }
 
 ROUNDTRIP_NOTE = """DragKit round trip: invert an image and sample it back with the source's keys/values injected.
@@ -115,12 +123,29 @@ VAE Decode (DragKit). Also pick the ControlNet and the upscale model before queu
   RealESRGAN_x4plus, 4x-UltraSharp or 4x_NMKD-Siax_200k; Upscale Image (using Model) scales by the
   model's factor after the compositing (the unmasked pixels are the source's before upscaling)."""
 
+FASTDRAG_SDXL_NOTE = """DragKit FastDrag on SDXL: one-step latent warp of the noisy latent, then KV-injected sampling.
+
+The FastDrag graph with an SDXL checkpoint: the prompt goes through the checkpoint's own CLIP (CLIP-L and
+CLIP-G: the prompt embedding and the pooled embedding SDXL needs); the image size conditioning follows the
+latent. 10 DDIM steps, strength 0.7 (warp at t = 601), as FastDrag's released set-up.
+- Fast set-up: FastDrag as released runs an LCM-distilled UNet as a plain epsilon model, which is why 10
+  steps suffice. For SDXL add the LCM-LoRA for SDXL (lcm-lora-sdxl) with "LoraLoaderModelOnly" (or
+  LoraLoader; strength 1) between the checkpoint and both DragKit model inputs. Do NOT add
+  "ModelSamplingDiscrete (lcm)": FastDrag uses the LCM UNet as an epsilon predictor on the normal schedule.
+  Plain SDXL runs the same graph; give DDIM Invert more steps if the result is blurry (each step is one
+  more UNet pass in the inversion and in the sampling).
+- Load Image feeds both the editor and VAE Encode, so moving a point re-runs only the warp, the sampling
+  and the decode, never the inversion.
+- FastDrag Warp+BNNI: mode drag (warp), move or copy (shift the masked object); fill bnni (paper) or
+  bnni_as_released (the official code's variant).
+- KV-Injected Sample: the source's keys/values in every decoder self-attention layer (SDXL: 36) at every step."""
+
 EDITOR_TITLE = "Drag Points Editor: click handle, then target; paint the mask"
 
 
-def start_here(needs: str, editor: bool = True) -> str:
-    """The first lines of every Note: what to select before queueing, and what the method needs."""
-    return START_HERE.format(editor=EDITOR_STEP if editor else JSON_STEP, needs=needs)
+def start_here(needs: str, editor: bool = True, family: str = "SD1.5") -> str:
+    """The first lines of every Note: what to select before queueing (``family``: the checkpoint's), and what the method needs."""
+    return START_HERE.format(family=family, editor=EDITOR_STEP if editor else JSON_STEP, needs=needs)
 
 
 def roundtrip(info: dict) -> dict:
@@ -137,15 +162,20 @@ def roundtrip(info: dict) -> dict:
     decode = g.add("DragKitVAEDecode", 4, 0, {"feather": 8},
                    {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0)}, height=160)
     g.add("SaveImage", 5, 0, {"filename_prefix": "dragkit_roundtrip"}, {"images": Out(decode, 0)}, height=320)
-    note = START_HERE.format(editor="\n3. Queue: the result should look like the photo.", needs=NEEDS["roundtrip"])
+    note = START_HERE.format(family="SD1.5", editor="\n3. Queue: the result should look like the photo.",
+                             needs=NEEDS["roundtrip"])
     g.lead_note(note + "\n\n" + ROUNDTRIP_NOTE, height=380)
     return g.to_json()
 
 
-def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False, json_points: bool = False) -> dict:
-    """The FastDrag graph: points and mask from the Drag Points Editor, or typed JSON + a mask image (``json_points``)."""
+def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False, json_points: bool = False,
+             sdxl: bool = False) -> dict:
+    """The FastDrag graph: points and mask from the Drag Points Editor, or typed JSON + a mask image (``json_points``).
+
+    ``sdxl``: the same graph with an SDXL checkpoint and the SDXL Note.
+    """
     g = WorkflowBuilder(info)
-    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": SDXL_CHECKPOINT if sdxl else CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
     if json_points:
         mask_node = g.add("LoadImageMask", 0, 5, {"image": IMAGE, "channel": "red"},
@@ -189,8 +219,13 @@ def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False, js
         upscaler = g.add("UpscaleModelLoader", 5, 2, {"model_name": UPSCALER})
         upscale = g.add("ImageUpscaleWithModel", 6, 0, inputs={"upscale_model": Out(upscaler, 0), "image": result})
         result, save_column, prefix = Out(upscale, 0), 7, "dragkit_fastdrag_controlnet_upscale"
+    if sdxl:
+        prefix = "dragkit_fastdrag_sdxl"
     g.add("SaveImage", save_column, 0, {"filename_prefix": prefix}, {"images": result}, height=320)
     g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
+    if sdxl:
+        g.lead_note(start_here(NEEDS["fastdrag_sdxl"], family="SDXL") + "\n\n" + FASTDRAG_SDXL_NOTE, height=520)
+        return g.to_json()
     head = start_here(NEEDS["refine" if refine else "fastdrag"], editor=not json_points)
     if control_upscale:
         g.lead_note(head + "\n\n" + CONTROL_UPSCALE_NOTE + "\n\n" + FASTDRAG_NOTE, height=640)
@@ -214,7 +249,9 @@ MOTION_NOTE = """DragKit {title}: motion supervision of the noisy latent, then s
 - DDIM Invert: 50 steps, strength {strength} (t* = {t_star}); no keys/values are cached because the sampler
   uses a reference branch (the unedited latent denoised alongside).
 - Motion-Supervision Optimize: mode {mode}; -1 knobs take the method's defaults.
-- KV-Injected Sample: kv_source "reference branch", inject_layers "masactrl" (SD1.5 layers 10-15)."""
+- KV-Injected Sample: kv_source "reference branch", inject_layers "masactrl" ({masactrl})."""
+
+MASACTRL_LAYERS = {"SD1.5": "SD1.5 layers 10-15", "SDXL": "on SDXL the 6 layers of the finer decoder attention level"}
 
 MOTION_PROMPTS = {
     "dragdiffusion": ("Prompt (a caption of the image)",
@@ -226,9 +263,10 @@ MOTION_PROMPTS = {
 MOTION_EDIT_TIME = {"dragdiffusion": "about 13 s", "gooddrag": "about 18 s"}
 
 
-def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int) -> dict:
+def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int, sdxl: bool = False) -> dict:
+    """LoRA Fine-tune + motion supervision (``mode``) + mutual self-attention sampling; ``sdxl``: on an SDXL checkpoint."""
     g = WorkflowBuilder(info)
-    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINT})
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": SDXL_CHECKPOINT if sdxl else CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
     editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)},
                    title=EDITOR_TITLE, height=560)
@@ -250,12 +288,18 @@ def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int)
     decode = g.add("DragKitVAEDecode", 6, 0, {"feather": 8},
                    {"vae": Out(ckpt, 2), "latent": Out(sample, 0), "source_image": Out(image, 0),
                     "mask": Out(editor, 2), "points": Out(editor, 1)}, height=180)
-    g.add("SaveImage", 7, 0, {"filename_prefix": f"dragkit_{mode}"}, {"images": Out(decode, 0)}, height=320)
+    family = "SDXL" if sdxl else "SD1.5"
+    g.add("SaveImage", 7, 0, {"filename_prefix": f"dragkit_{mode}" + ("_sdxl" if sdxl else "")},
+          {"images": Out(decode, 0)}, height=320)
     g.add("PreviewImage", 7, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
-    title = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag"}[mode]
-    head = start_here(NEEDS["motion"].format(steps=lora_steps, edit=MOTION_EDIT_TIME[mode]))
-    g.lead_note(head + "\n\n" + MOTION_NOTE.format(title=title, strength=strength, t_star=t_star, mode=mode,
-                                                   steps=lora_steps, prompt=prompt_help), height=520)
+    title = {"dragdiffusion": "DragDiffusion", "gooddrag": "GoodDrag"}[mode] + (" on SDXL" if sdxl else "")
+    if sdxl:
+        needs = NEEDS["motion_sdxl"].format(steps=lora_steps)
+    else:
+        needs = NEEDS["motion"].format(steps=lora_steps, edit=MOTION_EDIT_TIME[mode])
+    g.lead_note(start_here(needs, family=family) + "\n\n" + MOTION_NOTE.format(
+        title=title, strength=strength, t_star=t_star, mode=mode, steps=lora_steps, prompt=prompt_help,
+        masactrl=MASACTRL_LAYERS[family]), height=520)
     return g.to_json()
 
 
@@ -267,6 +311,8 @@ WORKFLOWS = {
     "fastdrag_json_points.json": lambda info: fastdrag(info, json_points=True),
     "dragdiffusion.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80),
     "gooddrag.json": lambda info: motion(info, "gooddrag", 0.75, 741, 70),
+    "fastdrag_sdxl.json": lambda info: fastdrag(info, sdxl=True),
+    "dragdiffusion_sdxl.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80, sdxl=True),
 }
 
 THUMBNAILS = {
@@ -277,6 +323,8 @@ THUMBNAILS = {
     "fastdrag_json_points.json": ("FastDrag (JSON points)", "typed points + mask image, for scripts"),
     "dragdiffusion.json": ("DragDiffusion", "LoRA + motion supervision; CUDA GPU"),
     "gooddrag.json": ("GoodDrag", "LoRA + alternating drag/denoise; CUDA GPU"),
+    "fastdrag_sdxl.json": ("FastDrag SDXL", "one-step warp, editor; SDXL checkpoint"),
+    "dragdiffusion_sdxl.json": ("DragDiffusion SDXL", "LoRA + motion supervision; SDXL, CUDA GPU"),
 }
 """Per workflow: the thumbnail's caption (method, one line of what it is)."""
 

@@ -1,8 +1,9 @@
 """Every shipped workflow converts to an API prompt by the frontend's rules and runs in a real ComfyUI.
 
-The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint,
-and the tiny generated ControlNet and 2x upscaler standing in for the
-user's (``tools.tiny_models``); the image is a small synthetic one (the tiny
+The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint
+(the ``*_sdxl`` workflows: the tiny SDXL checkpoint with SDXL's text encoders,
+``tools.tiny_sdxl_sd2``), and the tiny generated ControlNet and 2x upscaler
+standing in for the user's (``tools.tiny_models``); the image is a small synthetic one (the tiny
 UNet is slow at 512 px on CPU), DDIM Invert runs 10 steps, LoRA Fine-tune 2
 (batch 1), motion supervision a few. Also: the ControlNet chained into
 KV-Injected Sample acts (in-process), the runner's single-sample and batch
@@ -31,6 +32,11 @@ SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "art_0"  # the README
 POINTS = json.dumps({"points": [[40, 50], [70, 52], [90, 30], [96, 40]]})
 
 
+def is_sdxl(workflow: Path) -> bool:
+    """Whether a shipped workflow is made for an SDXL checkpoint (``<name>_sdxl.json``)."""
+    return workflow.stem.endswith("_sdxl")
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, comfy_server):
     folder = tmp_path_factory.mktemp("workflow-inputs")
@@ -44,9 +50,11 @@ def inputs(tmp_path_factory, comfy_server):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, tiny_controlnet, tiny_upscaler, inputs):
+def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, tiny_sdxl_checkpoint,
+                                              tiny_controlnet, tiny_upscaler, inputs):
     prompt = ui_to_api(json.loads(workflow.read_text()), comfy_server.object_info())
-    fill_inputs(prompt, inputs[0], inputs[1], POINTS, tiny_checkpoint.name, "a test image", inputs[2],
+    checkpoint = tiny_sdxl_checkpoint if is_sdxl(workflow) else tiny_checkpoint
+    fill_inputs(prompt, inputs[0], inputs[1], POINTS, checkpoint.name, "a test image", inputs[2],
                 tiny_controlnet.name, tiny_upscaler.name)
     kinds = {node["class_type"] for node in prompt.values()}
     for node in prompt.values():
@@ -73,7 +81,7 @@ def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_check
         assert np.array_equal(image[outside], source[outside])
 
 
-@pytest.mark.parametrize("name, steps", [("dragdiffusion.json", 80), ("gooddrag.json", 70)])
+@pytest.mark.parametrize("name, steps", [("dragdiffusion.json", 80), ("gooddrag.json", 70), ("dragdiffusion_sdxl.json", 80)])
 def test_motion_workflows_fine_tune_a_lora_first(comfy_server, name, steps):
     workflow = json.loads((WORKFLOWS[0].parent / name).read_text())
     prompt = ui_to_api(workflow, comfy_server.object_info())
@@ -179,7 +187,8 @@ def test_each_workflow_has_a_thumbnail_and_a_note_that_says_what_to_select_first
     notes = [n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1 and notes[0]["pos"] == [40, 40]  # where the view opens
     text = notes[0]["widgets_values"][0]
-    assert text.startswith("START HERE: 1. Load Checkpoint: pick your SD1.5 checkpoint")
+    family = "SDXL" if is_sdxl(workflow) else "SD1.5"
+    assert text.startswith(f"START HERE: 1. Load Checkpoint: pick your {family} checkpoint")
     assert "2. Load Image: pick or upload your photo." in text and "\nNeeds: " in text
 
 
