@@ -20,10 +20,14 @@ Fixtures
                        own with ``tiny_models.tiny_sd15_unet()`` if a test must).
 ``tiny_controlnet``    Path of the cached tiny SD1.5 ControlNet (matches the tiny checkpoint's UNet).
 ``tiny_upscaler``      Path of the cached tiny 2x upscale model (RealESRGAN Compact).
+``tiny_sdxl_checkpoint`` Path of the cached tiny SDXL checkpoint with SDXL's text encoders
+                       (``tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True)``).
+``loras_dir``          A fresh ``loras`` folder (one per test module), first in the in-process
+                       ComfyUI's list: where LoRA Fine-tune writes and LoraLoader looks.
 ``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
-                       pack in ``custom_nodes/dragkit``, the tiny checkpoint in
-                       ``models/checkpoints``, the tiny ControlNet in ``models/controlnet``
-                       and the tiny upscaler in ``models/upscale_models``.
+                       pack in ``custom_nodes/dragkit``, the tiny checkpoint and the tiny SDXL
+                       checkpoint in ``models/checkpoints``, the tiny ControlNet in
+                       ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``.
 
 All ComfyUI fixtures are session-scoped and skip with a clear message when
 ``COMFYUI_PATH`` is unset or not a checkout. Tests under ``tests/host/`` are
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import comfy_host, tiny_models
+from tools import comfy_host, tiny_models, tiny_sdxl_sd2
 
 HOST_DIR = Path(__file__).resolve().parent / "host"
 
@@ -118,8 +122,24 @@ def tiny_upscaler(comfyui) -> Path:
     return tiny_models.tiny_upscaler_path()
 
 
+@pytest.fixture(scope="module")
+def loras_dir(comfy_inproc, tmp_path_factory):
+    """A fresh loras folder, first in ComfyUI's list (where LoRA Fine-tune writes)."""
+    import folder_paths
+
+    path = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(path), is_default=True)
+    yield path
+    folder_paths.folder_names_and_paths["loras"][0].remove(str(path))
+
+
 @pytest.fixture(scope="session")
-def comfy_server(comfyui, tiny_checkpoint, tiny_controlnet, tiny_upscaler):
-    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint], controlnets=[tiny_controlnet],
+def tiny_sdxl_checkpoint(comfyui) -> Path:
+    return tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tiny_checkpoint, tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler):
+    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint, tiny_sdxl_checkpoint], controlnets=[tiny_controlnet],
                                 upscale_models=[tiny_upscaler]) as server:
         yield server

@@ -25,17 +25,6 @@ def lora_node(comfy_inproc):
 
 
 @pytest.fixture(scope="module")
-def loras_dir(comfy_inproc, tmp_path_factory):
-    """A fresh loras folder, first in ComfyUI's list (where the node writes)."""
-    import folder_paths
-
-    path = tmp_path_factory.mktemp("loras")
-    folder_paths.add_model_folder_path("loras", str(path), is_default=True)
-    yield path
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(path))
-
-
-@pytest.fixture(scope="module")
 def inputs():
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)), {}]]
