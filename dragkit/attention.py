@@ -125,16 +125,62 @@ class AttentionControl:
     Loops call :meth:`begin_step` with the UNet timestep argument before each
     model evaluation, so a control knows which step it is in even when the
     host splits one step into several model calls.
+
+    A captured UNet pass (:mod:`dragkit.capture`) runs the layers' Python
+    code once, at capture, and replays its kernels afterwards. So a control
+    states in :meth:`signature` every choice it makes in Python for the
+    current step (the capture key includes it), and moves step-dependent data
+    through the :class:`KVSlots` it is bound to (:meth:`bind`):
+    :meth:`before_pass` fills them before each pass, :meth:`after_pass`
+    reads them after. Unbound, a control works directly on the tensors.
     """
 
     def __init__(self) -> None:
         self.timestep: int | None = None
+        self.slots: KVSlots | None = None
 
     def begin_step(self, timestep: int) -> None:
         self.timestep = timestep
 
+    def signature(self) -> tuple:
+        """What this control decides in Python for the current step (hashable)."""
+        return (type(self).__name__,)
+
+    def bind(self, slots: KVSlots | None) -> None:
+        """Read and write step data through ``slots`` (``None``: directly)."""
+        self.slots = slots
+
+    def before_pass(self) -> None:
+        """Fill the bound slots with this step's inputs (called before every UNet pass)."""
+
+    def after_pass(self) -> None:
+        """Collect this step's outputs from the bound slots (called after every UNet pass)."""
+
     def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, v
+
+
+class KVSlots:
+    """Fixed-address key/value buffers of one captured UNet pass, per role and layer.
+
+    A CUDA graph reads and writes the addresses it was captured with, so the
+    keys/values a control injects or records go through these buffers: the
+    first (eager) pass makes them, every later pass reuses them. Each buffer
+    has the shape, dtype and device of the tensor it was made like, e.g. a
+    layer's ``(B, tokens, channels)`` keys.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, role: str, layer_index: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The ``(role, layer_index)`` buffer, made like ``like`` if missing; and whether it was just made."""
+        buffer = self.buffers.get((role, layer_index))
+        if buffer is not None and buffer.shape == like.shape and buffer.dtype == like.dtype and buffer.device == like.device:
+            return buffer, False
+        buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        self.buffers[(role, layer_index)] = buffer
+        return buffer, True
 
 
 @dataclass
@@ -211,12 +257,40 @@ class AttnCache:
         return k.to(device=device, dtype=dtype, non_blocking=True), v.to(device=device, dtype=dtype, non_blocking=True)
 
 
+class PinnedArena:
+    """One page-locked host allocation handed out as tensors, for an offloaded attention cache.
+
+    Pinned memory makes copies from the GPU asynchronous, but allocating it
+    is slow (one ``cudaHostAlloc`` each); a 35-step SD1.5 inversion stores
+    hundreds of keys/values, so the cache takes one arena sized from its
+    first step and carves every tensor out of it.
+    """
+
+    ALIGN = 256
+    """Bytes each tensor's start is aligned to."""
+
+    def __init__(self, nbytes: int, pin: bool = True) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.offset = 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """An uninitialised ``shape``/``dtype`` tensor from the arena, or ``None`` when it is full."""
+        start = -(-self.offset // self.ALIGN) * self.ALIGN
+        nbytes = shape.numel() * dtype.itemsize
+        if start + nbytes > self.buffer.numel():
+            return None
+        self.offset = start + nbytes
+        return self.buffer[start : start + nbytes].view(dtype).view(shape)
+
+
 class KVRecorder(AttentionControl):
     """Records the keys/values of chosen layers at each step into an :class:`AttnCache`.
 
     The first step is recorded on the compute device; its measured size times
     ``num_steps`` then decides, by ``policy`` (:func:`choose_storage_device`),
     where the whole cache lives, and the first step moves there if needed.
+    Offloaded from a GPU, the keys/values go into one :class:`PinnedArena`
+    by asynchronous copies (see :meth:`finish`).
     """
 
     def __init__(self, cache: AttnCache, layers: tuple[AttnLayer, ...], policy: str, num_steps: int) -> None:
@@ -228,8 +302,12 @@ class KVRecorder(AttentionControl):
         self.policy = policy
         self.num_steps = num_steps
         self.placed = False
+        self.arena: PinnedArena | None = None
         self.async_sources: set[torch.device] = set()
         """CUDA devices with copies into pinned CPU memory still in flight (see :meth:`finish`)."""
+
+    def signature(self) -> tuple:
+        return ("KVRecorder", tuple(sorted(self.indices)))
 
     def begin_step(self, timestep: int) -> None:
         if not self.placed and self.cache.kv:
@@ -253,6 +331,8 @@ class KVRecorder(AttentionControl):
         estimate = self.cache.kv_nbytes_per_step() * self.num_steps
         device = choose_storage_device(self.policy, self.cache.storage_device, estimate)
         if device != self.cache.storage_device:
+            if device.type == "cpu" and self.cache.storage_device.type == "cuda":
+                self.arena = PinnedArena(estimate + PinnedArena.ALIGN * 2 * len(self.indices) * self.num_steps)
             for step in self.cache.kv.values():
                 for index, (k, v) in step.items():
                     step[index] = (self._store(k, device), self._store(v, device))
@@ -265,19 +345,35 @@ class KVRecorder(AttentionControl):
         if t.device == device:
             return t.clone()
         pin = device.type == "cpu" and t.device.type == "cuda"
-        out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+        out = self.arena.take(t.shape, t.dtype) if pin and self.arena is not None else None
+        if out is None:
+            out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
         if pin:
             self.async_sources.add(t.device)
         return out.copy_(t, non_blocking=pin)
+
+    def _record(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.placed:
+            self.cache.storage_device = k.device
+        step = self.cache.kv.setdefault(self.timestep, {})
+        step[index] = (self._store(k, self.cache.storage_device), self._store(v, self.cache.storage_device))
+
+    def after_pass(self) -> None:
+        if self.slots is None:
+            return
+        for (role, index), k in self.slots.buffers.items():
+            if role == "record k":
+                self._record(index, k, self.slots.buffers[("record v", index)])
 
     def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.index in self.indices:
             if k.shape[0] != 1:
                 raise DragInputError(f"inversion records one image at a time, got a batch of {k.shape[0]}")
-            if not self.placed:
-                self.cache.storage_device = k.device
-            step = self.cache.kv.setdefault(self.timestep, {})
-            step[layer.index] = (self._store(k, self.cache.storage_device), self._store(v, self.cache.storage_device))
+            if self.slots is None:
+                self._record(layer.index, k, v)
+            else:
+                self.slots.get("record k", layer.index, k)[0].copy_(k)
+                self.slots.get("record v", layer.index, v)[0].copy_(v)
         return k, v
 
 
@@ -286,7 +382,8 @@ class KVInjector(AttentionControl):
 
     Every batch row (edited latent, and the unconditional row under CFG) gets
     the cached source keys/values of the same timestep argument. Steps whose
-    timestep is not in ``timesteps`` are left alone.
+    timestep is not in ``timesteps`` are left alone. Bound to slots, the
+    cached keys/values of the step are copied into them before each pass.
     """
 
     def __init__(self, cache: AttnCache, layers: tuple[AttnLayer, ...], timesteps: set[int]) -> None:
@@ -302,16 +399,39 @@ class KVInjector(AttentionControl):
                 f"{sorted(recorded) or 'none'}); cache them there or inject fewer layers"
             )
 
+    def signature(self) -> tuple:
+        return ("KVInjector", tuple(sorted(self.layers)) if self.timestep in self.timesteps else ())
+
+    def before_pass(self) -> None:
+        if self.slots is None or self.timestep not in self.timesteps:
+            return
+        for index, layer in self.layers.items():
+            k = self.slots.buffers.get(("inject k", index))
+            if k is not None:
+                ck, cv = self.cache.kv_at(self.timestep, layer, k.device, k.dtype)
+                k.copy_(ck, non_blocking=True)
+                self.slots.buffers[("inject v", index)].copy_(cv, non_blocking=True)
+
     def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.index not in self.layers or self.timestep not in self.timesteps:
             return k, v
-        ck, cv = self.cache.kv_at(self.timestep, layer, k.device, k.dtype)
+        if self.slots is not None and ("inject k", layer.index) in self.slots.buffers:
+            ck, cv = self.slots.buffers[("inject k", layer.index)], self.slots.buffers[("inject v", layer.index)]
+        else:
+            ck, cv = self.cache.kv_at(self.timestep, layer, k.device, k.dtype)
+            if self.slots is not None:
+                ck, cv = self._fill("inject k", layer, ck), self._fill("inject v", layer, cv)
         if ck.shape[1:] != k.shape[1:]:
             raise DragInputError(
                 f"cached keys of layer {layer.index} have {ck.shape[1]} tokens x {ck.shape[2]} channels but the model "
                 f"produced {k.shape[1]} x {k.shape[2]}; the cache is from another latent size or model"
             )
         return ck.expand(k.shape[0], -1, -1), cv.expand(v.shape[0], -1, -1)
+
+    def _fill(self, role: str, layer: AttnLayer, cached: torch.Tensor) -> torch.Tensor:
+        """A new slot holding ``cached`` (the first pass; :meth:`before_pass` refills it for later ones)."""
+        slot, _ = self.slots.get(role, layer.index, cached)
+        return slot.copy_(cached)
 
 
 class MutualSelfAttention(AttentionControl):
@@ -328,6 +448,9 @@ class MutualSelfAttention(AttentionControl):
         super().__init__()
         self.indices = {layer.index for layer in layers}
         self.timesteps = timesteps
+
+    def signature(self) -> tuple:
+        return ("MutualSelfAttention", tuple(sorted(self.indices)) if self.timestep in self.timesteps else ())
 
     def __call__(self, layer: AttnLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.index not in self.indices or self.timestep not in self.timesteps:

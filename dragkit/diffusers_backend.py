@@ -5,7 +5,9 @@ blocks, ordered encoder, middle, decoder (execution order). During
 :meth:`DiffusersBackend.run` each of them gets an attention processor that
 calls the control between the key/value projections and the attention
 product; the UNet's own processors are restored afterwards, so the user's
-model is left as it was.
+model is left as it was. Each UNet call of :meth:`DiffusersBackend.run` goes
+through a captured pass (:mod:`dragkit.capture`: a CUDA graph per key on a
+GPU, plain elsewhere).
 
 Conditioning is a :class:`DiffusersConditioning`: text embeddings
 ``(1, tokens, dim)``, optional negative embeddings and a CFG scale.
@@ -14,6 +16,7 @@ Conditioning is a :class:`DiffusersConditioning`: text embeddings
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from .attention import STAGES, AttentionControl, AttnLayer
 from .backend import FeatureLoop, FeaturePredictor, Loop, feature_level
+from .capture import PassCache, capture_mode, tensor_layout
 from .errors import DragInputError
 from .schedule import scaled_linear_alphas_cumprod
 
@@ -112,6 +116,8 @@ class DiffusersBackend:
         self._alphas = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(torch.float64)
         self._modules = self._find_self_attention()
         self.control = AttentionControl()
+        self.passes = PassCache()
+        """Captured UNet passes of :meth:`run` (:mod:`dragkit.capture`)."""
 
     @property
     def model_key(self) -> str:
@@ -241,7 +247,7 @@ class DiffusersBackend:
         def predict_noise(z: torch.Tensor, timestep: int) -> torch.Tensor:
             rows = torch.cat([z, z]) if use_cfg else z
             t = torch.tensor([timestep] * rows.shape[0], device=device)
-            out = self.unet(rows.to(dtype), t, encoder_hidden_states=context.expand(rows.shape[0], -1, -1)).sample
+            out = self._unet_pass((rows.to(dtype), t, context.expand(rows.shape[0], -1, -1)))
             eps = self._to_eps(out.to(torch.float32), rows, timestep)
             if use_cfg:
                 uncond, cond = eps.chunk(2)
@@ -249,6 +255,19 @@ class DiffusersBackend:
             return eps
 
         return predict_noise
+
+    def _unet_pass(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The UNet's output for ``(latent rows, timesteps, prompt embeddings)``, through :attr:`passes` unless capture is off."""
+        mode = capture_mode(inputs[0].device)
+        if mode == "off":
+            return self._unet_call(inputs)
+        key = (self.control.signature(), tensor_layout(inputs))
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.unet.parameters(), self.unet.buffers()))
+        return self.passes.run(key, self._unet_call, inputs, self.control, weights, mode)
+
+    def _unet_call(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, t, context = inputs
+        return self.unet(rows, t, encoder_hidden_states=context).sample
 
     def _to_eps(self, output: torch.Tensor, z: torch.Tensor, timestep: int) -> torch.Tensor:
         if self.prediction_type == "epsilon":

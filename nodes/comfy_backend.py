@@ -12,6 +12,9 @@
   ``comfy.samplers.KSAMPLER`` under a ``CFGGuider``. Model loading, ControlNet
   and other conditioning extras, model patches and wrappers therefore work
   exactly as in KSampler.
+- :meth:`ComfyBackend.run` sends each UNet call through a captured pass
+  (:mod:`nodes.comfy_capture`: a CUDA graph per key on a GPU, eager
+  elsewhere or when the capture cannot honour the call).
 - :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
   clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
   (weights made autograd-safe in place, no copy; the measured backward memory
@@ -39,6 +42,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
 from ..dragkit.errors import DragInputError
+from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
 
 log = logging.getLogger("DragKit")
@@ -180,6 +184,7 @@ class ComfyBackend:
 
     def run(self, loop: Loop, z_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, timesteps: list[int]) -> torch.Tensor:
         patcher = self._patched_clone(control)
+        comfy_capture.install(patcher, control)
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
             extra_args = extra_args or {}
@@ -281,6 +286,7 @@ def _feature_block_index(unet, level: int | None = None) -> int:
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):
     """An ``attn1_replace`` function: lets ``control`` edit K/V, then computes attention as ComfyUI does."""
 
+    @comfy_capture.capturable
     def attn1_replace(q, k, v, extra_options):
         k, v = control(layer, k, v)
         return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))

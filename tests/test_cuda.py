@@ -4,14 +4,17 @@ On the engine's diffusers backend over the micro UNet in fp16 on the GPU:
 the attention cache offloaded to pinned CPU memory equals the one kept on the
 device, bit for bit and right after inversion returns; motion supervision
 and LoRA training run their fp16 branches; the fingerprint reads a tensor
-above 2**24 elements on the device.
+above 2**24 elements on the device; UNet passes captured as CUDA graphs
+(inversion, KV-injected sampling, the reference branch) match eager runs,
+follow new inputs and recapture for new weights.
 """
 
 import pytest
 import torch
 
+from dragkit import capture
 from dragkit.attention import select_layers
-from dragkit.ddim import ddim_invert
+from dragkit.ddim import ddim_invert, kv_sample
 from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
 from dragkit.lora import LoRATrainingConfig, weights_fingerprint
@@ -76,3 +79,71 @@ def test_fingerprint_of_a_large_tensor_on_the_gpu():
     torch.cuda.synchronize()
     module.weight.data[-1] = 1.0
     assert weights_fingerprint(module) != first
+
+
+def _graph_vs_eager(monkeypatch, backend, run):
+    """``run()`` with CUDA graphs and plainly; the graph run's pass statistics."""
+    monkeypatch.setenv(capture.ENV_VAR, "off")
+    eager = run()
+    backend.passes.clear()
+    monkeypatch.setenv(capture.ENV_VAR, "graph")
+    graphed = run()
+    stats = dict(captures=backend.passes.captures, rejected=backend.passes.rejected,
+                 first_replay_errors=list(backend.passes.first_replay_errors))
+    backend.passes.clear()
+    return eager, graphed, stats
+
+
+def test_captured_inversion_and_sampling_match_eager(monkeypatch, fp16_backend):
+    z, cond = inputs()
+    schedule = DDIMSchedule(fp16_backend.alphas_cumprod(), 20, 0.7)
+    layers = select_layers(fp16_backend.self_attention_layers(), "all")
+
+    def edit():
+        cache = ddim_invert(fp16_backend, z, cond, schedule, layers, "offload")
+        out = kv_sample(fp16_backend, cache.z_star + 0.05, cond, cache, schedule.start_index, layers, 0.0, 0.5)
+        return cache, out
+
+    (eager_cache, eager_out), (graph_cache, graph_out), stats = _graph_vs_eager(monkeypatch, fp16_backend, edit)
+    print("captured passes:", stats)
+    assert stats["rejected"] == 0 and stats["captures"] == 3, "inversion, injecting and plain sampling steps"
+    assert max(stats["first_replay_errors"]) <= capture.REPLAY_TOLERANCE
+    assert (graph_out - eager_out).abs().max() <= 1e-3
+    for t, step in graph_cache.kv.items():
+        for index, (k, v) in step.items():
+            assert k.is_pinned(), "offloaded into the pinned arena"
+            assert (k.float() - eager_cache.kv[t][index][0].float()).abs().max() <= 1e-3
+
+
+def test_captured_reference_branch_matches_eager(monkeypatch, fp16_backend):
+    z, cond = inputs()
+    schedule = DDIMSchedule(fp16_backend.alphas_cumprod(), 20, 0.7)
+    layers = select_layers(fp16_backend.self_attention_layers(), "all")
+    cache = ddim_invert(fp16_backend, z, cond, schedule, layers, "compute_device")
+    masactrl = select_layers(fp16_backend.self_attention_layers(), "masactrl")
+
+    def sample():
+        return kv_sample(fp16_backend, cache.z_star + 0.05, cond, cache, schedule.start_index, masactrl,
+                         kv_source="reference branch")
+
+    eager, graphed, stats = _graph_vs_eager(monkeypatch, fp16_backend, sample)
+    assert stats["rejected"] == 0 and stats["captures"] >= 1
+    assert (graphed - eager).abs().max() <= 1e-3
+
+
+def test_a_replay_follows_new_inputs_and_new_weights(monkeypatch):
+    unet = tiny_models.micro_unet(seed=0).eval().to(DEVICE, torch.float16)
+    backend = DiffusersBackend(unet)
+    monkeypatch.setenv(capture.ENV_VAR, "graph")
+    z, cond = inputs()
+    schedule = DDIMSchedule(backend.alphas_cumprod(), 20, 0.7)
+    first = ddim_invert(backend, z, cond, schedule, ()).z_star
+    second = ddim_invert(backend, z + 0.5, cond, schedule, ()).z_star
+    assert backend.passes.captures == 1 and not torch.equal(first, second)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.data = p.data * 1.01
+    third = ddim_invert(backend, z + 0.5, cond, schedule, ()).z_star
+    assert backend.passes.captures == 2, "new weight storage: recaptured"
+    monkeypatch.setenv(capture.ENV_VAR, "off")
+    assert (ddim_invert(backend, z + 0.5, cond, schedule, ()).z_star - third).abs().max() <= 1e-3

@@ -1,0 +1,158 @@
+"""Captured UNet passes on a ComfyUI MODEL (:mod:`dragkit.capture` behind ComfyUI's UNet function wrapper).
+
+:func:`install` sets a ``model_function_wrapper`` on the backend's private
+clone of the MODEL. ComfyUI 0.3.64 calls it from ``calc_cond_batch`` with
+``apply_model`` and that call's ``input``, ``timestep`` and ``c`` (prompt
+embeddings, SDXL's ``y``, ControlNet residuals, ``transformer_options``).
+ControlNet and the rest of the sampler stay eager; only ``apply_model`` (the
+UNet and the model-sampling arithmetic around it) is captured.
+
+The capture key holds what a replay bakes in: the UNet, the MODEL's patch
+identity (``patches_uuid``), the attention control's signature, every
+input tensor's shape/dtype/device, the structure and plain values of ``c``
+(which attention patches sit on which blocks, ``cond_or_uncond``). The
+weights' identity (the storage address of every parameter and buffer) is
+checked before each replay.
+
+A pass runs plainly, with the reason logged once, when the capture cannot
+honour it: gradients are needed (motion supervision and LoRA steps); a
+model patch, wrapper or callback this pack did not make is present; the
+MODEL has weight hooks; the model is partially loaded (lowvram); or there is
+too little free memory for a new capture.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import comfy.model_management
+import torch
+from torch.utils import _pytree as pytree
+
+from ..dragkit.attention import AttentionControl
+from ..dragkit.capture import PassCache, capture_mode, log_once, tensor_layout
+
+PASSES = PassCache()
+"""The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured)."""
+
+CAPTURABLE = "dragkit_capturable"
+"""Attribute this pack sets on the patch functions a capture may bake in (:func:`capturable`)."""
+
+PASS_THROUGH_OPTIONS = {"cond_or_uncond", "sigmas", "sample_sigmas", "uuids"}
+"""``transformer_options`` entries ComfyUI sets on every call, which a captured pass may carry."""
+
+PATCH_OPTIONS = {"patches", "patches_replace"}
+"""``transformer_options`` entries holding patch functions (each must be :func:`capturable`)."""
+
+EMPTY_OPTIONS = {"wrappers", "callbacks"}
+"""``transformer_options`` entries that must be empty for a capture (another extension's code runs there)."""
+
+CAPTURE_MEMORY_FACTOR = 1.5
+"""A new capture needs this many times the model's own estimate of one pass's memory free on the device."""
+
+
+def capturable(fn):
+    """Mark a patch function of this pack as safe to bake into a captured pass; returns ``fn``."""
+    setattr(fn, CAPTURABLE, True)
+    return fn
+
+
+def install(patcher, control: AttentionControl) -> None:
+    """Route ``patcher``'s UNet calls through :data:`PASSES` (a MODEL with its own UNet wrapper runs plainly)."""
+    if capture_mode(torch.device(patcher.load_device)) == "off":
+        return
+    if "model_function_wrapper" in patcher.model_options:
+        log_once("foreign-wrapper", "DragKit: this MODEL already has a UNet function wrapper; its passes run eagerly")
+        return
+    patcher.set_model_unet_function_wrapper(_wrapper(patcher, control))
+
+
+def _wrapper(patcher, control: AttentionControl):
+    def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        mode = capture_mode(x.device)
+        described = None if mode == "off" else _describe(patcher, c, x)
+        if described is None:
+            return apply_model(x, timestep, **c)
+        key = (id(patcher.model), patcher.patches_uuid, control.signature(), described, tensor_layout((x, timestep, c)))
+        if mode == "graph" and key not in PASSES.entries and not _room_for_capture(patcher, x):
+            return apply_model(x, timestep, **c)
+        return PASSES.run(
+            key, lambda tree: apply_model(tree[0], tree[1], **tree[2]), (x, timestep, c), control, _weights(patcher), mode
+        )
+
+    return unet_function_wrapper
+
+
+def _describe(patcher, c: dict, x: torch.Tensor) -> tuple | None:
+    """The key part for ``c``'s structure and plain values, or ``None`` (logged once) when a capture cannot honour the call."""
+    reason = _refusal(patcher, c, x)
+    if reason is not None:
+        log_once(("eager", reason), f"DragKit: UNet passes run eagerly: {reason}")
+        return None
+    leaves, spec = pytree.tree_flatten(c)
+    plain = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            continue
+        if callable(leaf):
+            plain.append(getattr(leaf, "__qualname__", "patch"))
+        elif isinstance(leaf, uuid.UUID):
+            plain.append("uuid")
+        elif isinstance(leaf, (int, float, str, bool)):
+            plain.append(leaf)
+        else:
+            log_once(("eager", type(leaf).__name__), f"DragKit: UNet passes run eagerly: a {type(leaf).__name__} "
+                     "in the model call's conditioning")
+            return None
+    return str(spec), tuple(plain)
+
+
+def _refusal(patcher, c: dict, x: torch.Tensor) -> str | None:
+    """Why this call cannot run through a captured pass, or ``None``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "gradients are taken through the UNet (motion supervision, LoRA)"
+    if getattr(patcher.model, "model_lowvram", False):
+        return "the model is partially loaded (lowvram)"
+    if getattr(patcher, "hook_patches", None):
+        return "the MODEL has weight hooks"
+    options = c.get("transformer_options", {})
+    for name, value in options.items():
+        if name in PASS_THROUGH_OPTIONS:
+            continue
+        if name in EMPTY_OPTIONS:
+            if any(_flat_values(value)):
+                return f"another extension's {name} are set on the MODEL"
+        elif name in PATCH_OPTIONS:
+            foreign = [fn for fn in _flat_values(value) if not getattr(fn, CAPTURABLE, False)]
+            if foreign:
+                return f"the MODEL carries a patch this pack cannot capture ({getattr(foreign[0], '__qualname__', foreign[0])})"
+        elif value:
+            return f"the MODEL sets transformer option {name!r}"
+    return None
+
+
+def _flat_values(value) -> list:
+    """Every non-container value inside nested dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flat_values(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _flat_values(v)]
+    return [value]
+
+
+def _weights(patcher) -> tuple:
+    """The model's weights' identity: the storage address of each parameter and buffer (the model sampling's too)."""
+    base = patcher.model
+    return tuple(t.data_ptr() for t in itertools.chain(base.parameters(), base.buffers()))
+
+
+def _room_for_capture(patcher, x: torch.Tensor) -> bool:
+    """Whether the device has room for a new capture (:data:`CAPTURE_MEMORY_FACTOR`); logs once when not."""
+    needed = CAPTURE_MEMORY_FACTOR * patcher.model.memory_required(tuple(x.shape))
+    if comfy.model_management.get_free_memory(x.device) >= needed:
+        return True
+    log_once("capture-memory", f"DragKit: too little free GPU memory to capture a UNet pass ({needed / 2**20:.0f} MiB "
+             "wanted); passes run eagerly")
+    return False

@@ -1,0 +1,170 @@
+"""Captured UNet passes in a real ComfyUI, on the CPU in the eager stand-in for replay (``DRAGKIT_CAPTURE=eager``).
+
+The static-buffer path (inputs copied into fixed buffers, keys/values moved
+through the control's slots, one entry per capture key, replayed from the
+second call of a key on) must give exactly what the plain path gives: the
+inversion's trajectory and attention cache, KV-injected sampling (with and
+without CFG, injection on for part of the steps) and the reference branch.
+Also: what goes into the key, and the calls that must run plainly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dragkit.attention import select_layers
+from dragkit.ddim import ddim_invert, kv_sample
+from dragkit.schedule import DDIMSchedule
+
+pytestmark = pytest.mark.host
+
+
+def prompt(seed: int) -> list:
+    return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.fixture()
+def pack(comfy_inproc):
+    comfy_inproc.pack.nodes.comfy_capture.PASSES.clear()
+    yield comfy_inproc.pack
+    comfy_inproc.pack.nodes.comfy_capture.PASSES.clear()
+
+
+@pytest.fixture()
+def backend(pack, tiny_comfy_models):
+    return pack.nodes.comfy_backend.ComfyBackend(tiny_comfy_models.model)
+
+
+def schedule(backend) -> DDIMSchedule:
+    return DDIMSchedule(backend.alphas_cumprod(), 8, 0.75)
+
+
+def source() -> torch.Tensor:
+    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+
+
+def in_mode(monkeypatch, mode: str, fn):
+    monkeypatch.setenv("DRAGKIT_CAPTURE", mode)
+    with torch.inference_mode():
+        return fn()
+
+
+def assert_same_cache(a, b) -> None:
+    assert a.trajectory.keys() == b.trajectory.keys()
+    for t in a.trajectory:
+        assert torch.equal(a.trajectory[t], b.trajectory[t])
+    assert list(a.kv) == list(b.kv)
+    for t, step in a.kv.items():
+        assert list(step) == list(b.kv[t]), "layers recorded in the same order"
+        for index, (k, v) in step.items():
+            assert torch.equal(k, b.kv[t][index][0]) and torch.equal(v, b.kv[t][index][1])
+
+
+def invert(backend, conditioning):
+    layers = select_layers(backend.self_attention_layers(), "decoder")
+    return ddim_invert(backend, source(), conditioning, schedule(backend), layers)
+
+
+def test_inversion_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend):
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    plain = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
+    assert pack.nodes.comfy_capture.PASSES.replays == 0, "off: no static path"
+    static = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    passes = pack.nodes.comfy_capture.PASSES
+    assert len(passes.entries) == 1 and passes.replays == len(static.kv) - 1, "one key; every step after the first replays"
+    assert_same_cache(plain, static)
+    again = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    assert passes.replays == 2 * len(static.kv) - 1, "a second inversion replays the first one's entry"
+    assert_same_cache(plain, again)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_kv_injected_sampling_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend, cfg):
+    source_prompt = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    cache = in_mode(monkeypatch, "off", lambda: invert(backend, source_prompt))
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1), prompt(2) if cfg != 1.0 else None, cfg)
+    edited = cache.z_star + 0.1 * torch.randn(cache.z_star.shape, generator=torch.Generator().manual_seed(5))
+    layers = select_layers(backend.self_attention_layers(), "decoder")
+
+    def sample():
+        return kv_sample(backend, edited, conditioning, cache, cache.schedule.start_index, layers, 0.0, 0.5)
+
+    plain = in_mode(monkeypatch, "off", sample)
+    static = in_mode(monkeypatch, "eager", sample)
+    passes = pack.nodes.comfy_capture.PASSES
+    assert len(passes.entries) == 2, "injecting and plain steps are two keys"
+    assert torch.equal(plain, static)
+    assert torch.equal(in_mode(monkeypatch, "eager", sample), plain), "a re-edit replays the same entries"
+
+
+def test_reference_branch_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend):
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    cache = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
+    edited = cache.trajectory[cache.schedule.timesteps[cache.schedule.start_index + 1]] + 0.05
+    layers = select_layers(backend.self_attention_layers(), "masactrl")
+
+    def sample():
+        return kv_sample(backend, edited, conditioning, cache, cache.schedule.start_index + 1, layers,
+                         kv_source="reference branch")
+
+    plain = in_mode(monkeypatch, "off", sample)
+    static = in_mode(monkeypatch, "eager", sample)
+    assert torch.equal(plain, static)
+    shapes = {key[-1][0][0] for key in pack.nodes.comfy_capture.PASSES.entries}
+    assert shapes == {(1, 4, 8, 8), (2, 4, 8, 8)}, "the catch-up (batch 1) and the pair (batch 2) are separate keys"
+
+
+def keys_of(pack) -> list:
+    return list(pack.nodes.comfy_capture.PASSES.entries)
+
+
+def test_the_key_follows_patches_shapes_and_the_control(monkeypatch, pack, tiny_comfy_models):
+    model = tiny_comfy_models.model
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    control = pack.dragkit.attention.AttentionControl()
+
+    def one_pass(patcher, z):
+        backend = pack.nodes.comfy_backend.ComfyBackend(patcher)
+        return in_mode(monkeypatch, "eager", lambda: backend.run(lambda p, z0: p(z0, 500), z, conditioning, control, [500]))
+
+    one_pass(model, source())
+    assert len(keys_of(pack)) == 1
+    one_pass(model, source() + 1)
+    assert len(keys_of(pack)) == 1, "new values, same key"
+    one_pass(model, torch.zeros(1, 4, 8, 16))
+    assert len(keys_of(pack)) == 2, "a new shape is a new key"
+    patched = model.clone()
+    unet = patched.model.diffusion_model
+    name = next(n for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight"))
+    patched.add_patches({f"diffusion_model.{name}": (torch.zeros_like(unet.get_parameter(name)),)}, 1.0)
+    one_pass(patched, source())
+    assert len(keys_of(pack)) == 3, "a weight patch (LoRA) is a new key"
+    injector_keys = {key[2] for key in keys_of(pack)}
+    assert injector_keys == {("AttentionControl",)}
+
+
+def test_an_unknown_patch_runs_plainly(monkeypatch, pack, tiny_comfy_models):
+    patched = tiny_comfy_models.model.clone()
+    patched.set_model_attn2_output_patch(lambda out, extra: out * 1.0)
+    backend = pack.nodes.comfy_backend.ComfyBackend(patched)
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    plain = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
+    static = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    assert keys_of(pack) == [] and pack.nodes.comfy_capture.PASSES.replays == 0
+    assert_same_cache(plain, static)
+
+
+def test_moved_weights_drop_the_entry(monkeypatch, pack, backend, tiny_comfy_models):
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    (key, entry), = pack.nodes.comfy_capture.PASSES.entries.items()
+    param = next(tiny_comfy_models.model.model.diffusion_model.parameters())
+    original = param.data
+    try:
+        with torch.inference_mode(original.is_inference()):
+            param.data = original.clone()
+        in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+        assert pack.nodes.comfy_capture.PASSES.entries[key] is not entry, "recaptured for the new weights"
+    finally:
+        param.data = original
