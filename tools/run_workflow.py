@@ -36,8 +36,10 @@ Exit codes: 0 done; 1 some sample failed (batch) or the workflow saved no
 image; 2 bad input (a message says which); 3 ComfyUI failed (did not start,
 exited during the batch, or the single run's prompt failed).
 
-Models: without ``--checkpoint`` the tiny seeded test checkpoint is used and
-the runner says loudly that the output is a pipeline check, not an edit. A
+Models: without ``--checkpoint`` the tiny seeded test checkpoint is used (for
+a workflow whose Load Checkpoint names the shipped SDXL placeholder, the tiny
+SDXL checkpoint with SDXL's text encoders) and the runner says loudly that
+the output is a pipeline check, not an edit. A
 workflow with a ControlNet or an upscale model needs ``--controlnet`` /
 ``--upscale-model`` files with a real checkpoint; with the tiny checkpoint
 they default to the tiny generated ones.
@@ -77,7 +79,7 @@ EXIT_COMFYUI = 3
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! No --checkpoint given: using the tiny seeded TEST checkpoint (random weights).\n"
-    "!! The output is a pipeline check, NOT an edit. Pass --checkpoint <SD1.5 .safetensors> for real results.\n"
+    "!! The output is a pipeline check, NOT an edit. Pass --checkpoint <your .safetensors> for real results.\n"
     + "!" * 78 + "\n"
 )
 
@@ -91,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=Path, help="a Drag100-layout folder (original.jpg, mask.png, points.json)")
     parser.add_argument("--batch", type=Path, help="a folder of sample folders (Drag100 or DragBench layout): batch mode")
     parser.add_argument("--limit", type=int, default=None, help="batch mode: run only the first N samples (sorted by path)")
-    parser.add_argument("--checkpoint", type=Path, help="an SD1.x checkpoint file; default: the tiny test checkpoint")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a checkpoint file (SD1.x; SDXL for the *_sdxl workflows); default: a tiny test checkpoint")
     parser.add_argument("--controlnet", type=Path, help="ControlNet file for a workflow with Load ControlNet Model")
     parser.add_argument("--upscale-model", type=Path, help="upscale model file for a workflow with Load Upscale Model")
     parser.add_argument("--prompt", default=None, help="text for every CLIP Text Encode node (default: as in the workflow)")
@@ -152,15 +155,26 @@ class Models:
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     """The model files for ``workflow`` (UI format); raises :class:`DragInputError` naming the missing option.
 
-    No ``--checkpoint``: the tiny checkpoint, and the tiny ControlNet / upscaler
-    for a workflow that loads one (unless given). A real checkpoint needs real
+    No ``--checkpoint``: the tiny checkpoint (the tiny SDXL one with its text
+    encoders when the workflow's Load Checkpoint names
+    :data:`tools.make_workflows.SDXL_CHECKPOINT`), and the tiny ControlNet /
+    upscaler for a workflow that loads one (unless given). A real checkpoint needs real
     ``--controlnet`` / ``--upscale-model`` files when the workflow loads them.
     """
-    from . import tiny_models
+    from . import tiny_models, tiny_sdxl_sd2
+    from .make_workflows import SDXL_CHECKPOINT
 
-    kinds = {node.get("type") for node in workflow.get("nodes", []) if node.get("mode") not in (MODE_MUTED, MODE_BYPASS)}
+    active = [node for node in workflow.get("nodes", []) if node.get("mode") not in (MODE_MUTED, MODE_BYPASS)]
+    kinds = {node.get("type") for node in active}
+    sdxl = any(node.get("type") == "CheckpointLoaderSimple" and isinstance(node.get("widgets_values"), list)
+               and node["widgets_values"][:1] == [SDXL_CHECKPOINT] for node in active)
     tiny = args.checkpoint is None
-    checkpoint = tiny_models.tiny_checkpoint_path() if tiny else args.checkpoint.resolve()
+    if not tiny:
+        checkpoint = args.checkpoint.resolve()
+    elif sdxl:
+        checkpoint = tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True)
+    else:
+        checkpoint = tiny_models.tiny_checkpoint_path()
     found = {}
     for option, loader, tiny_file in (("controlnet", "ControlNetLoader", tiny_models.tiny_controlnet_path),
                                       ("upscale_model", "UpscaleModelLoader", tiny_models.tiny_upscaler_path)):
