@@ -170,7 +170,7 @@ class PassCache:
         control.bind(entry.slots)
         try:
             control.before_pass()
-            out = self._warm_up(fn, static_tree, statics[0].device) if mode == "graph" else fn(static_tree)
+            out = self._warm_up(fn, static_tree, entry.slots, statics[0].device) if mode == "graph" else fn(static_tree)
             control.after_pass()
             if mode == "graph":
                 self._capture(fn, static_tree, out, entry)
@@ -182,14 +182,21 @@ class PassCache:
         return out
 
     @staticmethod
-    def _warm_up(fn, static_tree, device: torch.device) -> torch.Tensor:
-        """``fn`` run eagerly on a side stream, as CUDA graph capture wants before its first capture."""
+    def _warm_up(fn, static_tree, slots: KVSlots, device: torch.device) -> torch.Tensor:
+        """``fn`` run eagerly on a side stream, as CUDA graph capture wants before its first capture.
+
+        What it allocates (the output, the slots) is then marked as used on
+        the main stream, so the allocator never hands that memory to the side
+        stream's next user while the main stream still reads it.
+        """
         main = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             out = fn(static_tree)
         main.wait_stream(side)
+        for tensor in [out, *slots.buffers.values()]:
+            tensor.record_stream(main)
         return out
 
     def _capture(self, fn, static_tree, eager: torch.Tensor, entry: _Entry) -> None:

@@ -8,7 +8,8 @@ ControlNet and the rest of the sampler stay eager; only ``apply_model`` (the
 UNet and the model-sampling arithmetic around it) is captured.
 
 The capture key holds what a replay bakes in: the UNet, the MODEL's patch
-identity (``patches_uuid``), the attention control's signature, every
+identity (``patches_uuid``), its model sampling (object-patched by e.g.
+ModelSamplingDiscrete), the attention control's signature, every
 input tensor's shape/dtype/device, the structure and plain values of ``c``
 (which attention patches sit on which blocks, ``cond_or_uncond``). The
 weights' identity (the storage address of every parameter and buffer) is
@@ -17,14 +18,15 @@ checked before each replay.
 A pass runs plainly, with the reason logged once, when the capture cannot
 honour it: gradients are needed (motion supervision and LoRA steps); a
 model patch, wrapper or callback this pack did not make is present; the
-MODEL has weight hooks; the model is partially loaded (lowvram); or there is
+MODEL has weight hooks or object patches other than the model sampling; the
+model is partially loaded (lowvram); or there is
 too little free memory for a new capture.
 """
 
 from __future__ import annotations
 
-import itertools
 import uuid
+import weakref
 
 import comfy.model_management
 import torch
@@ -75,7 +77,9 @@ def _wrapper(patcher, control: AttentionControl):
         described = None if mode == "off" else _describe(patcher, c, x)
         if described is None:
             return apply_model(x, timestep, **c)
-        key = (id(patcher.model), patcher.patches_uuid, control.signature(), described, tensor_layout((x, timestep, c)))
+        sampling = id(patcher.get_model_object("model_sampling"))
+        key = (id(patcher.model), patcher.patches_uuid, sampling, control.signature(), described,
+               tensor_layout((x, timestep, c)))
         if mode == "graph" and key not in PASSES.entries and not _room_for_capture(patcher, x):
             return apply_model(x, timestep, **c)
         return PASSES.run(
@@ -117,6 +121,9 @@ def _refusal(patcher, c: dict, x: torch.Tensor) -> str | None:
         return "the model is partially loaded (lowvram)"
     if getattr(patcher, "hook_patches", None):
         return "the MODEL has weight hooks"
+    foreign_objects = sorted(set(getattr(patcher, "object_patches", {})) - {"model_sampling"})
+    if foreign_objects:
+        return f"the MODEL replaces {foreign_objects[0]!r} (an object patch)"
     options = c.get("transformer_options", {})
     for name, value in options.items():
         if name in PASS_THROUGH_OPTIONS:
@@ -142,10 +149,25 @@ def _flat_values(value) -> list:
     return [value]
 
 
+_tensor_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per model: ``(dict, name)`` for every parameter and buffer (the module's ``_parameters``/``_buffers`` and the key)."""
+
+
 def _weights(patcher) -> tuple:
-    """The model's weights' identity: the storage address of each parameter and buffer (the model sampling's too)."""
+    """The model's weights' identity: the storage address of each parameter and buffer.
+
+    ComfyUI swaps weights by replacing a module's parameter (patching, lowvram
+    casts) or moving the whole model (load, unload), so the addresses are read
+    through each module's own parameter and buffer dicts (listed once per
+    model; a walk over ``parameters()`` would cost milliseconds per call).
+    """
     base = patcher.model
-    return tuple(t.data_ptr() for t in itertools.chain(base.parameters(), base.buffers()))
+    slots = _tensor_slots.get(base)
+    if slots is None:
+        slots = [(table, name) for module in base.modules() for table in (module._parameters, module._buffers)
+                 for name in table]
+        _tensor_slots[base] = slots
+    return tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in slots)
 
 
 def _room_for_capture(patcher, x: torch.Tensor) -> bool:

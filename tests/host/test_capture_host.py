@@ -140,8 +140,8 @@ def test_the_key_follows_patches_shapes_and_the_control(monkeypatch, pack, tiny_
     patched.add_patches({f"diffusion_model.{name}": (torch.zeros_like(unet.get_parameter(name)),)}, 1.0)
     one_pass(patched, source())
     assert len(keys_of(pack)) == 3, "a weight patch (LoRA) is a new key"
-    injector_keys = {key[2] for key in keys_of(pack)}
-    assert injector_keys == {("AttentionControl",)}
+    signatures = {key[3] for key in keys_of(pack)}
+    assert signatures == {("AttentionControl",)}
 
 
 def test_an_unknown_patch_runs_plainly(monkeypatch, pack, tiny_comfy_models):
