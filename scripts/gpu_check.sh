@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # One command that proves the GPU path (see tools/gpu_check.py):
 #
-#   COMFYUI_PATH=/path/to/ComfyUI bash scripts/gpu_check.sh [--out DIR]   # CUDA machine, < 8 min on an H100
-#   bash scripts/gpu_check.sh --tiny                                     # CPU pipeline check (CI)
+#   COMFYUI_PATH=/path/to/ComfyUI bash scripts/gpu_check.sh [--out DIR]          # CUDA machine, ~8 min (H100, est.)
+#   COMFYUI_PATH=/path/to/ComfyUI bash scripts/gpu_check.sh --sdxl [--out DIR]   # SDXL at 1024², ~6 min (est.)
+#   bash scripts/gpu_check.sh --tiny [--sdxl]                                   # CPU pipeline check (CI: --tiny)
+#
+# The default run: CUDA tests, every workflow (the *_sdxl ones on a real-size
+# random SDXL checkpoint), the SD1.5 benchmark. --sdxl: the SDXL checkpoint,
+# the *_sdxl workflows at 1024² and the SDXL benchmark at 1024², alone (both
+# together would not fit one 10-minute device call).
 #
 # Python: $PYTHON, else .venv/bin/python (made by scripts/test.sh), else python3.
 # On a machine without network, wheels carried in .whl/ (made by

@@ -1,6 +1,7 @@
-"""The runner's --set and --device options, and the GPU check's per-workflow overrides and tiny sample."""
+"""The runner's --set and --device options, and the GPU check's per-workflow overrides, tiny sample, goals and SDXL part."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,23 +58,42 @@ def test_gpu_check_tiny_sample_scales_image_mask_and_points(tmp_path):
     assert scaled == [[min(round(x / 4), 127), min(round(y / 4), 127)] for x, y in source]
 
 
-def test_gpu_check_judges_goals_only_on_a_cuda_run_at_512():
-    rows = [{"stage": "resolutions/512/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
-            {"stage": "resolutions/512/stages/vae_decode", "median_ms": 20.0, "peak_gib": 2.0}]
-    lines = gpu_check.goal_rows(rows, cuda=True)
+def test_gpu_check_judges_goals_only_on_a_cuda_run_of_their_family_and_side():
+    rows = [{"model": "sd15", "stage": "resolutions/512/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
+            {"model": "sd15", "stage": "resolutions/512/stages/vae_decode", "median_ms": 20.0, "peak_gib": 2.0}]
+    lines = gpu_check.goal_tables(rows, cuda=True)
+    assert "Goals: sd15 at 512² (fp16, one H100)" in lines and not any("sdxl" in line for line in lines)
     assert "| lora | peak_gib | 6.50 | ≤ 6 | NO |" in lines and "| lora | median_ms | 5000.00 | ≤ 6000 | yes |" in lines
     assert "| vae_decode | median_ms | 20.00 | ≤ 30 | yes |" in lines
-    assert all("n/a" in line for line in gpu_check.goal_rows(rows, cuda=False))
+    assert "| gooddrag_edit | median_ms | – | ≤ 5000 | n/a (not measured) |" in lines
+    judged = [line for line in gpu_check.goal_tables(rows, cuda=False) if line.startswith("| lora")]
+    assert judged and all("n/a (not a CUDA run of sd15 at 512²)" in line for line in judged)
+
+
+def test_gpu_check_judges_the_sdxl_goals_at_1024():
+    rows = [{"model": "sdxl", "stage": "resolutions/1024/stages/fastdrag_re_edit", "median_ms": 380.0, "peak_gib": 17.0},
+            {"model": "sdxl", "stage": "resolutions/1024/stages/dragdiffusion_edit", "median_ms": 9000.0, "peak_gib": 15.0},
+            {"model": "sdxl", "stage": "resolutions/64/stages/lora", "median_ms": 1.0, "peak_gib": 1.0}]
+    lines = gpu_check.goal_tables(rows, cuda=True)
+    assert "Goals: sdxl at 1024² (fp16, one H100)" in lines and not any("sd15" in line for line in lines)
+    assert "| fastdrag_re_edit | median_ms | 380.00 | ≤ 400 | yes |" in lines
+    assert "| fastdrag_re_edit | peak_gib | 17.00 | ≤ 16 | NO |" in lines
+    assert "| dragdiffusion_edit | median_ms | 9000.00 | ≤ 10000 | yes |" in lines
+    assert "| lora | peak_gib | – | ≤ 16 | n/a (not measured) |" in lines, "another side's stage is not judged"
 
 
 def test_gpu_check_reads_every_stage_of_the_benchmark_report(tmp_path):
-    report = {"resolutions": {"512": {"stages": {"lora": {"median_ms": 5000.0, "peak_mib": 6656.0},
-                                                 "fastdrag_warp": {"median_ms": 3.0, "peak_mib": None}}}}}
+    report = {"model_family": "sdxl",
+              "resolutions": {"1024": {"stages": {"lora": {"median_ms": 5000.0, "peak_mib": 6656.0},
+                                                  "fastdrag_warp": {"median_ms": 3.0, "peak_mib": None}}}}}
     (tmp_path / "bench.json").write_text(json.dumps(report))
     assert gpu_check.bench_rows(tmp_path / "bench.json") == [
-        {"stage": "resolutions/512/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
-        {"stage": "resolutions/512/stages/fastdrag_warp", "median_ms": 3.0, "peak_gib": None},
+        {"model": "sdxl", "stage": "resolutions/1024/stages/lora", "median_ms": 5000.0, "peak_gib": 6.5},
+        {"model": "sdxl", "stage": "resolutions/1024/stages/fastdrag_warp", "median_ms": 3.0, "peak_gib": None},
     ]
+    del report["model_family"]
+    (tmp_path / "old.json").write_text(json.dumps(report))
+    assert {row["model"] for row in gpu_check.bench_rows(tmp_path / "old.json")} == {"sd15"}
     assert gpu_check.bench_rows(tmp_path / "missing.json") == []
 
 
@@ -90,3 +110,23 @@ def test_without_checkpoint_an_sdxl_workflow_gets_the_tiny_sdxl_checkpoint(repo_
         workflow, _ = run_workflow.read_workflow(args.workflow)
         models = run_workflow.resolve_models(args, workflow)
         assert models.checkpoint == expected and models.tiny, name
+
+
+def test_gpu_check_sdxl_run_is_the_sdxl_part_alone(tmp_path, monkeypatch, repo_root):
+    """``--sdxl`` runs the SDXL workflows and benchmark only; without ComfyUI each is listed as skipped, not failed."""
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert gpu_check.main(["--tiny", "--sdxl", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sdxl_workflows = [f"workflow {path.stem}" for path in sorted((repo_root / "workflows").glob("*_sdxl.json"))]
+    assert [step["name"] for step in summary["steps"]] == sdxl_workflows + ["benchmark_sdxl"]
+    assert {step["status"] for step in summary["steps"]} == {"skipped"} and summary["sdxl"] is True
+    assert "COMFYUI_PATH is not set" in summary["steps"][-1]["detail"]
+
+
+def test_gpu_check_takes_the_checkpoint_a_models_step_printed_last(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "models_sdxl.log").write_text("$ python -m tools.sdxl_random\nwarning\n/scratch/my models/x.safetensors\n\n")
+    step = gpu_check.Step("models_sdxl", "passed", log="logs/models_sdxl.log")
+    assert gpu_check.written_path(step, tmp_path) == Path("/scratch/my models/x.safetensors")
+    step.status = "failed"
+    assert gpu_check.written_path(step, tmp_path) is None

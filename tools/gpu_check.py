@@ -1,30 +1,47 @@
 """One command that proves the GPU path: tests, every shipped workflow, the benchmark, one summary.
 
-    bash scripts/gpu_check.sh [--out DIR]      # on a CUDA machine (under 8 minutes on an H100)
-    bash scripts/gpu_check.sh --tiny           # the same steps on the tiny models on a CPU (CI runs this)
+    bash scripts/gpu_check.sh [--out DIR]          # CUDA machine: SD1.5 + the SDXL workflows (about 8 min on an H100)
+    bash scripts/gpu_check.sh --sdxl [--out DIR]   # CUDA machine: SDXL at 1024² (about 6 min on an H100)
+    bash scripts/gpu_check.sh --tiny [--sdxl]      # the same steps on the tiny models on a CPU (CI runs --tiny)
 
-Steps (each with its own time limit, logs in ``DIR/logs/``):
+Steps of the default run (each with its own time limit, logs in ``DIR/logs/``):
 
 1. **tests**: ``tests/test_cuda.py`` (skipped without CUDA) and
    ``tests/test_gpu_hazards.py``, plus ``tests/host/test_gpu_path_host.py`` when
    ``COMFYUI_PATH`` is set.
 2. **models**: without ``--tiny``, a real-size SD1.5 checkpoint and ControlNet
-   with random fp16 weights from a seed (:mod:`tools.sd15_random`, filled on
-   the GPU, written to a scratch folder outside ``DIR``); with ``--tiny`` the
-   runner's tiny seeded test models.
+   (:mod:`tools.sd15_random`) and a real-size SDXL checkpoint
+   (:mod:`tools.sdxl_random`, 6.9 GB), random fp16 weights from a seed,
+   filled on the GPU, written to a scratch folder outside ``DIR``; with
+   ``--tiny`` the runner's tiny seeded test models (for the ``*_sdxl``
+   workflows the tiny SDXL checkpoint with its text encoders,
+   :func:`tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path`).
 3. **workflows**: every ``workflows/*.json`` through ComfyUI's own executor
    (:mod:`tools.run_workflow` on ``samples/art_0``, scaled to
    :data:`TINY_SIDE` with ``--tiny``; on the GPU when there is one) with
-   shortened loops (:data:`QUICK` / :data:`TINY` ``--set`` values).
+   shortened loops (:data:`QUICK` / :data:`TINY` ``--set`` values); the
+   ``*_sdxl.json`` ones with the SDXL checkpoint, the others with SD1.5's.
    A node error, a non-finite latent or image (the nodes refuse them) or no
    saved image fails the step. Needs ``COMFYUI_PATH``; skipped with the
    reason otherwise.
-4. **benchmark**: ``python -m benchmarks.bench`` (all methods; ``--tiny`` on a
-   CPU) writing ``DIR/bench.json``.
+4. **benchmark**: ``python -m benchmarks.bench`` (SD1.5 at 512², all
+   methods; ``--tiny`` on a CPU) writing ``DIR/bench.json``.
 
-``DIR/summary.md`` and ``DIR/summary.json`` say what ran, what passed, and
-the benchmark's medians and peak memory. Exit status 0 when every step that
-ran passed, 1 otherwise.
+``--sdxl`` runs the SDXL part alone, sized to fit one call of its own: the
+SDXL checkpoint, the ``*_sdxl.json`` workflows on the sample scaled to
+:data:`SDXL_SIDE` (1024²), and the SDXL benchmark at 1024²
+(``benchmarks.bench --model sdxl``: FastDrag, LoRA 80 steps, DragDiffusion;
+``DIR/bench_sdxl.json``). It is not part of the default run, which would
+then need about 13 minutes (estimated for one H100/H200 from the 512²
+measurements and SDXL's 8.5× FLOPs per pass at 1024²: SDXL checkpoint
+~25 s, each SDXL workflow ~40–60 s, the SDXL benchmark ~3–4.5 min), more
+than one device call allows.
+
+``DIR/summary.md`` and ``DIR/summary.json`` (rewritten after every step, so
+an interrupted run leaves what it did) say what ran, what passed, the
+benchmark's medians and peak memory, and the issues' goals for the family
+and side judged on a CUDA run (:mod:`benchmarks.goals`). Exit status 0 when
+every step that ran passed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -52,6 +69,9 @@ QUICK = {
 TINY_SIDE = 128
 """Side of the sample image for ``--tiny`` (``samples/art_0`` scaled down: a CPU pipeline check in minutes)."""
 
+SDXL_SIDE = 1024
+"""Side of the sample image for the SDXL workflows of ``--sdxl`` on real-size models (SDXL's native size)."""
+
 TINY = {
     "DragKitLoRAFineTune": {"steps": 2, "batch": 1},
     "DragKitMotionSupervisionOptimize": {"iterations": 2, "drag_steps": 2, "drags_per_step": 1},
@@ -59,17 +79,6 @@ TINY = {
 }
 """Shortened loops for the tiny models on a CPU (a pipeline check)."""
 
-
-GOALS = {
-    "fastdrag_first_edit": {"peak_gib": 3.0, "median_ms": 250.0},
-    "fastdrag_re_edit": {"peak_gib": 3.0, "median_ms": 120.0},
-    "vae_decode": {"median_ms": 30.0},
-    "lora": {"peak_gib": 6.0, "median_ms": 6000.0},
-    "dragdiffusion_edit": {"peak_gib": 5.0, "median_ms": 3000.0},
-    "gooddrag_edit": {"peak_gib": 5.0, "median_ms": 5000.0},
-}
-"""The issues' goals for SD1.5 at 512² in fp16 on an H100 (memory: GPU-path issue; time: interactive-speed issue).
-Judged only on a CUDA run at 512²; a CPU run lists them as not applicable."""
 
 
 @dataclass
@@ -86,6 +95,7 @@ class Step:
 @dataclass
 class Report:
     tiny: bool
+    sdxl: bool = False
     machine: dict = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     benchmark: list[dict] = field(default_factory=list)
@@ -157,35 +167,42 @@ def overrides_for(workflow: Path, table: dict) -> list[str]:
 
 
 def bench_rows(path: Path) -> list[dict]:
-    """``{"stage": "resolutions/<side>/stages/<name>", "median_ms", "peak_gib"}`` per stage of the benchmark JSON
-    (:func:`benchmarks.bench.run`'s report); empty when the benchmark wrote none."""
+    """``{"model", "stage": "resolutions/<side>/stages/<name>", "median_ms", "peak_gib"}`` per stage of the benchmark
+    JSON (:func:`benchmarks.bench.run`'s report; ``model`` its family, ``sd15`` in reports from before SDXL); empty
+    when the benchmark wrote none."""
     try:
-        resolutions = json.loads(path.read_text())["resolutions"]
+        report = json.loads(path.read_text())
+        resolutions = report["resolutions"]
     except (OSError, ValueError, KeyError):
         return []
+    family = report.get("model_family", "sd15")
     return [
-        {"stage": f"resolutions/{side}/stages/{name}", "median_ms": stage["median_ms"],
+        {"model": family, "stage": f"resolutions/{side}/stages/{name}", "median_ms": stage["median_ms"],
          "peak_gib": None if stage.get("peak_mib") is None else stage["peak_mib"] / 1024}
         for side, result in resolutions.items() for name, stage in result["stages"].items()
     ]
 
 
-def goal_rows(rows: list[dict], cuda: bool) -> list[str]:
-    """Markdown rows ``stage | measure | value | goal | met`` for every :data:`GOALS` entry at 512²."""
-    by_stage = {row["stage"].split("/")[-1]: row for row in rows if "/512/" in row["stage"]}
+def goal_tables(rows: list[dict], cuda: bool) -> list[str]:
+    """Markdown: for each model family among ``rows``, a table of its :data:`benchmarks.goals.GOALS` (at the goals'
+    side) judged on the rows of that family and side; judged only on a CUDA run."""
+    from benchmarks import goals
+
     lines = []
-    for stage, goals in GOALS.items():
-        row = by_stage.get(stage)
-        for measure, goal in goals.items():
-            value = None if row is None else row.get(measure)
-            met = "n/a (not a CUDA run at 512²)" if not cuda or value is None else ("yes" if value <= goal else "NO")
-            shown = "–" if value is None else f"{value:.2f}"
-            lines.append(f"| {stage} | {measure} | {shown} | ≤ {goal:g} | {met} |")
+    for family, side in goals.GOALS:
+        if not any(row["model"] == family for row in rows):
+            continue
+        measured = {row["stage"].split("/")[-1]: row for row in rows
+                    if row["model"] == family and row["stage"].startswith(f"resolutions/{side}/")}
+        lines += ["", f"Goals: {family} at {side}² (fp16, one H100)", ""]
+        lines += goals.markdown(goals.judge(family, side, measured, cuda), family, side)
     return lines
 
 
 def write_summary(report: Report, out: Path) -> None:
-    lines = [f"# GPU check ({'tiny models, CPU pipeline check' if report.tiny else 'real-size SD1.5, random weights'})", ""]
+    models = "SDXL at 1024²" if report.sdxl else "SD1.5, and SDXL for its workflows"
+    title = "tiny models, CPU pipeline check" if report.tiny else f"real-size {models}, random weights"
+    lines = [f"# GPU check ({title})", ""]
     lines += [f"- {key}: {value}" for key, value in report.machine.items()]
     lines += ["", "| step | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |" for s in report.steps]
@@ -193,17 +210,29 @@ def write_summary(report: Report, out: Path) -> None:
         lines += ["", "| benchmark stage | median ms | peak GiB |", "|---|---|---|"]
         for row in report.benchmark:
             peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-            lines.append(f"| {row['stage']} | {row['median_ms']:.1f} | {peak} |")
-        lines += ["", "| goal stage | measure | value | goal | met |", "|---|---|---|---|---|"]
-        lines += goal_rows(report.benchmark, bool(report.machine.get("cuda")))
+            lines.append(f"| {row['model']} {row['stage']} | {row['median_ms']:.1f} | {peak} |")
+        lines += goal_tables(report.benchmark, bool(report.machine.get("cuda")))
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
     (out / "summary.md").write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=2))
 
 
+def written_path(step: Step, out: Path) -> Path | None:
+    """The file a models step printed as its last line (the writers print the path), or None when it failed."""
+    if step.status != "passed":
+        return None
+    lines = [line.strip() for line in (out / step.log).read_text(errors="replace").splitlines() if line.strip()]
+    return Path(lines[-1]) if lines else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The default run fits one device call (about 8 min estimated on an H100/H200); run --sdxl in a second "
+               "call (about 6 min): SDXL's checkpoint, its workflows at 1024² and its benchmark.")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a pipeline check; CI runs this)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="the SDXL part alone: SDXL checkpoint, *_sdxl workflows at 1024², SDXL benchmark at 1024²")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check"),
                         help="output folder (default: $OUT, else gpu-check/)")
     parser.add_argument("--models-dir", type=Path, default=None,
@@ -213,45 +242,66 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     python = sys.executable
-    report = Report(tiny=args.tiny, machine=machine())
+    report = Report(tiny=args.tiny, sdxl=args.sdxl, machine=machine())
     comfyui = os.environ.get("COMFYUI_PATH")
     print(f"GPU check -> {out}", file=sys.stderr)
 
-    tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py"] + (["tests/host/test_gpu_path_host.py"] if comfyui else [])
-    report.steps.append(run_logged("tests", [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], logs, 600))
+    def record(step: Step) -> Step:
+        report.steps.append(step)
+        write_summary(report, out)
+        return step
 
-    checkpoint_args: list[str] = []
-    scratch = None
+    if not args.sdxl:
+        tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py"] + (["tests/host/test_gpu_path_host.py"] if comfyui else [])
+        record(run_logged("tests", [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], logs, 600))
+
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    sdxl_workflows = [w for w in workflows if w.stem.endswith("_sdxl")]
+    checkpoint_args = {False: [], True: []}  # the runner's model arguments: SD1.5 workflows (False), SDXL ones (True)
+    device = "cuda" if report.machine["cuda"] else "cpu"
     if comfyui and not args.tiny:
         scratch = args.models_dir or Path(tempfile.mkdtemp(prefix="dragkit-gpu-check-"))
-        device = "cuda" if report.machine["cuda"] else "cpu"
-        step = run_logged("models", [python, "-m", "tools.sd15_random", "--out", str(scratch), "--device", device],
-                          logs, 600)
-        report.steps.append(step)
-        from tools.sd15_random import checkpoint_name, controlnet_name
-        import torch
+        if not args.sdxl:
+            record(run_logged("models", [python, "-m", "tools.sd15_random", "--out", str(scratch), "--device", device],
+                              logs, 600))
+            from tools.sd15_random import checkpoint_name, controlnet_name
+            import torch
 
-        checkpoint_args = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
-                           "--controlnet", str(scratch / controlnet_name(0, torch.float16))]
+            checkpoint_args[False] = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
+                                      "--controlnet", str(scratch / controlnet_name(0, torch.float16))]
+        if sdxl_workflows:
+            command = [python, "-m", "tools.sdxl_random", "--out", str(scratch), "--device", device]
+            checkpoint = written_path(record(run_logged("models_sdxl", command, logs, 600)), out)
+            checkpoint_args[True] = ["--checkpoint", str(checkpoint)] if checkpoint else None
 
     table = TINY if args.tiny else QUICK
     sample = scaled_sample(SAMPLE, out / "sample", TINY_SIDE) if args.tiny else SAMPLE
-    for workflow in sorted((REPO / "workflows").glob("*.json")):
+    sdxl_sample = scaled_sample(SAMPLE, out / "sample_sdxl", SDXL_SIDE) if args.sdxl and not args.tiny else sample
+    for workflow in sdxl_workflows if args.sdxl else workflows:
+        sdxl = workflow in sdxl_workflows
         name = f"workflow {workflow.stem}"
         if not comfyui:
-            report.steps.append(Step(name, "skipped", detail="COMFYUI_PATH is not set (the workflows run in ComfyUI)"))
+            record(Step(name, "skipped", detail="COMFYUI_PATH is not set (the workflows run in ComfyUI)"))
             continue
-        command = [python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
+        if checkpoint_args[sdxl] is None:
+            record(Step(name, "skipped", detail="no SDXL checkpoint: the models_sdxl step failed"))
+            continue
+        command = [python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)),
+                   "--sample", str(sdxl_sample if sdxl else sample),
                    "--out", str(out / "workflows" / workflow.stem), "--timeout", "600",
-                   *checkpoint_args, *overrides_for(workflow, table)]
-        report.steps.append(run_logged(name.replace(" ", "_"), command, logs, 900))
+                   *checkpoint_args[sdxl], *overrides_for(workflow, table)]
+        record(run_logged(name.replace(" ", "_"), command, logs, 900))
 
-    bench = [python, "-m", "benchmarks.bench", "--json", str(out / "bench.json")]
+    bench_json = out / ("bench_sdxl.json" if args.sdxl else "bench.json")
+    bench = [python, "-m", "benchmarks.bench", "--json", str(bench_json)] + (["--model", "sdxl"] if args.sdxl else [])
     bench += ["--tiny"] if args.tiny else ["--repeats", "5", "--warmup", "2"]
-    report.steps.append(run_logged("benchmark", bench, logs, 900))
-    report.benchmark = bench_rows(out / "bench.json")
-
-    write_summary(report, out)
+    name = "benchmark_sdxl" if args.sdxl else "benchmark"
+    if args.sdxl and not comfyui:
+        record(Step(name, "skipped", detail="COMFYUI_PATH is not set (SDXL is benchmarked through the nodes)"))
+    else:
+        step = run_logged(name, bench, logs, 900)
+        report.benchmark = bench_rows(bench_json)
+        record(step)
     print((out / "summary.md").read_text())
     return 0 if report.passed else 1
 
