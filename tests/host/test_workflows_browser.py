@@ -14,14 +14,15 @@ workflow in ``workflows/``:
    gives the same ``widgets_values``, and ``app.graphToPrompt()`` gives the
    same API prompt as :func:`tools.workflow_format.ui_to_api` (which the
    headless runner and the host tests use).
-3. A user picks the image (Load Image), the checkpoint (and ControlNet /
+3. A user picks the image (Load Image), the checkpoint (the tiny SDXL one
+   with its text encoders for the ``*_sdxl`` workflows; and ControlNet /
    upscale model), clicks handle/target pairs in the Drag Points Editor with
    real mouse events and presses "Mask handles" (the JSON-points workflow:
    types the points and picks the mask). Then no editor warning, no console
    error from the pack, and Queue (``app.queuePrompt``) gives no validation
    error.
 4. The FastDrag workflows run to the end (the editor → FastDrag graph
-   included, on a 128×128 copy of ``samples/art_0``); the others (the LoRA of
+   included, SDXL's too, on a 128×128 copy of ``samples/art_0``); the others (the LoRA of
    DragDiffusion / GoodDrag takes many minutes on a CPU, the round trip 50
    steps) are interrupted once queued.
 
@@ -53,7 +54,7 @@ SAMPLE = repo_root() / "samples" / "art_0"
 ARTIFACTS = repo_root() / "test-artifacts" / "workflows-browser"
 EDITOR_CLASS = "DragKitPointsEditor"
 SCALE = 4  # the 512x512 sample at 128x128: the tiny UNet on a CPU
-RUN_TO_END = {"fastdrag", "fastdrag_refine", "fastdrag_controlnet_upscale", "fastdrag_json_points"}
+RUN_TO_END = {"fastdrag", "fastdrag_refine", "fastdrag_controlnet_upscale", "fastdrag_json_points", "fastdrag_sdxl"}
 UI_ONLY_NAMES = {"fixed": "control_after_generate", "image": "upload"}
 
 
@@ -121,7 +122,7 @@ def _set_widget(chrome: Browser, node_type: str, name: str, value) -> None:
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server, page, sample, tiny_checkpoint,
-                                                         tiny_controlnet, tiny_upscaler):
+                                                         tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler):
     chrome, name, saved = page, workflow.stem, json.loads(workflow.read_text())
 
     # -- 1. listed as a template, with a thumbnail, and loaded as the template browser loads it
@@ -160,7 +161,8 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
     # -- 3. the user picks the image and models, places points, paints the mask
     image_name, mask_name, pairs = sample
     _set_widget(chrome, "LoadImage", "image", image_name)
-    _set_widget(chrome, "CheckpointLoaderSimple", "ckpt_name", tiny_checkpoint.name)
+    checkpoint = tiny_sdxl_checkpoint if name.endswith("_sdxl") else tiny_checkpoint
+    _set_widget(chrome, "CheckpointLoaderSimple", "ckpt_name", checkpoint.name)
     _set_widget(chrome, "ControlNetLoader", "control_net_name", tiny_controlnet.name)
     _set_widget(chrome, "UpscaleModelLoader", "model_name", tiny_upscaler.name)
     _set_widget(chrome, "LoadImageMask", "image", mask_name)
