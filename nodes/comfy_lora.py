@@ -205,6 +205,10 @@ class ComfyLoRATrainer:
         sigmas = ms.sigma(torch.arange(ms.num_timesteps)).to(torch.float32).to(device)
         cond = self.cond.clone().to(device)
         options = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.cond_options.items()}
+        # Size conditioning (SDXL) defaults to the latent's size in pixels, as ComfyUI 0.3.64's sampler sets it
+        # (comfy/samplers.py encode_model_conds); BaseModel.extra_conds alone would take SDXL's 768.
+        options.setdefault("width", z_like.shape[-1] * 8)
+        options.setdefault("height", z_like.shape[-2] * 8)
         extras = base.extra_conds(**{**options, "cross_attn": cond, "device": device, "noise": z_like, "latent_image": z_like})
         if "c_concat" in extras:
             raise DragInputError("this MODEL needs concat conditioning (inpainting/instruct models are not supported)")

@@ -15,7 +15,7 @@
   (128x96), without the UNet (to keep the CPU run short).
 - A LoRA trained by LoRA Fine-tune on SDXL, saved, loads with ComfyUI's core
   LoraLoader on the same checkpoint with every key matched and gives the
-  node's ε.
+  node's ε; the training is size-conditioned on the latent, like the sampler.
 - The ``auto`` attention-cache rule at SDXL 1024x1024, on the real SDXL
   architecture (built on the meta device: layer widths and resolutions, no
   weights).
@@ -154,6 +154,25 @@ def test_sdxl_lora_from_lora_fine_tune_loads_with_core_lora_loader(comfy_inproc,
     assert (core - node).abs().max() < 1e-5
     change = float((core - base).abs().mean() / base.abs().mean())
     assert change > 1e-4, change
+
+
+def test_lora_fine_tune_conditions_sdxl_on_the_latent_size_like_the_sampler(comfy_inproc, sdxl):
+    """CLIPTextEncode's conditioning has no width/height: training must see the latent's size (as DDIM Invert and
+    the samplers do through ComfyUI's encode_model_conds), not SDXL's 768 default."""
+    lora = comfy_inproc.pack.nodes.comfy_lora
+    cond = encode(sdxl, "a test image")
+    z = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([500])
+
+    def eps(conditioning):
+        trainer = lora.ComfyLoRATrainer(sdxl.model, conditioning, lora.LoRATrainingConfig())
+        with torch.inference_mode():
+            return trainer._eps_predictor(z)(z, t)
+
+    sized = [[cond[0][0], {**cond[0][1], "width": 96, "height": 64}]]
+    default = [[cond[0][0], {**cond[0][1], "width": 768, "height": 768}]]
+    assert torch.equal(eps(cond), eps(sized))
+    assert not torch.equal(eps(cond), eps(default))
 
 
 def test_auto_cache_rule_at_sdxl_1024(comfy_inproc):
