@@ -1,9 +1,10 @@
 """Captured UNet passes: capture a model call once per key, replay it afterwards.
 
 A denoising loop is launch-bound on a GPU: one SD1.5 forward pass at 512²
-costs ~33 ms eager and ~10 ms replayed from a CUDA graph (see
-``docs/gpu-device.md``). :class:`PassCache` runs a pure function of tensors
-``fn(tree) -> tensor`` through fixed-address ("static") buffers:
+costs ~33 ms eager and ~10 ms replayed from a CUDA graph, forward and
+backward ~86 ms eager and ~20 ms replayed (see ``docs/gpu-device.md``).
+:class:`PassCache` runs a pure function of tensors ``fn(tree) -> outputs``
+(a tensor or a tuple of tensors) through fixed-address ("static") buffers:
 
 1. First call of a key: the inputs are copied into new static buffers and
    ``fn`` runs eagerly on them (the warm-up; its output is the call's
@@ -16,6 +17,12 @@ costs ~33 ms eager and ~10 ms replayed from a CUDA graph (see
    the step's cached keys/values in), replay (or, in ``"eager"`` mode, run
    ``fn`` again on the static buffers), let the control drain its slots (the
    recorder copies keys/values out) and return a copy of the output.
+
+:meth:`PassCache.run_differentiable` does the same for a pass that is
+differentiated (motion supervision): it captures the forward and the
+backward (to the inputs that require grad) as two graphs and returns
+outputs whose backward replays the second one. Every forward must be
+differentiated, if at all, before the next forward through the same key.
 
 ``"eager"`` mode is the CPU stand-in for replay: the same static buffers,
 slots and copies, with ``fn`` run instead of a graph, so the tests can show
@@ -33,7 +40,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -50,6 +57,9 @@ ENV_VAR = "DRAGKIT_CAPTURE"
 
 REPLAY_TOLERANCE = 1e-3
 """Largest |replay - eager| accepted at the first replay, relative to max(1, max |eager|)."""
+
+Outputs = Union[torch.Tensor, tuple]
+"""What a pass returns: a tensor, or a tuple of tensors."""
 
 CAPACITY = 8
 """Captured passes kept (least recently used dropped first); they share one memory pool per device."""
@@ -87,15 +97,149 @@ def tensor_layout(tree: Any) -> tuple:
     )
 
 
+def _as_tuple(out: Outputs) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _copy(out: Outputs) -> Outputs:
+    """Detached copies of ``out`` (a replay's outputs live in the graph's memory, which the next replay overwrites)."""
+    return tuple(o.detach().clone() for o in out) if isinstance(out, tuple) else out.detach().clone()
+
+
+def difference(a: Outputs, b: Outputs) -> float:
+    """Largest |a - b| over all outputs, relative to max(1, max |b|)."""
+    worst = 0.0
+    for x, y in zip(_as_tuple(a), _as_tuple(b)):
+        scale = max(1.0, float(y.detach().float().abs().max()))
+        worst = max(worst, float((x.detach().float() - y.detach().float()).abs().max()) / scale)
+    return worst
+
+
+def _with(leaves: list, spec, tensors: list[int], values: list[torch.Tensor]) -> Any:
+    """``leaves`` rebuilt into their tree, with the tensor leaves at ``tensors`` replaced by ``values``."""
+    replaced = list(leaves)
+    for i, value in zip(tensors, values):
+        replaced[i] = value
+    return pytree.tree_unflatten(replaced, spec)
+
+
+@dataclass
+class _Call:
+    """One call's tree, flattened: its leaves, structure, and which leaves are tensors."""
+
+    leaves: list
+    spec: Any
+    tensors: list[int]
+
+    @classmethod
+    def of(cls, tree: Any) -> "_Call":
+        leaves, spec = pytree.tree_flatten(tree)
+        return cls(leaves, spec, [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)])
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.leaves[i] for i in self.tensors]
+
+    def on(self, statics: list[torch.Tensor]) -> Any:
+        """The tree with its tensors replaced by ``statics``."""
+        return _with(self.leaves, self.spec, self.tensors, statics)
+
+
 @dataclass
 class _Entry:
-    """One key's static inputs, output and (graph mode) CUDA graph."""
+    """One key's static inputs, slots and (graph mode) CUDA graphs.
+
+    ``outputs`` are the forward graph's outputs; for a differentiable pass
+    ``grad_outputs``/``grad_inputs`` are the backward graph's, and
+    ``pending`` the eager stand-in's outputs (with their autograd graph)
+    awaiting backward.
+    """
 
     statics: list[torch.Tensor]
     slots: KVSlots
     weights: Hashable
     graph: Any = None
-    output: torch.Tensor | None = None
+    outputs: Outputs | None = None
+    backward_graph: Any = None
+    grad_outputs: tuple = ()
+    grad_inputs: tuple = ()
+    pending: tuple | None = None
+    generation: int = 0
+
+    def load(self, call: _Call) -> None:
+        """Copy the call's input tensors into the static buffers."""
+        with torch.no_grad():
+            for static, value in zip(self.statics, call.inputs):
+                static.copy_(value, non_blocking=True)
+
+    def differentiable(self) -> list[torch.Tensor]:
+        return [s for s in self.statics if s.requires_grad]
+
+
+class _DifferentiablePass(torch.autograd.Function):
+    """Autograd node of one differentiable pass: forward and backward replay the entry's graphs (or run eagerly)."""
+
+    @staticmethod
+    def forward(ctx, entry: _Entry, fn, call: _Call, control: AttentionControl, *inputs: torch.Tensor):
+        entry.load(call)
+        entry.generation += 1
+        ctx.entry, ctx.generation = entry, entry.generation
+        with _bound(control, entry.slots):
+            if entry.graph is not None:
+                entry.graph.replay()
+                return _as_tuple(_copy(entry.outputs))
+            with torch.enable_grad():
+                entry.pending = _as_tuple(fn(call.on(entry.statics)))
+            return _as_tuple(_copy(entry.pending))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        entry: _Entry = ctx.entry
+        if ctx.generation != entry.generation:
+            raise RuntimeError(
+                "DragKit: a captured UNet pass was differentiated after a later pass through the same buffers"
+            )
+        wanted = entry.differentiable()
+        if entry.backward_graph is not None:
+            for static, grad in zip(entry.grad_outputs, grads):
+                static.copy_(grad)
+            entry.backward_graph.replay()
+            found = [g.clone() for g in entry.grad_inputs]
+        else:
+            outputs, entry.pending = entry.pending, None
+            found = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
+            found = [torch.zeros_like(w) if g is None else g for g, w in zip(found, wanted)]
+        given = iter(found)
+        return (None, None, None, None, *(next(given) if s.requires_grad else None for s in entry.statics))
+
+
+class _lent:
+    """Context: ``control`` bound to ``slots`` (for a capture: no step data moves in or out)."""
+
+    def __init__(self, control: AttentionControl, slots: KVSlots) -> None:
+        self.control, self.slots = control, slots
+
+    def __enter__(self) -> None:
+        self.control.bind(self.slots)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.control.bind(None)
+
+
+class _bound(_lent):
+    """Context: ``control`` bound to ``slots``, its :meth:`before_pass` on entry, :meth:`after_pass` on a clean exit."""
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        self.control.before_pass()
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.control.after_pass()
+        finally:
+            super().__exit__(kind, value, traceback)
 
 
 @dataclass
@@ -110,7 +254,7 @@ class PassCache:
     rejected: int = 0
     first_replay_errors: list = field(default_factory=list)
     """For tests and the GPU check: graphs captured, replays (graph or eager), captures refused, and each
-    accepted graph's first-replay difference from eager (relative, see :data:`REPLAY_TOLERANCE`)."""
+    accepted capture's first-replay difference from eager (:func:`difference`, see :data:`REPLAY_TOLERANCE`)."""
 
     def clear(self) -> None:
         """Drop every entry (and with them the graphs' memory) and reset the counters."""
@@ -119,16 +263,9 @@ class PassCache:
         self.captures = self.replays = self.rejected = 0
         self.first_replay_errors.clear()
 
-    def run(
-        self,
-        key: Hashable,
-        fn: Callable[[Any], torch.Tensor],
-        tree: Any,
-        control: AttentionControl,
-        weights: Hashable,
-        mode: str,
-    ) -> torch.Tensor:
-        """``fn(tree)`` through this key's static buffers (``mode`` ``eager`` or ``graph``).
+    def run(self, key: Hashable, fn: Callable[[Any], Outputs], tree: Any, control: AttentionControl,
+            weights: Hashable, mode: str) -> Outputs:
+        """``fn(tree)`` through this key's static buffers (``mode`` ``eager`` or ``graph``), without gradients.
 
         ``tree`` is any nesting of dicts, lists and tuples; its tensor
         leaves are the inputs copied into static buffers, its other leaves are
@@ -137,83 +274,135 @@ class PassCache:
         the entry's slots for the call. ``weights`` is the model weights'
         identity (e.g. their storage addresses).
         """
-        leaves, spec = pytree.tree_flatten(tree)
-        tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        call = _Call.of(tree)
+        entry = self._entry(key, weights)
+        if entry is None:
+            entry = self._new(key, call, weights, requires_grad=False)
+            with _bound(control, entry.slots):
+                out = self._warm_up(fn, call.on(entry.statics), entry) if mode == "graph" else fn(call.on(entry.statics))
+            if mode == "graph":
+                with _lent(control, entry.slots):
+                    self._capture(fn, call.on(entry.statics), out, entry)
+            return out
+        entry.load(call)
+        with _bound(control, entry.slots):
+            if entry.graph is not None:
+                entry.graph.replay()
+                out = _copy(entry.outputs)
+            else:
+                out = fn(call.on(entry.statics))
+        self.replays += 1
+        return out
+
+    def run_differentiable(self, key: Hashable, fn: Callable[[Any], Outputs], tree: Any, control: AttentionControl,
+                           weights: Hashable, mode: str) -> tuple:
+        """Like :meth:`run`, for a pass to be differentiated: the outputs (a tuple) backpropagate to ``tree``'s tensors that require grad.
+
+        In graph mode the first call of a key captures the forward and the
+        backward and checks one replay of each against an eager run (outputs,
+        and the gradients for all-ones output gradients).
+        """
+        call = _Call.of(tree)
+        entry = self._entry(key, weights)
+        if entry is None:
+            entry = self._new(key, call, weights, requires_grad=True)
+            if mode == "graph":
+                with _lent(control, entry.slots):
+                    self._capture_differentiable(fn, call.on(entry.statics), entry)
+        else:
+            self.replays += 1
+        return _DifferentiablePass.apply(entry, fn, call, control, *call.inputs)
+
+    def _entry(self, key: Hashable, weights: Hashable) -> _Entry | None:
         entry = self.entries.get(key)
         if entry is not None and entry.weights != weights:
             log.debug("DragKit: model weights moved or changed; recapturing")
             del self.entries[key]
             entry = None
-        if entry is None:
-            return self._first(key, fn, leaves, spec, tensors, control, weights, mode)
-        self.entries.move_to_end(key)
-        for static, i in zip(entry.statics, tensors):
-            static.copy_(leaves[i], non_blocking=True)
-        control.bind(entry.slots)
-        try:
-            control.before_pass()
-            if entry.graph is not None:
-                entry.graph.replay()
-                out = entry.output.clone()
-            else:
-                out = fn(_with(leaves, spec, tensors, entry.statics))
-            control.after_pass()
-        finally:
-            control.bind(None)
-        self.replays += 1
-        return out
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
 
-    def _first(self, key, fn, leaves, spec, tensors, control, weights, mode) -> torch.Tensor:
-        statics = [leaves[i].detach().clone() for i in tensors]
+    def _new(self, key: Hashable, call: _Call, weights: Hashable, requires_grad: bool) -> _Entry:
+        statics = [t.detach().clone().requires_grad_(requires_grad and t.requires_grad) for t in call.inputs]
         entry = _Entry(statics=statics, slots=KVSlots(), weights=weights)
-        static_tree = _with(leaves, spec, tensors, statics)
-        control.bind(entry.slots)
-        try:
-            control.before_pass()
-            out = self._warm_up(fn, static_tree, entry.slots, statics[0].device) if mode == "graph" else fn(static_tree)
-            control.after_pass()
-            if mode == "graph":
-                self._capture(fn, static_tree, out, entry)
-        finally:
-            control.bind(None)
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
-        return out
+        return entry
 
     @staticmethod
-    def _warm_up(fn, static_tree, slots: KVSlots, device: torch.device) -> torch.Tensor:
+    def _warm_up(fn, static_tree, entry: _Entry) -> Outputs:
         """``fn`` run eagerly on a side stream, as CUDA graph capture wants before its first capture.
 
-        What it allocates (the output, the slots) is then marked as used on
+        What it allocates (the outputs, the slots) is then marked as used on
         the main stream, so the allocator never hands that memory to the side
         stream's next user while the main stream still reads it.
         """
+        device = entry.statics[0].device
         main = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             out = fn(static_tree)
         main.wait_stream(side)
-        for tensor in [out, *slots.buffers.values()]:
+        for tensor in [*_as_tuple(out), *entry.slots.buffers.values()]:
             tensor.record_stream(main)
         return out
 
-    def _capture(self, fn, static_tree, eager: torch.Tensor, entry: _Entry) -> None:
+    def _capture(self, fn, static_tree, eager: Outputs, entry: _Entry) -> None:
         """Capture ``fn`` into ``entry``, replay once and keep the graph only if it matches the warm-up output ``eager``.
 
         The slots still hold the warm-up's inputs (capturing runs nothing), so
         the check replays the very same pass.
         """
         device = entry.statics[0].device
-        try:
+
+        def capture():
             graph = torch.cuda.CUDAGraph()
-            pool = self.pools.setdefault(device, torch.cuda.graph_pool_handle())
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool(device), capture_error_mode="thread_local"):
                 captured = fn(static_tree)
             graph.replay()
-            scale = max(1.0, float(eager.float().abs().max()))
-            error = float((captured.float() - eager.float()).abs().max()) / scale
+            return difference(captured, eager), dict(graph=graph, outputs=captured)
+
+        self._checked(capture, entry)
+
+    def _capture_differentiable(self, fn, static_tree, entry: _Entry) -> None:
+        """Warm up, capture the forward and the backward into ``entry`` and check one replay of each against the warm-up."""
+        device = entry.statics[0].device
+        wanted = entry.differentiable()
+        side = torch.cuda.Stream(device)
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(side), torch.enable_grad():
+            eager = _as_tuple(fn(static_tree))
+            eager_grads = torch.autograd.grad(eager, wanted, [torch.ones_like(o) for o in eager])
+        torch.cuda.synchronize(device)
+
+        def capture():
+            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            pool = self._pool(device)
+            with torch.enable_grad():
+                with torch.cuda.graph(forward, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    outputs = _as_tuple(fn(static_tree))
+                grad_outputs = tuple(torch.ones_like(o) for o in outputs)
+                with torch.cuda.graph(backward, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    grad_inputs = tuple(torch.autograd.grad(outputs, wanted, grad_outputs))
+            forward.replay()
+            backward.replay()
+            error = max(difference(outputs, eager), difference(grad_inputs, eager_grads))
+            return error, dict(graph=forward, outputs=outputs, backward_graph=backward, grad_outputs=grad_outputs,
+                               grad_inputs=grad_inputs)
+
+        self._checked(capture, entry)
+
+    def _pool(self, device: torch.device):
+        return self.pools.setdefault(device, torch.cuda.graph_pool_handle())
+
+    def _checked(self, capture: Callable[[], tuple[float, dict]], entry: _Entry) -> None:
+        """Run ``capture`` (-> first-replay error, graph attributes); set them on ``entry`` only within tolerance."""
+        device = entry.statics[0].device
+        try:
+            error, graphs = capture()
         except Exception as failure:  # noqa: BLE001 - any capture failure means: run this pass eagerly
             torch.cuda.synchronize(device)
             self.rejected += 1
@@ -225,15 +414,9 @@ class PassCache:
             log_once("capture-mismatch", f"DragKit: a captured UNet pass differed from eager by {error:.2e} "
                      f"(> {REPLAY_TOLERANCE:g}); it runs eagerly")
             return
-        entry.graph, entry.output = graph, captured
+        for name, value in graphs.items():
+            setattr(entry, name, value)
         self.captures += 1
         self.first_replay_errors.append(error)
         log.debug("DragKit: captured a UNet pass (first replay within %.1e of eager)", error)
 
-
-def _with(leaves: list, spec, tensors: list[int], values: list[torch.Tensor]) -> Any:
-    """``leaves`` rebuilt into their tree, with the tensor leaves at ``tensors`` replaced by ``values``."""
-    replaced = list(leaves)
-    for i, value in zip(tensors, values):
-        replaced[i] = value
-    return pytree.tree_unflatten(replaced, spec)

@@ -19,7 +19,8 @@
   clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
   (weights made autograd-safe in place, no copy; the measured backward memory
   reserved with the model manager), and captures the penultimate decoder
-  level's output with an output-block patch.
+  level's output with an output-block patch; its passes, forward and
+  backward, are captured per run (:func:`nodes.comfy_capture.install_features`).
 - LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
   noisy latent the variance-exploding form ``x = z_VP * sqrt(1 + σ²)``, so a
   LATENT from DDIM Invert can also be finished by KSamplerAdvanced.
@@ -41,6 +42,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
+from ..dragkit.capture import PassCache
 from ..dragkit.errors import DragInputError
 from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
@@ -199,7 +201,10 @@ class ComfyBackend:
             raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
         patcher = self._patched_clone(control)
         capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model, self.feature_level)}
+        passes = PassCache()
+        comfy_capture.install_features(patcher, control, capture, _StopForward, passes)
 
+        @comfy_capture.capturable
         def output_block_patch(h, hsp, transformer_options):
             if transformer_options.get("block") == ("output", capture["index"]):
                 capture["features"] = h
@@ -227,10 +232,13 @@ class ComfyBackend:
                 (eps.sum() + feats.to(torch.float32).sum()).backward()
 
             with torch.inference_mode(False), torch.enable_grad():
+                capture["probing"] = True
                 prepare_for_backward(patcher, probe, tuple(x.shape))
+                capture["probing"] = False
                 try:
                     return loop(predict, x.to(torch.float32).clone()).detach()
                 finally:
+                    passes.clear()
                     release()
 
         return self._guided_run(patcher, conditioning, sample, z_start, timesteps)

@@ -15,8 +15,13 @@ input tensor's shape/dtype/device, the structure and plain values of ``c``
 weights' identity (the storage address of every parameter and buffer) is
 checked before each replay.
 
+Motion supervision's feature passes (:func:`install_features`, a private
+:class:`~dragkit.capture.PassCache` per run) capture the forward and the
+backward to the latent; LoRA steps (gradients to adapter weights) are not
+captured.
+
 A pass runs plainly, with the reason logged once, when the capture cannot
-honour it: gradients are needed (motion supervision and LoRA steps); a
+honour it: gradients are needed outside motion supervision; a
 model patch, wrapper or callback this pack did not make is present; the
 MODEL has weight hooks or object patches other than the model sampling; the
 model is partially loaded (lowvram); or there is
@@ -70,6 +75,55 @@ def install(patcher, control: AttentionControl) -> None:
     patcher.set_model_unet_function_wrapper(_wrapper(patcher, control))
 
 
+def install_features(patcher, control: AttentionControl, state: dict, stop: type[Exception], passes: PassCache) -> None:
+    """Route the feature passes of motion supervision through ``passes``, differentiable ones included.
+
+    The feature output-block patch (which must be :func:`capturable`) puts
+    the features in ``state["features"]`` and raises ``stop`` to end the
+    forward early when ``state["with_eps"]`` is false. A captured pass returns
+    the features as an output instead, and this wrapper puts them back in
+    ``state`` (and raises ``stop`` itself), so the caller sees no difference.
+    While ``state["probing"]`` is set (the backward-memory probes at other
+    sizes) calls run plainly.
+    """
+    if capture_mode(torch.device(patcher.load_device)) == "off":
+        return
+    if "model_function_wrapper" in patcher.model_options:
+        log_once("foreign-wrapper", "DragKit: this MODEL already has a UNet function wrapper; its passes run eagerly")
+        return
+
+    def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        mode = capture_mode(x.device)
+        if mode == "off" or state.get("probing"):
+            return apply_model(x, timestep, **c)
+        differentiable = torch.is_grad_enabled() and x.requires_grad
+        described = _describe(patcher, c, x, allow_grad=True)
+        if described is None:
+            return apply_model(x, timestep, **c)
+        with_eps = bool(state["with_eps"])
+        key = _key(patcher, control, described, (x, timestep, c)) + ("features", with_eps, differentiable)
+        if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
+            return apply_model(x, timestep, **c)
+
+        def features_pass(tree) -> tuple:
+            state.pop("features", None)
+            try:
+                denoised = apply_model(tree[0], tree[1], **tree[2])
+            except stop:
+                return (state["features"],)
+            return denoised, state["features"]
+
+        run = passes.run_differentiable if differentiable else passes.run
+        outputs = run(key, features_pass, (x, timestep, c), control, _weights(patcher), mode)
+        state["features"] = outputs[-1]
+        if not with_eps:
+            raise stop
+        return outputs[0]
+
+    patcher.set_model_unet_function_wrapper(unet_function_wrapper)
+
+
 def _wrapper(patcher, control: AttentionControl):
     def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
         x, timestep, c = args["input"], args["timestep"], args["c"]
@@ -77,9 +131,7 @@ def _wrapper(patcher, control: AttentionControl):
         described = None if mode == "off" else _describe(patcher, c, x)
         if described is None:
             return apply_model(x, timestep, **c)
-        sampling = id(patcher.get_model_object("model_sampling"))
-        key = (id(patcher.model), patcher.patches_uuid, sampling, control.signature(), described,
-               tensor_layout((x, timestep, c)))
+        key = _key(patcher, control, described, (x, timestep, c))
         if mode == "graph" and key not in PASSES.entries and not _room_for_capture(patcher, x):
             return apply_model(x, timestep, **c)
         return PASSES.run(
@@ -89,9 +141,15 @@ def _wrapper(patcher, control: AttentionControl):
     return unet_function_wrapper
 
 
-def _describe(patcher, c: dict, x: torch.Tensor) -> tuple | None:
+def _key(patcher, control: AttentionControl, described: tuple, inputs: tuple) -> tuple:
+    """What a replay bakes in (see the module docstring)."""
+    sampling = id(patcher.get_model_object("model_sampling"))
+    return (id(patcher.model), patcher.patches_uuid, sampling, control.signature(), described, tensor_layout(inputs))
+
+
+def _describe(patcher, c: dict, x: torch.Tensor, allow_grad: bool = False) -> tuple | None:
     """The key part for ``c``'s structure and plain values, or ``None`` (logged once) when a capture cannot honour the call."""
-    reason = _refusal(patcher, c, x)
+    reason = _refusal(patcher, c, x, allow_grad)
     if reason is not None:
         log_once(("eager", reason), f"DragKit: UNet passes run eagerly: {reason}")
         return None
@@ -113,10 +171,10 @@ def _describe(patcher, c: dict, x: torch.Tensor) -> tuple | None:
     return str(spec), tuple(plain)
 
 
-def _refusal(patcher, c: dict, x: torch.Tensor) -> str | None:
+def _refusal(patcher, c: dict, x: torch.Tensor, allow_grad: bool) -> str | None:
     """Why this call cannot run through a captured pass, or ``None``."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "gradients are taken through the UNet (motion supervision, LoRA)"
+    if not allow_grad and torch.is_grad_enabled() and x.requires_grad:
+        return "gradients are taken through the UNet outside motion supervision"
     if getattr(patcher.model, "model_lowvram", False):
         return "the model is partially loaded (lowvram)"
     if getattr(patcher, "hook_patches", None):

@@ -242,3 +242,38 @@ def test_the_mode_setting(monkeypatch):
     assert capture.capture_mode(cuda) == "off"
     monkeypatch.setenv(capture.ENV_VAR, "sometimes")
     assert capture.capture_mode(cuda) == "graph", "an unknown value means auto"
+
+
+def differentiable_pass(tree):
+    """A stand-in feature pass: ``(output, features)`` of ``x`` with ``x`` used several times, like a UNet."""
+    x, w = tree
+    features = torch.tanh(x @ w)
+    return x * 0.5 - features @ w.T, features
+
+
+def test_a_differentiable_pass_backpropagates_like_the_plain_one():
+    passes = capture.PassCache()
+    control = AttentionControl()
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for seed in (1, 2):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        plain_x, static_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, feats = differentiable_pass((plain_x, w))
+        (out.square().sum() + feats.sum()).backward()
+        s_out, s_feats = passes.run_differentiable("k", differentiable_pass, (static_x, w), control, (), "eager")
+        assert torch.equal(s_out, out) and torch.equal(s_feats, feats)
+        (s_out.square().sum() + s_feats.sum()).backward()
+        assert torch.allclose(static_x.grad, plain_x.grad, rtol=1e-6, atol=1e-7)
+        grads.append(static_x.grad)
+    assert len(passes.entries) == 1 and passes.replays == 1 and not torch.equal(grads[0], grads[1])
+
+
+def test_a_differentiable_pass_refuses_a_stale_backward():
+    passes = capture.PassCache()
+    control = AttentionControl()
+    w = torch.randn(4, 3)
+    first = passes.run_differentiable("k", differentiable_pass, (torch.randn(5, 4, requires_grad=True), w), control, (), "eager")
+    passes.run_differentiable("k", differentiable_pass, (torch.randn(5, 4, requires_grad=True), w), control, (), "eager")
+    with pytest.raises(RuntimeError, match="after a later pass"):
+        first[1].sum().backward()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dragkit import capture
-from dragkit.attention import select_layers
+from dragkit.attention import AttentionControl, select_layers
 from dragkit.ddim import ddim_invert, kv_sample
 from dragkit.diffusers_backend import DiffusersBackend, DiffusersConditioning
 from dragkit.dragdiffusion import DragDiffusionSettings, drag_diffusion
@@ -147,3 +147,28 @@ def test_a_replay_follows_new_inputs_and_new_weights(monkeypatch):
     assert backend.passes.captures == 2, "new weight storage: recaptured"
     monkeypatch.setenv(capture.ENV_VAR, "off")
     assert (ddim_invert(backend, z + 0.5, cond, schedule, ()).z_star - third).abs().max() <= 1e-3
+
+
+def test_a_captured_differentiable_pass_matches_eager():
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).to(DEVICE, torch.float16).requires_grad_(False)
+
+    def features_pass(tree):
+        (x,) = tree
+        features = torch.nn.functional.silu(conv(x.half()))
+        return x * 0.5 - features[:, :4].float(), features
+
+    passes = capture.PassCache()
+    results = {}
+    for mode in ("eager", "graph"):
+        passes.clear()
+        runs = []
+        for seed in (1, 2, 3):
+            x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE).requires_grad_(True)
+            out, features = passes.run_differentiable("k", features_pass, (x,), AttentionControl(), (), mode)
+            (out.square().sum() + features.float().sum()).backward()
+            runs.append((out.detach(), x.grad))
+        results[mode] = runs
+    assert passes.captures == 1 and passes.rejected == 0, "captured once, forward and backward"
+    assert max(passes.first_replay_errors) <= capture.REPLAY_TOLERANCE
+    for (eager_out, eager_grad), (graph_out, graph_grad) in zip(results["eager"], results["graph"]):
+        assert (graph_out - eager_out).abs().max() <= 1e-3 and (graph_grad - eager_grad).abs().max() <= 1e-3
