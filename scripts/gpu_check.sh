@@ -5,9 +5,9 @@
 #   COMFYUI_PATH=/path/to/ComfyUI bash scripts/gpu_check.sh --sdxl [--out DIR]   # SDXL at 1024², ~6 min (est.)
 #   bash scripts/gpu_check.sh --tiny [--sdxl]                                   # CPU pipeline check (CI: --tiny)
 #
-# The default run: CUDA tests, every workflow (the *_sdxl ones on a real-size
-# random SDXL checkpoint), the SD1.5 benchmark. --sdxl: the SDXL checkpoint,
-# the *_sdxl workflows at 1024² and the SDXL benchmark at 1024², alone (both
+# The default run: CUDA tests, the SD1.5 workflows, the SD1.5 benchmark, then
+# the *_sdxl workflows on a real-size random SDXL checkpoint. --sdxl: the SDXL
+# benchmark at 1024², then the *_sdxl workflows at 1024², alone (both runs
 # together would not fit one 10-minute device call).
 #
 # Python: $PYTHON, else .venv/bin/python (made by scripts/test.sh), else python3.

@@ -118,9 +118,9 @@ def test_gpu_check_sdxl_run_is_the_sdxl_part_alone(tmp_path, monkeypatch, repo_r
     assert gpu_check.main(["--tiny", "--sdxl", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     sdxl_workflows = [f"workflow {path.stem}" for path in sorted((repo_root / "workflows").glob("*_sdxl.json"))]
-    assert [step["name"] for step in summary["steps"]] == sdxl_workflows + ["benchmark_sdxl"]
+    assert [step["name"] for step in summary["steps"]] == ["benchmark_sdxl"] + sdxl_workflows
     assert {step["status"] for step in summary["steps"]} == {"skipped"} and summary["sdxl"] is True
-    assert "COMFYUI_PATH is not set" in summary["steps"][-1]["detail"]
+    assert "COMFYUI_PATH is not set" in summary["steps"][0]["detail"]
 
 
 def test_gpu_check_takes_the_checkpoint_a_models_step_printed_last(tmp_path):

@@ -1,6 +1,6 @@
 """One command that proves the GPU path: tests, every shipped workflow, the benchmark, one summary.
 
-    bash scripts/gpu_check.sh [--out DIR]          # CUDA machine: SD1.5 + the SDXL workflows (about 8 min on an H100)
+    bash scripts/gpu_check.sh [--out DIR]          # CUDA machine: SD1.5, then the SDXL workflows (about 8 min on an H100)
     bash scripts/gpu_check.sh --sdxl [--out DIR]   # CUDA machine: SDXL at 1024² (about 6 min on an H100)
     bash scripts/gpu_check.sh --tiny [--sdxl]      # the same steps on the tiny models on a CPU (CI runs --tiny)
 
@@ -10,32 +10,33 @@ Steps of the default run (each with its own time limit, logs in ``DIR/logs/``):
    ``tests/test_gpu_hazards.py``, plus ``tests/host/test_gpu_path_host.py`` when
    ``COMFYUI_PATH`` is set.
 2. **models**: without ``--tiny``, a real-size SD1.5 checkpoint and ControlNet
-   (:mod:`tools.sd15_random`) and a real-size SDXL checkpoint
-   (:mod:`tools.sdxl_random`, 6.9 GB), random fp16 weights from a seed,
-   filled on the GPU, written to a scratch folder outside ``DIR``; with
-   ``--tiny`` the runner's tiny seeded test models (for the ``*_sdxl``
-   workflows the tiny SDXL checkpoint with its text encoders,
-   :func:`tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path`).
-3. **workflows**: every ``workflows/*.json`` through ComfyUI's own executor
-   (:mod:`tools.run_workflow` on ``samples/art_0``, scaled to
-   :data:`TINY_SIDE` with ``--tiny``; on the GPU when there is one) with
-   shortened loops (:data:`QUICK` / :data:`TINY` ``--set`` values); the
-   ``*_sdxl.json`` ones with the SDXL checkpoint, the others with SD1.5's.
+   with random fp16 weights from a seed (:mod:`tools.sd15_random`, filled on
+   the GPU, written to a scratch folder outside ``DIR``); with ``--tiny`` the
+   runner's tiny seeded test models.
+3. **workflows**: every ``workflows/*.json`` but the ``*_sdxl`` ones through
+   ComfyUI's own executor (:mod:`tools.run_workflow` on ``samples/art_0``,
+   scaled to :data:`TINY_SIDE` with ``--tiny``; on the GPU when there is one)
+   with shortened loops (:data:`QUICK` / :data:`TINY` ``--set`` values).
    A node error, a non-finite latent or image (the nodes refuse them) or no
    saved image fails the step. Needs ``COMFYUI_PATH``; skipped with the
    reason otherwise.
 4. **benchmark**: ``python -m benchmarks.bench`` (SD1.5 at 512², all
    methods; ``--tiny`` on a CPU) writing ``DIR/bench.json``.
+5. **SDXL models and workflows**, last, so that a run cut short by its time
+   limit still has the SD1.5 numbers: a real-size SDXL checkpoint with
+   random fp16 weights (:mod:`tools.sdxl_random`, 6.9 GB, filled on the GPU)
+   and the ``*_sdxl.json`` workflows on it as in step 3; with ``--tiny`` the
+   runner's tiny SDXL checkpoint with its text encoders
+   (:func:`tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path`).
 
 ``--sdxl`` runs the SDXL part alone, sized to fit one call of its own: the
-SDXL checkpoint, the ``*_sdxl.json`` workflows on the sample scaled to
-:data:`SDXL_SIDE` (1024²), and the SDXL benchmark at 1024²
-(``benchmarks.bench --model sdxl``: FastDrag, LoRA 80 steps, DragDiffusion;
-``DIR/bench_sdxl.json``). It is not part of the default run, which would
-then need about 13 minutes (estimated for one H100/H200 from the 512²
-measurements and SDXL's 8.5× FLOPs per pass at 1024²: SDXL checkpoint
-~25 s, each SDXL workflow ~40–60 s, the SDXL benchmark ~3–4.5 min), more
-than one device call allows.
+SDXL benchmark at 1024² (``benchmarks.bench --model sdxl``: FastDrag, LoRA
+80 steps, DragDiffusion; ``DIR/bench_sdxl.json``), then step 5 with the
+sample scaled to :data:`SDXL_SIDE` (1024²). It is not part of the default
+run, which would then need about 13 minutes (estimated for one H100/H200
+from the 512² measurements and SDXL's 8.5× FLOPs per pass at 1024²: SDXL
+checkpoint ~25 s, each SDXL workflow ~40–60 s, the SDXL benchmark ~3–4.5
+min), more than one device call allows.
 
 ``DIR/summary.md`` and ``DIR/summary.json`` (rewritten after every step, so
 an interrupted run leaves what it did) say what ran, what passed, the
@@ -251,46 +252,40 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(report, out)
         return step
 
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    sdxl_workflows = [w for w in workflows if w.stem.endswith("_sdxl")]
+    device = "cuda" if report.machine["cuda"] else "cpu"
+    scratch = (args.models_dir or Path(tempfile.mkdtemp(prefix="dragkit-gpu-check-"))) if comfyui and not args.tiny else None
+    table = TINY if args.tiny else QUICK
+    sample = scaled_sample(SAMPLE, out / "sample", TINY_SIDE) if args.tiny else SAMPLE
+
+    def run_workflows(selected: list[Path], model_args: list[str] | None, sample: Path) -> None:
+        """Each workflow through the runner with ``model_args`` (None: its models step failed; []: the runner's tiny)."""
+        for workflow in selected:
+            name = f"workflow {workflow.stem}"
+            if not comfyui:
+                record(Step(name, "skipped", detail="COMFYUI_PATH is not set (the workflows run in ComfyUI)"))
+            elif model_args is None:
+                record(Step(name, "skipped", detail="no checkpoint: its models step failed"))
+            else:
+                command = [python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
+                           "--out", str(out / "workflows" / workflow.stem), "--timeout", "600",
+                           *model_args, *overrides_for(workflow, table)]
+                record(run_logged(name.replace(" ", "_"), command, logs, 900))
+
     if not args.sdxl:
         tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py"] + (["tests/host/test_gpu_path_host.py"] if comfyui else [])
         record(run_logged("tests", [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], logs, 600))
-
-    workflows = sorted((REPO / "workflows").glob("*.json"))
-    sdxl_workflows = [w for w in workflows if w.stem.endswith("_sdxl")]
-    checkpoint_args = {False: [], True: []}  # the runner's model arguments: SD1.5 workflows (False), SDXL ones (True)
-    device = "cuda" if report.machine["cuda"] else "cpu"
-    if comfyui and not args.tiny:
-        scratch = args.models_dir or Path(tempfile.mkdtemp(prefix="dragkit-gpu-check-"))
-        if not args.sdxl:
-            record(run_logged("models", [python, "-m", "tools.sd15_random", "--out", str(scratch), "--device", device],
-                              logs, 600))
+        sd15_args: list[str] | None = []
+        if scratch:
+            step = record(run_logged("models", [python, "-m", "tools.sd15_random", "--out", str(scratch), "--device",
+                                                device], logs, 600))
             from tools.sd15_random import checkpoint_name, controlnet_name
             import torch
 
-            checkpoint_args[False] = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
-                                      "--controlnet", str(scratch / controlnet_name(0, torch.float16))]
-        if sdxl_workflows:
-            command = [python, "-m", "tools.sdxl_random", "--out", str(scratch), "--device", device]
-            checkpoint = written_path(record(run_logged("models_sdxl", command, logs, 600)), out)
-            checkpoint_args[True] = ["--checkpoint", str(checkpoint)] if checkpoint else None
-
-    table = TINY if args.tiny else QUICK
-    sample = scaled_sample(SAMPLE, out / "sample", TINY_SIDE) if args.tiny else SAMPLE
-    sdxl_sample = scaled_sample(SAMPLE, out / "sample_sdxl", SDXL_SIDE) if args.sdxl and not args.tiny else sample
-    for workflow in sdxl_workflows if args.sdxl else workflows:
-        sdxl = workflow in sdxl_workflows
-        name = f"workflow {workflow.stem}"
-        if not comfyui:
-            record(Step(name, "skipped", detail="COMFYUI_PATH is not set (the workflows run in ComfyUI)"))
-            continue
-        if checkpoint_args[sdxl] is None:
-            record(Step(name, "skipped", detail="no SDXL checkpoint: the models_sdxl step failed"))
-            continue
-        command = [python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)),
-                   "--sample", str(sdxl_sample if sdxl else sample),
-                   "--out", str(out / "workflows" / workflow.stem), "--timeout", "600",
-                   *checkpoint_args[sdxl], *overrides_for(workflow, table)]
-        record(run_logged(name.replace(" ", "_"), command, logs, 900))
+            sd15_args = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
+                         "--controlnet", str(scratch / controlnet_name(0, torch.float16))] if step.status == "passed" else None
+        run_workflows([w for w in workflows if w not in sdxl_workflows], sd15_args, sample)
 
     bench_json = out / ("bench_sdxl.json" if args.sdxl else "bench.json")
     bench = [python, "-m", "benchmarks.bench", "--json", str(bench_json)] + (["--model", "sdxl"] if args.sdxl else [])
@@ -302,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         step = run_logged(name, bench, logs, 900)
         report.benchmark = bench_rows(bench_json)
         record(step)
+
+    sdxl_args: list[str] | None = []
+    if scratch and sdxl_workflows:
+        command = [python, "-m", "tools.sdxl_random", "--out", str(scratch), "--device", device]
+        checkpoint = written_path(record(run_logged("models_sdxl", command, logs, 600)), out)
+        sdxl_args = ["--checkpoint", str(checkpoint)] if checkpoint else None
+    sdxl_sample = scaled_sample(SAMPLE, out / "sample_sdxl", SDXL_SIDE) if args.sdxl and not args.tiny else sample
+    run_workflows(sdxl_workflows, sdxl_args, sdxl_sample)
     print((out / "summary.md").read_text())
     return 0 if report.passed else 1
 
