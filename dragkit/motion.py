@@ -12,7 +12,10 @@ the features' dtype.
 Losses follow METHODS.md: a pair whose handle is within ``reach`` (2 cells)
 of its target contributes nothing; the patch term is the L1 mean over the
 patch times the released weight ((2r1+1)² for DragDiffusion, (2r1)² for
-GoodDrag).
+GoodDrag). Each loss reads the points on the host once and samples every
+patch in one call, so an iteration waits for the device once per loss, not
+once per pair (the per-pair means, hence the loss, are unchanged bit for
+bit; an fp16 feature gradient may sum the pairs in another order).
 """
 
 from __future__ import annotations
@@ -79,6 +82,41 @@ def unit_directions(handles: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return delta / distance.clamp(min=1e-8)[:, None], distance
 
 
+def _on_device(points: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Host ``(K_i, 2)`` point lists joined into one ``(ΣK_i, 2)`` tensor on ``device``, in one copy.
+
+    To a GPU the copy goes from pinned memory and does not wait for the
+    device: the losses below read their points on the host once per call
+    (one synchronisation) and send every patch back in this single copy,
+    instead of a round trip per pair.
+    """
+    joined = torch.cat(points)
+    if device.type == "cuda":
+        joined = joined.pin_memory()
+    return joined.to(device, non_blocking=True)
+
+
+def _patch_means(features: torch.Tensor, moved: list[torch.Tensor], fixed: list[torch.Tensor],
+                 fixed_features: torch.Tensor, weight: int) -> torch.Tensor:
+    """Σ_i weight · mean|F(moved_i) − sg(F_fixed(fixed_i))| over pairs i, sampling every patch in one call per map.
+
+    ``moved``/``fixed`` are host ``(K_i, 2)`` points (the same K_i per pair);
+    each pair's mean is taken over its own contiguous ``(C, K_i)`` block, as
+    if sampled alone.
+    """
+    loss = features.new_zeros((), dtype=torch.float32)
+    if not moved:
+        return loss
+    sizes = [len(points) for points in moved]
+    points = _on_device(moved + fixed, features.device)
+    total = sum(sizes)
+    shifted = sample_features(features, points[:total]).split(sizes, dim=1)
+    reference = sample_features(fixed_features, points[total:]).detach().split(sizes, dim=1)
+    for now, then in zip(shifted, reference):
+        loss = loss + weight * (now.contiguous() - then.contiguous()).abs().mean()
+    return loss
+
+
 def dragdiffusion_loss(features: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, radius: int = 1) -> torch.Tensor:
     """DragDiffusion's motion supervision term.
 
@@ -95,15 +133,15 @@ def dragdiffusion_loss(features: torch.Tensor, handles: torch.Tensor, targets: t
     """
     _, _, height, width = features.shape
     directions, distance = unit_directions(handles, targets)
-    loss = features.new_zeros((), dtype=torch.float32)
-    for handle, direction, dist in zip(handles, directions, distance):
+    pairs = torch.cat([handles.to(torch.float32), directions, distance[:, None]], dim=1).cpu()
+    moved, fixed = [], []
+    for handle, direction, dist in zip(pairs[:, :2], pairs[:, 2:4], pairs[:, 4]):
         if dist < REACHED:
             continue
         cells = handle + patch_cells(radius, height, width, handle)
-        anchor = sample_features(features, cells).detach()
-        shifted = sample_features(features, cells + direction)
-        loss = loss + (2 * radius + 1) ** 2 * (shifted - anchor).abs().mean()
-    return loss
+        moved.append(cells + direction)
+        fixed.append(cells)
+    return _patch_means(features, moved, fixed, features, (2 * radius + 1) ** 2)
 
 
 def gooddrag_loss(
@@ -125,15 +163,17 @@ def gooddrag_loss(
     """
     _, _, height, width = features.shape
     directions, distance = unit_directions(handles, targets)
-    loss = features.new_zeros((), dtype=torch.float32)
-    for handle, start, direction, dist in zip(handles, initial_handles, directions, distance):
+    pairs = torch.cat(
+        [handles.to(torch.float32), initial_handles.to(torch.float32), directions, distance[:, None]], dim=1
+    ).cpu()
+    moved, fixed = [], []
+    for handle, start, direction, dist in zip(pairs[:, :2], pairs[:, 2:4], pairs[:, 4:6], pairs[:, 6]):
         if dist < REACHED:
             continue
         offsets = patch_cells(radius, height, width, start, handle)
-        reference = sample_features(original_features, start + offsets).detach()
-        shifted = sample_features(features, handle + offsets + direction * min(max_step, float(dist)))
-        loss = loss + (2 * radius) ** 2 * (shifted - reference).abs().mean()
-    return loss
+        moved.append(handle + offsets + direction * min(max_step, float(dist)))
+        fixed.append(start + offsets)
+    return _patch_means(features, moved, fixed, original_features, (2 * radius) ** 2)
 
 
 def appearance_loss(
@@ -146,13 +186,13 @@ def appearance_loss(
     put each handle's content at its target.
     """
     _, _, height, width = features.shape
-    loss = features.new_zeros((), dtype=torch.float32)
-    for point, origin in zip(at, source_at):
+    points = torch.cat([at.to(torch.float32), source_at.to(torch.float32)], dim=1).cpu()
+    moved, fixed = [], []
+    for point, origin in zip(points[:, :2], points[:, 2:]):
         offsets = patch_cells(radius, height, width, point, origin)
-        moved = sample_features(features, point + offsets)
-        reference = sample_features(source_features, origin + offsets).detach()
-        loss = loss + (2 * radius + 1) ** 2 * (moved - reference).abs().mean()
-    return loss
+        moved.append(point + offsets)
+        fixed.append(origin + offsets)
+    return _patch_means(features, moved, fixed, source_features, (2 * radius + 1) ** 2)
 
 
 def track_points(
