@@ -43,7 +43,12 @@ with autograd and without) and the compute floor (FLOPs of those passes ÷
 the device's peak; :mod:`benchmarks.flops`), as ``flops``, ``floor_ms`` and
 ``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs),
 and ``ms_beyond_bare_passes`` (see :func:`report_stage`); per resolution also
-``goals`` (:func:`benchmarks.goals.judge`).
+``goals`` (:func:`benchmarks.goals.judge`), and on the ComfyUI path
+``capture`` (captured UNet passes: mode, captures, refusals, replays, the
+largest first-replay difference from eager) and ``capture_ratios`` (FastDrag
+sampling and re-edit with capture on ÷ off, both timed in the run), and
+``failures`` (a stage that ran out of GPU memory, e.g. SDXL LoRA at 1024²,
+is reported there and the run goes on).
 """
 
 from __future__ import annotations
@@ -190,6 +195,9 @@ def run(args: argparse.Namespace) -> dict:
                 "attn_cache": attn_cache,
                 "stages": stages,
                 "native_ratios": native_ratios(stager.stages),
+                "capture": path.capture_report() if hasattr(path, "capture_report") else None,
+                "failures": dict(getattr(path, "failures", {})),
+                "capture_ratios": capture_ratios(stager.stages),
                 "goals": goals.judge(args.model, side, goal_measures(stages), path.device.type == "cuda"),
             }
     finally:
@@ -228,6 +236,31 @@ KV-Injected Sample vs KSamplerAdvanced (same model, latent, steps and start step
 no added noise, cfg 1), VAE Decode (DragKit, with paste and preview) vs core VAE Decode."""
 
 
+CAPTURE_PAIRS = {
+    "fastdrag_sample": "fastdrag_sample_eager",
+    "fastdrag_re_edit": "fastdrag_re_edit_eager",
+}
+"""Stage (captured UNet passes, the default on CUDA) -> the same stage with capture off, timed in the same run
+(ComfyUI path)."""
+
+
+def capture_ratios(stages: dict) -> dict:
+    """``{stage: captured median / eager median}`` for each pair of :data:`CAPTURE_PAIRS` that ran."""
+    return {ours: stages[ours]["median_ms"] / stages[eager]["median_ms"]
+            for ours, eager in CAPTURE_PAIRS.items() if ours in stages and eager in stages}
+
+
+def capture_line(report: dict) -> str:
+    """One line on the captured passes of a run (:func:`nodes.comfy_capture.report`)."""
+    parts = []
+    for name, counts in (("sampling/inversion", report["passes"]), ("motion supervision", report["motion"])):
+        error = counts["max_first_replay_error"]
+        worst = "–" if error is None else f"{error:.1e}"
+        parts.append(f"{name}: {counts['captures']} captured, {counts['rejected']} refused, {counts['replays']} replays, "
+                     f"largest first-replay difference {worst}")
+    return f"Captured UNet passes (mode {report['mode']}): " + "; ".join(parts)
+
+
 def goal_measures(stages: dict) -> dict:
     """``{stage: {"median_ms", "peak_gib"}}`` of the reported stages (peak None without CUDA), as goals are stated."""
     return {name: {"median_ms": s["median_ms"], "peak_gib": None if s["peak_mib"] is None else s["peak_mib"] / 1024}
@@ -260,6 +293,13 @@ def tables(report: dict) -> str:
         if res.get("native_ratios"):
             lines += ["", "| our stage | ÷ ComfyUI's native equivalent |", "|---|---|"]
             lines += [f"| {ours} ÷ {NATIVE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["native_ratios"].items()]
+        if res.get("capture_ratios"):
+            lines += ["", "| stage, captured UNet passes | ÷ the same with capture off |", "|---|---|"]
+            lines += [f"| {ours} ÷ {CAPTURE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["capture_ratios"].items()]
+        if res.get("capture"):
+            lines += ["", capture_line(res["capture"])]
+        for name, why in (res.get("failures") or {}).items():
+            lines += ["", f"Stage {name} did not complete: {why}"]
         if res.get("goals"):
             lines += [""] + goals.markdown(res["goals"], report["model_family"], int(side))
         per_pass = flops["per_pass"][side]

@@ -16,7 +16,11 @@ would.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from dragkit.capture import ENV_VAR as CAPTURE_ENV
 
 from .inputs import edit_inputs
 from .measure import PassCounter, Stager, attn_cache_summary
@@ -56,6 +60,23 @@ def tiny_models(family: str):
 
     loaded = load_checkpoint_inproc(tiny_sdxl_checkpoint_path() if family == "sdxl" else tiny_checkpoint_path())
     return loaded.model, loaded.vae
+
+
+def without_capture(fn):
+    """``fn`` run with captured UNet passes off (``DRAGKIT_CAPTURE=off``): the eager side of the capture ratios."""
+
+    def call():
+        saved = os.environ.get(CAPTURE_ENV)
+        os.environ[CAPTURE_ENV] = "off"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ[CAPTURE_ENV]
+            else:
+                os.environ[CAPTURE_ENV] = saved
+
+    return call
 
 
 FAMILIES = {
@@ -101,7 +122,9 @@ class ComfyPath:
             self.unet_config = sd15_unet_config() if tiny else dict(SD15_UNET)
         name = FAMILIES[family]["name"]
         self.model_name = f"tiny seeded {name}-shaped checkpoint" if tiny else f"{name} architecture, random weights"
-        self.counter = PassCounter(self.model.model.diffusion_model)
+        self.counter = PassCounter(self.model.model.diffusion_model, self.host.pack.dragkit.capture.REPLAY_OBSERVERS)
+        self.failures: dict[str, str] = {}
+        """Stages of the last :meth:`run` that did not complete, and why (out of GPU memory)."""
 
     def close(self) -> None:
         self.counter.close()
@@ -112,8 +135,14 @@ class ComfyPath:
         Everything runs under ``torch.inference_mode``, as ComfyUI's executor
         runs nodes; the LoRA and optimiser nodes enable autograd themselves.
         """
+        self.host.pack.nodes.comfy_capture.reset()
+        self.failures = {}
         with torch.inference_mode():
             return self._run(side, work, methods, stager)
+
+    def capture_report(self) -> dict:
+        """The captured passes of the last :meth:`run` (:func:`nodes.comfy_capture.report`)."""
+        return self.host.pack.nodes.comfy_capture.report()
 
     def _run(self, side: int, work: Workload, methods: tuple[str, ...], stager: Stager) -> dict:
         nodes, classes, model, vae = self.host.nodes, self.host.pack.nodes, self.model, self.vae
@@ -154,6 +183,8 @@ class ComfyPath:
                 model, "disable", 0, steps, 1.0, "ddim", "ddim_uniform", positive, positive, warped, native_start, 10000,
                 "disable")[0])
             stager.fast("fastdrag_re_edit", lambda: decoded(fd_sample(fd_warp(z_t), cache)))
+            stager.fast("fastdrag_sample_eager", without_capture(lambda: fd_sample(warped, cache)))
+            stager.fast("fastdrag_re_edit_eager", without_capture(lambda: decoded(fd_sample(fd_warp(z_t), cache))))
 
             def first_edit():
                 zt, kv = invert.invert(model, nodes.VAEEncode().encode(vae, image)[0], positive, steps, strength, "decoder", "auto")
@@ -168,7 +199,11 @@ class ComfyPath:
                                      alpha=float(work.lora_rank), lr=5e-4, batch=work.lora_batch, seed=0, save_name="",
                                      use_cache=False)[0]
 
-            stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), steps=work.lora_steps)
+            try:
+                stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), steps=work.lora_steps)
+            except torch.cuda.OutOfMemoryError as error:
+                self.failures["lora"] = f"out of GPU memory: {str(error).splitlines()[0]}"
+                torch.cuda.empty_cache()
         attn_cache = {}
         if "dragdiffusion" in methods:
             kv = stager.slow("dragdiffusion_invert", lambda: invert.invert(

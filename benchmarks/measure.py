@@ -8,6 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dragkit import capture
+
 PASS_FIELDS = ("unet_passes", "unet_rows", "unet_passes_with_grad", "unet_rows_with_grad")
 """What :class:`PassCounter` counts: UNet calls and batch rows, all and with autograd on."""
 
@@ -15,20 +17,31 @@ PASS_FIELDS = ("unet_passes", "unet_rows", "unet_passes_with_grad", "unet_rows_w
 class PassCounter:
     """Counts forward calls of a UNet module (a forward pre-hook; removed by :meth:`close`).
 
-    A call counts as a pass even when the caller stops the forward early (the
+    Replays of captured passes count too (they run no Python, so no hook:
+    :data:`dragkit.capture.REPLAY_OBSERVERS`). A call counts as a pass even
+    when the caller stops the forward early (the
     motion-supervision loops stop after the feature block when they need no
     ε); rows are the batch size of the call's first tensor argument; calls
     made with autograd enabled are counted again under ``*_with_grad``.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, replay_observers: list | None = None) -> None:
+        """``replay_observers``: the :data:`~dragkit.capture.REPLAY_OBSERVERS` of the capture module the model's
+        backend uses (the pack loaded in ComfyUI has its own copy of ``dragkit``); default: this process's."""
         self.counts = dict.fromkeys(PASS_FIELDS, 0)
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._observers = capture.REPLAY_OBSERVERS if replay_observers is None else replay_observers
+        self._observers.append(self._replayed)
 
     def _hook(self, module, args, kwargs):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        rows = int(tensors[0].shape[0]) if tensors else 1
-        grad = torch.is_grad_enabled()
+        self._count(int(tensors[0].shape[0]) if tensors else 1, torch.is_grad_enabled())
+
+    def _replayed(self, first_input: torch.Tensor, differentiable: bool) -> None:
+        """A captured pass replayed (:mod:`dragkit.capture`): the UNet's Python, and so the hook, did not run."""
+        self._count(int(first_input.shape[0]), differentiable)
+
+    def _count(self, rows: int, grad: bool) -> None:
         self.counts["unet_passes"] += 1
         self.counts["unet_rows"] += rows
         self.counts["unet_passes_with_grad"] += int(grad)
@@ -39,6 +52,7 @@ class PassCounter:
 
     def close(self) -> None:
         self._handle.remove()
+        self._observers.remove(self._replayed)
 
 
 def _sync(device: torch.device) -> None:

@@ -61,6 +61,10 @@ REPLAY_TOLERANCE = 1e-3
 Outputs = Union[torch.Tensor, tuple]
 """What a pass returns: a tensor, or a tuple of tensors."""
 
+REPLAY_OBSERVERS: list[Callable[[torch.Tensor, bool], None]] = []
+"""Called at every graph replay with the call's first input tensor and whether it is differentiable: the
+passes a forward hook on the UNet cannot see (the benchmark counts them)."""
+
 CAPACITY = 8
 """Captured passes kept (least recently used dropped first); they share one memory pool per device."""
 
@@ -121,6 +125,11 @@ def _with(leaves: list, spec, tensors: list[int], values: list[torch.Tensor]) ->
     for i, value in zip(tensors, values):
         replaced[i] = value
     return pytree.tree_unflatten(replaced, spec)
+
+
+def _observe(call: "_Call", differentiable: bool) -> None:
+    for observer in REPLAY_OBSERVERS:
+        observer(call.inputs[0], differentiable)
 
 
 @dataclass
@@ -187,6 +196,7 @@ class _DifferentiablePass(torch.autograd.Function):
         with _bound(control, entry.slots):
             if entry.graph is not None:
                 entry.graph.replay()
+                _observe(call, True)
                 return _as_tuple(_copy(entry.outputs))
             with torch.enable_grad():
                 entry.pending = _as_tuple(fn(call.on(entry.statics)))
@@ -256,6 +266,11 @@ class PassCache:
     """For tests and the GPU check: graphs captured, replays (graph or eager), captures refused, and each
     accepted capture's first-replay difference from eager (:func:`difference`, see :data:`REPLAY_TOLERANCE`)."""
 
+    def counts(self) -> dict:
+        """The counters as a report: captures, replays, captures refused, the largest first-replay difference."""
+        return {"captures": self.captures, "replays": self.replays, "rejected": self.rejected,
+                "max_first_replay_error": max(self.first_replay_errors, default=None)}
+
     def clear(self) -> None:
         """Drop every entry (and with them the graphs' memory) and reset the counters."""
         self.entries.clear()
@@ -288,6 +303,7 @@ class PassCache:
         with _bound(control, entry.slots):
             if entry.graph is not None:
                 entry.graph.replay()
+                _observe(call, False)
                 out = _copy(entry.outputs)
             else:
                 out = fn(call.on(entry.statics))

@@ -238,6 +238,7 @@ class ComfyBackend:
                 try:
                     return loop(predict, x.to(torch.float32).clone()).detach()
                 finally:
+                    comfy_capture.tally_motion(passes)
                     passes.clear()
                     release()
 

@@ -43,6 +43,9 @@ from ..dragkit.capture import PassCache, capture_mode, log_once, tensor_layout
 PASSES = PassCache()
 """The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured)."""
 
+MOTION_COUNTS = {"captures": 0, "replays": 0, "rejected": 0, "max_first_replay_error": None}
+"""Motion supervision's capture counters, summed over its runs (each run's own cache is freed when it ends)."""
+
 CAPTURABLE = "dragkit_capturable"
 """Attribute this pack sets on the patch functions a capture may bake in (:func:`capturable`)."""
 
@@ -122,6 +125,27 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
         return outputs[0]
 
     patcher.set_model_unet_function_wrapper(unet_function_wrapper)
+
+
+def tally_motion(passes: PassCache) -> None:
+    """Add a finished motion-supervision run's counters to :data:`MOTION_COUNTS`."""
+    counts = passes.counts()
+    for name in ("captures", "replays", "rejected"):
+        MOTION_COUNTS[name] += counts[name]
+    errors = [e for e in (MOTION_COUNTS["max_first_replay_error"], counts["max_first_replay_error"]) if e is not None]
+    MOTION_COUNTS["max_first_replay_error"] = max(errors, default=None)
+
+
+def reset() -> None:
+    """Drop every captured pass and zero the counters (the benchmark does this per resolution)."""
+    PASSES.clear()
+    MOTION_COUNTS.update(captures=0, replays=0, rejected=0, max_first_replay_error=None)
+
+
+def report() -> dict:
+    """Capture counters for the benchmark and the GPU check: the mode, sampling/inversion passes, motion supervision."""
+    device = comfy.model_management.get_torch_device()
+    return {"mode": capture_mode(device), "passes": PASSES.counts(), "motion": dict(MOTION_COUNTS)}
 
 
 def _wrapper(patcher, control: AttentionControl):

@@ -152,11 +152,16 @@ def test_comfyui_path_counts_the_same_passes(comfyui, tmp_path):
     stages = report["resolutions"]["64"]["stages"]
     assert set(stages) == {"unet_forward", "vae_encode", "fastdrag_invert", "fastdrag_warp", "fastdrag_sample",
                            "vae_decode", "native_vae_decode", "native_ksampler_advanced", "fastdrag_re_edit",
-                           "fastdrag_first_edit", "lora"}
+                           "fastdrag_sample_eager", "fastdrag_re_edit_eager", "fastdrag_first_edit", "lora"}
     steps = round(TINY.fastdrag_steps * TINY.fastdrag_strength)
     assert stages["native_ksampler_advanced"]["unet_passes"] == stages["fastdrag_sample"]["unet_passes"] == steps
+    assert stages["fastdrag_sample_eager"]["unet_passes"] == steps
     ratios = report["resolutions"]["64"]["native_ratios"]
     assert set(ratios) == {"fastdrag_sample", "vae_decode"} and all(r > 0 for r in ratios.values())
+    capture = report["resolutions"]["64"]["capture"]
+    assert capture["mode"] == "off" and capture["passes"]["captures"] == 0, "no capture on a CPU"
+    assert set(report["resolutions"]["64"]["capture_ratios"]) == {"fastdrag_sample", "fastdrag_re_edit"}
+    assert report["resolutions"]["64"]["failures"] == {}
     assert all(set(stage) >= STAGE_FIELDS for stage in stages.values())
     assert stages["fastdrag_first_edit"]["unet_passes"] == 2 * round(TINY.fastdrag_steps * TINY.fastdrag_strength)
     probes = 2  # the two small steps that measure the backward memory (nodes/comfy_autograd.py PROBE_SIDES)

@@ -277,3 +277,14 @@ def test_a_differentiable_pass_refuses_a_stale_backward():
     passes.run_differentiable("k", differentiable_pass, (torch.randn(5, 4, requires_grad=True), w), control, (), "eager")
     with pytest.raises(RuntimeError, match="after a later pass"):
         first[1].sum().backward()
+
+
+def test_the_benchmark_counts_replayed_passes():
+    from benchmarks.measure import PassCounter
+
+    counter = PassCounter(torch.nn.Linear(2, 2))
+    for observer in list(capture.REPLAY_OBSERVERS):
+        observer(torch.zeros(3, 2), True)
+    assert counter.counts == {"unet_passes": 1, "unet_rows": 3, "unet_passes_with_grad": 1, "unet_rows_with_grad": 3}
+    counter.close()
+    assert not capture.REPLAY_OBSERVERS

@@ -137,9 +137,12 @@ def test_a_replay_follows_new_inputs_and_new_weights(monkeypatch):
     monkeypatch.setenv(capture.ENV_VAR, "graph")
     z, cond = inputs()
     schedule = DDIMSchedule(backend.alphas_cumprod(), 20, 0.7)
+    replayed = []
+    monkeypatch.setattr(capture, "REPLAY_OBSERVERS", [lambda first, grad: replayed.append(first.shape[0])])
     first = ddim_invert(backend, z, cond, schedule, ()).z_star
     second = ddim_invert(backend, z + 0.5, cond, schedule, ()).z_star
     assert backend.passes.captures == 1 and not torch.equal(first, second)
+    assert len(replayed) == 2 * schedule.num_inversion_steps - 1, "every pass after the first is a replay, observed"
     with torch.no_grad():
         for p in unet.parameters():
             p.data = p.data * 1.01

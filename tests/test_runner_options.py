@@ -130,3 +130,20 @@ def test_gpu_check_takes_the_checkpoint_a_models_step_printed_last(tmp_path):
     assert gpu_check.written_path(step, tmp_path) == Path("/scratch/my models/x.safetensors")
     step.status = "failed"
     assert gpu_check.written_path(step, tmp_path) is None
+
+
+def test_gpu_check_reports_captured_passes_and_every_fallback(tmp_path):
+    counts = {"captures": 3, "replays": 40, "rejected": 1, "max_first_replay_error": 2.5e-4}
+    bench = {"model_family": "sd15", "resolutions": {"512": {
+        "capture": {"mode": "graph", "passes": counts, "motion": dict(counts, captures=1, rejected=0)},
+        "capture_ratios": {"fastdrag_re_edit": 0.41}}}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fallback = "DragKit: a UNet pass could not be captured (RuntimeError: boom); it runs eagerly"
+    (logs / "workflow_fastdrag.log").write_text(f"INFO {fallback}\nINFO {fallback}\nsomething else\n")
+    notes = gpu_check.capture_notes(tmp_path / "bench.json", logs)
+    assert any("3 captured, 1 refused, 40 replays" in note and "2.5e-04" in note for note in notes)
+    assert "- sd15 512²: fastdrag_re_edit ÷ fastdrag_re_edit_eager = 0.41×" in notes
+    assert notes.count(f"- workflow_fastdrag: {fallback}") == 1, "each fallback once per log"
+    assert gpu_check.capture_notes(tmp_path / "missing.json", tmp_path / "nothing") == []

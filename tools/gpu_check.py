@@ -6,8 +6,9 @@
 
 Steps of the default run (each with its own time limit, logs in ``DIR/logs/``):
 
-1. **tests**: ``tests/test_cuda.py`` (skipped without CUDA) and
-   ``tests/test_gpu_hazards.py``, plus ``tests/host/test_gpu_path_host.py`` when
+1. **tests**: ``tests/test_cuda.py`` (skipped without CUDA; it compares
+   captured UNet passes with eager ones), ``tests/test_gpu_hazards.py`` and
+   ``tests/test_capture.py``, plus ``tests/host/test_gpu_path_host.py`` when
    ``COMFYUI_PATH`` is set.
 2. **models**: without ``--tiny``, a real-size SD1.5 checkpoint and ControlNet
    with random fp16 weights from a seed (:mod:`tools.sd15_random`, filled on
@@ -100,6 +101,7 @@ class Report:
     machine: dict = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     benchmark: list[dict] = field(default_factory=list)
+    capture: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -184,6 +186,39 @@ def bench_rows(path: Path) -> list[dict]:
     ]
 
 
+CAPTURE_LOG_MARKS = ("could not be captured", "differed from eager", "passes run eagerly", "to capture a UNet pass")
+"""What :mod:`nodes.comfy_capture` and :mod:`dragkit.capture` log when a pass is not captured."""
+
+
+def capture_notes(bench_json: Path, logs: Path) -> list[str]:
+    """Markdown bullets on captured UNet passes: the benchmark's counts and captured/eager ratios per resolution, and
+    every distinct capture fallback a step's log reports."""
+    from benchmarks.bench import CAPTURE_PAIRS, capture_line
+
+    notes = []
+    try:
+        report = json.loads(bench_json.read_text())
+    except (OSError, ValueError):
+        report = {}
+    for side, result in report.get("resolutions", {}).items():
+        family = report.get("model_family", "sd15")
+        notes += [f"- {family} {side}²: benchmark stage {name} did not complete: {why}"
+                  for name, why in (result.get("failures") or {}).items()]
+        if result.get("capture"):
+            notes.append(f"- {family} {side}²: {capture_line(result['capture'])}")
+        for ours, ratio in (result.get("capture_ratios") or {}).items():
+            notes.append(f"- {family} {side}²: {ours} ÷ {CAPTURE_PAIRS[ours]} = {ratio:.2f}×")
+    seen = set()
+    for log in sorted(logs.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "DragKit" in line and any(mark in line for mark in CAPTURE_LOG_MARKS):
+                message = line[line.index("DragKit"):].strip()
+                if (log.stem, message) not in seen:
+                    seen.add((log.stem, message))
+                    notes.append(f"- {log.stem}: {message}")
+    return notes
+
+
 def goal_tables(rows: list[dict], cuda: bool) -> list[str]:
     """Markdown: for each model family among ``rows``, a table of its :data:`benchmarks.goals.GOALS` (at the goals'
     side) judged on the rows of that family and side; judged only on a CUDA run."""
@@ -213,6 +248,9 @@ def write_summary(report: Report, out: Path) -> None:
             peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
             lines.append(f"| {row['model']} {row['stage']} | {row['median_ms']:.1f} | {peak} |")
         lines += goal_tables(report.benchmark, bool(report.machine.get("cuda")))
+    if report.capture:
+        lines += ["", "Captured UNet passes (CUDA graphs; first replays checked against eager) and benchmark stages "
+                      "that did not complete", ""] + report.capture
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
     (out / "summary.md").write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=2))
@@ -274,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 record(run_logged(name.replace(" ", "_"), command, logs, 900))
 
     if not args.sdxl:
-        tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py"] + (["tests/host/test_gpu_path_host.py"] if comfyui else [])
+        tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py", "tests/test_capture.py"]
+        tests += ["tests/host/test_gpu_path_host.py"] if comfyui else []
         record(run_logged("tests", [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], logs, 600))
         sd15_args: list[str] | None = []
         if scratch:
@@ -296,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         step = run_logged(name, bench, logs, 900)
         report.benchmark = bench_rows(bench_json)
+        report.capture = capture_notes(bench_json, logs)
         record(step)
 
     sdxl_args: list[str] | None = []
@@ -305,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         sdxl_args = ["--checkpoint", str(checkpoint)] if checkpoint else None
     sdxl_sample = scaled_sample(SAMPLE, out / "sample_sdxl", SDXL_SIDE) if args.sdxl and not args.tiny else sample
     run_workflows(sdxl_workflows, sdxl_args, sdxl_sample)
+    report.capture = capture_notes(bench_json, logs)
+    write_summary(report, out)
     print((out / "summary.md").read_text())
     return 0 if report.passed else 1
 
