@@ -253,7 +253,7 @@ def capture_ratios(stages: dict) -> dict:
 def capture_line(report: dict) -> str:
     """One line on the captured passes of a run (:func:`nodes.comfy_capture.report`)."""
     parts = []
-    for name, counts in (("sampling/inversion", report["passes"]), ("motion supervision", report["motion"])):
+    for name, counts in (("sampling/inversion", report["passes"]), ("with gradients", report["gradient"])):
         error = counts["max_first_replay_error"]
         worst = "–" if error is None else f"{error:.1e}"
         parts.append(f"{name}: {counts['captures']} captured, {counts['rejected']} refused, {counts['replays']} replays, "

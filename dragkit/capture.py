@@ -174,6 +174,7 @@ class _Entry:
     grad_inputs: tuple = ()
     pending: tuple | None = None
     generation: int = 0
+    params: tuple = ()
 
     def load(self, call: _Call) -> None:
         """Copy the call's input tensors into the static buffers."""
@@ -182,7 +183,8 @@ class _Entry:
                 static.copy_(value, non_blocking=True)
 
     def differentiable(self) -> list[torch.Tensor]:
-        return [s for s in self.statics if s.requires_grad]
+        """What the backward differentiates for: the static inputs that require grad, then the parameters."""
+        return [s for s in self.statics if s.requires_grad] + list(self.params)
 
 
 class _DifferentiablePass(torch.autograd.Function):
@@ -215,13 +217,13 @@ class _DifferentiablePass(torch.autograd.Function):
             for static, grad in zip(entry.grad_outputs, grads):
                 static.copy_(grad)
             entry.backward_graph.replay()
-            found = [g.clone() for g in entry.grad_inputs]
+            found = [None if g is None else g.clone() for g in entry.grad_inputs]
         else:
             outputs, entry.pending = entry.pending, None
             found = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
-            found = [torch.zeros_like(w) if g is None else g for g, w in zip(found, wanted)]
         given = iter(found)
-        return (None, None, None, None, *(next(given) if s.requires_grad else None for s in entry.statics))
+        inputs = [next(given) if s.requires_grad else None for s in entry.statics]
+        return (None, None, None, None, *inputs, *given)
 
 
 class _lent:
@@ -311,23 +313,29 @@ class PassCache:
         return out
 
     def run_differentiable(self, key: Hashable, fn: Callable[[Any], Outputs], tree: Any, control: AttentionControl,
-                           weights: Hashable, mode: str) -> tuple:
-        """Like :meth:`run`, for a pass to be differentiated: the outputs (a tuple) backpropagate to ``tree``'s tensors that require grad.
+                           weights: Hashable, mode: str, params: tuple = ()) -> tuple:
+        """Like :meth:`run`, for a pass to be differentiated: the outputs (a tuple) backpropagate to ``tree``'s
+        tensors that require grad and to ``params``.
 
-        In graph mode the first call of a key captures the forward and the
+        ``params`` are leaf tensors ``fn`` reads in place (not through
+        ``tree``; e.g. LoRA adapters in forward hooks): they are their own
+        static buffers, so their identity is part of the weights check. In
+        graph mode the first call of a key captures the forward and the
         backward and checks one replay of each against an eager run (outputs,
         and the gradients for all-ones output gradients).
         """
         call = _Call.of(tree)
+        weights = (weights, tuple(p.data_ptr() for p in params))
         entry = self._entry(key, weights)
         if entry is None:
             entry = self._new(key, call, weights, requires_grad=True)
+            entry.params = tuple(params)
             if mode == "graph":
                 with _lent(control, entry.slots):
                     self._capture_differentiable(fn, call.on(entry.statics), entry)
         else:
             self.replays += 1
-        return _DifferentiablePass.apply(entry, fn, call, control, *call.inputs)
+        return _DifferentiablePass.apply(entry, fn, call, control, *call.inputs, *entry.params)
 
     def _entry(self, key: Hashable, weights: Hashable) -> _Entry | None:
         entry = self.entries.get(key)
@@ -391,7 +399,7 @@ class PassCache:
         torch.cuda.synchronize(device)
         with torch.cuda.stream(side), torch.enable_grad():
             eager = _as_tuple(fn(static_tree))
-            eager_grads = torch.autograd.grad(eager, wanted, [torch.ones_like(o) for o in eager])
+            eager_grads = torch.autograd.grad(eager, wanted, [torch.ones_like(o) for o in eager], allow_unused=True)
         torch.cuda.synchronize(device)
 
         def capture():
@@ -402,10 +410,11 @@ class PassCache:
                     outputs = _as_tuple(fn(static_tree))
                 grad_outputs = tuple(torch.ones_like(o) for o in outputs)
                 with torch.cuda.graph(backward, pool=pool, stream=side, capture_error_mode="thread_local"):
-                    grad_inputs = tuple(torch.autograd.grad(outputs, wanted, grad_outputs))
+                    grad_inputs = tuple(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
             forward.replay()
             backward.replay()
-            error = max(difference(outputs, eager), difference(grad_inputs, eager_grads))
+            used = [(g, e) for g, e in zip(grad_inputs, eager_grads) if g is not None and e is not None]
+            error = max(difference(outputs, eager), difference(tuple(g for g, _ in used), tuple(e for _, e in used)))
             return error, dict(graph=forward, outputs=outputs, backward_graph=backward, grad_outputs=grad_outputs,
                                grad_inputs=grad_inputs)
 

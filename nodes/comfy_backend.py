@@ -238,7 +238,7 @@ class ComfyBackend:
                 try:
                     return loop(predict, x.to(torch.float32).clone()).detach()
                 finally:
-                    comfy_capture.tally_motion(passes)
+                    comfy_capture.tally_gradient_run(passes)
                     passes.clear()
                     release()
 

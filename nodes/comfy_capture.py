@@ -15,13 +15,13 @@ input tensor's shape/dtype/device, the structure and plain values of ``c``
 weights' identity (the storage address of every parameter and buffer) is
 checked before each replay.
 
-Motion supervision's feature passes (:func:`install_features`, a private
-:class:`~dragkit.capture.PassCache` per run) capture the forward and the
-backward to the latent; LoRA steps (gradients to adapter weights) are not
-captured.
+Motion supervision's feature passes (:func:`install_features`) and LoRA
+steps (:func:`training_pass`) capture the forward and the backward (to the
+latent; to the adapters' parameters), each run with a private
+:class:`~dragkit.capture.PassCache` freed when it ends.
 
 A pass runs plainly, with the reason logged once, when the capture cannot
-honour it: gradients are needed outside motion supervision; a
+honour it: gradients are needed outside those two; a
 model patch, wrapper or callback this pack did not make is present; the
 MODEL has weight hooks or object patches other than the model sampling; the
 model is partially loaded (lowvram); or there is
@@ -43,8 +43,9 @@ from ..dragkit.capture import PassCache, capture_mode, log_once, tensor_layout
 PASSES = PassCache()
 """The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured)."""
 
-MOTION_COUNTS = {"captures": 0, "replays": 0, "rejected": 0, "max_first_replay_error": None}
-"""Motion supervision's capture counters, summed over its runs (each run's own cache is freed when it ends)."""
+GRADIENT_COUNTS = {"captures": 0, "replays": 0, "rejected": 0, "max_first_replay_error": None}
+"""The capture counters of passes with gradients (motion supervision, LoRA), summed over their runs (each run's
+own cache is freed when it ends)."""
 
 CAPTURABLE = "dragkit_capturable"
 """Attribute this pack sets on the patch functions a capture may bake in (:func:`capturable`)."""
@@ -127,25 +128,45 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
     patcher.set_model_unet_function_wrapper(unet_function_wrapper)
 
 
-def tally_motion(passes: PassCache) -> None:
-    """Add a finished motion-supervision run's counters to :data:`MOTION_COUNTS`."""
+def tally_gradient_run(passes: PassCache) -> None:
+    """Add a finished motion-supervision or LoRA run's counters to :data:`GRADIENT_COUNTS`."""
     counts = passes.counts()
     for name in ("captures", "replays", "rejected"):
-        MOTION_COUNTS[name] += counts[name]
-    errors = [e for e in (MOTION_COUNTS["max_first_replay_error"], counts["max_first_replay_error"]) if e is not None]
-    MOTION_COUNTS["max_first_replay_error"] = max(errors, default=None)
+        GRADIENT_COUNTS[name] += counts[name]
+    errors = [e for e in (GRADIENT_COUNTS["max_first_replay_error"], counts["max_first_replay_error"]) if e is not None]
+    GRADIENT_COUNTS["max_first_replay_error"] = max(errors, default=None)
 
 
 def reset() -> None:
     """Drop every captured pass and zero the counters (the benchmark does this per resolution)."""
     PASSES.clear()
-    MOTION_COUNTS.update(captures=0, replays=0, rejected=0, max_first_replay_error=None)
+    GRADIENT_COUNTS.update(captures=0, replays=0, rejected=0, max_first_replay_error=None)
 
 
 def report() -> dict:
-    """Capture counters for the benchmark and the GPU check: the mode, sampling/inversion passes, motion supervision."""
+    """Capture counters for the benchmark and the GPU check: the mode, sampling/inversion passes, passes with gradients."""
     device = comfy.model_management.get_torch_device()
-    return {"mode": capture_mode(device), "passes": PASSES.counts(), "motion": dict(MOTION_COUNTS)}
+    return {"mode": capture_mode(device), "passes": PASSES.counts(), "gradient": dict(GRADIENT_COUNTS)}
+
+
+def training_pass(patcher, passes: PassCache, apply_model, x: torch.Tensor, timestep: torch.Tensor, c: dict,
+                  params: tuple) -> torch.Tensor:
+    """``apply_model(x, timestep, **c)`` of a LoRA step, captured through ``passes`` with gradients to ``params``.
+
+    ``params`` are the adapters' parameters, read by their forward hooks;
+    plain when capture is off or the call cannot be captured.
+    """
+    mode = capture_mode(x.device)
+    described = None if mode == "off" else _describe(patcher, c, x, allow_grad=True)
+    if described is None:
+        return apply_model(x, timestep, **c)
+    control = AttentionControl()
+    key = _key(patcher, control, described, (x, timestep, c)) + ("training",)
+    if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
+        return apply_model(x, timestep, **c)
+    outputs = passes.run_differentiable(key, lambda tree: (apply_model(tree[0], tree[1], **tree[2]),), (x, timestep, c),
+                                        control, _weights(patcher), mode, params=params)
+    return outputs[0]
 
 
 def _wrapper(patcher, control: AttentionControl):

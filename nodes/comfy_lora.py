@@ -12,7 +12,9 @@ Training never changes the shared MODEL's patches or values:
   the measured backward memory reserved with the model manager
   (:func:`nodes.comfy_autograd.prepare_for_backward`), then trained under
   ``inference_mode(False)`` + ``enable_grad()`` with
-  :func:`dragkit.lora.train_lora`; ε comes from ``BaseModel.apply_model``
+  :func:`dragkit.lora.train_lora`, each step's UNet pass captured forward and
+  backward (:func:`nodes.comfy_capture.training_pass`; CUDA graphs on a GPU);
+  ε comes from ``BaseModel.apply_model``
   (ε = (x − x̂0)/σ), so v-prediction models train in ε-space too. Compute runs
   in the model's dtype (fp16/bf16 on GPU; fp16 uses a GradScaler), the LoRA
   parameters and optimiser state are float32.
@@ -36,6 +38,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
+from ..dragkit.capture import PassCache
 from ..dragkit.errors import DragInputError
 from ..dragkit.lora import (
     LoRATrainingConfig,
@@ -47,6 +50,7 @@ from ..dragkit.lora import (
     train_lora,
     weights_fingerprint,
 )
+from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
 
 log = logging.getLogger("DragKit")
@@ -198,7 +202,8 @@ class ComfyLoRATrainer:
         sigmas = ms.sigma(torch.arange(ms.num_timesteps)).to(torch.float64).cpu()
         return 1.0 / (1.0 + sigmas**2)
 
-    def _eps_predictor(self, z_like: torch.Tensor):
+    def _eps_predictor(self, z_like: torch.Tensor, passes: PassCache | None = None):
+        """ε of ``(z_t, t)`` through the adapted UNet; with ``passes``, each pass captured (forward and backward)."""
         base = self.model.model
         device = z_like.device
         ms = self.model.get_model_object("model_sampling")
@@ -213,14 +218,18 @@ class ComfyLoRATrainer:
         if "c_concat" in extras:
             raise DragInputError("this MODEL needs concat conditioning (inpainting/instruct models are not supported)")
         transformer_options = dict(self.model.model_options.get("transformer_options", {}))
+        params = tuple(p for adapter in self.adapters.values() for p in adapter.parameters())
 
         def predict_eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             batch = z_t.shape[0]
             sigma = sigmas[t]
             x = z_t * (1.0 + sigma**2).sqrt().view(-1, 1, 1, 1)
             kwargs = {k: comfy.utils.repeat_to_batch_size(v.cond, batch).to(device) for k, v in extras.items()}
-            options = dict(transformer_options, sigmas=sigma, cond_or_uncond=[0])
-            denoised = base.apply_model(x, sigma, transformer_options=options, **kwargs)
+            c = dict(kwargs, transformer_options=dict(transformer_options, sigmas=sigma, cond_or_uncond=[0]))
+            if passes is None:
+                denoised = base.apply_model(x, sigma, **c)
+            else:
+                denoised = comfy_capture.training_pass(self.model, passes, base.apply_model, x, sigma, c, params)
             return ((x - denoised.to(torch.float32)) / sigma.view(-1, 1, 1, 1)).to(torch.float32)
 
         return predict_eps
@@ -234,11 +243,16 @@ class ComfyLoRATrainer:
         params = [p for adapter in self.adapters.values() for p in adapter.parameters()]
         base = self.model.model
         dtype = base.manual_cast_dtype or base.get_dtype()
+        passes = PassCache()
         with torch.inference_mode(False), torch.enable_grad():
             mean = latent_mean.detach().clone().to(device, torch.float32)
             std = None if latent_std is None else latent_std.detach().clone().to(device, torch.float32)
-            return train_lora(self._eps_predictor(mean), params, mean, self.alphas_cumprod(), self.config,
-                              latent_std=std, progress=progress, grad_scaler=grad_scaler_for(dtype, device))
+            try:
+                return train_lora(self._eps_predictor(mean, passes), params, mean, self.alphas_cumprod(), self.config,
+                                  latent_std=std, progress=progress, grad_scaler=grad_scaler_for(dtype, device))
+            finally:
+                comfy_capture.tally_gradient_run(passes)
+                passes.clear()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained LoRA in ComfyUI's generic keys (float32, CPU)."""

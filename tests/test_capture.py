@@ -288,3 +288,23 @@ def test_the_benchmark_counts_replayed_passes():
     assert counter.counts == {"unet_passes": 1, "unet_rows": 3, "unet_passes_with_grad": 1, "unet_rows_with_grad": 3}
     counter.close()
     assert not capture.REPLAY_OBSERVERS
+
+
+def test_a_differentiable_pass_gives_gradients_to_parameters_it_reads_in_place():
+    passes = capture.PassCache()
+    weight = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
+
+    def adapted(tree):
+        (x,) = tree
+        return ((x @ weight.T).tanh(),)
+
+    for seed in (2, 3):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        weight.grad = None
+        (x @ weight.T).tanh().sum().backward()
+        plain = weight.grad.clone()
+        weight.grad = None
+        (out,) = passes.run_differentiable("k", adapted, (x,), AttentionControl(), (), "eager", params=(weight,))
+        out.sum().backward()
+        assert torch.equal(weight.grad, plain)
+    assert passes.replays == 1

@@ -175,3 +175,26 @@ def test_a_captured_differentiable_pass_matches_eager():
     assert max(passes.first_replay_errors) <= capture.REPLAY_TOLERANCE
     for (eager_out, eager_grad), (graph_out, graph_grad) in zip(results["eager"], results["graph"]):
         assert (graph_out - eager_out).abs().max() <= 1e-3 and (graph_grad - eager_grad).abs().max() <= 1e-3
+
+
+def test_a_captured_pass_with_parameter_gradients_matches_eager():
+    weight = torch.nn.Parameter(0.1 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE))
+
+    def adapted(tree):
+        (x,) = tree
+        return (torch.nn.functional.linear(x.half(), weight.half()).float().square(),)
+
+    passes = capture.PassCache()
+    grads = {}
+    for mode in ("eager", "graph"):
+        passes.clear()
+        grads[mode] = []
+        for seed in (1, 2, 3):
+            weight.grad = None
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+            (out,) = passes.run_differentiable("lora", adapted, (x,), AttentionControl(), (), mode, params=(weight,))
+            out.sum().backward()
+            grads[mode].append(weight.grad.clone())
+    assert passes.captures == 1 and passes.rejected == 0
+    for eager, graphed in zip(grads["eager"], grads["graph"]):
+        assert (graphed - eager).abs().max() <= 1e-3 * max(1.0, float(eager.abs().max()))

@@ -135,7 +135,7 @@ def test_gpu_check_takes_the_checkpoint_a_models_step_printed_last(tmp_path):
 def test_gpu_check_reports_captured_passes_and_every_fallback(tmp_path):
     counts = {"captures": 3, "replays": 40, "rejected": 1, "max_first_replay_error": 2.5e-4}
     bench = {"model_family": "sd15", "resolutions": {"512": {
-        "capture": {"mode": "graph", "passes": counts, "motion": dict(counts, captures=1, rejected=0)},
+        "capture": {"mode": "graph", "passes": counts, "gradient": dict(counts, captures=1, rejected=0)},
         "capture_ratios": {"fastdrag_re_edit": 0.41}}}}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     logs = tmp_path / "logs"

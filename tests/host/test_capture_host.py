@@ -7,7 +7,8 @@ inversion's trajectory and attention cache, KV-injected sampling (with and
 without CFG, injection on for part of the steps), the reference branch, and
 motion supervision (DragDiffusion and GoodDrag iterations: the feature
 passes' forward and backward through the differentiable static path; equal
-up to the order in which the latent's gradient is summed).
+up to the order in which the latent's gradient is summed) and LoRA steps
+(gradients to the adapters' parameters).
 Also: what goes into the key, and the calls that must run plainly.
 """
 
@@ -209,3 +210,35 @@ def test_motion_supervision_through_static_buffers_equals_the_plain_path(monkeyp
     # with the rest in another order, so it can differ in the last bits (measured: 2.5e-6 in a first gradient,
     # 1.2e-6 in the latent after two GoodDrag steps).
     assert (plain.latent - static.latent).abs().max() <= 1e-5
+
+
+def test_lora_steps_through_static_buffers_equal_the_plain_path(monkeypatch, pack, tiny_comfy_models):
+    calls = []
+    cache_class = pack.dragkit.capture.PassCache
+    real = cache_class.run_differentiable
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(kwargs.get("params", ())))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_class, "run_differentiable", counted)
+    config = pack.dragkit.lora.LoRATrainingConfig(steps=3, batch=2, rank=2, lr=1e-2)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def train():
+        trainer = pack.nodes.comfy_lora.ComfyLoRATrainer(tiny_comfy_models.model, prompt(1), config)
+        try:
+            with torch.inference_mode():
+                losses = trainer.train(latent).losses
+            return losses, trainer.lora_state_dict()
+        finally:
+            trainer.close()
+
+    plain_losses, plain_lora = in_mode(monkeypatch, "off", train)
+    assert calls == []
+    static_losses, static_lora = in_mode(monkeypatch, "eager", train)
+    assert len(calls) == config.steps and calls[0] > 0, "every step through the static path, adapters as parameters"
+    assert static_losses[0] == plain_losses[0], "the first step's forward is the same bit for bit"
+    assert max(abs(a - b) for a, b in zip(plain_losses, static_losses)) <= 1e-5
+    assert plain_lora.keys() == static_lora.keys()
+    assert max((plain_lora[k] - static_lora[k]).abs().max() for k in plain_lora) <= 1e-5
