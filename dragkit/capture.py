@@ -22,7 +22,9 @@ backward ~86 ms eager and ~20 ms replayed (see ``docs/gpu-device.md``).
 differentiated (motion supervision): it captures the forward and the
 backward (to the inputs that require grad) as two graphs and returns
 outputs whose backward replays the second one. Every forward must be
-differentiated, if at all, before the next forward through the same key.
+differentiated, if at all, before the next pass through the same cache (the
+saved activations live in the cache's shared graph memory); a late backward
+is refused.
 
 ``"eager"`` mode is the CPU stand-in for replay: the same static buffers,
 slots and copies, with ``fn`` run instead of a graph, so the tests can show
@@ -76,10 +78,14 @@ def capture_mode(device: torch.device) -> str:
         log_once(f"env:{wanted}", f"DragKit: {ENV_VAR}={wanted!r} is not one of auto, {', '.join(MODES)}; using auto")
         wanted = "auto"
     if wanted == "auto":
-        return "graph" if device.type == "cuda" else "off"
-    if wanted == "graph" and device.type != "cuda":
+        wanted = "graph" if device.type == "cuda" else "off"
+    if wanted == "graph" and (device.type != "cuda" or _graphs_disabled):
         return "eager"
     return wanted
+
+
+_graphs_disabled: set = set()
+"""Devices on which a capture failed: no more graphs there in this process (see :meth:`PassCache._checked`)."""
 
 
 _logged: set[Hashable] = set()
@@ -93,12 +99,25 @@ def log_once(key: Hashable, message: str) -> None:
 
 
 def tensor_layout(tree: Any) -> tuple:
-    """Hashable ``(shape, dtype, device, requires_grad)`` of every tensor leaf of ``tree``, in order."""
-    return tuple(
+    """Hashable ``(shape, dtype, device, requires_grad)`` of every tensor leaf of ``tree``, in order, and whether
+    inference mode is on (static buffers made under it are inference tensors, which cannot be written outside it)."""
+    layout = tuple(
         (tuple(t.shape), t.dtype, t.device, t.requires_grad)
         for t in pytree.tree_leaves(tree)
         if isinstance(t, torch.Tensor)
     )
+    return layout + (torch.is_inference_mode_enabled(),)
+
+
+def probe_gradients(outputs: tuple) -> tuple:
+    """Output gradients for checking a captured backward: seeded normal values scaled by 1/√numel (all-ones
+    gradients over a large fp16 feature map can overflow the backward), the same for the same shapes."""
+    grads = []
+    for index, out in enumerate(outputs):
+        generator = torch.Generator(device=out.device).manual_seed(index)
+        values = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+        grads.append((values / max(out.numel(), 1) ** 0.5).to(out.dtype))
+    return tuple(grads)
 
 
 def _as_tuple(out: Outputs) -> tuple:
@@ -110,11 +129,11 @@ def _copy(out: Outputs) -> Outputs:
     return tuple(o.detach().clone() for o in out) if isinstance(out, tuple) else out.detach().clone()
 
 
-def difference(a: Outputs, b: Outputs) -> float:
-    """Largest |a - b| over all outputs, relative to max(1, max |b|)."""
+def difference(a: Outputs, b: Outputs, floor: float = 1.0) -> float:
+    """Largest |a - b| over all outputs, relative to max(``floor``, max |b|) (``floor`` 0: purely relative)."""
     worst = 0.0
     for x, y in zip(_as_tuple(a), _as_tuple(b)):
-        scale = max(1.0, float(y.detach().float().abs().max()))
+        scale = max(floor, float(y.detach().float().abs().max()), 1e-30)
         worst = max(worst, float((x.detach().float() - y.detach().float()).abs().max()) / scale)
     return worst
 
@@ -173,8 +192,8 @@ class _Entry:
     grad_outputs: tuple = ()
     grad_inputs: tuple = ()
     pending: tuple | None = None
-    generation: int = 0
     params: tuple = ()
+    clock: list = field(default_factory=lambda: [0])
 
     def load(self, call: _Call) -> None:
         """Copy the call's input tensors into the static buffers."""
@@ -193,8 +212,8 @@ class _DifferentiablePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _Entry, fn, call: _Call, control: AttentionControl, *inputs: torch.Tensor):
         entry.load(call)
-        entry.generation += 1
-        ctx.entry, ctx.generation = entry, entry.generation
+        entry.clock[0] += 1
+        ctx.entry, ctx.tick = entry, entry.clock[0]
         with _bound(control, entry.slots):
             if entry.graph is not None:
                 entry.graph.replay()
@@ -208,9 +227,10 @@ class _DifferentiablePass(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor):
         entry: _Entry = ctx.entry
-        if ctx.generation != entry.generation:
+        if ctx.tick != entry.clock[0]:
             raise RuntimeError(
-                "DragKit: a captured UNet pass was differentiated after a later pass through the same buffers"
+                "DragKit: a captured UNet pass was differentiated after a later pass of the same cache (its "
+                "activations share the cache's graph memory); run each backward before the next pass"
             )
         wanted = entry.differentiable()
         if entry.backward_graph is not None:
@@ -244,7 +264,11 @@ class _bound(_lent):
 
     def __enter__(self) -> None:
         super().__enter__()
-        self.control.before_pass()
+        try:
+            self.control.before_pass()
+        except BaseException:
+            self.control.bind(None)
+            raise
 
     def __exit__(self, kind, value, traceback) -> None:
         try:
@@ -261,6 +285,9 @@ class PassCache:
     capacity: int = CAPACITY
     entries: OrderedDict = field(default_factory=OrderedDict)
     pools: dict = field(default_factory=dict)
+    streams: dict = field(default_factory=dict)
+    clock: list = field(default_factory=lambda: [0])
+    """Passes run through this cache, shared with its entries (a backward must follow its own forward directly)."""
     captures: int = 0
     replays: int = 0
     rejected: int = 0
@@ -273,10 +300,16 @@ class PassCache:
         return {"captures": self.captures, "replays": self.replays, "rejected": self.rejected,
                 "max_first_replay_error": max(self.first_replay_errors, default=None)}
 
+    def drop_where(self, doomed: Callable[[Hashable], bool]) -> None:
+        """Drop the entries whose key ``doomed`` says."""
+        for key in [key for key in self.entries if doomed(key)]:
+            del self.entries[key]
+
     def clear(self) -> None:
         """Drop every entry (and with them the graphs' memory) and reset the counters."""
         self.entries.clear()
         self.pools.clear()
+        self.streams.clear()
         self.captures = self.replays = self.rejected = 0
         self.first_replay_errors.clear()
 
@@ -292,14 +325,19 @@ class PassCache:
         identity (e.g. their storage addresses).
         """
         call = _Call.of(tree)
+        self.clock[0] += 1
         entry = self._entry(key, weights)
         if entry is None:
             entry = self._new(key, call, weights, requires_grad=False)
+
+            def make_tree():
+                return call.on(entry.statics)
+
             with _bound(control, entry.slots):
-                out = self._warm_up(fn, call.on(entry.statics), entry) if mode == "graph" else fn(call.on(entry.statics))
+                out = self._warm_up(make_tree, fn, entry) if mode == "graph" else fn(make_tree())
             if mode == "graph":
                 with _lent(control, entry.slots):
-                    self._capture(fn, call.on(entry.statics), out, entry)
+                    self._capture(fn, make_tree, out, entry)
             return out
         entry.load(call)
         with _bound(control, entry.slots):
@@ -332,7 +370,7 @@ class PassCache:
             entry.params = tuple(params)
             if mode == "graph":
                 with _lent(control, entry.slots):
-                    self._capture_differentiable(fn, call.on(entry.statics), entry)
+                    self._capture_differentiable(fn, lambda: call.on(entry.statics), entry)
         else:
             self.replays += 1
         return _DifferentiablePass.apply(entry, fn, call, control, *call.inputs, *entry.params)
@@ -349,32 +387,45 @@ class PassCache:
 
     def _new(self, key: Hashable, call: _Call, weights: Hashable, requires_grad: bool) -> _Entry:
         statics = [t.detach().clone().requires_grad_(requires_grad and t.requires_grad) for t in call.inputs]
-        entry = _Entry(statics=statics, slots=KVSlots(), weights=weights)
+        entry = _Entry(statics=statics, slots=KVSlots(), weights=weights, clock=self.clock)
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
         return entry
 
-    @staticmethod
-    def _warm_up(fn, static_tree, entry: _Entry) -> Outputs:
-        """``fn`` run eagerly on a side stream, as CUDA graph capture wants before its first capture.
+    def _stream(self, device: torch.device):
+        """The device's capture stream: every warm-up and capture into the shared pool runs on it."""
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
 
-        What it allocates (the outputs, the slots) is then marked as used on
-        the main stream, so the allocator never hands that memory to the side
-        stream's next user while the main stream still reads it.
+    def _warm_up(self, make_tree: Callable[[], Any], fn, entry: _Entry, grads: bool = False):
+        """``fn`` run eagerly on the capture stream, as CUDA graph capture wants before its first capture.
+
+        With ``grads``, also the backward to :meth:`_Entry.differentiable`
+        for :func:`probe_gradients`; returns ``(outputs, gradients)`` then.
+        What the warm-up allocates (outputs, gradients, slots) is marked as
+        used on the main stream, so the allocator never hands that memory to
+        the capture stream while the main stream still reads it.
         """
         device = entry.statics[0].device
         main = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
+        side = self._stream(device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            out = fn(static_tree)
+            if grads:
+                with torch.enable_grad():
+                    out = _as_tuple(fn(make_tree()))
+                    found = torch.autograd.grad(out, entry.differentiable(), probe_gradients(out), allow_unused=True)
+            else:
+                out, found = fn(make_tree()), ()
         main.wait_stream(side)
-        for tensor in [*_as_tuple(out), *entry.slots.buffers.values()]:
-            tensor.record_stream(main)
-        return out
+        for tensor in [*_as_tuple(out), *found, *entry.slots.buffers.values()]:
+            if tensor is not None:
+                tensor.record_stream(main)
+        return (out, found) if grads else out
 
-    def _capture(self, fn, static_tree, eager: Outputs, entry: _Entry) -> None:
+    def _capture(self, fn, make_tree: Callable[[], Any], eager: Outputs, entry: _Entry) -> None:
         """Capture ``fn`` into ``entry``, replay once and keep the graph only if it matches the warm-up output ``eager``.
 
         The slots still hold the warm-up's inputs (capturing runs nothing), so
@@ -384,37 +435,40 @@ class PassCache:
 
         def capture():
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool(device), capture_error_mode="thread_local"):
-                captured = fn(static_tree)
+            with torch.cuda.graph(graph, pool=self._pool(device), stream=self._stream(device),
+                                  capture_error_mode="thread_local"):
+                captured = fn(make_tree())
             graph.replay()
             return difference(captured, eager), dict(graph=graph, outputs=captured)
 
         self._checked(capture, entry)
 
-    def _capture_differentiable(self, fn, static_tree, entry: _Entry) -> None:
-        """Warm up, capture the forward and the backward into ``entry`` and check one replay of each against the warm-up."""
+    def _capture_differentiable(self, fn, make_tree: Callable[[], Any], entry: _Entry) -> None:
+        """Warm up, capture the forward and the backward into ``entry`` and check one replay of each against the warm-up.
+
+        Every call of ``fn`` gets a fresh tree (ComfyUI pops ControlNet
+        residuals out of the lists it is given).
+        """
         device = entry.statics[0].device
         wanted = entry.differentiable()
-        side = torch.cuda.Stream(device)
-        torch.cuda.synchronize(device)
-        with torch.cuda.stream(side), torch.enable_grad():
-            eager = _as_tuple(fn(static_tree))
-            eager_grads = torch.autograd.grad(eager, wanted, [torch.ones_like(o) for o in eager], allow_unused=True)
-        torch.cuda.synchronize(device)
 
         def capture():
+            eager, eager_grads = self._warm_up(make_tree, fn, entry, grads=True)
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            pool = self._pool(device)
+            pool, stream = self._pool(device), self._stream(device)
             with torch.enable_grad():
-                with torch.cuda.graph(forward, pool=pool, stream=side, capture_error_mode="thread_local"):
-                    outputs = _as_tuple(fn(static_tree))
-                grad_outputs = tuple(torch.ones_like(o) for o in outputs)
-                with torch.cuda.graph(backward, pool=pool, stream=side, capture_error_mode="thread_local"):
+                with torch.cuda.graph(forward, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    outputs = _as_tuple(fn(make_tree()))
+                grad_outputs = probe_gradients(outputs)
+                with torch.cuda.graph(backward, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     grad_inputs = tuple(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
             forward.replay()
             backward.replay()
             used = [(g, e) for g, e in zip(grad_inputs, eager_grads) if g is not None and e is not None]
-            error = max(difference(outputs, eager), difference(tuple(g for g, _ in used), tuple(e for _, e in used)))
+            if not all(bool(torch.isfinite(e).all()) for _, e in used):
+                raise FloatingPointError("the eager gradients to check the capture against are not finite")
+            error = max(difference(outputs, eager),
+                        difference(tuple(g for g, _ in used), tuple(e for _, e in used), floor=0.0))
             return error, dict(graph=forward, outputs=outputs, backward_graph=backward, grad_outputs=grad_outputs,
                                grad_inputs=grad_inputs)
 
@@ -424,16 +478,28 @@ class PassCache:
         return self.pools.setdefault(device, torch.cuda.graph_pool_handle())
 
     def _checked(self, capture: Callable[[], tuple[float, dict]], entry: _Entry) -> None:
-        """Run ``capture`` (-> first-replay error, graph attributes); set them on ``entry`` only within tolerance."""
+        """Run ``capture`` (-> first-replay error, graph attributes); set them on ``entry`` only within tolerance.
+
+        A capture that raises leaves this key eager. A failure inside CUDA's
+        stream capture can leave the caching allocator unable to tell what a
+        later capture may use, so after any failure graphs are switched off
+        for the rest of the process (:func:`capture_mode` then says
+        ``eager``); the current stream is restored in every case.
+        """
         device = entry.statics[0].device
+        stream = torch.cuda.current_stream(device)
         try:
             error, graphs = capture()
-        except Exception as failure:  # noqa: BLE001 - any capture failure means: run this pass eagerly
+        except Exception as failure:  # noqa: BLE001 - any capture failure means: run eagerly from now on
+            torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             self.rejected += 1
+            _graphs_disabled.add(device.index if device.index is not None else torch.cuda.current_device())
             log_once(("capture-failed", type(failure).__name__), f"DragKit: a UNet pass could not be captured "
-                     f"({type(failure).__name__}: {failure}); it runs eagerly")
+                     f"({type(failure).__name__}: {failure}); UNet passes run eagerly from now on")
             return
+        finally:
+            torch.cuda.set_stream(stream)
         if not error <= REPLAY_TOLERANCE:
             self.rejected += 1
             log_once("capture-mismatch", f"DragKit: a captured UNet pass differed from eager by {error:.2e} "

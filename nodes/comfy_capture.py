@@ -21,7 +21,8 @@ latent; to the adapters' parameters), each run with a private
 :class:`~dragkit.capture.PassCache` freed when it ends.
 
 A pass runs plainly, with the reason logged once, when the capture cannot
-honour it: gradients are needed outside those two; a
+honour it: gradients are needed outside those two; ComfyUI casts weights on
+offload streams (``--async-offload``); a
 model patch, wrapper or callback this pack did not make is present; the
 MODEL has weight hooks or object patches other than the model sampling; the
 model is partially loaded (lowvram); or there is
@@ -50,7 +51,7 @@ own cache is freed when it ends)."""
 CAPTURABLE = "dragkit_capturable"
 """Attribute this pack sets on the patch functions a capture may bake in (:func:`capturable`)."""
 
-PASS_THROUGH_OPTIONS = {"cond_or_uncond", "sigmas", "sample_sigmas", "uuids"}
+PASS_THROUGH_OPTIONS = {"cond_or_uncond", "sigmas", "uuids"}
 """``transformer_options`` entries ComfyUI sets on every call, which a captured pass may carry."""
 
 PATCH_OPTIONS = {"patches", "patches_replace"}
@@ -102,11 +103,12 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
         if mode == "off" or state.get("probing"):
             return apply_model(x, timestep, **c)
         differentiable = torch.is_grad_enabled() and x.requires_grad
-        described = _describe(patcher, c, x, allow_grad=True)
+        captured_c = _for_capture(c)
+        described = _describe(patcher, captured_c, x, allow_grad=True)
         if described is None:
             return apply_model(x, timestep, **c)
         with_eps = bool(state["with_eps"])
-        key = _key(patcher, control, described, (x, timestep, c)) + ("features", with_eps, differentiable)
+        key = _key(patcher, control, described, (x, timestep, captured_c)) + ("features", with_eps, differentiable)
         if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
             return apply_model(x, timestep, **c)
 
@@ -119,7 +121,7 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
             return denoised, state["features"]
 
         run = passes.run_differentiable if differentiable else passes.run
-        outputs = run(key, features_pass, (x, timestep, c), control, _weights(patcher), mode)
+        outputs = run(key, features_pass, (x, timestep, captured_c), control, _weights(patcher), mode)
         state["features"] = outputs[-1]
         if not with_eps:
             raise stop
@@ -173,23 +175,36 @@ def _wrapper(patcher, control: AttentionControl):
     def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
         x, timestep, c = args["input"], args["timestep"], args["c"]
         mode = capture_mode(x.device)
-        described = None if mode == "off" else _describe(patcher, c, x)
+        captured_c = _for_capture(c)
+        described = None if mode == "off" else _describe(patcher, captured_c, x)
         if described is None:
             return apply_model(x, timestep, **c)
-        key = _key(patcher, control, described, (x, timestep, c))
+        weights = _weights(patcher)
+        _forget_stale(patcher, weights)
+        key = _key(patcher, control, described, (x, timestep, captured_c))
         if mode == "graph" and key not in PASSES.entries and not _room_for_capture(patcher, x):
             return apply_model(x, timestep, **c)
         return PASSES.run(
-            key, lambda tree: apply_model(tree[0], tree[1], **tree[2]), (x, timestep, c), control, _weights(patcher), mode
+            key, lambda tree: apply_model(tree[0], tree[1], **tree[2]), (x, timestep, captured_c), control, weights, mode
         )
 
     return unet_function_wrapper
 
 
+def _for_capture(c: dict) -> dict:
+    """``c`` without ``transformer_options["sample_sigmas"]`` (the sampler's whole schedule, which no pass of
+    this pack reads): kept, its length would make every step count a new capture."""
+    options = c.get("transformer_options")
+    if not options or "sample_sigmas" not in options:
+        return c
+    return dict(c, transformer_options={k: v for k, v in options.items() if k != "sample_sigmas"})
+
+
 def _key(patcher, control: AttentionControl, described: tuple, inputs: tuple) -> tuple:
     """What a replay bakes in (see the module docstring)."""
-    sampling = id(patcher.get_model_object("model_sampling"))
-    return (id(patcher.model), patcher.patches_uuid, sampling, control.signature(), described, tensor_layout(inputs))
+    sampling = patcher.get_model_object("model_sampling")
+    return (id(patcher.model), patcher.patches_uuid, id(sampling), type(sampling).__qualname__, control.signature(),
+            described, tensor_layout(inputs))
 
 
 def _describe(patcher, c: dict, x: torch.Tensor, allow_grad: bool = False) -> tuple | None:
@@ -207,7 +222,7 @@ def _describe(patcher, c: dict, x: torch.Tensor, allow_grad: bool = False) -> tu
             plain.append(getattr(leaf, "__qualname__", "patch"))
         elif isinstance(leaf, uuid.UUID):
             plain.append("uuid")
-        elif isinstance(leaf, (int, float, str, bool)):
+        elif leaf is None or isinstance(leaf, (int, float, str, bool)):
             plain.append(leaf)
         else:
             log_once(("eager", type(leaf).__name__), f"DragKit: UNet passes run eagerly: a {type(leaf).__name__} "
@@ -222,6 +237,8 @@ def _refusal(patcher, c: dict, x: torch.Tensor, allow_grad: bool) -> str | None:
         return "gradients are taken through the UNet outside motion supervision"
     if getattr(patcher.model, "model_lowvram", False):
         return "the model is partially loaded (lowvram)"
+    if getattr(comfy.model_management, "NUM_STREAMS", 1) > 1:
+        return "ComfyUI casts weights on offload streams (--async-offload)"
     if getattr(patcher, "hook_patches", None):
         return "the MODEL has weight hooks"
     foreign_objects = sorted(set(getattr(patcher, "object_patches", {})) - {"model_sampling"})
@@ -270,7 +287,31 @@ def _weights(patcher) -> tuple:
         slots = [(table, name) for module in base.modules() for table in (module._parameters, module._buffers)
                  for name in table]
         _tensor_slots[base] = slots
-    return tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in slots)
+    sampling = patcher.get_model_object("model_sampling")
+    weights = tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in slots)
+    return weights + tuple(t.data_ptr() for t in sampling.buffers())
+
+
+_last_weights: dict = {}
+"""id(BaseModel) -> (weak reference, weights identity) as last seen, to drop a moved model's passes at once."""
+
+
+def _forget_stale(patcher, weights: tuple) -> None:
+    """Drop every captured pass of a model whose weights moved, and of models that no longer exist.
+
+    A model that ComfyUI unloaded or re-patched has new weight addresses: all
+    its passes are stale at once, not only the one being called. The pool
+    memory of dropped graphs returns when the last graph using it goes.
+    """
+    base = patcher.model
+    known = _last_weights.get(id(base))
+    if known is not None and (known[0]() is not base or known[1] != weights):
+        PASSES.drop_where(lambda key: key[0] == id(base))
+    for model_id, (ref, _) in list(_last_weights.items()):
+        if ref() is None:
+            PASSES.drop_where(lambda key, model_id=model_id: key[0] == model_id)
+            del _last_weights[model_id]
+    _last_weights[id(base)] = (weakref.ref(base), weights)
 
 
 def _room_for_capture(patcher, x: torch.Tensor) -> bool:

@@ -198,3 +198,21 @@ def test_a_captured_pass_with_parameter_gradients_matches_eager():
     assert passes.captures == 1 and passes.rejected == 0
     for eager, graphed in zip(grads["eager"], grads["graph"]):
         assert (graphed - eager).abs().max() <= 1e-3 * max(1.0, float(eager.abs().max()))
+
+
+def test_a_failed_capture_leaves_the_process_usable(monkeypatch):
+    monkeypatch.setattr(capture, "_graphs_disabled", set())
+    monkeypatch.delenv(capture.ENV_VAR, raising=False)
+    passes = capture.PassCache()
+
+    def syncing(tree):
+        (x,) = tree
+        return x * 2 if float(x.sum()) > -1e9 else x  # float() syncs with the host: illegal while capturing
+
+    x = torch.ones(4, device=DEVICE)
+    assert torch.equal(passes.run("k", syncing, (x,), AttentionControl(), (), "graph"), x * 2)
+    assert passes.rejected == 1 and passes.captures == 0
+    assert capture.capture_mode(DEVICE) == "eager", "graphs off for the rest of the process"
+    assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the stream is restored"
+    torch.cuda.empty_cache()
+    assert torch.equal(passes.run("k", syncing, (x + 1,), AttentionControl(), (), "eager"), (x + 1) * 2)

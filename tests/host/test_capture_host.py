@@ -145,8 +145,10 @@ def test_the_key_follows_patches_shapes_and_the_control(monkeypatch, pack, tiny_
     name = next(n for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight"))
     patched.add_patches({f"diffusion_model.{name}": (torch.zeros_like(unet.get_parameter(name)),)}, 1.0)
     one_pass(patched, source())
-    assert len(keys_of(pack)) == 3, "a weight patch (LoRA) is a new key"
-    signatures = {key[3] for key in keys_of(pack)}
+    (key,) = keys_of(pack)
+    assert key[1] == patched.patches_uuid, "a weight patch (LoRA) is a new key, and the patched weights moved: " \
+        "the model's other passes were dropped"
+    signatures = {key[4] for key in keys_of(pack)}
     assert signatures == {("AttentionControl",)}
 
 
@@ -242,3 +244,12 @@ def test_lora_steps_through_static_buffers_equal_the_plain_path(monkeypatch, pac
     assert max(abs(a - b) for a, b in zip(plain_losses, static_losses)) <= 1e-5
     assert plain_lora.keys() == static_lora.keys()
     assert max((plain_lora[k] - static_lora[k]).abs().max() for k in plain_lora) <= 1e-5
+
+
+def test_another_step_count_replays_the_same_capture(monkeypatch, pack, backend):
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    layers = select_layers(backend.self_attention_layers(), "decoder")
+    for steps in (8, 12):
+        in_mode(monkeypatch, "eager", lambda: ddim_invert(backend, source(), conditioning,
+                                                          DDIMSchedule(backend.alphas_cumprod(), steps, 0.75), layers))
+    assert len(keys_of(pack)) == 1, "the sampler's schedule (sample_sigmas) is not part of the key"
