@@ -178,8 +178,18 @@ def test_moved_weights_drop_the_entry(monkeypatch, pack, backend, tiny_comfy_mod
         param.data = original
 
 
+@pytest.fixture()
+def one_thread():
+    """CPU kernels on one thread: multi-threaded reductions change the last bits from run to run, which GoodDrag's
+    gradient steps amplify past 1e-5 (seen once in five runs); the comparison is then about the static path only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
-def test_motion_supervision_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend, method):
+def test_motion_supervision_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend, method, one_thread):
     calls = {"differentiable": 0, "forward": 0}
     cache_class = pack.dragkit.capture.PassCache
     for name, counter in (("run_differentiable", "differentiable"), ("run", "forward")):
