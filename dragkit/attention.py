@@ -245,15 +245,19 @@ class AttnCache:
                 "(checkpoint) to DDIM Invert and to this node"
             )
 
-    def kv_at(self, timestep: int, layer: AttnLayer, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached ``(K, V)`` of ``layer`` at ``timestep``, moved to ``device``/``dtype``."""
+    def stored_kv(self, timestep: int, layer: AttnLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ``(K, V)`` of ``layer`` at ``timestep`` as stored (on :attr:`storage_device`)."""
         try:
-            k, v = self.kv[timestep][layer.index]
+            return self.kv[timestep][layer.index]
         except KeyError:
             raise DragInputError(
                 f"the attention cache holds no keys/values for layer {layer.index} ({layer.name}) at timestep "
                 f"{timestep}; cache that layer in DDIM Invert or choose cached layers here"
             ) from None
+
+    def kv_at(self, timestep: int, layer: AttnLayer, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ``(K, V)`` of ``layer`` at ``timestep``, moved to ``device``/``dtype``."""
+        k, v = self.stored_kv(timestep, layer)
         return k.to(device=device, dtype=dtype, non_blocking=True), v.to(device=device, dtype=dtype, non_blocking=True)
 
 
@@ -408,7 +412,7 @@ class KVInjector(AttentionControl):
         for index, layer in self.layers.items():
             k = self.slots.buffers.get(("inject k", index))
             if k is not None:
-                ck, cv = self.cache.kv_at(self.timestep, layer, k.device, k.dtype)
+                ck, cv = self.cache.stored_kv(self.timestep, layer)
                 k.copy_(ck, non_blocking=True)
                 self.slots.buffers[("inject v", index)].copy_(cv, non_blocking=True)
 

@@ -10,8 +10,9 @@ backward ~86 ms eager and ~20 ms replayed (see ``docs/gpu-device.md``).
    ``fn`` runs eagerly on them (the warm-up; its output is the call's
    result). In ``"graph"`` mode the pass is then captured into a CUDA graph
    and replayed once, and that replay is compared with the warm-up output
-   (:data:`REPLAY_TOLERANCE`); a capture that fails or disagrees is never used
-   (the key runs eagerly from then on, and the reason is logged once).
+   (:data:`REPLAY_TOLERANCE`); a capture that disagrees is never used (the
+   key runs eagerly from then on), one that fails switches graphs off for the
+   process; the reason is logged once.
 2. Later calls copy the inputs into the static buffers, let the attention
    control fill its :class:`~dragkit.attention.KVSlots` (the injector copies
    the step's cached keys/values in), replay (or, in ``"eager"`` mode, run
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Union
@@ -85,7 +87,8 @@ def capture_mode(device: torch.device) -> str:
 
 
 _graphs_disabled: set = set()
-"""Devices on which a capture failed: no more graphs there in this process (see :meth:`PassCache._checked`)."""
+"""Indices of the devices on which a capture failed; once any has, no more graphs in this process (see
+:meth:`PassCache._checked`)."""
 
 
 _logged: set[Hashable] = set()
@@ -107,6 +110,25 @@ def tensor_layout(tree: Any) -> tuple:
         if isinstance(t, torch.Tensor)
     )
     return layout + (torch.is_inference_mode_enabled(),)
+
+
+_tensor_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per module: ``(table, name)`` of every parameter and buffer under it (a module's ``_parameters``/``_buffers``)."""
+
+
+def storage_identity(module: torch.nn.Module) -> tuple:
+    """The storage address of every parameter and buffer under ``module``, in a fixed order.
+
+    Hosts swap weights by replacing a module's parameter (ComfyUI's patching
+    and lowvram casts) or by moving the whole model, so the addresses are read
+    through each module's own parameter and buffer tables, listed once per
+    module (walking ``parameters()`` on every call costs milliseconds).
+    """
+    tables = _tensor_tables.get(module)
+    if tables is None:
+        tables = [(table, name) for sub in module.modules() for table in (sub._parameters, sub._buffers) for name in table]
+        _tensor_tables[module] = tables
+    return tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in tables)
 
 
 def probe_gradients(outputs: tuple) -> tuple:
@@ -360,7 +382,7 @@ class PassCache:
         static buffers, so their identity is part of the weights check. In
         graph mode the first call of a key captures the forward and the
         backward and checks one replay of each against an eager run (outputs,
-        and the gradients for all-ones output gradients).
+        and the gradients for :func:`probe_gradients`).
         """
         call = _Call.of(tree)
         weights = (weights, tuple(p.data_ptr() for p in params))
@@ -491,7 +513,6 @@ class PassCache:
         try:
             error, graphs = capture()
         except Exception as failure:  # noqa: BLE001 - any capture failure means: run eagerly from now on
-            torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             self.rejected += 1
             _graphs_disabled.add(device.index if device.index is not None else torch.cuda.current_device())

@@ -16,7 +16,6 @@ Conditioning is a :class:`DiffusersConditioning`: text embeddings
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from .attention import STAGES, AttentionControl, AttnLayer
 from .backend import FeatureLoop, FeaturePredictor, Loop, feature_level
-from .capture import PassCache, capture_mode, tensor_layout
+from .capture import PassCache, capture_mode, storage_identity, tensor_layout
 from .errors import DragInputError
 from .schedule import scaled_linear_alphas_cumprod
 
@@ -262,8 +261,7 @@ class DiffusersBackend:
         if mode == "off":
             return self._unet_call(inputs)
         key = (self.control.signature(), tensor_layout(inputs))
-        weights = tuple(t.data_ptr() for t in itertools.chain(self.unet.parameters(), self.unet.buffers()))
-        return self.passes.run(key, self._unet_call, inputs, self.control, weights, mode)
+        return self.passes.run(key, self._unet_call, inputs, self.control, storage_identity(self.unet), mode)
 
     def _unet_call(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         rows, t, context = inputs

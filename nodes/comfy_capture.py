@@ -39,7 +39,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..dragkit.attention import AttentionControl
-from ..dragkit.capture import PassCache, capture_mode, log_once, tensor_layout
+from ..dragkit.capture import PassCache, capture_mode, log_once, storage_identity, tensor_layout
 
 PASSES = PassCache()
 """The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured)."""
@@ -72,12 +72,20 @@ def capturable(fn):
 
 def install(patcher, control: AttentionControl) -> None:
     """Route ``patcher``'s UNet calls through :data:`PASSES` (a MODEL with its own UNet wrapper runs plainly)."""
-    if capture_mode(torch.device(patcher.load_device)) == "off":
+    if not _can_wrap(patcher):
         return
-    if "model_function_wrapper" in patcher.model_options:
-        log_once("foreign-wrapper", "DragKit: this MODEL already has a UNet function wrapper; its passes run eagerly")
-        return
-    patcher.set_model_unet_function_wrapper(_wrapper(patcher, control))
+
+    def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        plan = _plan(patcher, PASSES, control, x, timestep, c, forget_stale=True)
+        if plan is None:
+            return apply_model(x, timestep, **c)
+        mode, key, captured_c, weights = plan
+        return PASSES.run(
+            key, lambda tree: apply_model(tree[0], tree[1], **tree[2]), (x, timestep, captured_c), control, weights, mode
+        )
+
+    patcher.set_model_unet_function_wrapper(unet_function_wrapper)
 
 
 def install_features(patcher, control: AttentionControl, state: dict, stop: type[Exception], passes: PassCache) -> None:
@@ -91,26 +99,18 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
     While ``state["probing"]`` is set (the backward-memory probes at other
     sizes) calls run plainly.
     """
-    if capture_mode(torch.device(patcher.load_device)) == "off":
-        return
-    if "model_function_wrapper" in patcher.model_options:
-        log_once("foreign-wrapper", "DragKit: this MODEL already has a UNet function wrapper; its passes run eagerly")
+    if not _can_wrap(patcher):
         return
 
     def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
         x, timestep, c = args["input"], args["timestep"], args["c"]
-        mode = capture_mode(x.device)
-        if mode == "off" or state.get("probing"):
-            return apply_model(x, timestep, **c)
         differentiable = torch.is_grad_enabled() and x.requires_grad
-        captured_c = _for_capture(c)
-        described = _describe(patcher, captured_c, x, allow_grad=True)
-        if described is None:
-            return apply_model(x, timestep, **c)
         with_eps = bool(state["with_eps"])
-        key = _key(patcher, control, described, (x, timestep, captured_c)) + ("features", with_eps, differentiable)
-        if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
+        plan = None if state.get("probing") else _plan(patcher, passes, control, x, timestep, c, allow_grad=True,
+                                                       tag=("features", with_eps, differentiable))
+        if plan is None:
             return apply_model(x, timestep, **c)
+        mode, key, captured_c, weights = plan
 
         def features_pass(tree) -> tuple:
             state.pop("features", None)
@@ -121,7 +121,7 @@ def install_features(patcher, control: AttentionControl, state: dict, stop: type
             return denoised, state["features"]
 
         run = passes.run_differentiable if differentiable else passes.run
-        outputs = run(key, features_pass, (x, timestep, captured_c), control, _weights(patcher), mode)
+        outputs = run(key, features_pass, (x, timestep, captured_c), control, weights, mode)
         state["features"] = outputs[-1]
         if not with_eps:
             raise stop
@@ -158,37 +158,46 @@ def training_pass(patcher, passes: PassCache, apply_model, x: torch.Tensor, time
     ``params`` are the adapters' parameters, read by their forward hooks;
     plain when capture is off or the call cannot be captured.
     """
-    mode = capture_mode(x.device)
-    described = None if mode == "off" else _describe(patcher, c, x, allow_grad=True)
-    if described is None:
-        return apply_model(x, timestep, **c)
     control = AttentionControl()
-    key = _key(patcher, control, described, (x, timestep, c)) + ("training",)
-    if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
+    plan = _plan(patcher, passes, control, x, timestep, c, allow_grad=True, tag=("training",))
+    if plan is None:
         return apply_model(x, timestep, **c)
-    outputs = passes.run_differentiable(key, lambda tree: (apply_model(tree[0], tree[1], **tree[2]),), (x, timestep, c),
-                                        control, _weights(patcher), mode, params=params)
+    mode, key, captured_c, weights = plan
+    outputs = passes.run_differentiable(key, lambda tree: (apply_model(tree[0], tree[1], **tree[2]),),
+                                        (x, timestep, captured_c), control, weights, mode, params=params)
     return outputs[0]
 
 
-def _wrapper(patcher, control: AttentionControl):
-    def unet_function_wrapper(apply_model, args: dict) -> torch.Tensor:
-        x, timestep, c = args["input"], args["timestep"], args["c"]
-        mode = capture_mode(x.device)
-        captured_c = _for_capture(c)
-        described = None if mode == "off" else _describe(patcher, captured_c, x)
-        if described is None:
-            return apply_model(x, timestep, **c)
-        weights = _weights(patcher)
-        _forget_stale(patcher, weights)
-        key = _key(patcher, control, described, (x, timestep, captured_c))
-        if mode == "graph" and key not in PASSES.entries and not _room_for_capture(patcher, x):
-            return apply_model(x, timestep, **c)
-        return PASSES.run(
-            key, lambda tree: apply_model(tree[0], tree[1], **tree[2]), (x, timestep, captured_c), control, weights, mode
-        )
+def _can_wrap(patcher) -> bool:
+    """Whether capture is on for ``patcher``'s device and its UNet function wrapper is free for this pack."""
+    if capture_mode(torch.device(patcher.load_device)) == "off":
+        return False
+    if "model_function_wrapper" in patcher.model_options:
+        log_once("foreign-wrapper", "DragKit: this MODEL already has a UNet function wrapper; its passes run eagerly")
+        return False
+    return True
 
-    return unet_function_wrapper
+
+def _plan(patcher, passes: PassCache, control: AttentionControl, x: torch.Tensor, timestep: torch.Tensor, c: dict,
+          allow_grad: bool = False, tag: tuple = (), forget_stale: bool = False) -> tuple | None:
+    """``(mode, key, c as captured, weights identity)`` for sending this call through ``passes``, or ``None``
+    when it runs plainly: capture off, a call the capture cannot honour (logged once), or no room for a new
+    capture. ``tag`` ends the key; ``forget_stale`` drops the model's passes first if its weights moved
+    (:func:`_forget_stale`, for the process-wide :data:`PASSES`)."""
+    mode = capture_mode(x.device)
+    if mode == "off":
+        return None
+    captured_c = _for_capture(c)
+    described = _describe(patcher, captured_c, x, allow_grad)
+    if described is None:
+        return None
+    weights = _weights(patcher)
+    if forget_stale:
+        _forget_stale(patcher, weights)
+    key = _key(patcher, control, described, (x, timestep, captured_c)) + tag
+    if mode == "graph" and key not in passes.entries and not _room_for_capture(patcher, x):
+        return None
+    return mode, key, captured_c, weights
 
 
 def _for_capture(c: dict) -> dict:
@@ -269,27 +278,11 @@ def _flat_values(value) -> list:
     return [value]
 
 
-_tensor_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Per model: ``(dict, name)`` for every parameter and buffer (the module's ``_parameters``/``_buffers`` and the key)."""
-
-
 def _weights(patcher) -> tuple:
-    """The model's weights' identity: the storage address of each parameter and buffer.
-
-    ComfyUI swaps weights by replacing a module's parameter (patching, lowvram
-    casts) or moving the whole model (load, unload), so the addresses are read
-    through each module's own parameter and buffer dicts (listed once per
-    model; a walk over ``parameters()`` would cost milliseconds per call).
-    """
-    base = patcher.model
-    slots = _tensor_slots.get(base)
-    if slots is None:
-        slots = [(table, name) for module in base.modules() for table in (module._parameters, module._buffers)
-                 for name in table]
-        _tensor_slots[base] = slots
+    """The model's weights' identity (:func:`~dragkit.capture.storage_identity` of the BaseModel) and its model
+    sampling's buffers (an object patch replaces that module, so it is read each call)."""
     sampling = patcher.get_model_object("model_sampling")
-    weights = tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in slots)
-    return weights + tuple(t.data_ptr() for t in sampling.buffers())
+    return storage_identity(patcher.model) + tuple(t.data_ptr() for t in sampling.buffers())
 
 
 _last_weights: dict = {}
