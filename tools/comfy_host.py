@@ -471,8 +471,20 @@ class ComfyServer:
             "--temp-directory", str(b),  # ComfyUI appends "temp": the temp folder is b/temp
             "--user-directory", str(b / "user"),
             "--database-url", "sqlite:///:memory:",
+            *self.frontend_args(),
             *self.extra_args,
         ]
+
+    @staticmethod
+    def frontend_args() -> list[str]:
+        """``--front-end-root`` for ``DRAGKIT_FRONTEND_ROOT`` (a frontend package's ``static`` folder, e.g. a newer
+        ``comfyui-frontend-package`` than the host pins); none when unset: the host's own frontend."""
+        root = os.environ.get("DRAGKIT_FRONTEND_ROOT")
+        if not root:
+            return []
+        if not (Path(root) / "index.html").is_file():
+            raise RuntimeError(f"DRAGKIT_FRONTEND_ROOT={root} is not a frontend's static folder (no index.html)")
+        return ["--front-end-root", str(Path(root).resolve())]
 
     def start(self) -> "ComfyServer":
         import requests
