@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (once) and run the test suite.
 #
-#   COMFYUI_PATH=../ComfyUI bash scripts/test.sh [pytest args]
+#   COMFYUI_PATH=../ComfyUI bash scripts/test.sh [pytest args]   # set up, then every test
+#   COMFYUI_PATH=../ComfyUI bash scripts/test.sh --setup-only    # set up only (what the main job needs)
+#
+# Pytest arguments go to pytest; when none of them names a file or folder,
+# the whole of tests/ runs (e.g. `-m host`: the host tests only;
+# `tests/host/test_workflows.py`: that file only).
 #
 # Environment:
 #   VENV           where the virtual environment lives (default: .venv)
@@ -13,6 +18,22 @@
 set -euo pipefail
 here="$(pwd)"
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1   # progress reaches a pipe or a log as it happens, not in 8 kB lumps
+
+setup_only=0
+args=()
+for arg in "$@"; do
+    if [ "$arg" = "--setup-only" ]; then setup_only=1; else args+=("$arg"); fi
+done
+
+step_start=$SECONDS
+step() { step_start=$SECONDS; echo "[set-up] $*"; }
+done_step() { echo "[set-up]   done in $((SECONDS - step_start)) s"; }
+# pip's own lines, less the ones a second run or this machine's index settings print for every package.
+pip_install() {
+    "$py" -m pip install --progress-bar off "$@" 2>&1 \
+        | { grep -v -e '^Requirement already satisfied' -e '^Looking in ' -e "^WARNING: Location '" || true; }
+}
 
 if [ -n "${COMFYUI_PATH:-}" ]; then
     case "$COMFYUI_PATH" in /*) ;; *) COMFYUI_PATH="$here/$COMFYUI_PATH" ;; esac
@@ -26,20 +47,47 @@ fi
 
 venv="${VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
+    step "making the virtual environment $venv (a few seconds)"
     python3 -m venv "$venv"
+    done_step
 fi
 py="$venv/bin/python"
-"$py" -m pip install --quiet --upgrade pip >/dev/null
+"$py" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || echo "[set-up] note: could not upgrade pip; going on with $("$py" -m pip --version)"
 if ! "$py" -c "import torch" 2>/dev/null; then
-    "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    step "installing ${TORCH_SPEC:-torch==2.13.0} (about 200 MB for the CPU build, several GB for a CUDA one; 1-5 min)"
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"
+    done_step
 fi
-"$py" -m pip install --quiet -r tests/requirements.txt
+step "installing this pack's and the tests' requirements (diffusers, peft, pytest, ...; under a minute, seconds once installed)"
+pip_install -r tests/requirements.txt
+done_step
 if [ -n "${COMFYUI_PATH:-}" ]; then
-    "$py" -m pip install --quiet -r "$COMFYUI_PATH/requirements.txt" websocket-client
+    step "installing the requirements of ComfyUI at $COMFYUI_PATH (about 40 packages; 1-3 min the first time)"
+    pip_install -r "$COMFYUI_PATH/requirements.txt" websocket-client
+    done_step
 fi
 
+if [ "$setup_only" = 1 ]; then
+    echo "[set-up] ready: $venv"
+    if [ -n "${COMFYUI_PATH:-}" ]; then
+        echo "[set-up] run the main job with: COMFYUI_PATH=$COMFYUI_PATH bash scripts/run_workflow.sh workflows/fastdrag.json --sample samples/art_0 --out out/"
+    else
+        echo "[set-up] without COMFYUI_PATH ComfyUI's requirements were not installed: the main job and the host tests need them." >&2
+    fi
+    exit 0
+fi
+
+# The whole of tests/ unless an argument names a file or folder (a test id: path::name).
+paths=(tests)
+for arg in ${args[@]+"${args[@]}"}; do
+    case "$arg" in -*) continue ;; esac
+    if [ -e "${arg%%::*}" ]; then paths=(); break; fi
+done
+
+echo "[tests] pytest: one line per test as it runs; the first host test builds the tiny test checkpoints"
+echo "[tests] into ${DRAGKIT_TEST_CACHE:-~/.cache/dragkit-tests} (about 3 GB, 1-3 min, once)"
 status=0
-"$py" -m pytest tests "$@" || status=$?
+"$py" -m pytest -v --durations=15 ${paths[@]+"${paths[@]}"} ${args[@]+"${args[@]}"} || status=$?
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
     echo "note: COMFYUI_PATH is not set, so ComfyUI's requirements were not installed and the host tests" >&2
