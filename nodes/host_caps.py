@@ -1,0 +1,199 @@
+"""The one place DragKit asks the ComfyUI host what it can do (Dynamic VRAM, its own CUDA graphs, memory).
+
+Supported hosts run from ComfyUI 0.3.64 (no Dynamic VRAM) to 0.33.0, where
+``comfy-aimdo`` streams a ``ModelPatcherDynamic``'s weights through a
+virtual buffer layer by layer during the forward pass
+(``comfy/ops.py cast_modules_with_vbar``, ``comfy/model_prefetch.py``). Every
+other module decides by these functions, never by a version number:
+
+- :func:`is_dynamic` -- is this MODEL's weight storage streamed (and reused)
+  by the host?
+- :func:`dynamic_vram_enabled`, :func:`host_graphs_enabled` -- is the
+  host's streaming / its own prefetch CUDA graphs switched on for the process?
+- :func:`autograd_patcher` -- a patcher whose weights stay put while a
+  backward reads them (the host's non-dynamic delegate for a dynamic MODEL).
+- :func:`training_mode` -- the host's training flag around passes with autograd.
+- :func:`free_memory_for`, :func:`make_room` -- memory as the host accounts it.
+
+A host that has the newer machinery (``ModelPatcherDynamic``) but not the
+capability a function relies on raises :class:`HostCapabilityError` naming
+what is missing, instead of guessing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+
+import comfy.model_management
+import comfy.model_patcher
+import torch
+
+
+class HostCapabilityError(RuntimeError):
+    """The ComfyUI host lacks (or has renamed) a capability DragKit relies on; the message names it."""
+
+
+def _host_has_dynamic_vram_code() -> bool:
+    """Whether this ComfyUI has Dynamic VRAM at all (0.33.0: ``comfy.model_patcher.ModelPatcherDynamic``)."""
+    return hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+
+
+def _missing(what: str) -> HostCapabilityError:
+    return HostCapabilityError(
+        f"this ComfyUI has Dynamic VRAM (ModelPatcherDynamic) but not {what}, which DragKit was written against "
+        "(ComfyUI 0.33.0); update DragKit, or start ComfyUI with --disable-dynamic-vram"
+    )
+
+
+def is_dynamic(patcher) -> bool:
+    """Whether ``patcher``'s weights are streamed by the host's Dynamic VRAM (and their buffers reused).
+
+    Mirrors ``ModelPatcher.is_dynamic()`` of ComfyUI 0.33.0
+    (``comfy/model_patcher.py``: ``False`` on ``ModelPatcher``, ``True`` on
+    ``ModelPatcherDynamic``). ComfyUI 0.3.64's patchers have no such method
+    and are never dynamic; on a host with ``ModelPatcherDynamic`` a patcher
+    without the method fails loudly.
+    """
+    method = getattr(patcher, "is_dynamic", None)
+    if method is None:
+        if _host_has_dynamic_vram_code():
+            raise _missing(f"ModelPatcher.is_dynamic() on {type(patcher).__name__}")
+        return False
+    return bool(method())
+
+
+def _memory_management():
+    """ComfyUI 0.33.0's ``comfy.memory_management`` (``None`` on hosts without it, e.g. 0.3.64)."""
+    try:
+        return importlib.import_module("comfy.memory_management")
+    except ImportError:
+        return None
+
+
+def dynamic_vram_enabled() -> bool:
+    """Whether the host streams weights with Dynamic VRAM in this process.
+
+    Mirrors ``comfy.memory_management.aimdo_enabled`` of ComfyUI 0.33.0 (set by
+    ``main.py`` when comfy-aimdo initialised its devices; off with
+    ``--disable-dynamic-vram``, ``--cpu``, ``--highvram``, ``--gpu-only``).
+    Always ``False`` on ComfyUI 0.3.64.
+    """
+    if not _host_has_dynamic_vram_code():
+        return False
+    mm = _memory_management()
+    if mm is None or not hasattr(mm, "aimdo_enabled"):
+        raise _missing("comfy.memory_management.aimdo_enabled")
+    return bool(mm.aimdo_enabled)
+
+
+def host_graphs_enabled() -> bool:
+    """Whether the host captures its own CUDA graphs of the weight prefetch in this process.
+
+    Mirrors ComfyUI 0.33.0 ``comfy/model_prefetch.py prefetch_queue_pop``:
+    graphs are captured for vbar-streamed modules (Dynamic VRAM on) unless
+    ComfyUI was started with ``--disable-cuda-graphs``. ComfyUI 0.3.64 has
+    no graphs of its own.
+    """
+    if not dynamic_vram_enabled():
+        return False
+    args = comfy.model_management.args
+    if not hasattr(args, "disable_cuda_graphs"):
+        raise _missing("the --disable-cuda-graphs option (comfy.cli_args args.disable_cuda_graphs)")
+    return not args.disable_cuda_graphs
+
+
+def autograd_patcher(patcher):
+    """A patcher of the same model (same patches and options) whose weights a backward may read.
+
+    A dynamic patcher's weights live in a buffer the prefetch reuses for the
+    next layer, so a gradient computed later would read another layer's
+    weights. For one, this returns the host's non-dynamic delegate: mirrors
+    ComfyUI 0.33.0 ``ModelPatcherDynamic.get_non_dynamic_delegate()`` (a
+    ``clone(disable_dynamic=True)`` that keeps the delegate's model on the
+    dynamic patcher, so later runs reuse it; the sampler does the same for
+    hooked conditioning) and otherwise ``clone(disable_dynamic=True)`` as
+    ``comfy_extras/nodes_torch_compile.py`` takes it. A non-dynamic patcher
+    (every patcher on ComfyUI 0.3.64) is returned as a plain ``clone()``.
+    """
+    if not is_dynamic(patcher):
+        return patcher.clone()
+    delegate = getattr(patcher, "get_non_dynamic_delegate", None)
+    try:
+        result = delegate() if delegate is not None else patcher.clone(disable_dynamic=True)
+    except TypeError as error:
+        raise _missing(f"ModelPatcher.clone(disable_dynamic=True) ({error})") from error
+    except RuntimeError as error:
+        raise HostCapabilityError(
+            f"this MODEL is streamed by ComfyUI's Dynamic VRAM and the host could not make the non-dynamic copy that "
+            f"training needs ({error}); load it with a core loader (Load Checkpoint / Load Diffusion Model) or start "
+            "ComfyUI with --disable-dynamic-vram"
+        ) from error
+    if is_dynamic(result):
+        raise _missing("a non-dynamic delegate (clone(disable_dynamic=True) returned a dynamic patcher)")
+    return result
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """Run the block with the host's training flag set, restored afterwards.
+
+    Mirrors ComfyUI 0.33.0 ``comfy.model_management.in_training``, which
+    ``comfy_extras/nodes_train.py`` sets around its training loop so model code
+    and ops take their autograd-safe paths (e.g. ``comfy/ops.py
+    linear_input_act`` skips the fused INT8 kernel). Hosts without the flag
+    (0.3.64) run the block unchanged.
+    """
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        if _host_has_dynamic_vram_code():
+            raise _missing("comfy.model_management.in_training")
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def free_memory_for(patcher, device: torch.device) -> int:
+    """Bytes the host can give ``patcher``'s next allocations on ``device``.
+
+    Mirrors ComfyUI 0.33.0 ``ModelPatcher.get_free_memory(device)`` (what the
+    sampler asks before batching, ``comfy/samplers.py``): torch's free memory
+    plus what comfy-aimdo can evict from streamed models
+    (``comfy_aimdo.model_vbar.vbars_analyze``). ComfyUI 0.3.64 has no such
+    method; there it is ``comfy.model_management.get_free_memory(device)``.
+    """
+    method = getattr(patcher, "get_free_memory", None)
+    if method is None:
+        if _host_has_dynamic_vram_code():
+            raise _missing(f"ModelPatcher.get_free_memory(device) on {type(patcher).__name__}")
+        return int(comfy.model_management.get_free_memory(device))
+    return int(method(device))
+
+
+def make_room(patcher, nbytes: float, keep_loaded: list) -> None:
+    """Offload models outside ``keep_loaded`` until ``nbytes`` (plus the host's reserve) fit beside ``patcher``.
+
+    Nothing happens when :func:`free_memory_for` already covers it (on 0.33.0
+    that counts the Dynamic VRAM budget, which streamed models give up on
+    demand). Otherwise mirrors the ``free_memory`` call of
+    ``comfy.model_management.load_models_gpu``: on ComfyUI 0.33.0 with
+    ``for_dynamic`` = whether ``patcher`` is dynamic (dynamic models are then
+    not unloaded for it), on 0.3.64 without that argument.
+    """
+    device = torch.device(patcher.load_device)
+    if device.type == "cpu":
+        return
+    mm = comfy.model_management
+    need = float(nbytes) + mm.extra_reserved_memory()
+    if free_memory_for(patcher, device) >= need:
+        return
+    if _host_has_dynamic_vram_code():
+        mm.free_memory(need, device, keep_loaded=keep_loaded, for_dynamic=is_dynamic(patcher))
+    else:
+        mm.free_memory(need, device, keep_loaded=keep_loaded)
