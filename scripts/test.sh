@@ -32,7 +32,7 @@ done_step() { echo "[set-up]   done in $((SECONDS - step_start)) s"; }
 # pip's own lines, less the ones a second run or this machine's index settings print for every package.
 pip_install() {
     "$py" -m pip install --progress-bar off "$@" 2>&1 \
-        | { grep -v -e '^Requirement already satisfied' -e '^Looking in ' -e "^WARNING: Location '" || true; }
+        | { grep --line-buffered -v -e '^Requirement already satisfied' -e '^Looking in ' -e "^WARNING: Location '" || true; }
 }
 
 if [ -n "${COMFYUI_PATH:-}" ]; then

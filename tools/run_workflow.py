@@ -67,6 +67,7 @@ from dragkit.points import DragPoints, parse_drag_points
 
 from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
 from .comfy_host import ComfyServer, ComfyServerError, comfyui_path, comfyui_problem
+from .run_progress import NodeProgress, node_names, say, started
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
 EXIT_SAMPLES_FAILED = 1
@@ -394,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         workflow, digest = read_workflow(args.workflow)
+        say("preparing the models (without --checkpoint the tiny test checkpoint is built once into "
+            "~/.cache/dragkit-tests: seconds; the tiny SDXL one with its text encoders about 1 min)")
         models = resolve_models(args, workflow)
+        say(f"checkpoint: {models.checkpoint}")
         if models.tiny:
             print(TINY_WARNING, file=sys.stderr)
         if args.batch is not None:
@@ -414,8 +418,9 @@ def run_one(args: argparse.Namespace, workflow: dict, models: Models) -> int:
     width, height = image_size(args.image)
     points = parse_drag_points(points_json, width=width, height=height) if points_json else None
     args.out.mkdir(parents=True, exist_ok=True)
-    with models.server() as server:
-        prompt = ui_to_api(workflow, server.object_info())
+    with started(models.server()) as server:
+        object_info = server.object_info()
+        prompt = ui_to_api(workflow, object_info)
         image_name = server.upload_image(args.image)
         mask_name = server.upload_image(args.mask) if args.mask else None
         state = None
@@ -424,7 +429,10 @@ def run_one(args: argparse.Namespace, workflow: dict, models: Models) -> int:
         fill_inputs(prompt, image_name, mask_name, points_json, models.checkpoint.name, args.prompt, state,
                     *_model_names(models))
         apply_overrides(prompt, args.overrides)
-        entry = server.run(prompt, timeout=args.timeout)
+        start = time.monotonic()
+        with NodeProgress(server, node_names(prompt, object_info)):
+            entry = server.run(prompt, timeout=args.timeout)
+        say(f"the workflow ran in {time.monotonic() - start:.1f} s")
         saved = []
         for path in saved_images(server, entry):
             target = args.out / path.name
@@ -559,7 +567,7 @@ def run_batch(args: argparse.Namespace, workflow: dict, models: Models, identity
     write_timings(timings_path, timings, skipped)
     failed = 0
     if pending:
-        with models.server() as server, tempfile.TemporaryDirectory(prefix="dragkit-batch-") as staging:
+        with started(models.server()) as server, tempfile.TemporaryDirectory(prefix="dragkit-batch-") as staging:
             template = ui_to_api(workflow, server.object_info())
             apply_overrides(template, args.overrides)
             bar = tqdm(pending, unit="sample", file=sys.stderr, dynamic_ncols=True)
