@@ -365,7 +365,10 @@ class ComfyServer:
         models/checkpoints/<name> -> <file>    (symlinks)
         models/controlnet/<name> -> <file>     (symlinks, from ``controlnets``)
         models/upscale_models/<name> -> <file> (symlinks, from ``upscale_models``)
-        models/loras/                          (empty; LoRA Fine-tune writes its cache here)
+        models/diffusion_models/, models/vae/, models/text_encoders/
+                                               (symlinks, from the arguments of those names: UNETLoader,
+                                               VAELoader, CLIPLoader / DualCLIPLoader)
+        models/loras/                          (symlinks from ``loras``; LoRA Fine-tune writes its cache here)
         input/ output/ temp/ user/
         extra_model_paths.yaml                 (base_path + custom_nodes and the model folders)
         server.log                             (stdout + stderr)
@@ -383,6 +386,10 @@ class ComfyServer:
         checkpoints: Iterable[os.PathLike | str] = (),
         controlnets: Iterable[os.PathLike | str] = (),
         upscale_models: Iterable[os.PathLike | str] = (),
+        diffusion_models: Iterable[os.PathLike | str] = (),
+        vae: Iterable[os.PathLike | str] = (),
+        text_encoders: Iterable[os.PathLike | str] = (),
+        loras: Iterable[os.PathLike | str] = (),
         pack_dir: os.PathLike | str | None = None,
         pack_name: str = PACK_FOLDER_NAME,
         extra_args: Iterable[str] = (),
@@ -400,7 +407,10 @@ class ComfyServer:
             "checkpoints": [Path(p).resolve() for p in checkpoints],
             "controlnet": [Path(p).resolve() for p in controlnets],
             "upscale_models": [Path(p).resolve() for p in upscale_models],
-            "loras": [],
+            "diffusion_models": [Path(p).resolve() for p in diffusion_models],
+            "vae": [Path(p).resolve() for p in vae],
+            "text_encoders": [Path(p).resolve() for p in text_encoders],
+            "loras": [Path(p).resolve() for p in loras],
         }
         """Model files per ComfyUI folder name, linked into ``models/<folder>/`` of the base folder."""
         self.pack_dir = Path(pack_dir or repo_root()).resolve()
