@@ -89,12 +89,20 @@ class DragPointsEditor:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, image_file):
-        """Accept any file name here: a connected IMAGE makes it irrelevant; ``edit`` checks it when used."""
-        return True if isinstance(image_file, str) else f"image_file must be a file name, got {type(image_file).__name__}"
+    def VALIDATE_INPUTS(cls, image_file=None):
+        """Accept any file name here: a connected IMAGE makes it irrelevant; ``edit`` checks it when used.
+
+        Both hosts (ComfyUI 0.3.64 and 0.33.0 ``execution.validate_inputs``) call
+        this with only the inputs the prompt holds, and with no arguments when
+        it holds none of them: a prompt without ``image_file`` already gets the
+        host's "Required input is missing", so that case passes here.
+        """
+        if image_file is None or isinstance(image_file, str):
+            return True
+        return f"image_file must be a file name, got {type(image_file).__name__}"
 
     @classmethod
-    def IS_CHANGED(cls, image_file, **_):
+    def IS_CHANGED(cls, image_file=None, **_):
         """The file's content hash, so replacing a file under the same name re-runs the node.
 
         A missing or unusable file gives a stable value (its name), not NaN: with
@@ -183,10 +191,15 @@ def _image_path(name) -> str:
     """Path of the upload combo's file (``name``, ``sub/name`` or ``name [output]``), inside ComfyUI's folders."""
     if not isinstance(name, str) or not name.strip():
         raise DragInputError("no image: upload one with the node's upload button, or connect an IMAGE")
+    outside = DragInputError(f"the image file {name!r} is outside ComfyUI's input, output and temp folders (links are followed)")
     roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
-    path = contained_path(folder_paths.get_annotated_filepath(name), roots)
+    try:
+        annotated = folder_paths.get_annotated_filepath(name)
+    except ValueError:  # ComfyUI 0.33.0 refuses a name that leaves its folder ("Invalid file path"); 0.3.64 returns it
+        raise outside from None
+    path = contained_path(annotated, roots)
     if path is None:
-        raise DragInputError(f"the image file {name!r} is outside ComfyUI's input, output and temp folders (links are followed)")
+        raise outside
     if not os.path.isfile(path):
         raise DragInputError(f"the image file {name!r} does not exist; upload it again or pick another")
     return path

@@ -70,6 +70,24 @@ def test_node_definition(comfy_inproc, input_file):
     assert cls.VALIDATE_INPUTS(image_file="anything.png") is True
 
 
+@pytest.mark.parametrize("inputs, missing", [
+    ({"editor_state": ""}, ["image_file"]),
+    ({}, ["editor_state", "image_file"]),
+], ids=["no-image_file", "no-inputs"])
+def test_the_host_validates_a_prompt_without_image_file_without_a_type_error(comfy_inproc, inputs, missing):
+    """The host's own validation (0.3.64 and 0.33.0 ``execution.validate_inputs``) calls VALIDATE_INPUTS with only the
+    inputs the prompt holds: the user gets the host's "Required input is missing", never a TypeError from the pack."""
+    import asyncio
+
+    import execution
+
+    prompt = {"1": {"class_type": NODE, "inputs": inputs}}
+    valid, errors, _ = asyncio.run(execution.validate_inputs("dragkit-test", prompt, "1", {}))
+    assert valid is False
+    assert sorted(e["details"] for e in errors if e["type"] == "required_input_missing") == missing
+    assert [e for e in errors if e["type"] != "required_input_missing"] == []
+
+
 def test_uploaded_file_gives_image_points_and_mask(comfy_inproc, input_file):
     name, pixels = input_file
     mask = np.zeros((H, W), dtype=bool)
