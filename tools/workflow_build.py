@@ -136,6 +136,9 @@ class WorkflowBuilder:
         return self.nodes[node_id - 1]
 
     def to_json(self) -> dict[str, Any]:
+        """The UI-format workflow; output nodes nothing reads from are written without outputs (:func:`sink_outputs`)."""
+        for node in self.nodes:
+            node["outputs"] = sink_outputs(self.info.get(node["type"], {}), node["outputs"])
         return {
             "last_node_id": len(self.nodes),
             "last_link_id": len(self.links),
@@ -146,6 +149,20 @@ class WorkflowBuilder:
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4,
         }
+
+
+def sink_outputs(definition: dict, outputs: list[dict]) -> list[dict]:
+    """A node's ``outputs`` as written: none for an output node (``output_node``) whose outputs nothing links to.
+
+    ComfyUI 0.33.0 gave SaveImage and PreviewImage a pass-through IMAGE output
+    that 0.3.64 lacks. A sink written without outputs is what a workflow saved
+    on 0.3.64 holds, and it loads on both hosts (the frontend keeps a saved
+    node's outputs), so the file is the same whichever host's ``/object_info``
+    made it; an output node whose output the workflow links keeps them all.
+    """
+    if definition.get("output_node") and not any(output["links"] for output in outputs):
+        return []
+    return outputs
 
 
 def _type_name(kind: Any) -> str:
