@@ -2,7 +2,7 @@
 
 A denoising loop is launch-bound on a GPU: one SD1.5 forward pass at 512²
 costs ~33 ms eager and ~10 ms replayed from a CUDA graph, forward and
-backward ~86 ms eager and ~20 ms replayed (see ``docs/gpu-device.md``).
+backward ~86 ms eager and ~20 ms replayed (see ``docs/capture.md``).
 :class:`PassCache` runs a pure function of tensors ``fn(tree) -> outputs``
 (a tensor or a tuple of tensors) through fixed-address ("static") buffers:
 
@@ -10,14 +10,17 @@ backward ~86 ms eager and ~20 ms replayed (see ``docs/gpu-device.md``).
    ``fn`` runs eagerly on them (the warm-up; its output is the call's
    result). In ``"graph"`` mode the pass is then captured into a CUDA graph
    and replayed once, and that replay is compared with the warm-up output
-   (:data:`REPLAY_TOLERANCE`); a capture that disagrees is never used (the
-   key runs eagerly from then on), one that fails switches graphs off for the
-   process; the reason is logged once.
+   (:func:`difference`, :data:`REPLAY_TOLERANCE`; NaN or a different output
+   count refuses). A capture that disagrees, or whose check cannot be made
+   (non-finite gradients, out of memory), refuses its key: that key runs
+   plainly from then on. Any other capture failure switches graphs off for
+   the process (every pass then runs plainly); the reason is logged once.
 2. Later calls copy the inputs into the static buffers, let the attention
    control fill its :class:`~dragkit.attention.KVSlots` (the injector copies
-   the step's cached keys/values in), replay (or, in ``"eager"`` mode, run
-   ``fn`` again on the static buffers), let the control drain its slots (the
-   recorder copies keys/values out) and return a copy of the output.
+   the step's cached keys/values in), replay (or, in ``"eager"`` and
+   ``"trace"`` modes, run ``fn`` again on the static buffers), let the
+   control drain its slots (the recorder copies keys/values out) and return
+   a copy of the output.
 
 :meth:`PassCache.run_differentiable` does the same for a pass that is
 differentiated (motion supervision): it captures the forward and the
@@ -29,17 +32,25 @@ is refused.
 
 ``"eager"`` mode is the CPU stand-in for replay: the same static buffers,
 slots and copies, with ``fn`` run instead of a graph, so the tests can show
-on any machine that the static path equals the plain one bit for bit.
+on any machine that the static path equals the plain one bit for bit. It
+cannot show that the key is complete (every "replay" re-runs the Python), so
+``"trace"`` mode also records what the capture reads (:class:`Tracer`) and
+requires every replay to read the same.
 
 What a capture bakes in is the caller's job to put in the key: shapes,
 dtypes, batch, the attention control's :meth:`signature`, the model's
-patches. The weights' identity is checked before every replay: a changed
-identity (the model reloaded, re-patched or moved) drops the entry.
+patches (:func:`tensor_layout` adds grad, inference and autocast state).
+The weights' identity is checked before every replay: a changed identity
+(the model reloaded, re-patched or moved) drops the entry; ``None`` (a
+tensor subclass among the weights, :func:`storage_identity`) runs the call
+plainly. A key whose passes keep being evicted and recaptured stops
+capturing its group (:data:`THRASH_LIMIT`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -48,16 +59,19 @@ from typing import Any, Callable, Hashable, Union
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .attention import AttentionControl, KVSlots
 
 log = logging.getLogger("DragKit")
 
-MODES = ("off", "eager", "graph")
-"""``off``: plain calls; ``eager``: the static-buffer path without a graph (CPU stand-in); ``graph``: CUDA graphs."""
+MODES = ("off", "eager", "trace", "graph")
+"""``off``: plain calls; ``eager``: the static-buffer path without a graph (CPU stand-in); ``trace``: ``eager``
+that also checks every replay reads what its capture read (:class:`Tracer`); ``graph``: CUDA graphs."""
 
 ENV_VAR = "DRAGKIT_CAPTURE"
-"""Environment variable choosing the mode: ``auto`` (default: ``graph`` on CUDA, ``off`` elsewhere) or one of :data:`MODES`."""
+"""Environment variable choosing the mode: ``auto`` (default: ``off`` until a GPU run has proven the graphs),
+``on`` (= ``graph``) or one of :data:`MODES`."""
 
 REPLAY_TOLERANCE = 1e-3
 """Largest |replay - eager| accepted at the first replay, relative to max(1, max |eager|)."""
@@ -70,20 +84,36 @@ REPLAY_OBSERVERS: list[Callable[[torch.Tensor, bool], None]] = []
 passes a forward hook on the UNet cannot see (the benchmark counts them)."""
 
 CAPACITY = 8
-"""Captured passes kept (least recently used dropped first); they share one memory pool per device."""
+"""Captured passes kept (least recently used dropped first)."""
+
+THRASH_LIMIT = 4
+"""Recaptures of evicted keys after which a group (a model) captures no new keys (its captured keys still replay)."""
 
 
 def capture_mode(device: torch.device) -> str:
-    """The mode for a pass on ``device``, from :data:`ENV_VAR` (``graph`` only ever on CUDA)."""
+    """The mode for a pass on ``device``, from :data:`ENV_VAR`.
+
+    ``graph`` only ever on NVIDIA CUDA (``eager`` on other devices); ``off``
+    on ROCm (untested there) and once a failed capture has switched graphs
+    off for the process (:meth:`PassCache._checked`).
+    """
     wanted = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if wanted == "on":
+        wanted = "graph"
     if wanted not in MODES + ("auto",):
-        log_once(f"env:{wanted}", f"DragKit: {ENV_VAR}={wanted!r} is not one of auto, {', '.join(MODES)}; using auto")
+        log_once(f"env:{wanted}", f"DragKit: {ENV_VAR}={wanted!r} is not one of auto, on, {', '.join(MODES)}; "
+                 "using auto")
         wanted = "auto"
     if wanted == "auto":
-        wanted = "graph" if device.type == "cuda" else "off"
-    if wanted == "graph" and (device.type != "cuda" or _graphs_disabled):
+        return "off"
+    if wanted != "graph":
+        return wanted
+    if device.type != "cuda":
         return "eager"
-    return wanted
+    if torch.version.hip is not None:
+        log_once("rocm", "DragKit: captured UNet passes are not tested on ROCm; UNet passes run plainly")
+        return "off"
+    return "off" if _graphs_disabled else "graph"
 
 
 _graphs_disabled: set = set()
@@ -101,23 +131,34 @@ def log_once(key: Hashable, message: str) -> None:
         log.info(message)
 
 
+def autocast_state() -> tuple:
+    """Whether autocast is on, and to which dtype, for CUDA and the CPU (a capture bakes in the casts it makes)."""
+    return tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu"))
+
+
 def tensor_layout(tree: Any) -> tuple:
-    """Hashable ``(shape, dtype, device, requires_grad)`` of every tensor leaf of ``tree``, in order, and whether
-    inference mode is on (static buffers made under it are inference tensors, which cannot be written outside it)."""
+    """Hashable ``(shape, dtype, device, requires_grad)`` of every tensor leaf of ``tree``, in order, then whether
+    inference mode is on (static buffers made under it are inference tensors, which cannot be written outside it)
+    and the :func:`autocast_state`."""
     layout = tuple(
         (tuple(t.shape), t.dtype, t.device, t.requires_grad)
         for t in pytree.tree_leaves(tree)
         if isinstance(t, torch.Tensor)
     )
-    return layout + (torch.is_inference_mode_enabled(),)
+    return layout + (torch.is_inference_mode_enabled(), autocast_state())
 
 
 _tensor_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Per module: ``(table, name)`` of every parameter and buffer under it (a module's ``_parameters``/``_buffers``)."""
 
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter) + ((torch.nn.Buffer,) if hasattr(torch.nn, "Buffer") else ())
+"""Weight types a capture can bake in; any other tensor subclass (quantised weights from other packs) dispatches
+in Python and may have no storage, so its model's passes run plainly."""
 
-def storage_identity(module: torch.nn.Module) -> tuple:
-    """The storage address of every parameter and buffer under ``module``, in a fixed order.
+
+def storage_identity(module: torch.nn.Module) -> tuple | None:
+    """The storage address of every parameter and buffer under ``module``, in a fixed order; ``None`` (logged
+    once) when one is a tensor subclass or has no storage.
 
     Hosts swap weights by replacing a module's parameter (ComfyUI's patching
     and lowvram casts) or by moving the whole model, so the addresses are read
@@ -128,7 +169,27 @@ def storage_identity(module: torch.nn.Module) -> tuple:
     if tables is None:
         tables = [(table, name) for sub in module.modules() for table in (sub._parameters, sub._buffers) for name in table]
         _tensor_tables[module] = tables
-    return tuple(table[name].data_ptr() if table[name] is not None else 0 for table, name in tables)
+    try:
+        return tuple(_address(table[name]) for table, name in tables)
+    except _Unplain as unplain:
+        log_once(("subclass", unplain.args[0]), f"DragKit: the model has {unplain.args[0]} weights (a tensor "
+                 "subclass); its UNet passes run plainly")
+        return None
+
+
+class _Unplain(Exception):
+    """A weight a capture cannot bake in (:data:`PLAIN_TENSOR_TYPES`); the argument names its type."""
+
+
+def _address(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    if type(t) not in PLAIN_TENSOR_TYPES:
+        raise _Unplain(type(t).__name__)
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        raise _Unplain("storage-less") from None
 
 
 def probe_gradients(outputs: tuple) -> tuple:
@@ -152,12 +213,46 @@ def _copy(out: Outputs) -> Outputs:
 
 
 def difference(a: Outputs, b: Outputs, floor: float = 1.0) -> float:
-    """Largest |a - b| over all outputs, relative to max(``floor``, max |b|) (``floor`` 0: purely relative)."""
+    """Largest |a - b| over all outputs, relative to max(``floor``, max |b|) (``floor`` 0: purely relative).
+
+    ``inf`` when the outputs differ in count or shape, or either holds a
+    NaN or an infinity: such a capture cannot be shown equal to eager.
+    """
+    a, b = _as_tuple(a), _as_tuple(b)
+    if len(a) != len(b):
+        return math.inf
     worst = 0.0
-    for x, y in zip(_as_tuple(a), _as_tuple(b)):
-        scale = max(floor, float(y.detach().float().abs().max()), 1e-30)
-        worst = max(worst, float((x.detach().float() - y.detach().float()).abs().max()) / scale)
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return math.inf
+        if x.numel() == 0:
+            continue
+        x, y = x.detach().float(), y.detach().float()
+        if not bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
+            return math.inf
+        scale = max(floor, float(y.abs().amax()), 1e-30)
+        worst = max(worst, float((x - y).abs().amax()) / scale)
     return worst
+
+
+def empty_device_cache(device: torch.device) -> None:
+    """Hand the caching allocator's unused blocks on ``device`` back to the driver (after graphs were dropped)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_for_capture(device: torch.device) -> int:
+    """Bytes a new capture can use on CUDA ``device``: free on the device plus the unused blocks cached in the
+    allocator's default pool. (Blocks cached in graph pools are usable only by their graphs; ComfyUI's
+    ``get_free_memory`` counts them as free.)"""
+    free, _ = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except RuntimeError:  # an allocator backend without snapshots (cudaMallocAsync): what the driver says is free
+        return free
+    return free + sum(s["total_size"] - s["active_size"] for s in segments
+                      if s.get("device") == index and tuple(s.get("segment_pool_id", (0, 0))) == (0, 0))
 
 
 def _with(leaves: list, spec, tensors: list[int], values: list[torch.Tensor]) -> Any:
@@ -171,6 +266,70 @@ def _with(leaves: list, spec, tensors: list[int], values: list[torch.Tensor]) ->
 def _observe(call: "_Call", differentiable: bool) -> None:
     for observer in REPLAY_OBSERVERS:
         observer(call.inputs[0], differentiable)
+
+
+class TraceMismatch(AssertionError):
+    """In ``trace`` mode: a replay read something other than its capture (a value missing from the key)."""
+
+
+class Tracer(TorchDispatchMode):
+    """Records every op a pass runs: its name, and each argument as the capture would see it.
+
+    A tensor argument is described by its role and shape: ``("static", i)``
+    (the pass's i-th static input), ``("slot", role, layer)``, ``("weight",
+    i)`` (the i-th address of the weights identity), ``("made",)`` (made by
+    an earlier op of the pass), or ``("external", address, values)`` (read
+    from outside: a graph would read that address; values are kept for
+    tensors of at most :attr:`SMALL` elements, e.g. a scalar made from a
+    Python number). Other arguments (numbers, sizes, dtypes) are kept as they
+    are. Two runs of a pass that a graph could replay have equal traces.
+    """
+
+    SMALL = 16
+
+    def __init__(self, known: dict[int, tuple]) -> None:
+        super().__init__()
+        self.known = known
+        self.made: set[int] = set()
+        self.ops: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        described = tuple(self._describe(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
+        out = func(*args, **kwargs)
+        for made in pytree.tree_leaves(out):
+            if isinstance(made, torch.Tensor):
+                self.made.add(_storage(made))
+        self.ops.append((str(func), str(spec), described))
+        return out
+
+    def _describe(self, t: torch.Tensor) -> tuple:
+        address = _storage(t)
+        role = self.known.get(address) or self.known.get(t.data_ptr())
+        if role is None:
+            if address in self.made:
+                role = ("made",)
+            else:
+                small = t.numel() <= self.SMALL and t.device.type != "meta"
+                values = tuple(t.detach().flatten().tolist()) if small else None
+                role = ("external", address, values)
+        return role + (tuple(t.shape), t.dtype)
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def first_difference(expected: list[tuple], found: list[tuple]) -> str:
+    """Where two traces part: the first differing op, or the lengths."""
+    for index, (want, got) in enumerate(zip(expected, found)):
+        if want != got:
+            return f"op {index}: captured {want}, replayed {got}"
+    return f"the capture ran {len(expected)} ops, the replay {len(found)}"
 
 
 @dataclass
@@ -202,7 +361,7 @@ class _Entry:
     ``outputs`` are the forward graph's outputs; for a differentiable pass
     ``grad_outputs``/``grad_inputs`` are the backward graph's, and
     ``pending`` the eager stand-in's outputs (with their autograd graph)
-    awaiting backward.
+    awaiting backward. ``trace`` (trace mode) is what the capture read.
     """
 
     statics: list[torch.Tensor]
@@ -215,6 +374,7 @@ class _Entry:
     grad_inputs: tuple = ()
     pending: tuple | None = None
     params: tuple = ()
+    trace: list | None = None
     clock: list = field(default_factory=lambda: [0])
 
     def load(self, call: _Call) -> None:
@@ -226,6 +386,40 @@ class _Entry:
     def differentiable(self) -> list[torch.Tensor]:
         """What the backward differentiates for: the static inputs that require grad, then the parameters."""
         return [s for s in self.statics if s.requires_grad] + list(self.params)
+
+    def tracer(self) -> Tracer:
+        """A :class:`Tracer` that knows this entry's static inputs, slots and weights."""
+        known: dict[int, tuple] = {}
+        for index, address in enumerate(_addresses(self.weights)):
+            known.setdefault(address, ("weight", index))
+        for (role, layer), slot in self.slots.buffers.items():
+            known[_storage(slot)] = ("slot", role, layer)
+        for index, static in enumerate(self.statics):
+            known[_storage(static)] = ("static", index)
+        return Tracer(known)
+
+    def traced(self, fn, tree: Any) -> tuple[Outputs, list]:
+        """``fn(tree)`` and its trace."""
+        with self.tracer() as tracer:
+            out = fn(tree)
+        return out, tracer.ops
+
+    def check(self, fn, tree: Any) -> Outputs:
+        """``fn(tree)``, which must read what the capture read (:class:`TraceMismatch` otherwise)."""
+        out, ops = self.traced(fn, tree)
+        if ops != self.trace:
+            raise TraceMismatch("DragKit: a replay of a captured pass read something other than its capture, so a "
+                                f"value that changes between calls is missing from the key ({first_difference(self.trace, ops)})")
+        return out
+
+
+def _addresses(weights: Hashable) -> list[int]:
+    """The integer addresses inside a weights identity (nested tuples of ints)."""
+    if isinstance(weights, int) and not isinstance(weights, bool):
+        return [weights]
+    if isinstance(weights, tuple):
+        return [address for part in weights for address in _addresses(part)]
+    return []
 
 
 class _DifferentiablePass(torch.autograd.Function):
@@ -242,7 +436,8 @@ class _DifferentiablePass(torch.autograd.Function):
                 _observe(call, True)
                 return _as_tuple(_copy(entry.outputs))
             with torch.enable_grad():
-                entry.pending = _as_tuple(fn(call.on(entry.statics)))
+                tree = call.on(entry.statics)
+                entry.pending = _as_tuple(fn(tree) if entry.trace is None else entry.check(fn, tree))
             return _as_tuple(_copy(entry.pending))
 
     @staticmethod
@@ -300,16 +495,37 @@ class _bound(_lent):
             super().__exit__(kind, value, traceback)
 
 
+class _Refused(Exception):
+    """A capture that cannot be checked or used, for a reason that leaves the allocator sound: only its key is
+    refused (the argument says why)."""
+
+
+_PER_KEY_FAILURES = (FloatingPointError, torch.cuda.OutOfMemoryError)
+"""Capture errors that refuse only their key: non-finite check gradients, out of memory (neither breaks the
+allocator); anything else switches graphs off for the process."""
+
+
 @dataclass
 class PassCache:
-    """Static-buffer runs and captured passes per key (see the module docstring)."""
+    """Static-buffer runs and captured passes per key (see the module docstring).
+
+    ``group`` maps a key to what it belongs to (e.g. its model): graphs of a
+    group share one memory pool per device (dropping a group's entries frees
+    its pool) and the thrash guard counts per group.
+    """
 
     capacity: int = CAPACITY
+    group: Callable[[Hashable], Hashable] = lambda key: None
     entries: OrderedDict = field(default_factory=OrderedDict)
     pools: dict = field(default_factory=dict)
     streams: dict = field(default_factory=dict)
     clock: list = field(default_factory=lambda: [0])
     """Passes run through this cache, shared with its entries (a backward must follow its own forward directly)."""
+    refused: set = field(default_factory=set)
+    """Keys that run plainly (their capture differed from eager, or could not be checked)."""
+    evicted: set = field(default_factory=set)
+    thrash: dict = field(default_factory=dict)
+    """Keys dropped for capacity, and per group how many of them came back (recaptures)."""
     captures: int = 0
     replays: int = 0
     rejected: int = 0
@@ -318,48 +534,76 @@ class PassCache:
     accepted capture's first-replay difference from eager (:func:`difference`, see :data:`REPLAY_TOLERANCE`)."""
 
     def counts(self) -> dict:
-        """The counters as a report: captures, replays, captures refused, the largest first-replay difference."""
+        """The counters as a report: captures, replays, captures refused, the largest first-replay difference,
+        groups stopped by the thrash guard."""
         return {"captures": self.captures, "replays": self.replays, "rejected": self.rejected,
-                "max_first_replay_error": max(self.first_replay_errors, default=None)}
+                "max_first_replay_error": max(self.first_replay_errors, default=None),
+                "thrashing": sum(count >= THRASH_LIMIT for count in self.thrash.values())}
 
-    def drop_where(self, doomed: Callable[[Hashable], bool]) -> None:
-        """Drop the entries whose key ``doomed`` says."""
-        for key in [key for key in self.entries if doomed(key)]:
+    def release(self, doomed: Callable[[Hashable], bool]) -> int:
+        """Drop the entries whose key ``doomed`` says and the memory pools no remaining entry uses, and empty the
+        allocator's cache when graphs went (their pool memory returns to the device); returns how many went."""
+        keys = [key for key in self.entries if doomed(key)]
+        devices = {self.entries[key].statics[0].device for key in keys if self.entries[key].graph is not None}
+        for key in keys:
             del self.entries[key]
+        live = {(entry.statics[0].device, self.group(key)) for key, entry in self.entries.items()}
+        for pool in [pool for pool in self.pools if pool not in live]:
+            del self.pools[pool]
+        for device in devices:
+            empty_device_cache(device)
+        return len(keys)
 
     def clear(self) -> None:
-        """Drop every entry (and with them the graphs' memory) and reset the counters."""
-        self.entries.clear()
+        """Drop every entry (and with them the graphs' memory) and reset the counters and refusals."""
+        self.release(lambda key: True)
         self.pools.clear()
         self.streams.clear()
+        self.refused.clear()
+        self.evicted.clear()
+        self.thrash.clear()
         self.captures = self.replays = self.rejected = 0
         self.first_replay_errors.clear()
 
     def run(self, key: Hashable, fn: Callable[[Any], Outputs], tree: Any, control: AttentionControl,
             weights: Hashable, mode: str) -> Outputs:
-        """``fn(tree)`` through this key's static buffers (``mode`` ``eager`` or ``graph``), without gradients.
+        """``fn(tree)`` through this key's static buffers (``mode`` ``eager``, ``trace`` or ``graph``), without
+        gradients.
 
         ``tree`` is any nesting of dicts, lists and tuples; its tensor
         leaves are the inputs copied into static buffers, its other leaves are
         passed through as they are (the key must describe what they decide).
         ``control`` is the attention control active in ``fn``; it is bound to
         the entry's slots for the call. ``weights`` is the model weights'
-        identity (e.g. their storage addresses).
+        identity (e.g. their storage addresses; ``None``: the call runs
+        plainly). A refused key, or a new key of a thrashing group, runs
+        plainly too.
         """
         call = _Call.of(tree)
         self.clock[0] += 1
         entry = self._entry(key, weights)
         if entry is None:
+            if not self._may_capture(key, weights):
+                return fn(tree)
             entry = self._new(key, call, weights, requires_grad=False)
 
             def make_tree():
                 return call.on(entry.statics)
 
-            with _bound(control, entry.slots):
-                out = self._warm_up(make_tree, fn, entry) if mode == "graph" else fn(make_tree())
+            try:
+                with _bound(control, entry.slots):
+                    out = self._warm_up(make_tree, fn, entry) if mode == "graph" else fn(make_tree())
+            except _PER_KEY_FAILURES as failure:
+                self._refuse(key, entry, failure)
+                return fn(tree)
             if mode == "graph":
                 with _lent(control, entry.slots):
-                    self._capture(fn, make_tree, out, entry)
+                    self._capture(key, fn, make_tree, out, entry)
+            elif mode == "trace":
+                with _lent(control, entry.slots):
+                    captured, entry.trace = entry.traced(fn, make_tree())
+                if not difference(captured, out) <= REPLAY_TOLERANCE:
+                    raise TraceMismatch("DragKit: two eager runs of a pass on the same inputs differ")
             return out
         entry.load(call)
         with _bound(control, entry.slots):
@@ -367,6 +611,8 @@ class PassCache:
                 entry.graph.replay()
                 _observe(call, False)
                 out = _copy(entry.outputs)
+            elif entry.trace is not None:
+                out = entry.check(fn, call.on(entry.statics))
             else:
                 out = fn(call.on(entry.statics))
         self.replays += 1
@@ -382,26 +628,65 @@ class PassCache:
         static buffers, so their identity is part of the weights check. In
         graph mode the first call of a key captures the forward and the
         backward and checks one replay of each against an eager run (outputs,
-        and the gradients for :func:`probe_gradients`).
+        and the gradients for :func:`probe_gradients`); in trace mode it
+        records a capture's trace, and every forward must match it.
         """
         call = _Call.of(tree)
-        weights = (weights, tuple(p.data_ptr() for p in params))
-        entry = self._entry(key, weights)
+        entry = None
+        if weights is not None:
+            try:
+                weights = (weights, tuple(_address(p) for p in params))
+            except _Unplain:
+                weights = None
+        if weights is not None:
+            entry = self._entry(key, weights)
         if entry is None:
+            if not self._may_capture(key, weights):
+                return _as_tuple(fn(tree))
             entry = self._new(key, call, weights, requires_grad=True)
             entry.params = tuple(params)
             if mode == "graph":
                 with _lent(control, entry.slots):
-                    self._capture_differentiable(fn, lambda: call.on(entry.statics), entry)
+                    self._capture_differentiable(key, fn, lambda: call.on(entry.statics), entry)
+                if key in self.refused:
+                    return _as_tuple(fn(tree))
+            elif mode == "trace":
+                with _lent(control, entry.slots), torch.enable_grad():
+                    fn(call.on(entry.statics))
+                    entry.trace = entry.traced(fn, call.on(entry.statics))[1]
         else:
             self.replays += 1
         return _DifferentiablePass.apply(entry, fn, call, control, *call.inputs, *entry.params)
+
+    def _may_capture(self, key: Hashable, weights: Hashable) -> bool:
+        """Whether a new entry may be made for ``key``: not refused, weights that a capture can bake in, and a
+        group the thrash guard has not stopped."""
+        if weights is None or key in self.refused:
+            return False
+        group = self.group(key)
+        if key in self.evicted:
+            self.evicted.discard(key)
+            self.thrash[group] = self.thrash.get(group, 0) + 1
+            if self.thrash[group] == THRASH_LIMIT:
+                log_once(("thrash", group), f"DragKit: UNet passes were evicted and recaptured {THRASH_LIMIT} times "
+                         f"(more than {self.capacity} capture keys in a loop); this model's new keys run plainly")
+        return self.thrash.get(group, 0) < THRASH_LIMIT
+
+    def _refuse(self, key: Hashable, entry: _Entry, failure: BaseException) -> None:
+        """Refuse ``key`` (it runs plainly from now on) after ``failure``; its entry and memory go."""
+        self.rejected += 1
+        self.refused.add(key)
+        log_once(("capture-refused", type(failure).__name__), f"DragKit: a UNet pass was not captured "
+                 f"({type(failure).__name__}: {failure}); that pass runs plainly")
+        if self.entries.get(key) is entry:
+            self.release(lambda k: k == key)
+        empty_device_cache(entry.statics[0].device if entry.statics else torch.device("cpu"))
 
     def _entry(self, key: Hashable, weights: Hashable) -> _Entry | None:
         entry = self.entries.get(key)
         if entry is not None and entry.weights != weights:
             log.debug("DragKit: model weights moved or changed; recapturing")
-            del self.entries[key]
+            self.release(lambda k: k == key)
             entry = None
         if entry is not None:
             self.entries.move_to_end(key)
@@ -412,11 +697,14 @@ class PassCache:
         entry = _Entry(statics=statics, slots=KVSlots(), weights=weights, clock=self.clock)
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+            evicted, _ = self.entries.popitem(last=False)
+            if len(self.evicted) >= 64 * self.capacity:
+                self.evicted.clear()
+            self.evicted.add(evicted)
         return entry
 
     def _stream(self, device: torch.device):
-        """The device's capture stream: every warm-up and capture into the shared pool runs on it."""
+        """The device's capture stream: every warm-up and capture runs on it."""
         if device not in self.streams:
             self.streams[device] = torch.cuda.Stream(device)
         return self.streams[device]
@@ -447,7 +735,7 @@ class PassCache:
                 tensor.record_stream(main)
         return (out, found) if grads else out
 
-    def _capture(self, fn, make_tree: Callable[[], Any], eager: Outputs, entry: _Entry) -> None:
+    def _capture(self, key: Hashable, fn, make_tree: Callable[[], Any], eager: Outputs, entry: _Entry) -> None:
         """Capture ``fn`` into ``entry``, replay once and keep the graph only if it matches the warm-up output ``eager``.
 
         The slots still hold the warm-up's inputs (capturing runs nothing), so
@@ -457,15 +745,15 @@ class PassCache:
 
         def capture():
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool(device), stream=self._stream(device),
+            with torch.cuda.graph(graph, pool=self._pool(device, key), stream=self._stream(device),
                                   capture_error_mode="thread_local"):
                 captured = fn(make_tree())
             graph.replay()
             return difference(captured, eager), dict(graph=graph, outputs=captured)
 
-        self._checked(capture, entry)
+        self._checked(key, capture, entry)
 
-    def _capture_differentiable(self, fn, make_tree: Callable[[], Any], entry: _Entry) -> None:
+    def _capture_differentiable(self, key: Hashable, fn, make_tree: Callable[[], Any], entry: _Entry) -> None:
         """Warm up, capture the forward and the backward into ``entry`` and check one replay of each against the warm-up.
 
         Every call of ``fn`` gets a fresh tree (ComfyUI pops ControlNet
@@ -475,9 +763,12 @@ class PassCache:
         wanted = entry.differentiable()
 
         def capture():
-            eager, eager_grads = self._warm_up(make_tree, fn, entry, grads=True)
+            try:
+                eager, eager_grads = self._warm_up(make_tree, fn, entry, grads=True)
+            except torch.cuda.OutOfMemoryError as failure:
+                raise _Refused(f"out of memory in the warm-up: {failure}") from None
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            pool, stream = self._pool(device), self._stream(device)
+            pool, stream = self._pool(device, key), self._stream(device)
             with torch.enable_grad():
                 with torch.cuda.graph(forward, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     outputs = _as_tuple(fn(make_tree()))
@@ -486,49 +777,58 @@ class PassCache:
                     grad_inputs = tuple(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
             forward.replay()
             backward.replay()
-            used = [(g, e) for g, e in zip(grad_inputs, eager_grads) if g is not None and e is not None]
+            if [g is None for g in grad_inputs] != [e is None for e in eager_grads]:
+                raise _Refused("the captured backward reaches other inputs than the eager one")
+            used = [(g, e) for g, e in zip(grad_inputs, eager_grads) if e is not None]
             if not all(bool(torch.isfinite(e).all()) for _, e in used):
-                raise FloatingPointError("the eager gradients to check the capture against are not finite")
+                raise _Refused("the eager gradients to check the capture against are not finite")
             error = max(difference(outputs, eager),
                         difference(tuple(g for g, _ in used), tuple(e for _, e in used), floor=0.0))
             return error, dict(graph=forward, outputs=outputs, backward_graph=backward, grad_outputs=grad_outputs,
                                grad_inputs=grad_inputs)
 
-        self._checked(capture, entry)
+        self._checked(key, capture, entry)
 
-    def _pool(self, device: torch.device):
-        return self.pools.setdefault(device, torch.cuda.graph_pool_handle())
+    def _pool(self, device: torch.device, key: Hashable):
+        """The memory pool of ``key``'s group on ``device`` (freed when the group's last graph goes)."""
+        return self.pools.setdefault((device, self.group(key)), torch.cuda.graph_pool_handle())
 
-    def _checked(self, capture: Callable[[], tuple[float, dict]], entry: _Entry) -> None:
+    def _checked(self, key: Hashable, capture: Callable[[], tuple[float, dict]], entry: _Entry) -> None:
         """Run ``capture`` (-> first-replay error, graph attributes); set them on ``entry`` only within tolerance.
 
-        A capture that raises leaves this key eager. A failure inside CUDA's
+        A capture that differs from eager (NaN included), cannot be checked
+        (:class:`_Refused`, e.g. non-finite gradients) or runs out of memory
+        refuses its key (:meth:`_refuse`). Any other failure inside CUDA's
         stream capture can leave the caching allocator unable to tell what a
-        later capture may use, so after any failure graphs are switched off
-        for the rest of the process (:func:`capture_mode` then says
-        ``eager``); the current stream is restored in every case.
+        later capture may use, so it switches graphs off for the rest of the
+        process (:func:`capture_mode` then says ``off``) and refuses the key
+        as well. The current stream is restored in every case.
         """
         device = entry.statics[0].device
-        stream = torch.cuda.current_stream(device)
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         try:
             error, graphs = capture()
-        except Exception as failure:  # noqa: BLE001 - any capture failure means: run eagerly from now on
-            torch.cuda.synchronize(device)
-            self.rejected += 1
-            _graphs_disabled.add(device.index if device.index is not None else torch.cuda.current_device())
+        except (_Refused, *_PER_KEY_FAILURES) as failure:
+            self._refuse(key, entry, failure)
+            return
+        except Exception as failure:  # noqa: BLE001 - any other capture failure: no more graphs in this process
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _graphs_disabled.add(device.index if device.index is not None or device.type != "cuda"
+                                 else torch.cuda.current_device())
             log_once(("capture-failed", type(failure).__name__), f"DragKit: a UNet pass could not be captured "
-                     f"({type(failure).__name__}: {failure}); UNet passes run eagerly from now on")
+                     f"({type(failure).__name__}: {failure}); captured passes are off for this process")
+            self._refuse(key, entry, failure)
             return
         finally:
-            torch.cuda.set_stream(stream)
+            if stream is not None:
+                torch.cuda.set_stream(stream)
         if not error <= REPLAY_TOLERANCE:
-            self.rejected += 1
-            log_once("capture-mismatch", f"DragKit: a captured UNet pass differed from eager by {error:.2e} "
-                     f"(> {REPLAY_TOLERANCE:g}); it runs eagerly")
+            self._refuse(key, entry, _Refused(f"the first replay differed from eager by {error:.2e} "
+                                              f"(> {REPLAY_TOLERANCE:g})"))
             return
         for name, value in graphs.items():
             setattr(entry, name, value)
         self.captures += 1
         self.first_replay_errors.append(error)
         log.debug("DragKit: captured a UNet pass (first replay within %.1e of eager)", error)
-

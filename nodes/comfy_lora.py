@@ -8,6 +8,11 @@ Training never changes the shared MODEL's patches or values:
   float32 ``down``/``up`` cast to the activation's dtype. No weight is
   wrapped, copied or materialised; the hooks are removed by
   :meth:`ComfyLoRATrainer.close`;
+- it trains the MODEL that :func:`nodes.host_caps.autograd_patcher` gives: the
+  MODEL itself, or on ComfyUI 0.33.0 with Dynamic VRAM the host's
+  non-dynamic delegate (whose weights stay put while a backward reads them;
+  the host keeps its model for the next run), and runs in the host's
+  training mode (:func:`nodes.host_caps.training_mode`);
 - the MODEL is fully loaded, its weights made usable by autograd in place and
   the measured backward memory reserved with the model manager
   (:func:`nodes.comfy_autograd.prepare_for_backward`), then trained under
@@ -52,6 +57,7 @@ from ..dragkit.lora import (
 )
 from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
+from .host_caps import autograd_patcher, training_mode
 
 log = logging.getLogger("DragKit")
 
@@ -72,8 +78,10 @@ class LoRAAdapter(torch.nn.Module):
         self.up = torch.nn.Parameter(up)
         self.scale = float(scale)
 
+    @comfy_capture.capturable
     def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook of the projection: its output plus the LoRA's."""
+        """Forward hook of the projection: its output plus the LoRA's (reads only the adapter's parameters, so a
+        captured pass may bake it in)."""
         x = inputs[0]
         update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
         return output + update.to(output.dtype) * self.scale
@@ -136,8 +144,12 @@ def effective_weights_fingerprint(model) -> str:
 
     Loads the MODEL fully through the model manager, as the next sampling node
     would, so every patch (e.g. an upstream LoRA) is applied to the module
-    weights that are hashed. Cheap when the MODEL is already loaded.
+    weights that are hashed. Cheap when the MODEL is already loaded. A Dynamic
+    VRAM MODEL applies its patches only as it streams each layer, so its
+    non-dynamic delegate (:func:`nodes.host_caps.autograd_patcher`, the model
+    training uses) is hashed instead.
     """
+    model = autograd_patcher(model)
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     return model_fingerprint(model.model)
 
@@ -147,11 +159,13 @@ class ComfyLoRATrainer:
 
     The adapters hook the shared modules while training runs (the MODEL's
     patches are never changed, so ComfyUI does not reload it afterwards);
-    :meth:`close` removes them.
+    :meth:`close` removes them. ``model`` is trained through
+    :func:`nodes.host_caps.autograd_patcher` (its non-dynamic delegate on a
+    Dynamic VRAM host).
     """
 
     def __init__(self, model, positive: list, config: LoRATrainingConfig) -> None:
-        self.model = model
+        self.model = autograd_patcher(model)
         self.config = config.validate()
         self.cond, self.cond_options = single_prompt(positive)
         self.adapters: dict[str, LoRAAdapter] = {}
@@ -188,7 +202,7 @@ class ComfyLoRATrainer:
         channels = self.model.model.latent_format.latent_channels
         z = torch.zeros(int(self.config.batch), channels, h, w, device=self.model.load_device)
         t = torch.full((z.shape[0],), self.alphas_cumprod().shape[0] // 2, dtype=torch.long, device=z.device)
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
             self._eps_predictor(z)(z, t).to(torch.float32).square().mean().backward()
         for adapter in self.adapters.values():
             adapter.zero_grad(set_to_none=True)
@@ -244,7 +258,7 @@ class ComfyLoRATrainer:
         base = self.model.model
         dtype = base.manual_cast_dtype or base.get_dtype()
         passes = PassCache()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
             mean = latent_mean.detach().clone().to(device, torch.float32)
             std = None if latent_std is None else latent_std.detach().clone().to(device, torch.float32)
             try:

@@ -200,10 +200,16 @@ def test_a_captured_pass_with_parameter_gradients_matches_eager():
         assert (graphed - eager).abs().max() <= 1e-3 * max(1.0, float(eager.abs().max()))
 
 
-def test_a_failed_capture_leaves_the_process_usable(monkeypatch):
+@pytest.fixture()
+def graphs_on(monkeypatch) -> capture.PassCache:
+    """Graphs on (``DRAGKIT_CAPTURE=graph``, no earlier failure in this process); a fresh cache."""
     monkeypatch.setattr(capture, "_graphs_disabled", set())
-    monkeypatch.delenv(capture.ENV_VAR, raising=False)
-    passes = capture.PassCache()
+    monkeypatch.setenv(capture.ENV_VAR, "graph")
+    return capture.PassCache()
+
+
+def test_a_failed_capture_leaves_the_process_usable(graphs_on):
+    passes = graphs_on
 
     def syncing(tree):
         (x,) = tree
@@ -211,8 +217,45 @@ def test_a_failed_capture_leaves_the_process_usable(monkeypatch):
 
     x = torch.ones(4, device=DEVICE)
     assert torch.equal(passes.run("k", syncing, (x,), AttentionControl(), (), "graph"), x * 2)
-    assert passes.rejected == 1 and passes.captures == 0
-    assert capture.capture_mode(DEVICE) == "eager", "graphs off for the rest of the process"
+    assert passes.rejected == 1 and passes.captures == 0 and "k" in passes.refused
+    assert capture.capture_mode(DEVICE) == "off", "graphs off for the rest of the process: plain passes"
     assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the stream is restored"
     torch.cuda.empty_cache()
-    assert torch.equal(passes.run("k", syncing, (x + 1,), AttentionControl(), (), "eager"), (x + 1) * 2)
+    assert torch.equal(passes.run("k", syncing, (x + 1,), AttentionControl(), (), "graph"), (x + 1) * 2)
+    assert passes.replays == 0, "the refused key runs plainly"
+
+
+def test_a_capture_with_nan_refuses_only_its_key(graphs_on):
+    passes = graphs_on
+
+    def nan_pass(tree):
+        (x,) = tree
+        return x * float("nan")
+
+    x = torch.ones(4, device=DEVICE)
+    passes.run("nan", nan_pass, (x,), AttentionControl(), (), "graph")
+    assert "nan" in passes.refused and passes.captures == 0, "an all-NaN first replay is not accepted"
+    passes.run("ok", lambda tree: tree[0] * 2, (x,), AttentionControl(), (), "graph")
+    assert passes.captures == 1 and capture.capture_mode(DEVICE) == "graph", "graphs stay on for other keys"
+
+
+def test_releasing_a_models_passes_gives_their_memory_back():
+    passes = capture.PassCache(group=lambda key: key[0])
+    weight = torch.randn(512, 512, device=DEVICE)
+
+    def layer(tree):
+        (x,) = tree
+        return torch.relu(x @ weight) @ weight
+
+    def cycle() -> tuple[int, int]:
+        for batch in (256, 512, 1024):
+            passes.run(("model", batch), layer, (torch.randn(batch, 512, device=DEVICE),), AttentionControl(), (), "graph")
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_reserved()
+        passes.release(lambda key: key[0] == "model")
+        return held, torch.cuda.memory_reserved()
+
+    cycle()  # the first one also allocates the libraries' workspaces
+    held, after = cycle()
+    assert passes.captures == 6 and not passes.entries and not passes.pools
+    assert held - after >= 1024 * 512 * 4, "the graphs' pool (at least one activation) went back to the device"

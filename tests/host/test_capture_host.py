@@ -1,4 +1,4 @@
-"""Captured UNet passes in a real ComfyUI, on the CPU in the eager stand-in for replay (``DRAGKIT_CAPTURE=eager``).
+"""Captured UNet passes in a real ComfyUI, on the CPU in the stand-ins for replay (``DRAGKIT_CAPTURE=eager``/``trace``).
 
 The static-buffer path (inputs copied into fixed buffers, keys/values moved
 through the control's slots, one entry per capture key, replayed from the
@@ -8,8 +8,14 @@ without CFG, injection on for part of the steps), the reference branch, and
 motion supervision (DragDiffusion and GoodDrag iterations: the feature
 passes' forward and backward through the differentiable static path; equal
 up to the order in which the latent's gradient is summed) and LoRA steps
-(gradients to the adapters' parameters).
-Also: what goes into the key, and the calls that must run plainly.
+(gradients to the adapters' parameters). These run in ``trace`` mode, where
+every replay must also read what its capture read (ops, shapes, plain
+arguments, which static buffer, slot or weight), so a value ComfyUI decides
+per call that the key misses fails here.
+Also: what goes into the key, the calls that must run plainly (a Dynamic
+VRAM patcher, a foreign forward hook, weight wrappers, model-sampling
+buffers on another device), and the release of a model's passes when
+ComfyUI unloads it.
 """
 
 from __future__ import annotations
@@ -72,15 +78,16 @@ def invert(backend, conditioning):
     return ddim_invert(backend, source(), conditioning, schedule(backend), layers)
 
 
-def test_inversion_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend):
+@pytest.mark.parametrize("mode", ["eager", "trace"])
+def test_inversion_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend, mode):
     conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
     plain = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
     assert pack.nodes.comfy_capture.PASSES.replays == 0, "off: no static path"
-    static = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    static = in_mode(monkeypatch, mode, lambda: invert(backend, conditioning))
     passes = pack.nodes.comfy_capture.PASSES
     assert len(passes.entries) == 1 and passes.replays == len(static.kv) - 1, "one key; every step after the first replays"
     assert_same_cache(plain, static)
-    again = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    again = in_mode(monkeypatch, mode, lambda: invert(backend, conditioning))
     assert passes.replays == 2 * len(static.kv) - 1, "a second inversion replays the first one's entry"
     assert_same_cache(plain, again)
 
@@ -97,11 +104,11 @@ def test_kv_injected_sampling_through_static_buffers_equals_the_plain_path(monke
         return kv_sample(backend, edited, conditioning, cache, cache.schedule.start_index, layers, 0.0, 0.5)
 
     plain = in_mode(monkeypatch, "off", sample)
-    static = in_mode(monkeypatch, "eager", sample)
+    static = in_mode(monkeypatch, "trace", sample)
     passes = pack.nodes.comfy_capture.PASSES
     assert len(passes.entries) == 2, "injecting and plain steps are two keys"
     assert torch.equal(plain, static)
-    assert torch.equal(in_mode(monkeypatch, "eager", sample), plain), "a re-edit replays the same entries"
+    assert torch.equal(in_mode(monkeypatch, "trace", sample), plain), "a re-edit replays the same entries"
 
 
 def test_reference_branch_through_static_buffers_equals_the_plain_path(monkeypatch, pack, backend):
@@ -115,7 +122,7 @@ def test_reference_branch_through_static_buffers_equals_the_plain_path(monkeypat
                          kv_source="reference branch")
 
     plain = in_mode(monkeypatch, "off", sample)
-    static = in_mode(monkeypatch, "eager", sample)
+    static = in_mode(monkeypatch, "trace", sample)
     assert torch.equal(plain, static)
     shapes = {key[-1][0][0] for key in pack.nodes.comfy_capture.PASSES.entries}
     assert shapes == {(1, 4, 8, 8), (2, 4, 8, 8)}, "the catch-up (batch 1) and the pair (batch 2) are separate keys"
@@ -155,12 +162,7 @@ def test_the_key_follows_patches_shapes_and_the_control(monkeypatch, pack, tiny_
 def test_an_unknown_patch_runs_plainly(monkeypatch, pack, tiny_comfy_models):
     patched = tiny_comfy_models.model.clone()
     patched.set_model_attn2_output_patch(lambda out, extra: out * 1.0)
-    backend = pack.nodes.comfy_backend.ComfyBackend(patched)
-    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
-    plain = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
-    static = in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
-    assert keys_of(pack) == [] and pack.nodes.comfy_capture.PASSES.replays == 0
-    assert_same_cache(plain, static)
+    invert_runs_plainly(monkeypatch, pack, patched)
 
 
 def test_moved_weights_drop_the_entry(monkeypatch, pack, backend, tiny_comfy_models):
@@ -215,7 +217,7 @@ def test_motion_supervision_through_static_buffers_equals_the_plain_path(monkeyp
 
     plain = in_mode(monkeypatch, "off", edit)
     assert calls == {"differentiable": 0, "forward": 0}
-    static = in_mode(monkeypatch, "eager", edit)
+    static = in_mode(monkeypatch, "trace", edit)
     assert calls["differentiable"] >= 2 and calls["forward"] >= 1, "the feature passes went through the static path"
     assert torch.equal(plain.handles, static.handles)
     # Forward values are bit for bit; the latent's gradient sums the UNet's part (now from its own autograd node)
@@ -248,7 +250,7 @@ def test_lora_steps_through_static_buffers_equal_the_plain_path(monkeypatch, pac
 
     plain_losses, plain_lora = in_mode(monkeypatch, "off", train)
     assert calls == []
-    static_losses, static_lora = in_mode(monkeypatch, "eager", train)
+    static_losses, static_lora = in_mode(monkeypatch, "trace", train)
     assert len(calls) == config.steps and calls[0] > 0, "every step through the static path, adapters as parameters"
     assert static_losses[0] == plain_losses[0], "the first step's forward is the same bit for bit"
     assert max(abs(a - b) for a, b in zip(plain_losses, static_losses)) <= 1e-5
@@ -263,3 +265,95 @@ def test_another_step_count_replays_the_same_capture(monkeypatch, pack, backend)
         in_mode(monkeypatch, "eager", lambda: ddim_invert(backend, source(), conditioning,
                                                           DDIMSchedule(backend.alphas_cumprod(), steps, 0.75), layers))
     assert len(keys_of(pack)) == 1, "the sampler's schedule (sample_sigmas) is not part of the key"
+
+
+def invert_runs_plainly(monkeypatch, pack, patcher) -> None:
+    """Inversion on ``patcher`` in ``trace`` mode runs plainly (no key, no replay) and equals the plain path."""
+    backend = pack.nodes.comfy_backend.ComfyBackend(patcher)
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    plain = in_mode(monkeypatch, "off", lambda: invert(backend, conditioning))
+    static = in_mode(monkeypatch, "trace", lambda: invert(backend, conditioning))
+    assert keys_of(pack) == [] and pack.nodes.comfy_capture.PASSES.replays == 0
+    assert_same_cache(plain, static)
+
+
+def plan_args(pack) -> tuple:
+    """``_plan``'s arguments after the patcher for one SD1.5 call: cache, control, x, timestep, c."""
+    c = {"c_crossattn": prompt(1)[0][0], "transformer_options": {}}
+    control = pack.dragkit.attention.AttentionControl()
+    return pack.nodes.comfy_capture.PASSES, control, source(), torch.tensor([500.0]), c
+
+
+def refused_once_changed(monkeypatch, pack, model, change):
+    """A clone of ``model`` whose calls are planned for capture until ``change(clone)``, and refused after it."""
+    capture = pack.nodes.comfy_capture
+    patched = model.clone()
+    args = plan_args(pack)
+    monkeypatch.setenv("DRAGKIT_CAPTURE", "eager")
+    assert capture._plan(patched, *args) is not None
+    change(patched)
+    assert capture._plan(patched, *args) is None
+    return patched
+
+
+def test_a_dynamic_vram_patcher_runs_plainly(monkeypatch, pack, tiny_comfy_models):
+    # ComfyUI 0.33's ModelPatcherDynamic says is_dynamic() (a CPU load device never gets one)
+    patched = refused_once_changed(monkeypatch, pack, tiny_comfy_models.model,
+                                   lambda clone: setattr(clone, "is_dynamic", lambda: True))
+    pack.nodes.comfy_capture.install(patched, pack.dragkit.attention.AttentionControl())
+    assert "model_function_wrapper" not in patched.model_options, "no wrapper on a dynamic patcher"
+
+
+def test_a_foreign_forward_hook_runs_plainly_and_this_packs_hooks_are_keyed(monkeypatch, pack, tiny_comfy_models):
+    unet = tiny_comfy_models.model.model.diffusion_model
+    block = unet.output_blocks[0]
+    handle = block.register_forward_hook(lambda module, inputs, output: output * 1.0)
+    try:
+        invert_runs_plainly(monkeypatch, pack, tiny_comfy_models.model)
+    finally:
+        handle.remove()
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    backend = pack.nodes.comfy_backend.ComfyBackend(tiny_comfy_models.model)
+    in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    handle = block.register_forward_hook(pack.nodes.comfy_capture.capturable(lambda module, inputs, output: output))
+    try:
+        in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    finally:
+        handle.remove()
+    assert len(keys_of(pack)) == 2, "a hook of this pack is part of the key"
+
+
+def test_weight_wrappers_run_plainly(monkeypatch, pack, tiny_comfy_models):
+    patched = tiny_comfy_models.model.clone()
+    unet = patched.model.diffusion_model
+    name = next(n for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight"))
+    patched.add_weight_wrapper(f"diffusion_model.{name}", lambda weight: weight)
+    invert_runs_plainly(monkeypatch, pack, patched)
+
+
+def test_model_sampling_buffers_on_another_device_run_plainly(monkeypatch, pack, tiny_comfy_models):
+    import copy
+
+    def object_patch_on_a_loaded_model(clone) -> None:
+        """What an object patch on a loaded model gives: the sampling's buffers left behind (here on "meta")."""
+        clone.add_object_patch("model_sampling", copy.deepcopy(clone.get_model_object("model_sampling")).to("meta"))
+
+    refused_once_changed(monkeypatch, pack, tiny_comfy_models.model, object_patch_on_a_loaded_model)
+
+
+def test_unloading_the_model_releases_its_passes(monkeypatch, pack, backend, tiny_comfy_models):
+    import comfy.model_management
+
+    capture = pack.nodes.comfy_capture
+    emptied = []
+    monkeypatch.setattr(capture, "empty_device_cache", emptied.append)
+    conditioning = pack.nodes.comfy_backend.ComfyConditioning(prompt(1))
+    in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    model_id = id(tiny_comfy_models.model.model)
+    assert [key[0] for key in keys_of(pack)] == [model_id]
+    comfy.model_management.unload_all_models()
+    assert keys_of(pack) == [], "ComfyUI's unload (detach with unpatch_all) dropped the model's passes"
+    assert emptied == [torch.device(tiny_comfy_models.model.load_device)], "and emptied the allocator's cache"
+    assert [key[0] for key in keys_of(pack)] == []
+    in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
+    assert len(keys_of(pack)) == 1, "the reloaded model captures again"
