@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run (batch: per sample)")
     parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                         help="where ComfyUI computes: auto = the GPU when PyTorch sees CUDA, else the CPU")
+    parser.add_argument("--comfy-arg", dest="comfy_args", action="append", default=[], metavar="ARG",
+                        help="an argument for ComfyUI's main.py, e.g. --comfy-arg=--disable-dynamic-vram; repeatable")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_TYPE.INPUT=VALUE",
                         help="set a widget of every node of that type, e.g. DragKitLoRAFineTune.steps=10 "
                              "(VALUE read as JSON, else as text); repeatable")
@@ -146,11 +148,14 @@ class Models:
     upscale_model: Path | None = None
     gpu: bool = False
     """Run ComfyUI on the GPU (else ``--cpu``)."""
+    comfy_args: tuple[str, ...] = ()
+    """More arguments for ComfyUI's ``main.py`` (``--comfy-arg``)."""
 
     def server(self) -> ComfyServer:
         """A ComfyServer (not started) with these files in its model folders."""
         return ComfyServer(checkpoints=[self.checkpoint], controlnets=[p for p in (self.controlnet,) if p],
-                           upscale_models=[p for p in (self.upscale_model,) if p], cpu=not self.gpu)
+                           upscale_models=[p for p in (self.upscale_model,) if p], cpu=not self.gpu,
+                           extra_args=self.comfy_args)
 
 
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
@@ -191,7 +196,8 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     for path in [checkpoint, *(p for p in found.values() if p)]:
         if not path.is_file():
             raise DragInputError(f"{path} is not a file")
-    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), **found)
+    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), comfy_args=tuple(args.comfy_args),
+                  **found)
 
 
 def image_size(path: Path) -> tuple[int, int]:
