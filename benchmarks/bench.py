@@ -1,7 +1,7 @@
 """Per-stage speed, memory and compute floor of DragKit edits.
 
     python -m benchmarks.bench [--tiny] [--model sd15|sdxl] [--resolutions 512,768,1024]
-                               [--methods fastdrag,lora,dragdiffusion,gooddrag]
+                               [--methods fastdrag,lora,dragdiffusion,gooddrag] [--no-captured]
                                [--backend auto|comfyui|diffusers] [--json [out.json]] [--peak-tflops T]
 
 Builds the real-size SD1.5 (or, with ``--model sdxl``, SDXL) UNet and SD VAE
@@ -36,19 +36,27 @@ elsewhere.
 
 Fast stages run ``--warmup`` times, then ``--repeats`` times; slow ones (LoRA,
 optimisers, whole motion edits) a shortened warm-up, then ``--slow-repeats``.
-The JSON holds the machine, device, dtype, versions, backend, the workload,
+Every stage runs with captured UNet passes off (``DRAGKIT_CAPTURE=off``);
+the stages the goals name, FastDrag sampling and the DragDiffusion
+optimisation run again with them on (``graph``) as ``<stage>_captured``
+(:class:`benchmarks.measure.Stager`; ``--no-captured`` leaves the twins out).
+The JSON holds the machine, device, dtype, versions, backend, the CUDA
+allocator (``PYTORCH_CUDA_ALLOC_CONF``), the host's VRAM mode when started
+through :mod:`tools.comfy_vram` (``host_vram``), the workload,
 and per resolution and stage: median / p10 / p90 ms, repeats, peak CUDA
 memory (MiB; null on a CPU), the UNet passes counted (calls and batch rows,
 with autograd and without) and the compute floor (FLOPs of those passes ÷
 the device's peak; :mod:`benchmarks.flops`), as ``flops``, ``floor_ms`` and
 ``floor_ratio`` (median ÷ floor; null where the peak is unknown, e.g. CPUs),
 and ``ms_beyond_bare_passes`` (see :func:`report_stage`); per resolution also
-``goals`` (:func:`benchmarks.goals.judge`), and on the ComfyUI path
-``capture`` (captured UNet passes: mode, captures, refusals, replays, the
-largest first-replay difference from eager) and ``capture_ratios`` (FastDrag
-sampling and re-edit with capture on ÷ off, both timed in the run), and
+``goals`` (:func:`benchmarks.goals.judge_capture`: every goal with capture
+off and on), ``capture_ratios`` (each twin's median ÷ the plain stage's), and
+on the ComfyUI path ``capture`` (captured UNet passes: mode, captures,
+refusals, replays, the largest first-replay difference from eager) and
 ``failures`` (a stage that ran out of GPU memory, e.g. SDXL LoRA at 1024²,
-is reported there and the run goes on).
+is reported there and the run goes on). ``complete`` is false until the last
+stage: with ``--json PATH`` the report is rewritten after every stage, so a
+run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -63,9 +71,11 @@ from pathlib import Path
 import torch
 
 from dragkit.atomic import write_bytes_atomic
+from tools.comfy_vram import ENV_VAR as HOST_VRAM
 
 from . import flops as flop_floor
 from . import goals
+from .goals import CAPTURED
 from .measure import Stager
 from .workload import FULL, METHODS, SDXL_METHODS, TINY
 
@@ -106,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="measured runs of each fast stage (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up runs of each fast stage (default 2)")
     parser.add_argument("--slow-repeats", type=int, default=1, help="measured runs of each slow stage (default 1)")
+    parser.add_argument("--no-captured", dest="captured", action="store_false",
+                        help="leave out the <stage>_captured twins (capture on); every stage then runs with capture off")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the floor (default: table)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the JSON report to PATH (or stdout with no PATH or '-'); the tables go to stderr then")
@@ -174,8 +186,11 @@ def report_stage(stage: dict, bare_pass_ms: float, per_pass: dict, peak: float |
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark and return the report (see the module docstring)."""
+def run(args: argparse.Namespace, on_update=None) -> dict:
+    """Run the benchmark and return the report (see the module docstring).
+
+    ``on_update(report)`` is called after every stage with the report so far (``complete`` false).
+    """
     backend = choose_backend(args.backend, args.model)
     workload = TINY if args.tiny else FULL
     if args.tiny:
@@ -184,31 +199,16 @@ def run(args: argparse.Namespace) -> dict:
     device_name = torch.cuda.get_device_name(path.device) if path.device.type == "cuda" else "cpu"
     peak, peak_source = flop_floor.device_peak(device_name, path.dtype, args.peak_tflops)
     per_pass = flop_floor.unet_flops(path.unet_config, args.resolutions)
-    resolutions = {}
-    try:
-        for side in args.resolutions:
-            stager = Stager(path.device, path.counter, args.warmup, args.repeats, args.slow_repeats)
-            attn_cache = path.run(side, workload, args.methods, stager)
-            bare = stager.stages["unet_forward"]["median_ms"]
-            stages = {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()}
-            resolutions[str(side)] = {
-                "attn_cache": attn_cache,
-                "stages": stages,
-                "native_ratios": native_ratios(stager.stages),
-                "capture": path.capture_report() if hasattr(path, "capture_report") else None,
-                "failures": dict(getattr(path, "failures", {})),
-                "capture_ratios": capture_ratios(stager.stages),
-                "goals": goals.judge(args.model, side, goal_measures(stages), path.device.type == "cuda"),
-            }
-    finally:
-        path.close()
-    return {
+    report = {
+        "complete": False,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
         "device": device_name,
         "dtype": str(path.dtype),
         "versions": _versions(backend),
+        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "native",
+        "host_vram": os.environ.get(HOST_VRAM),
         "backend": backend,
         "model": path.model_name,
         "model_family": args.model,
@@ -223,8 +223,39 @@ def run(args: argparse.Namespace) -> dict:
             "peak_tflops": peak,
             "peak_source": peak_source,
         },
-        "resolutions": resolutions,
+        "resolutions": {},
     }
+    cuda = path.device.type == "cuda"
+
+    def resolution(stager: Stager, side: int, attn_cache: dict | None) -> dict:
+        """The report's entry for ``side`` from the stages measured so far."""
+        bare = stager.stages["unet_forward"]["median_ms"]
+        stages = {name: report_stage(s, bare, per_pass[side], peak) for name, s in stager.stages.items()}
+        return {
+            "attn_cache": attn_cache,
+            "stages": stages,
+            "native_ratios": native_ratios(stages),
+            "capture": path.capture_report() if hasattr(path, "capture_report") else None,
+            "failures": dict(getattr(path, "failures", {})),
+            "capture_ratios": capture_ratios(stages),
+            "goals": goals.judge_capture(args.model, side, goal_measures(stages), cuda),
+        }
+
+    try:
+        for side in args.resolutions:
+            def updated(name: str, side: int = side) -> None:
+                if on_update is not None:
+                    report["resolutions"][str(side)] = resolution(stager, side, None)
+                    on_update(report)
+
+            stager = Stager(path.device, path.counter, args.warmup, args.repeats, args.slow_repeats,
+                            twins=args.captured, on_stage=updated)
+            attn_cache = path.run(side, workload, args.methods, stager)
+            report["resolutions"][str(side)] = resolution(stager, side, attn_cache)
+    finally:
+        path.close()
+    report["complete"] = True
+    return report
 
 
 NATIVE_PAIRS = {
@@ -236,18 +267,10 @@ KV-Injected Sample vs KSamplerAdvanced (same model, latent, steps and start step
 no added noise, cfg 1), VAE Decode (DragKit, with paste and preview) vs core VAE Decode."""
 
 
-CAPTURE_PAIRS = {
-    "fastdrag_sample": "fastdrag_sample_eager",
-    "fastdrag_re_edit": "fastdrag_re_edit_eager",
-}
-"""Stage (captured UNet passes, the default on CUDA) -> the same stage with capture off, timed in the same run
-(ComfyUI path)."""
-
-
 def capture_ratios(stages: dict) -> dict:
-    """``{stage: captured median / eager median}`` for each pair of :data:`CAPTURE_PAIRS` that ran."""
-    return {ours: stages[ours]["median_ms"] / stages[eager]["median_ms"]
-            for ours, eager in CAPTURE_PAIRS.items() if ours in stages and eager in stages}
+    """``{"<stage>_captured": its median / the plain stage's median}`` for each captured twin that ran."""
+    return {name: stage["median_ms"] / stages[name[: -len(CAPTURED)]]["median_ms"]
+            for name, stage in stages.items() if name.endswith(CAPTURED) and name[: -len(CAPTURED)] in stages}
 
 
 def capture_line(report: dict) -> str:
@@ -262,8 +285,10 @@ def capture_line(report: dict) -> str:
 
 
 def goal_measures(stages: dict) -> dict:
-    """``{stage: {"median_ms", "peak_gib"}}`` of the reported stages (peak None without CUDA), as goals are stated."""
-    return {name: {"median_ms": s["median_ms"], "peak_gib": None if s["peak_mib"] is None else s["peak_mib"] / 1024}
+    """``{stage: {"median_ms", "peak_gib", "unet_passes"}}`` of the reported stages (peak None without CUDA), as
+    goals are stated."""
+    return {name: {"median_ms": s["median_ms"], "peak_gib": None if s["peak_mib"] is None else s["peak_mib"] / 1024,
+                   "unet_passes": s["unet_passes"]}
             for name, s in stages.items()}
 
 
@@ -295,7 +320,7 @@ def tables(report: dict) -> str:
             lines += [f"| {ours} ÷ {NATIVE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["native_ratios"].items()]
         if res.get("capture_ratios"):
             lines += ["", "| stage, captured UNet passes | ÷ the same with capture off |", "|---|---|"]
-            lines += [f"| {ours} ÷ {CAPTURE_PAIRS[ours]} | {ratio:.2f}× |" for ours, ratio in res["capture_ratios"].items()]
+            lines += [f"| {ours} ÷ {ours[: -len(CAPTURED)]} | {ratio:.2f}× |" for ours, ratio in res["capture_ratios"].items()]
         if res.get("capture"):
             lines += ["", capture_line(res["capture"])]
         for name, why in (res.get("failures") or {}).items():
@@ -317,7 +342,11 @@ def tables(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    partial = None
+    if args.json and args.json != "-":
+        def partial(report: dict) -> None:
+            write_bytes_atomic(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+    report = run(args, partial)
     text = json.dumps(report, indent=2) + "\n"
     if args.json == "-":
         print(tables(report), file=sys.stderr)

@@ -16,11 +16,7 @@ would.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-from dragkit.capture import ENV_VAR as CAPTURE_ENV
 
 from .inputs import edit_inputs
 from .measure import PassCounter, Stager, attn_cache_summary
@@ -60,23 +56,6 @@ def tiny_models(family: str):
 
     loaded = load_checkpoint_inproc(tiny_sdxl_checkpoint_path() if family == "sdxl" else tiny_checkpoint_path())
     return loaded.model, loaded.vae
-
-
-def without_capture(fn):
-    """``fn`` run with captured UNet passes off (``DRAGKIT_CAPTURE=off``): the eager side of the capture ratios."""
-
-    def call():
-        saved = os.environ.get(CAPTURE_ENV)
-        os.environ[CAPTURE_ENV] = "off"
-        try:
-            return fn()
-        finally:
-            if saved is None:
-                del os.environ[CAPTURE_ENV]
-            else:
-                os.environ[CAPTURE_ENV] = saved
-
-    return call
 
 
 FAMILIES = {
@@ -175,22 +154,20 @@ class ComfyPath:
 
             z_t, cache = stager.fast("fastdrag_invert", lambda: invert.invert(model, latent, positive, steps, strength, "decoder", "auto"))
             warped = stager.fast("fastdrag_warp", lambda: fd_warp(z_t))
-            edited = stager.fast("fastdrag_sample", lambda: fd_sample(warped, cache))
+            edited = stager.fast("fastdrag_sample", lambda: fd_sample(warped, cache), twin=True)
             stager.fast("vae_decode", lambda: decoded(edited))
             stager.fast("native_vae_decode", lambda: nodes.VAEDecode().decode(vae, edited)[0])
             native_start = steps - round(strength * steps)
             stager.fast("native_ksampler_advanced", lambda: nodes.KSamplerAdvanced().sample(
                 model, "disable", 0, steps, 1.0, "ddim", "ddim_uniform", positive, positive, warped, native_start, 10000,
                 "disable")[0])
-            stager.fast("fastdrag_re_edit", lambda: decoded(fd_sample(fd_warp(z_t), cache)))
-            stager.fast("fastdrag_sample_eager", without_capture(lambda: fd_sample(warped, cache)))
-            stager.fast("fastdrag_re_edit_eager", without_capture(lambda: decoded(fd_sample(fd_warp(z_t), cache))))
+            stager.fast("fastdrag_re_edit", lambda: decoded(fd_sample(fd_warp(z_t), cache)), twin=True)
 
             def first_edit():
                 zt, kv = invert.invert(model, nodes.VAEEncode().encode(vae, image)[0], positive, steps, strength, "decoder", "auto")
                 return decoded(fd_sample(fd_warp(zt), kv))
 
-            stager.fast("fastdrag_first_edit", first_edit)
+            stager.fast("fastdrag_first_edit", first_edit, twin=True)
         if "lora" in methods:
             node = classes.lora.LoRAFineTune()
 
@@ -200,7 +177,7 @@ class ComfyPath:
                                      use_cache=False)[0]
 
             try:
-                stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), steps=work.lora_steps)
+                stager.slow("lora", lambda: lora(work.lora_steps), warm=lambda: lora(1), steps=work.lora_steps, twin=True)
             except torch.cuda.OutOfMemoryError as error:
                 self.failures["lora"] = f"out of GPU memory: {str(error).splitlines()[0]}"
                 torch.cuda.empty_cache()
@@ -232,12 +209,13 @@ class ComfyPath:
                 return invert.invert(model, lat, positive, steps, strength, "none", "auto")
 
             z_t, kv = inverted(latent)
-            edited = stager.slow(f"{method}_optimize", lambda: run_optimise(z_t, kv), warm=lambda: run_optimise(z_t, kv, short=True))
+            edited = stager.slow(f"{method}_optimize", lambda: run_optimise(z_t, kv),
+                                 warm=lambda: run_optimise(z_t, kv, short=True), twin=method == "dragdiffusion")
             stager.slow(f"{method}_sample", lambda: reference_sample(edited, kv))
 
             def whole_edit(inverted=inverted, run_optimise=run_optimise):
                 zt, cache = inverted(nodes.VAEEncode().encode(vae, image)[0])
                 return decoded(reference_sample(run_optimise(zt, cache), cache))
 
-            stager.slow(f"{method}_edit", whole_edit)
+            stager.slow(f"{method}_edit", whole_edit, twin=True)
         return attn_cache

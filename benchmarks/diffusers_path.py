@@ -159,15 +159,15 @@ class DiffusersPath:
 
             cache = stager.fast("fastdrag_invert", lambda: fd_invert(z0))
             warped = stager.fast("fastdrag_warp", lambda: fd_warp(cache))
-            edited = stager.fast("fastdrag_sample", lambda: fd_sample(cache, warped))
+            edited = stager.fast("fastdrag_sample", lambda: fd_sample(cache, warped), twin=True)
             stager.fast("vae_decode", lambda: self._decode(edited, inputs))
-            stager.fast("fastdrag_re_edit", lambda: self._decode(fd_sample(cache, fd_warp(cache)), inputs))
+            stager.fast("fastdrag_re_edit", lambda: self._decode(fd_sample(cache, fd_warp(cache)), inputs), twin=True)
 
             def first_edit():
                 kv = fd_invert(self._encode(inputs.image))
                 return self._decode(fd_sample(kv, fd_warp(kv)), inputs)
 
-            stager.fast("fastdrag_first_edit", first_edit)
+            stager.fast("fastdrag_first_edit", first_edit, twin=True)
 
         if "lora" in methods:
             def lora(steps: int):
@@ -191,9 +191,11 @@ class DiffusersPath:
                 continue
             plain = motion.invert(method, z0)
             optimised = stager.slow(f"{method}_optimize", lambda: motion.optimise(method, plain),
-                                    warm=lambda: motion.optimise(method, plain, short=True), grad=True)
+                                    warm=lambda: motion.optimise(method, plain, short=True), grad=True,
+                                    twin=method == "dragdiffusion")
             stager.slow(f"{method}_sample", lambda: motion.sample(plain, optimised))
-            stager.slow(f"{method}_edit", lambda: self._decode(motion.edit(method, self._encode(inputs.image)), inputs), grad=True)
+            stager.slow(f"{method}_edit", lambda: self._decode(motion.edit(method, self._encode(inputs.image)), inputs), grad=True,
+                        twin=True)
         return attn_cache
 
 

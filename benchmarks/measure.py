@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from dragkit import capture
+
+from .goals import CAPTURED
 
 PASS_FIELDS = ("unet_passes", "unet_rows", "unet_passes_with_grad", "unet_rows_with_grad")
 """What :class:`PassCounter` counts: UNet calls and batch rows, all and with autograd on."""
@@ -96,6 +100,20 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.dev
     }
 
 
+@contextmanager
+def capture_setting(mode: str) -> Iterator[None]:
+    """``DRAGKIT_CAPTURE=mode`` for the duration (read by the pack on every pass), restored after."""
+    saved = os.environ.get(capture.ENV_VAR)
+    os.environ[capture.ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[capture.ENV_VAR]
+        else:
+            os.environ[capture.ENV_VAR] = saved
+
+
 class Stager:
     """Runs the stages of one resolution and keeps their measurements in :attr:`stages`.
 
@@ -105,40 +123,66 @@ class Stager:
     ``slow_repeats`` times. ``grad=False`` calls run under
     ``torch.inference_mode`` (as ComfyUI's executor runs nodes); ``grad=True``
     outside it, for loops that need autograd.
+
+    Every stage runs with captured UNet passes off (``DRAGKIT_CAPTURE=off``,
+    whatever the environment says); a stage marked ``twin`` runs again with
+    them on (``graph``; on a CPU that is the static-buffer path without
+    graphs) as ``<name>_captured`` (:data:`~benchmarks.goals.CAPTURED`) when
+    ``twins`` is set. ``on_stage(name)`` is called after each stage is
+    recorded (the benchmark rewrites its JSON there, so a run cut short keeps
+    what it measured).
     """
 
-    def __init__(self, device: torch.device, counter: PassCounter, warmup: int, repeats: int, slow_repeats: int) -> None:
+    def __init__(self, device: torch.device, counter: PassCounter, warmup: int, repeats: int, slow_repeats: int,
+                 twins: bool = True, on_stage: Callable[[str], None] | None = None) -> None:
         self.device, self.counter = device, counter
         self.warmup, self.repeats, self.slow_repeats = warmup, repeats, slow_repeats
+        self.twins, self.on_stage = twins, on_stage
         self.stages: dict[str, dict] = {}
 
     @staticmethod
-    def _mode(fn: Callable[[], object], grad: bool) -> Callable[[], object]:
+    def _mode(fn: Callable[[], object], grad: bool, capture_mode: str) -> Callable[[], object]:
         def call():
-            with torch.inference_mode(mode=not grad):
+            with torch.inference_mode(mode=not grad), capture_setting(capture_mode):
                 return fn()
 
         return call
 
-    def fast(self, name: str, fn: Callable[[], object]):
-        """Time ``fn`` (under inference mode) as stage ``name``; returns its last result."""
-        self.stages[name] = timed(self._mode(fn, False), self.warmup, self.repeats, self.device, self.counter)
-        return self.stages[name]["result"]
+    def _record(self, name: str, stage: dict):
+        self.stages[name] = stage
+        if self.on_stage is not None:
+            self.on_stage(name)
+        return stage["result"]
+
+    def _modes(self, name: str, twin: bool) -> list[tuple[str, str]]:
+        """``(stage name, capture mode)`` of a stage and, when it has one, its captured twin."""
+        return [(name, "off")] + ([(name + CAPTURED, "graph")] if twin and self.twins else [])
+
+    def fast(self, name: str, fn: Callable[[], object], twin: bool = False):
+        """Time ``fn`` (under inference mode) as stage ``name`` (and its captured twin); returns its last result."""
+        result = None
+        for stage, mode in self._modes(name, twin):
+            result = self._record(stage, timed(self._mode(fn, False, mode), self.warmup, self.repeats, self.device,
+                                               self.counter))
+        return result
 
     def slow(self, name: str, fn: Callable[[], object], warm: Callable[[], object] | None = None, grad: bool = False,
-             steps: int | None = None):
-        """Call ``warm`` once (a shortened run), then time ``fn`` ``slow_repeats`` times; returns its last result.
+             steps: int | None = None, twin: bool = False):
+        """Call ``warm`` once (a shortened run), then time ``fn`` ``slow_repeats`` times, for the stage and its
+        captured twin; returns the last result.
 
         ``steps``: the stage is that many optimiser steps; the entry also gets
         ``steps`` and ``seconds_per_step``.
         """
-        if warm is not None:
-            self._mode(warm, grad)()
-        stage = timed(self._mode(fn, grad), 0, self.slow_repeats, self.device, self.counter)
-        if steps is not None:
-            stage.update(steps=steps, seconds_per_step=stage["median_ms"] / 1000 / steps)
-        self.stages[name] = stage
-        return stage["result"]
+        result = None
+        for stage_name, mode in self._modes(name, twin):
+            if warm is not None:
+                self._mode(warm, grad, mode)()
+            stage = timed(self._mode(fn, grad, mode), 0, self.slow_repeats, self.device, self.counter)
+            if steps is not None:
+                stage.update(steps=steps, seconds_per_step=stage["median_ms"] / 1000 / steps)
+            result = self._record(stage_name, stage)
+        return result
 
 
 @torch.no_grad()

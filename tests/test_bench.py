@@ -15,10 +15,13 @@ from benchmarks.workload import METHODS, SDXL_METHODS, TINY
 REPO = Path(__file__).resolve().parents[1]
 
 STAGES = (
-    "unet_forward", "vae_encode", "fastdrag_invert", "fastdrag_warp", "fastdrag_sample", "vae_decode",
-    "fastdrag_re_edit", "fastdrag_first_edit", "lora", "dragdiffusion_invert", "dragdiffusion_optimize",
-    "dragdiffusion_sample", "dragdiffusion_edit", "gooddrag_optimize", "gooddrag_sample", "gooddrag_edit",
+    "unet_forward", "vae_encode", "fastdrag_invert", "fastdrag_warp", "fastdrag_sample", "fastdrag_sample_captured",
+    "vae_decode", "fastdrag_re_edit", "fastdrag_re_edit_captured", "fastdrag_first_edit", "fastdrag_first_edit_captured",
+    "lora", "dragdiffusion_invert", "dragdiffusion_optimize", "dragdiffusion_optimize_captured", "dragdiffusion_sample",
+    "dragdiffusion_edit", "dragdiffusion_edit_captured", "gooddrag_optimize", "gooddrag_sample", "gooddrag_edit",
+    "gooddrag_edit_captured",
 )
+"""The diffusers path's stages in run order: each ``*_captured`` twin (capture on) right after its plain stage."""
 STAGE_FIELDS = {
     "median_ms", "p10_ms", "p90_ms", "repeats", "peak_mib", "unet_passes", "unet_rows", "unet_passes_with_grad",
     "unet_rows_with_grad", "ms_beyond_bare_passes", "flops", "floor_ms", "floor_ratio",
@@ -38,6 +41,7 @@ def report(tmp_path_factory):
 
 
 def test_report_has_every_field(report):
+    assert report["complete"] is True and report["allocator"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native")
     assert report["backend"] == "diffusers" and report["versions"]["comfyui"] is None
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["diffusers"]
     assert report["device"] == "cpu" and report["dtype"] == "torch.float32" and report["tiny"] is True
@@ -55,6 +59,18 @@ def test_report_has_every_field(report):
         assert stage["peak_mib"] is None and stage["floor_ms"] is None and stage["floor_ratio"] is None
     assert report["resolutions"]["64"]["attn_cache"]["layers"] > 0
     assert stages["lora"]["steps"] == TINY.lora_steps and stages["lora"]["seconds_per_step"] > 0
+
+
+def test_every_captured_twin_runs_the_same_passes_and_has_a_ratio(report):
+    """On a CPU capture on is the static-buffer path: the same UNet passes as the plain stage, counted as replays."""
+    result = report["resolutions"]["64"]
+    stages = result["stages"]
+    twins = [name for name in stages if name.endswith("_captured")]
+    assert set(result["capture_ratios"]) == set(twins) and all(r > 0 for r in result["capture_ratios"].values())
+    for twin in twins:
+        plain = stages[twin.removesuffix("_captured")]
+        assert stages[twin]["unet_rows"] == plain["unet_rows"], twin
+        assert stages[twin]["unet_rows_with_grad"] == plain["unet_rows_with_grad"], twin
 
 
 def test_unet_passes_are_counted(report):
@@ -129,6 +145,24 @@ def test_sdxl_defaults_and_goals():
     assert goals.judge("sdxl", 512, stages, cuda=True) == []
 
 
+def test_each_goal_is_judged_with_capture_off_and_on():
+    stages = {"fastdrag_re_edit": {"median_ms": 150.0, "peak_gib": 2.0, "unet_passes": 7},
+              "fastdrag_re_edit_captured": {"median_ms": 90.0, "peak_gib": 2.5, "unet_passes": 7},
+              "vae_decode": {"median_ms": 20.0, "peak_gib": 2.0, "unet_passes": 0},
+              "dragdiffusion_edit": {"median_ms": 2000.0, "peak_gib": 4.0, "unet_passes": 180}}
+    rows = {(r["stage"], r["measure"], r["capture"]): (r["value"], r["met"])
+            for r in goals.judge_capture("sd15", 512, stages, cuda=True)}
+    assert rows[("fastdrag_re_edit", "median_ms", "off")] == (150.0, False)
+    assert rows[("fastdrag_re_edit", "median_ms", "on")] == (90.0, True)
+    assert rows[("vae_decode", "median_ms", "on")] == (20.0, True), "no UNet pass: the same stage both ways"
+    assert rows[("dragdiffusion_edit", "median_ms", "off")] == (2000.0, True)
+    assert rows[("dragdiffusion_edit", "median_ms", "on")] == (None, None), "no twin: not measured with capture on"
+    table = goals.markdown(goals.judge_capture("sd15", 512, stages, cuda=True), "sd15", 512)
+    assert table[0] == "| goal stage | capture | measure | value | goal | met |"
+    assert "| fastdrag_re_edit | on | median_ms | 90.00 | ≤ 120 | yes |" in table
+    assert "| fastdrag_re_edit | off | median_ms | 150.00 | ≤ 120 | NO |" in table
+
+
 def test_sdxl_unet_flops_at_1024():
     """SDXL's UNet at 1024²: about 6.8 TFLOP per forward (counted on the meta device)."""
     from benchmarks.diffusers_path import sdxl_unet_config
@@ -151,18 +185,56 @@ def test_comfyui_path_counts_the_same_passes(comfyui, tmp_path):
     assert report["backend"] == "comfyui" and report["versions"]["comfyui"]
     stages = report["resolutions"]["64"]["stages"]
     assert set(stages) == {"unet_forward", "vae_encode", "fastdrag_invert", "fastdrag_warp", "fastdrag_sample",
-                           "vae_decode", "native_vae_decode", "native_ksampler_advanced", "fastdrag_re_edit",
-                           "fastdrag_sample_eager", "fastdrag_re_edit_eager", "fastdrag_first_edit", "lora"}
+                           "fastdrag_sample_captured", "vae_decode", "native_vae_decode", "native_ksampler_advanced",
+                           "fastdrag_re_edit", "fastdrag_re_edit_captured", "fastdrag_first_edit",
+                           "fastdrag_first_edit_captured", "lora", "lora_captured"}
     steps = round(TINY.fastdrag_steps * TINY.fastdrag_strength)
     assert stages["native_ksampler_advanced"]["unet_passes"] == stages["fastdrag_sample"]["unet_passes"] == steps
-    assert stages["fastdrag_sample_eager"]["unet_passes"] == steps
+    assert stages["fastdrag_sample_captured"]["unet_passes"] == steps
     ratios = report["resolutions"]["64"]["native_ratios"]
     assert set(ratios) == {"fastdrag_sample", "vae_decode"} and all(r > 0 for r in ratios.values())
     capture = report["resolutions"]["64"]["capture"]
-    assert capture["mode"] == "off" and capture["passes"]["captures"] == 0, "no capture on a CPU"
-    assert set(report["resolutions"]["64"]["capture_ratios"]) == {"fastdrag_sample", "fastdrag_re_edit"}
+    assert capture["passes"]["captures"] == 0, "no graph on a CPU"
+    assert capture["passes"]["replays"] > 0, "the captured twins ran the static path (the CPU stand-in for graphs)"
+    assert set(report["resolutions"]["64"]["capture_ratios"]) == {
+        "fastdrag_sample_captured", "fastdrag_re_edit_captured", "fastdrag_first_edit_captured", "lora_captured"}
     assert report["resolutions"]["64"]["failures"] == {}
     assert all(set(stage) >= STAGE_FIELDS for stage in stages.values())
     assert stages["fastdrag_first_edit"]["unet_passes"] == 2 * round(TINY.fastdrag_steps * TINY.fastdrag_strength)
     probes = 2  # the two small steps that measure the backward memory (nodes/comfy_autograd.py PROBE_SIDES)
     assert stages["lora"]["unet_rows_with_grad"] == (TINY.lora_steps + probes) * TINY.lora_batch
+
+
+class _StoppingPath:
+    """A benchmark path whose run records two stages and then dies (as a run killed at its time limit would)."""
+
+    device, dtype, model_name = torch.device("cpu"), torch.float32, "fake"
+    unet_config = None
+
+    def __init__(self):
+        from benchmarks.measure import PassCounter
+
+        self.counter = PassCounter(torch.nn.Linear(2, 2))
+
+    def run(self, side, work, methods, stager):
+        stager.fast("unet_forward", lambda: torch.zeros(1))
+        stager.fast("fastdrag_sample", lambda: torch.zeros(1), twin=True)
+        raise KeyboardInterrupt("killed")
+
+    def close(self):
+        self.counter.close()
+
+
+def test_the_json_is_written_after_every_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "choose_backend", lambda requested, family: "diffusers")
+    monkeypatch.setattr(bench, "build_path", lambda backend, tiny, family: _StoppingPath())
+    monkeypatch.setattr(flops, "unet_flops", lambda config, sides: {side: {"forward": 1, "forward_backward": 2}
+                                                                    for side in sides})
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    stages = report["resolutions"]["64"]["stages"]
+    assert list(stages) == ["unet_forward", "fastdrag_sample", "fastdrag_sample_captured"]
+    assert set(report["resolutions"]["64"]["capture_ratios"]) == {"fastdrag_sample_captured"}

@@ -1,63 +1,66 @@
-"""One command that proves the GPU path: tests, every shipped workflow, the benchmark, one summary.
+"""One command that proves the GPU path inside one device call: key numbers first, then the workflows.
 
-    bash scripts/gpu_check.sh [--out DIR]          # CUDA machine: SD1.5, then the SDXL workflows (about 8 min on an H100)
-    bash scripts/gpu_check.sh --sdxl [--out DIR]   # CUDA machine: SDXL at 1024² (about 6 min on an H100)
-    bash scripts/gpu_check.sh --tiny [--sdxl]      # the same steps on the tiny models on a CPU (CI runs --tiny)
+    bash scripts/gpu_check.sh --budget 540                 # CUDA machine: as much as 540 s allow, most important first
+    bash scripts/gpu_check.sh --budget 540 --only workflows # a second call: what the first one had no time for
+    bash scripts/gpu_check.sh --sdxl --budget 540          # SDXL at 1024²: benchmark, then the *_sdxl workflows
+    bash scripts/gpu_check.sh --tiny                       # the same steps on the tiny models on a CPU (CI)
 
-Steps of the default run (each with its own time limit, logs in ``DIR/logs/``):
+Steps, in this order (:func:`plan`; docs/gpu-check.md says what each reports):
 
-1. **tests**: ``tests/test_cuda.py`` (skipped without CUDA; it compares
-   captured UNet passes with eager ones), ``tests/test_gpu_hazards.py`` and
-   ``tests/test_capture.py``, plus ``tests/host/test_gpu_path_host.py`` when
-   ``COMFYUI_PATH`` is set.
-2. **models**: without ``--tiny``, a real-size SD1.5 checkpoint and ControlNet
-   with random fp16 weights from a seed (:mod:`tools.sd15_random`, filled on
-   the GPU, written to a scratch folder outside ``DIR``); with ``--tiny`` the
-   runner's tiny seeded test models.
-3. **workflows**: every ``workflows/*.json`` but the ``*_sdxl`` ones through
-   ComfyUI's own executor (:mod:`tools.run_workflow` on ``samples/art_0``,
-   scaled to :data:`TINY_SIDE` with ``--tiny``; on the GPU when there is one)
-   with shortened loops (:data:`QUICK` / :data:`TINY` ``--set`` values).
-   A node error, a non-finite latent or image (the nodes refuse them) or no
-   saved image fails the step. Needs ``COMFYUI_PATH``; skipped with the
-   reason otherwise.
-4. **benchmark**: ``python -m benchmarks.bench`` (SD1.5 at 512², all
-   methods; ``--tiny`` on a CPU) writing ``DIR/bench.json``.
-5. **SDXL models and workflows**, last, so that a run cut short by its time
-   limit still has the SD1.5 numbers: a real-size SDXL checkpoint with
-   random fp16 weights (:mod:`tools.sdxl_random`, 6.9 GB, filled on the GPU)
-   and the ``*_sdxl.json`` workflows on it as in step 3; with ``--tiny`` the
-   runner's tiny SDXL checkpoint with its text encoders
-   (:func:`tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path`).
+1. ``tests``: ``tests/test_cuda.py`` and ``tests/test_capture.py``.
+2. ``bench [default]``: :mod:`benchmarks.bench` for FastDrag and DragDiffusion,
+   every goal stage with captured UNet passes off and on, 3 repeats (medians),
+   under ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`` (what ComfyUI's
+   ``main.py`` sets); its JSON (``OUT/bench.json``) is rewritten after every
+   stage.
+3. ``capture [default, cudaMallocAsync]`` and ``capture [default, native]``:
+   :mod:`tools.capture_check` (captured against plain latents for FastDrag
+   and DragDiffusion, capture counts, refusals, free memory after an unload),
+   each allocator in its own process.
+4. ``inpaint``: ``python -m benchmarks.inpaint`` (warp and warp+inpaint
+   stages), when that module exists.
+5. steps 2–3 again with ``--disable-dynamic-vram`` (``[no-dynamic-vram]``),
+   where the host has that flag (ComfyUI 0.33.0; the default there is
+   Dynamic VRAM on NVIDIA).
+6. ``models``, then every SD1.5 workflow; ``models_sdxl``, then every
+   ``*_sdxl`` workflow (:mod:`tools.run_workflow`, shortened loops); then the
+   workflows again under ``--disable-dynamic-vram``.
 
-``--sdxl`` runs the SDXL part alone, sized to fit one call of its own: the
-SDXL benchmark at 1024² (``benchmarks.bench --model sdxl``: FastDrag, LoRA
-80 steps, DragDiffusion; ``DIR/bench_sdxl.json``), then step 5 with the
-sample scaled to :data:`SDXL_SIDE` (1024²). It is not part of the default
-run, which would then need about 13 minutes (estimated for one H100/H200
-from the 512² measurements and SDXL's 8.5× FLOPs per pass at 1024²: SDXL
-checkpoint ~25 s, each SDXL workflow ~40–60 s, the SDXL benchmark ~3–4.5
-min), more than one device call allows.
+In-process steps start ComfyUI in the VRAM mode through :mod:`tools.comfy_vram`;
+workflows pass ``--disable-dynamic-vram`` to ComfyUI's ``main.py``.
 
-``DIR/summary.md`` and ``DIR/summary.json`` (rewritten after every step, so
-an interrupted run leaves what it did) say what ran, what passed, the
-benchmark's medians and peak memory, and the issues' goals for the family
-and side judged on a CUDA run (:mod:`benchmarks.goals`). Exit status 0 when
-every step that ran passed, 1 otherwise.
+**Budget** (``--budget SECONDS``, counted from ``DRAGKIT_GPU_CHECK_T0``, which
+``scripts/gpu_check.sh`` sets when it starts, so wheel installs count): a
+step whose estimate (:data:`ESTIMATES`) does not fit in what is left is
+skipped with the reason, and later, smaller steps still run; a running step
+is stopped when the budget is spent. ``--only`` picks step groups,
+``--vram`` the VRAM modes.
+
+**Output**: one stdout line per finished step (:func:`step_line`: name,
+ok/FAIL/skip, seconds, its key number), then one closing line. ``OUT`` (default
+``$OUT``) gets at most :data:`MAX_OUT_FILES` files, rewritten after every step:
+``summary.md``, ``summary.json``, the benchmark JSONs, ``capture.json`` and
+``logs.tar.gz``; everything bulky (models, workflow images, logs) stays in
+``--bulk`` (a temporary folder by default), outside ``OUT``. Exit status 0 when
+no step failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "samples" / "art_0"
@@ -81,36 +84,116 @@ TINY = {
 }
 """Shortened loops for the tiny models on a CPU (a pipeline check)."""
 
+VRAM_MODES = ("default", "no-dynamic-vram")
+"""The host's VRAM modes a run covers (:mod:`tools.comfy_vram`): as started plainly, and ``--disable-dynamic-vram``."""
+
+ASYNC_ALLOCATOR = "backend:cudaMallocAsync"
+"""``PYTORCH_CUDA_ALLOC_CONF`` as ComfyUI's ``main.py`` sets it for CUDA builds of torch (``cuda_malloc.py``)."""
+
+ALLOCATORS = {"cudaMallocAsync": ASYNC_ALLOCATOR, "native": None}
+
+GROUPS = ("tests", "bench", "capture", "inpaint", "workflows")
+"""Step groups ``--only`` picks from."""
+
+ESTIMATES = {
+    "gpu": {"tests": 90, "bench": 240, "bench_sdxl": 300, "capture": 75, "inpaint": 120, "models": 75,
+            "models_sdxl": 100, "workflow": 35, "workflow_sdxl": 60},
+    "cpu": {"tests": 240, "bench": 200, "bench_sdxl": 300, "capture": 180, "inpaint": 120, "models": 0,
+            "models_sdxl": 0, "workflow": 60, "workflow_sdxl": 90},
+}
+"""Seconds a step is expected to take: ``gpu`` on one H100/H200 (estimated from the 512² measurements in
+docs/gpu-check.md; the models steps include their first workflow, so they start only when one can follow), ``cpu``
+for ``--tiny`` on two shared cores (measured). A step starts only when its estimate fits in the budget left."""
+
+CAP = {"gpu": 540, "cpu": 900}
+"""Longest any one step may run (seconds), budget or not."""
+
+RESERVE = 10
+"""Seconds of the budget kept for the last summary and the logs tarball."""
+
+MAX_OUT_FILES = 8
+"""What the device tool copies back from ``$OUT``."""
+
+SKIP_NOTE = "not run"
 
 
 @dataclass
 class Step:
-    """One step's outcome: ``status`` is ``passed``, ``failed`` or ``skipped``."""
+    """One step's outcome: ``status`` is ``passed``, ``failed`` or ``skipped``; ``key`` its key number."""
 
     name: str
     status: str = "skipped"
     seconds: float = 0.0
     detail: str = ""
+    key: str = ""
     log: str = ""
+    group: str = ""
+
+
+@dataclass
+class Planned:
+    """A step to run: ``prepare()`` gives its command, or a string saying why it cannot run now."""
+
+    name: str
+    group: str
+    estimate: float
+    prepare: Callable[[], list[str] | str]
+    env: dict | None = None
+    key: Callable[[Step], str] = lambda step: ""
+    vram: str = "default"
 
 
 @dataclass
 class Report:
     tiny: bool
     sdxl: bool = False
+    budget: float | None = None
     machine: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
-    benchmark: list[dict] = field(default_factory=list)
-    capture: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
 
     @property
     def passed(self) -> bool:
         return all(step.status != "failed" for step in self.steps)
 
 
+class Budget:
+    """Seconds left of ``total`` (None: no limit) since ``start`` on ``clock`` (wall-clock seconds)."""
+
+    def __init__(self, total: float | None, start: float, clock: Callable[[], float] = time.time) -> None:
+        self.total, self.start, self.clock = total, start, clock
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float | None:
+        return None if self.total is None else self.total - RESERVE - self.elapsed()
+
+    def refusal(self, estimate: float) -> str | None:
+        """Why a step estimated at ``estimate`` seconds may not start now, or None."""
+        left = self.left()
+        if left is None or estimate <= left:
+            return None
+        return f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s left of the {self.total:.0f} s budget"
+
+    def timeout(self, cap: float) -> float:
+        left = self.left()
+        return cap if left is None else max(1.0, min(cap, left))
+
+
+def step_line(step: Step) -> str:
+    """The one stdout line of a finished step: name, ok/FAIL/skip, seconds, its key number (or why it was skipped)."""
+    word = {"passed": "ok", "failed": "FAIL", "skipped": "skip"}[step.status]
+    said = step.key if step.status == "passed" and step.key else (step.key or step.detail)
+    if step.status == "failed" and step.key and step.detail:
+        said = f"{step.key}; {step.detail}"
+    return f"{step.name:<44} {word:<4} {step.seconds:6.1f} s  {said}".rstrip()
+
+
 def run_logged(name: str, command: list[str], logs: Path, timeout: float, env: dict | None = None) -> Step:
-    """Run ``command`` from the repository root with a time limit; output into ``logs/<name>.log``."""
-    log = logs / f"{name}.log"
+    """Run ``command`` from the repository root with a time limit; output into ``logs/<file name>.log``."""
+    log = logs / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}.log"
     start = time.monotonic()
     with open(log, "w") as handle:
         handle.write("$ " + " ".join(command) + "\n")
@@ -124,9 +207,88 @@ def run_logged(name: str, command: list[str], logs: Path, timeout: float, env: d
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("!!")]
     tail = lines[-1:] or [""]
     if rc is None:
-        return Step(name, "failed", seconds, f"timed out after {timeout:.0f} s", str(log.relative_to(logs.parent)))
-    return Step(name, "passed" if rc == 0 else "failed", seconds, f"exit {rc}: {tail[0][:300]}",
-                str(log.relative_to(logs.parent)))
+        return Step(name, "failed", seconds, f"stopped after {timeout:.0f} s", log=log.name)
+    return Step(name, "passed" if rc == 0 else "failed", seconds, f"exit {rc}: {tail[0][:300]}", log=log.name)
+
+
+def execute(planned: list[Planned], budget: Budget, runner: Callable[[Planned, list[str], float], Step],
+            record: Callable[[Step], None], cap: float) -> None:
+    """Run ``planned`` in order: a step whose estimate does not fit the budget left, or that cannot run (its
+    ``prepare`` says why), is recorded as skipped with the reason; the others run through
+    ``runner(step, command, timeout)``, stopped when the budget is spent. ``record`` gets every step in order."""
+    for item in planned:
+        why = budget.refusal(item.estimate)
+        prepared = item.prepare() if why is None else why
+        if isinstance(prepared, str):
+            record(Step(item.name, "skipped", detail=prepared, group=item.group))
+            continue
+        step = runner(item, prepared, budget.timeout(cap))
+        step.group = item.group
+        if step.status == "passed" or step.log:
+            try:
+                step.key = item.key(step)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                step.key = f"(no key number: {type(error).__name__})"
+        record(step)
+
+
+# -- key numbers -----------------------------------------------------------------------------------------------------
+
+
+def pytest_key(log: Path) -> str:
+    """pytest's closing counts (``12 passed, 3 skipped in 40.1s``) from a log."""
+    found = [line.strip(" =") for line in log.read_text(errors="replace").splitlines()
+             if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return found[-1] if found else ""
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def bench_key(path: Path) -> str:
+    """The benchmark's headline: FastDrag re-edit and DragDiffusion edit medians with capture off / on."""
+    report = json.loads(path.read_text())
+    parts = []
+    for side, result in report["resolutions"].items():
+        stages = result["stages"]
+        for stage, label in (("fastdrag_re_edit", "FastDrag re-edit"), ("dragdiffusion_edit", "DragDiffusion edit")):
+            if stage in stages:
+                on = stages.get(stage + "_captured", {}).get("median_ms")
+                parts.append(f"{label} {_ms(stages[stage]['median_ms'])} off / {_ms(on)} on")
+        parts += [f"{name} did not complete" for name in result.get("failures") or {}]
+        missed = sorted({f"{row['stage']} ({row['capture']})" for row in result.get("goals", []) if row["met"] is False})
+        parts += [f"goals missed: {', '.join(missed)}"] if missed else []
+    return "; ".join(parts) + ("" if report.get("complete") else " (incomplete)")
+
+
+def capture_key(path: Path) -> str:
+    """The capture check's headline: each method's difference, captures and refusals, memory after the unload."""
+    report = json.loads(path.read_text())
+    parts = [f"{name} Δ {result['difference']:.1e}" for name, result in report["methods"].items()]
+    counts = capture_totals(report)
+    parts.append(f"{counts['captures']} captured, {counts['rejected']} refused")
+    memory = report["memory_after_unload"]
+    if "comfy_free_gib" in memory:
+        parts.append(f"free after unload: ComfyUI {memory['comfy_free_gib']:.2f} / driver {memory['driver_free_gib']:.2f} GiB")
+    return ", ".join(parts)
+
+
+def capture_totals(report: dict) -> dict:
+    """Captures, refusals and replays of a capture check, sampling and gradient passes together (the counters of
+    ``nodes.comfy_capture.report`` run on over both methods, so the last method's are the totals)."""
+    last = list(report["methods"].values())[-1]["capture"]
+    return {name: last["passes"][name] + last["gradient"][name] for name in ("captures", "rejected", "replays")}
+
+
+def last_line_key(step: Step, logs: Path) -> str:
+    lines = [line.strip() for line in (logs / step.log).read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+# -- the pieces steps need -------------------------------------------------------------------------------------------
 
 
 def scaled_sample(source: Path, target: Path, side: int) -> Path:
@@ -149,12 +311,45 @@ def machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "comfyui": os.environ.get("COMFYUI_PATH") or None, "host": platform.node()}
+            "host": platform.node()}
     if info["cuda"]:
         props = torch.cuda.get_device_properties(0)
         info["device"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def host_info(comfyui: str | None, cuda: bool) -> dict:
+    """The ComfyUI host: path, version, whether it has Dynamic VRAM and ``--disable-dynamic-vram``."""
+    if not comfyui:
+        return {"comfyui": None}
+    from tools.comfy_host import comfyui_version
+    from tools.comfy_vram import host_flags
+
+    flags = host_flags(Path(comfyui))
+    default = ("Dynamic VRAM where comfy-aimdo and an NVIDIA GPU are present" if flags["dynamic_vram"] and cuda else
+               "no Dynamic VRAM (a CPU run)" if flags["dynamic_vram"] else "no Dynamic VRAM in this host")
+    return {"comfyui": comfyui, "version": comfyui_version(Path(comfyui)), **flags, "default_vram": default}
+
+
+FAMILIES = ("sd15", "tiny", "sdxl")
+"""Workflow families in run order (:func:`workflow_family`)."""
+
+
+def workflow_family(workflow: Path) -> str:
+    """``sd15`` or ``sdxl`` for a workflow that loads the SD1.5 / SDXL checkpoint placeholder (a real-size run gives
+    it random real-size models), else ``tiny``: its models (inpainting checkpoints, FLUX Fill, ...) have no
+    real-size random stand-in here, so it runs on the runner's tiny ones (on the GPU in a CUDA run)."""
+    from tools.make_workflows import CHECKPOINT, SDXL_CHECKPOINT
+
+    nodes = json.loads(workflow.read_text()).get("nodes", [])
+    names = {node["widgets_values"][0] for node in nodes if node.get("type") == "CheckpointLoaderSimple"
+             and isinstance(node.get("widgets_values"), list) and node["widgets_values"]}
+    if names == {SDXL_CHECKPOINT}:
+        return "sdxl"
+    if names == {CHECKPOINT}:
+        return "sd15"
+    return "tiny"
 
 
 def overrides_for(workflow: Path, table: dict) -> list[str]:
@@ -169,186 +364,391 @@ def overrides_for(workflow: Path, table: dict) -> list[str]:
     return args
 
 
-def bench_rows(path: Path) -> list[dict]:
-    """``{"model", "stage": "resolutions/<side>/stages/<name>", "median_ms", "peak_gib"}`` per stage of the benchmark
-    JSON (:func:`benchmarks.bench.run`'s report; ``model`` its family, ``sd15`` in reports from before SDXL); empty
-    when the benchmark wrote none."""
-    try:
-        report = json.loads(path.read_text())
-        resolutions = report["resolutions"]
-    except (OSError, ValueError, KeyError):
-        return []
-    family = report.get("model_family", "sd15")
-    return [
-        {"model": family, "stage": f"resolutions/{side}/stages/{name}", "median_ms": stage["median_ms"],
-         "peak_gib": None if stage.get("peak_mib") is None else stage["peak_mib"] / 1024}
-        for side, result in resolutions.items() for name, stage in result["stages"].items()
-    ]
-
-
-CAPTURE_LOG_MARKS = ("could not be captured", "differed from eager", "passes run eagerly", "to capture a UNet pass")
-"""What :mod:`nodes.comfy_capture` and :mod:`dragkit.capture` log when a pass is not captured."""
-
-
-def capture_notes(bench_json: Path, logs: Path) -> list[str]:
-    """Markdown bullets on captured UNet passes: the benchmark's counts and captured/eager ratios per resolution, and
-    every distinct capture fallback a step's log reports."""
-    from benchmarks.bench import CAPTURE_PAIRS, capture_line
-
-    notes = []
-    try:
-        report = json.loads(bench_json.read_text())
-    except (OSError, ValueError):
-        report = {}
-    for side, result in report.get("resolutions", {}).items():
-        family = report.get("model_family", "sd15")
-        notes += [f"- {family} {side}²: benchmark stage {name} did not complete: {why}"
-                  for name, why in (result.get("failures") or {}).items()]
-        if result.get("capture"):
-            notes.append(f"- {family} {side}²: {capture_line(result['capture'])}")
-        for ours, ratio in (result.get("capture_ratios") or {}).items():
-            notes.append(f"- {family} {side}²: {ours} ÷ {CAPTURE_PAIRS[ours]} = {ratio:.2f}×")
-    seen = set()
-    for log in sorted(logs.glob("*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if "DragKit" in line and any(mark in line for mark in CAPTURE_LOG_MARKS):
-                message = line[line.index("DragKit"):].strip()
-                if (log.stem, message) not in seen:
-                    seen.add((log.stem, message))
-                    notes.append(f"- {log.stem}: {message}")
-    return notes
-
-
-def goal_tables(rows: list[dict], cuda: bool) -> list[str]:
-    """Markdown: for each model family among ``rows``, a table of its :data:`benchmarks.goals.GOALS` (at the goals'
-    side) judged on the rows of that family and side; judged only on a CUDA run."""
-    from benchmarks import goals
-
-    lines = []
-    for family, side in goals.GOALS:
-        if not any(row["model"] == family for row in rows):
-            continue
-        measured = {row["stage"].split("/")[-1]: row for row in rows
-                    if row["model"] == family and row["stage"].startswith(f"resolutions/{side}/")}
-        lines += ["", f"Goals: {family} at {side}² (fp16, one H100)", ""]
-        lines += goals.markdown(goals.judge(family, side, measured, cuda), family, side)
-    return lines
-
-
-def write_summary(report: Report, out: Path) -> None:
-    models = "SDXL at 1024²" if report.sdxl else "SD1.5, and SDXL for its workflows"
-    title = "tiny models, CPU pipeline check" if report.tiny else f"real-size {models}, random weights"
-    lines = [f"# GPU check ({title})", ""]
-    lines += [f"- {key}: {value}" for key, value in report.machine.items()]
-    lines += ["", "| step | status | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |" for s in report.steps]
-    if report.benchmark:
-        lines += ["", "| benchmark stage | median ms | peak GiB |", "|---|---|---|"]
-        for row in report.benchmark:
-            peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-            lines.append(f"| {row['model']} {row['stage']} | {row['median_ms']:.1f} | {peak} |")
-        lines += goal_tables(report.benchmark, bool(report.machine.get("cuda")))
-    if report.capture:
-        lines += ["", "Captured UNet passes (CUDA graphs; first replays checked against eager) and benchmark stages "
-                      "that did not complete", ""] + report.capture
-    lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
-    (out / "summary.md").write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps(asdict(report), indent=2))
-
-
-def written_path(step: Step, out: Path) -> Path | None:
+def written_path(step: Step, logs: Path) -> Path | None:
     """The file a models step printed as its last line (the writers print the path), or None when it failed."""
     if step.status != "passed":
         return None
-    lines = [line.strip() for line in (out / step.log).read_text(errors="replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in (logs / step.log).read_text(errors="replace").splitlines() if line.strip()]
     return Path(lines[-1]) if lines else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="The default run fits one device call (about 8 min estimated on an H100/H200); run --sdxl in a second "
-               "call (about 6 min): SDXL's checkpoint, its workflows at 1024² and its benchmark.")
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a pipeline check; CI runs this)")
-    parser.add_argument("--sdxl", action="store_true",
-                        help="the SDXL part alone: SDXL checkpoint, *_sdxl workflows at 1024², SDXL benchmark at 1024²")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check"),
-                        help="output folder (default: $OUT, else gpu-check/)")
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="scratch folder for the random real-size models (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    out = args.out.resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    report = Report(tiny=args.tiny, sdxl=args.sdxl, machine=machine())
-    comfyui = os.environ.get("COMFYUI_PATH")
-    print(f"GPU check -> {out}", file=sys.stderr)
+def frontend_stand_in(bulk: Path) -> Path:
+    """A static folder with a bare ``index.html`` for ComfyUI's ``--front-end-root`` when no frontend package is
+    installed (the device carries none; the workflows are queued through the API, no page is opened)."""
+    root = bulk / "frontend"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "index.html").write_text("<!doctype html><title>DragKit GPU check</title><p>headless run</p>\n")
+    return root
 
-    def record(step: Step) -> Step:
-        report.steps.append(step)
-        write_summary(report, out)
-        return step
 
-    workflows = sorted((REPO / "workflows").glob("*.json"))
-    sdxl_workflows = [w for w in workflows if w.stem.endswith("_sdxl")]
-    device = "cuda" if report.machine["cuda"] else "cpu"
-    scratch = (args.models_dir or Path(tempfile.mkdtemp(prefix="dragkit-gpu-check-"))) if comfyui and not args.tiny else None
-    table = TINY if args.tiny else QUICK
-    sample = scaled_sample(SAMPLE, out / "sample", TINY_SIDE) if args.tiny else SAMPLE
+def bench_file(sdxl: bool, vram: str) -> str:
+    return f"bench{'_sdxl' if sdxl else ''}{'' if vram == 'default' else '_' + vram.replace('-', '_')}.json"
 
-    def run_workflows(selected: list[Path], model_args: list[str] | None, sample: Path) -> None:
-        """Each workflow through the runner with ``model_args`` (None: its models step failed; []: the runner's tiny)."""
-        for workflow in selected:
-            name = f"workflow {workflow.stem}"
-            if not comfyui:
-                record(Step(name, "skipped", detail="COMFYUI_PATH is not set (the workflows run in ComfyUI)"))
-            elif model_args is None:
-                record(Step(name, "skipped", detail="no checkpoint: its models step failed"))
+
+def out_files(out: Path) -> list[Path]:
+    """Every file under ``out`` (what the device tool would copy back)."""
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+
+class Check:
+    """One run of the check: its options, folders, host and plan."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tiny, self.sdxl = args.tiny, args.sdxl
+        self.out = args.out.resolve()
+        self.bulk = (args.bulk or Path(tempfile.mkdtemp(prefix="dragkit-gpu-check-"))).resolve()
+        if self.bulk == self.out or self.out in self.bulk.parents:
+            raise SystemExit(f"--bulk {self.bulk} must be outside --out {self.out} (only {MAX_OUT_FILES} files return)")
+        self.logs = self.bulk / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.python = sys.executable
+        self.comfyui = os.environ.get("COMFYUI_PATH") or None
+        self.report = Report(tiny=args.tiny, sdxl=args.sdxl, budget=args.budget, machine=machine())
+        self.cuda = bool(self.report.machine["cuda"]) and not self.tiny
+        self.report.host = host_info(self.comfyui, self.cuda)
+        self.kind = "gpu" if self.cuda else "cpu"
+        self.models: dict[str, list[str] | None] = {}
+        self.env = dict(os.environ)
+        if self.comfyui and not importlib.util.find_spec("comfyui_frontend_package") and \
+                not self.env.get("DRAGKIT_FRONTEND_ROOT"):
+            self.env["DRAGKIT_FRONTEND_ROOT"] = str(frontend_stand_in(self.bulk))
+
+    # -- which steps -------------------------------------------------------------------------------------------------
+
+    def vram_modes(self) -> list[tuple[str, str | None]]:
+        """``(mode, None)`` for each VRAM mode to run, or ``(mode, why not)``."""
+        modes = []
+        for mode in VRAM_MODES:
+            if mode not in self.args.vram:
+                continue
+            if mode == "default":
+                modes.append((mode, None))
+            elif not self.comfyui:
+                modes.append((mode, "COMFYUI_PATH is not set (VRAM modes are the host's)"))
+            elif not self.report.host.get("disable_flag"):
+                modes.append((mode, f"ComfyUI {self.report.host.get('version')} has no --disable-dynamic-vram"))
+            elif not self.cuda:
+                modes.append((mode, "a CPU run: ComfyUI runs --cpu, without Dynamic VRAM in either mode"))
             else:
-                command = [python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
-                           "--out", str(out / "workflows" / workflow.stem), "--timeout", "600",
-                           *model_args, *overrides_for(workflow, table)]
-                record(run_logged(name.replace(" ", "_"), command, logs, 900))
+                modes.append((mode, None))
+        return modes
 
-    if not args.sdxl:
-        tests = ["tests/test_cuda.py", "tests/test_gpu_hazards.py", "tests/test_capture.py"]
-        tests += ["tests/host/test_gpu_path_host.py"] if comfyui else []
-        record(run_logged("tests", [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], logs, 600))
-        sd15_args: list[str] | None = []
-        if scratch:
-            step = record(run_logged("models", [python, "-m", "tools.sd15_random", "--out", str(scratch), "--device",
-                                                device], logs, 600))
-            from tools.sd15_random import checkpoint_name, controlnet_name
+    def estimate(self, what: str) -> float:
+        return ESTIMATES[self.kind][what]
+
+    def plan(self) -> list[Planned]:
+        """The steps in priority order (see the module docstring)."""
+        modes = self.vram_modes()
+        steps: list[Planned] = []
+        if not self.sdxl:
+            steps.append(self.tests_step())
+        for index, (mode, why) in enumerate(modes):
+            steps.append(self.bench_step(mode, why))
+            if not self.sdxl:
+                steps += [self.capture_step(mode, allocator, why) for allocator in ALLOCATORS]
+            if index == 0 and not self.sdxl:
+                steps.append(self.inpaint_step())
+        for mode, why in modes:
+            if why:
+                steps.append(Planned(f"workflows [{mode}]", "workflows", 0, lambda why=why: why, vram=mode))
+                continue
+            for family in ("sdxl",) if self.sdxl else FAMILIES:
+                steps += self.workflow_steps(family, mode)
+        return [step for step in steps if step.group in self.args.only]
+
+    def tests_step(self) -> Planned:
+        """The CUDA tests; ``--tiny`` runs ``tests/test_cuda.py`` alone (it skips without CUDA), since the CPU suite
+        already runs ``tests/test_capture.py``."""
+        files = ["tests/test_cuda.py"] + ([] if self.tiny else ["tests/test_capture.py"])
+        command = [self.python, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"]
+        return Planned("tests", "tests", self.estimate("tests"), lambda: command,
+                       key=lambda step: pytest_key(self.logs / step.log))
+
+    def in_process(self, mode: str, module: str) -> list[str]:
+        """The command that runs ``module`` in ``mode`` (through :mod:`tools.comfy_vram` when there is a host)."""
+        if self.comfyui:
+            return [self.python, "-m", "tools.comfy_vram", mode, module]
+        return [self.python, "-m", module]
+
+    def bench_step(self, mode: str, why: str | None) -> Planned:
+        path = self.out / bench_file(self.sdxl, mode)
+        command = self.in_process(mode, "benchmarks.bench") + ["--json", str(path), "--methods",
+                                                                 "fastdrag,dragdiffusion"]
+        if self.sdxl:
+            command += ["--model", "sdxl"]
+        command += ["--tiny", "--repeats", "1", "--warmup", "0"] if self.tiny else \
+            ["--repeats", "3", "--warmup", "1", "--slow-repeats", "3"]
+        env = dict(self.env, PYTORCH_CUDA_ALLOC_CONF=ASYNC_ALLOCATOR) if self.cuda else self.env
+
+        def prepare():
+            if why:
+                return why
+            if self.sdxl and not self.comfyui:
+                return "COMFYUI_PATH is not set (SDXL is benchmarked through the nodes)"
+            return command
+
+        name = f"bench{'_sdxl' if self.sdxl else ''} [{mode}]"
+        return Planned(name, "bench", self.estimate("bench_sdxl" if self.sdxl else "bench"), prepare, env,
+                       key=lambda step: bench_key(path), vram=mode)
+
+    def capture_step(self, mode: str, allocator: str, why: str | None) -> Planned:
+        path = self.bulk / f"capture_{mode}_{allocator}.json"
+        command = self.in_process(mode, "tools.capture_check") + ["--json", str(path)] + (["--tiny"] if self.tiny else [])
+        env = {k: v for k, v in self.env.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+        if ALLOCATORS[allocator]:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATORS[allocator]
+
+        def prepare():
+            if why:
+                return why
+            if not self.comfyui:
+                return "COMFYUI_PATH is not set (the check runs the pack's nodes in ComfyUI)"
+            if ALLOCATORS[allocator] and not self.cuda:
+                return "no CUDA: the allocator setting does not apply"
+            path.unlink(missing_ok=True)
+            return command
+
+        return Planned(f"capture [{mode}, {allocator}]", "capture", self.estimate("capture"), prepare, env,
+                       key=lambda step: capture_key(path), vram=mode)
+
+    def inpaint_step(self) -> Planned:
+        """Warp and warp+inpaint stages (``benchmarks/inpaint.py``, written beside this check)."""
+        command = [self.python, "-m", "benchmarks.inpaint"] + (["--tiny"] if self.tiny else [])
+
+        def prepare():
+            if not (REPO / "benchmarks" / "inpaint.py").is_file():
+                return "benchmarks/inpaint.py is not in this checkout"
+            return command
+
+        env = dict(self.env, PYTORCH_CUDA_ALLOC_CONF=ASYNC_ALLOCATOR) if self.cuda else self.env
+        return Planned("inpaint", "inpaint", self.estimate("inpaint"), prepare, env,
+                       key=lambda step: last_line_key(step, self.logs))
+
+    def workflow_steps(self, family: str, mode: str) -> list[Planned]:
+        """The models step of ``family`` (real-size runs of ``sd15`` / ``sdxl``, first mode only) and its
+        workflows in ``mode``."""
+        chosen = [w for w in sorted((REPO / "workflows").glob("*.json")) if workflow_family(w) == family]
+        if not chosen:
+            return []
+        steps = []
+        models_name = "models" if family == "sd15" else "models_sdxl"
+        if self.comfyui and not self.tiny and family != "tiny" and mode == self.args.vram[0]:
+            steps.append(Planned(models_name, "workflows", self.estimate(models_name),
+                                 lambda: self.models_command(family), key=lambda step: last_line_key(step, self.logs)))
+        for workflow in chosen:
+            steps.append(Planned(f"workflow {workflow.stem} [{mode}]", "workflows",
+                                 self.estimate("workflow_sdxl" if family == "sdxl" else "workflow"),
+                                 lambda workflow=workflow: self.workflow_command(workflow, family, mode),
+                                 self.env, key=lambda step: last_line_key(step, self.logs), vram=mode))
+        return steps
+
+    def models_command(self, family: str) -> list[str]:
+        scratch = self.args.models_dir or self.bulk / "models"
+        module = "tools.sd15_random" if family == "sd15" else "tools.sdxl_random"
+        self.models[family] = None
+        return [self.python, "-m", module, "--out", str(scratch), "--device", "cuda" if self.cuda else "cpu"]
+
+    def model_args(self, family: str) -> list[str] | str:
+        """The runner's model options for ``family``: [] for the runner's tiny models, or why there are none."""
+        if self.tiny or family == "tiny":
+            return []
+        files = self.models.get(family)
+        if files is None:
+            return "no checkpoint: its models step did not run or failed"
+        return files
+
+    def workflow_command(self, workflow: Path, family: str, mode: str) -> list[str] | str:
+        if not self.comfyui:
+            return "COMFYUI_PATH is not set (the workflows run in ComfyUI)"
+        models = self.model_args(family)
+        if isinstance(models, str):
+            return models
+        if self.tiny or family == "tiny":
+            sample = scaled_sample(SAMPLE, self.bulk / "sample", TINY_SIDE)
+        elif family == "sdxl" and self.sdxl:
+            sample = scaled_sample(SAMPLE, self.bulk / "sample_sdxl", SDXL_SIDE)
+        else:
+            sample = SAMPLE
+        command = [self.python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
+                   "--out", str(self.bulk / "workflows" / mode / workflow.stem), "--timeout", "600",
+                   *models, *overrides_for(workflow, TINY if self.tiny or family == "tiny" else QUICK)]
+        if mode == "no-dynamic-vram":
+            command += ["--comfy-arg=--disable-dynamic-vram"]
+        return command
+
+    def models_made(self, step: Step) -> None:
+        """After a models step: the runner's options for its files (``--checkpoint``, and for SD1.5 the ControlNet
+        and the tiny upscale model, which spandrel loads like any ESRGAN-family file)."""
+        if step.status != "passed":
+            return
+        if step.name == "models":
             import torch
 
-            sd15_args = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
-                         "--controlnet", str(scratch / controlnet_name(0, torch.float16))] if step.status == "passed" else None
-        run_workflows([w for w in workflows if w not in sdxl_workflows], sd15_args, sample)
+            from tools.sd15_random import checkpoint_name, controlnet_name
+            from tools.tiny_models import tiny_upscaler_path
 
-    bench_json = out / ("bench_sdxl.json" if args.sdxl else "bench.json")
-    bench = [python, "-m", "benchmarks.bench", "--json", str(bench_json)] + (["--model", "sdxl"] if args.sdxl else [])
-    bench += ["--tiny"] if args.tiny else ["--repeats", "5", "--warmup", "2"]
-    name = "benchmark_sdxl" if args.sdxl else "benchmark"
-    if args.sdxl and not comfyui:
-        record(Step(name, "skipped", detail="COMFYUI_PATH is not set (SDXL is benchmarked through the nodes)"))
-    else:
-        step = run_logged(name, bench, logs, 900)
-        report.benchmark = bench_rows(bench_json)
-        report.capture = capture_notes(bench_json, logs)
-        record(step)
+            scratch = self.args.models_dir or self.bulk / "models"
+            self.models["sd15"] = ["--checkpoint", str(scratch / checkpoint_name(0, torch.float16)),
+                                   "--controlnet", str(scratch / controlnet_name(0, torch.float16)),
+                                   "--upscale-model", str(tiny_upscaler_path())]
+        elif step.name == "models_sdxl":
+            checkpoint = written_path(step, self.logs)
+            self.models["sdxl"] = ["--checkpoint", str(checkpoint)] if checkpoint else None
 
-    sdxl_args: list[str] | None = []
-    if scratch and sdxl_workflows:
-        command = [python, "-m", "tools.sdxl_random", "--out", str(scratch), "--device", device]
-        checkpoint = written_path(record(run_logged("models_sdxl", command, logs, 600)), out)
-        sdxl_args = ["--checkpoint", str(checkpoint)] if checkpoint else None
-    sdxl_sample = scaled_sample(SAMPLE, out / "sample_sdxl", SDXL_SIDE) if args.sdxl and not args.tiny else sample
-    run_workflows(sdxl_workflows, sdxl_args, sdxl_sample)
-    report.capture = capture_notes(bench_json, logs)
-    write_summary(report, out)
-    print((out / "summary.md").read_text())
-    return 0 if report.passed else 1
+    # -- running -----------------------------------------------------------------------------------------------------
+
+    def run_step(self, item: Planned, command: list[str], timeout: float) -> Step:
+        step = run_logged(item.name, command, self.logs, timeout, item.env)
+        self.models_made(step)
+        return step
+
+    def record(self, step: Step) -> None:
+        self.report.steps.append(step)
+        self.report.elapsed = self.budget.elapsed()
+        print(step_line(step), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite ``summary.md``, ``summary.json``, ``capture.json`` and ``logs.tar.gz`` in ``OUT``."""
+        captures = {p.stem: json.loads(p.read_text()) for p in sorted(self.bulk.glob("capture_*.json"))}
+        if captures:
+            (self.out / "capture.json").write_text(json.dumps(captures, indent=2))
+        (self.out / "summary.json").write_text(json.dumps(asdict(self.report), indent=2))
+        (self.out / "summary.md").write_text(summary_markdown(self.report, self.out, captures))
+        with tarfile.open(self.out / "logs.tar.gz.part", "w:gz") as tar:
+            tar.add(self.logs, arcname="logs")
+        (self.out / "logs.tar.gz.part").replace(self.out / "logs.tar.gz")
+
+    def run(self) -> int:
+        start = float(os.environ.get("DRAGKIT_GPU_CHECK_T0") or time.time())
+        self.budget = Budget(self.args.budget, start)
+        print(f"GPU check -> {self.out} (bulk output in {self.bulk}); host: "
+              f"{self.report.host.get('version') or 'none'}; budget: "
+              f"{'none' if self.args.budget is None else f'{self.args.budget:.0f} s'}", file=sys.stderr, flush=True)
+        execute(self.plan(), self.budget, self.run_step, self.record, CAP[self.kind])
+        self.write()
+        counts = {status: sum(s.status == status for s in self.report.steps) for status in ("passed", "failed", "skipped")}
+        print(f"{'PASSED' if self.report.passed else 'FAILED'}: {counts['passed']} ok, {counts['failed']} failed, "
+              f"{counts['skipped']} skipped in {self.budget.elapsed():.0f} s; {self.out / 'summary.md'}", flush=True)
+        return 0 if self.report.passed else 1
+
+
+# -- summary ---------------------------------------------------------------------------------------------------------
+
+
+def bench_tables(report: dict) -> list[str]:
+    """Markdown of one benchmark JSON: per side the stages with capture off and on, then the goals judged both ways."""
+    from benchmarks import goals
+
+    lines = [f"{report.get('backend')} backend, {report.get('device')}, {report.get('dtype')}, allocator "
+             f"{report.get('allocator')}, host VRAM {report.get('host_vram') or '–'}"
+             + ("" if report.get("complete") else " — **incomplete** (the run stopped during it)")]
+    for side, result in report.get("resolutions", {}).items():
+        stages = result["stages"]
+        lines += ["", f"| {side}² stage | capture off | capture on | on ÷ off | peak GiB off / on |",
+                  "|---|---|---|---|---|"]
+        for name, stage in stages.items():
+            if name.endswith(goals.CAPTURED):
+                continue
+            twin = stages.get(name + goals.CAPTURED)
+            ratio = result.get("capture_ratios", {}).get(name + goals.CAPTURED)
+            peaks = [s["peak_mib"] for s in (stage, twin) if s is not None]
+            shown = " / ".join("–" if p is None else f"{p / 1024:.2f}" for p in peaks)
+            lines.append(f"| {name} | {_ms(stage['median_ms'])} | {_ms(twin['median_ms']) if twin else ''} | "
+                         f"{f'{ratio:.2f}×' if ratio else ''} | {shown} |")
+        for name, why in (result.get("failures") or {}).items():
+            lines += ["", f"Stage {name} did not complete: {why}"]
+        if result.get("capture"):
+            lines += ["", f"Capture counters: `{json.dumps(result['capture'])}`"]
+        if result.get("goals"):
+            lines += [""] + goals.markdown(result["goals"], report.get("model_family", "sd15"), int(side))
+    return lines
+
+
+def capture_tables(captures: dict) -> list[str]:
+    lines = ["| run | FastDrag Δ | DragDiffusion Δ | captured | refused | replays | ComfyUI / driver free after unload "
+             "(GiB) | ok |", "|---|---|---|---|---|---|---|---|"]
+    logged = []
+    for name, result in captures.items():
+        methods, counts = result["methods"], capture_totals(result)
+        memory = result["memory_after_unload"]
+        free = (f"{memory['comfy_free_gib']:.2f} / {memory['driver_free_gib']:.2f}" if "comfy_free_gib" in memory
+                else memory.get("why", ""))
+        lines.append(f"| {name} ({result.get('host_vram')}) | {methods['fastdrag']['difference']:.1e} | "
+                     f"{methods['dragdiffusion']['difference']:.1e} | {counts['captures']} | "
+                     f"{counts['rejected']} | {counts['replays']} | {free} | "
+                     f"{'yes' if result['ok'] else 'NO'} |")
+        logged += [f"- {name}: {line}" for line in result.get("log", []) if "DragKit:" in line]
+    return lines + ([""] + list(dict.fromkeys(logged)) if logged else [])
+
+
+def summary_markdown(report: Report, out: Path, captures: dict) -> str:
+    title = ("tiny models, CPU pipeline check" if report.tiny else
+             f"real-size {'SDXL at 1024²' if report.sdxl else 'SD1.5'}, random weights")
+    lines = [f"# GPU check ({title})", ""]
+    lines += [f"- {key}: {value}" for key, value in report.machine.items()]
+    host = report.host
+    lines.append(f"- ComfyUI: {host.get('version') or 'none'}"
+                 + (f" ({host['comfyui']}); default: {host.get('default_vram')}; --disable-dynamic-vram: "
+                    f"{'yes' if host.get('disable_flag') else 'not in this host'}" if host.get("comfyui") else ""))
+    lines.append(f"- budget: {'none' if report.budget is None else f'{report.budget:.0f} s'}; "
+                 f"{report.elapsed:.0f} s used")
+    lines += ["", "| step | status | seconds | key number / detail |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {(s.key or s.detail).replace('|', '/')} |"
+              for s in report.steps]
+    for path in sorted(out.glob("bench*.json")):
+        try:
+            bench = json.loads(path.read_text())
+        except ValueError:
+            continue
+        lines += ["", f"## Benchmark: {path.name}", ""] + bench_tables(bench)
+    if captures:
+        lines += ["", "## Captured against plain passes (tools/capture_check.py)", ""] + capture_tables(captures)
+    left_out = [s for s in report.steps if s.status == "skipped"]
+    if left_out:
+        groups = sorted({s.group for s in left_out if "budget" in s.detail})
+        lines += ["", "## Not run", ""] + [f"- {s.name}: {s.detail}" for s in left_out]
+        if groups:
+            lines += ["", f"To run what the budget left out: `bash scripts/gpu_check.sh --budget 540 "
+                          f"--only {','.join(groups)}`"]
+    lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a pipeline check; CI runs this)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="SDXL at 1024²: its benchmark, then its checkpoint and the *_sdxl workflows")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run (e.g. 540 in a 600 s device call); steps that do not fit are "
+                             "skipped with the reason")
+    parser.add_argument("--only", type=lambda text: tuple(g.strip() for g in text.split(",") if g.strip()),
+                        default=GROUPS, help=f"step groups to run, a comma-separated subset of {','.join(GROUPS)}")
+    parser.add_argument("--vram", type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+                        default=VRAM_MODES, help=f"host VRAM modes, a subset of {','.join(VRAM_MODES)}")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check"),
+                        help=f"what comes back, at most {MAX_OUT_FILES} files (default: $OUT, else gpu-check/)")
+    parser.add_argument("--bulk", type=Path, default=None,
+                        help="models, workflow images and logs (default: a temporary folder), outside --out")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="folder for the random real-size models (default: in --bulk)")
+    args = parser.parse_args(argv)
+    for name, chosen, known in (("--only", args.only, GROUPS), ("--vram", args.vram, VRAM_MODES)):
+        if not chosen or set(chosen) - set(known):
+            parser.error(f"{name} takes a comma-separated subset of {','.join(known)}")
+    if args.budget is not None and args.budget <= RESERVE:
+        parser.error(f"--budget must be more than {RESERVE} s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return Check(parse_args(argv)).run()
 
 
 if __name__ == "__main__":
