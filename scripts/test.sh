@@ -54,7 +54,7 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || echo "[set-up] note: could not upgrade pip; going on with $("$py" -m pip --version)"
 if ! "$py" -c "import torch" 2>/dev/null; then
-    step "installing ${TORCH_SPEC:-torch==2.13.0} (about 200 MB for the CPU build, several GB for a CUDA one; 1-5 min)"
+    step "installing ${TORCH_SPEC:-torch==2.13.0} (about 200 MB for a CPU build, several GB for a CUDA one; 1-5 min)"
     pip_install "${TORCH_SPEC:-torch==2.13.0}"
     done_step
 fi
@@ -62,7 +62,8 @@ step "installing this pack's and the tests' requirements (diffusers, peft, pytes
 pip_install -r tests/requirements.txt
 done_step
 if [ -n "${COMFYUI_PATH:-}" ]; then
-    step "installing the requirements of ComfyUI at $COMFYUI_PATH (about 40 packages; 1-3 min the first time)"
+    step "installing the requirements of ComfyUI at $COMFYUI_PATH (about 40 packages; its torchvision brings the"
+    echo "[set-up]   torch build it was made for, with NVIDIA's CUDA libraries: about 4 GB and 2-5 min the first time)"
     pip_install -r "$COMFYUI_PATH/requirements.txt" websocket-client
     done_step
 fi
