@@ -1,4 +1,10 @@
-"""The one way DragKit runs autograd through a shared ComfyUI MODEL (LoRA Fine-tune and motion supervision).
+"""The one way DragKit runs autograd through a ComfyUI MODEL (LoRA Fine-tune and motion supervision).
+
+Autograd runs on a patcher whose weights stay where they are until the
+backward has read them: never on a Dynamic VRAM patcher (ComfyUI 0.33.0
+streams those through a buffer the prefetch reuses layer after layer), but on
+the host's non-dynamic delegate (:func:`nodes.host_caps.autograd_patcher`);
+:func:`prepare_for_backward` refuses a dynamic one.
 
 ComfyUI loads weights under ``torch.inference_mode()``, and autograd may not
 save inference tensors for backward. Earlier versions worked around that by
@@ -14,16 +20,18 @@ UNet or more on the GPU. Instead:
   reloads the model afterwards; ordinary tensors work under inference mode
   too, so nothing has to be put back. A later reload of the model under
   inference mode brings inference tensors back, and the next call converts
-  them again.
+  them again. Only weights on the compute device are converted: offloaded
+  (lowvram) weights are cast into fresh tensors per forward anyway, and
+  ComfyUI 0.33.0 may have pinned them (its ``pin_weight_to_device``), which a
+  replacement tensor would leave registered.
 - :func:`backward_memory` measures what a training or optimisation step keeps
   for backward (saved-tensor hooks on two small probe steps, extrapolated in
-  the number of latent tokens), and :func:`reserve` asks ComfyUI's model
-  manager for that much room, so models the run does not use are offloaded
-  first instead of the step running out of memory. :func:`release` hands
-  cached blocks back afterwards.
-
-Mirrors ComfyUI 0.3.64 ``comfy.model_management.free_memory`` (as
-``load_models_gpu`` calls it) and ``soft_empty_cache``.
+  the number of latent tokens), and :func:`reserve` asks the host for that
+  much room the way the host accounts memory (:func:`nodes.host_caps.make_room`:
+  on ComfyUI 0.33.0 the free memory includes the Dynamic VRAM budget), so
+  models the run does not use are offloaded first instead of the step running
+  out of memory. :func:`release` hands cached blocks back afterwards
+  (``comfy.model_management.soft_empty_cache``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from typing import Callable
 
 import comfy.model_management
 import torch
+
+from .host_caps import HostCapabilityError, is_dynamic, make_room
 
 log = logging.getLogger("DragKit")
 
@@ -47,22 +57,33 @@ FALLBACK_FACTOR = 3.0
 as this many times ComfyUI's inference estimate, and the log says why."""
 
 
-def make_weights_autograd_safe(module: torch.nn.Module) -> int:
-    """Replace ``module``'s inference-mode parameters by ordinary tensors, in place; returns the bytes converted.
+def make_weights_autograd_safe(module: torch.nn.Module, device: torch.device | str) -> int:
+    """Replace ``module``'s inference-mode parameters on ``device`` by ordinary tensors, in place; returns the bytes converted.
 
     Values, device, dtype and ``requires_grad=False`` are unchanged, so the
     module computes exactly what it did. Parameters that are already ordinary
-    tensors are left alone (a second call converts nothing).
+    tensors, and parameters elsewhere (offloaded weights, cast per forward into
+    new tensors), are left alone (a second call converts nothing).
     """
+    device = torch.device(device)
     converted = 0
     with torch.inference_mode(False):
         for sub in module.modules():
             for name, param in list(sub._parameters.items()):
-                if param is None or not param.is_inference():
+                if param is None or not param.is_inference() or not _on(param, device):
                     continue
                 sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
                 converted += param.numel() * param.element_size()
     return converted
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``tensor`` lives on ``device`` (``cuda`` matches the current CUDA device's index)."""
+    if tensor.device.type != device.type:
+        return False
+    if device.index is None or tensor.device.index is None:
+        return True
+    return tensor.device.index == device.index
 
 
 def _storage(tensor: torch.Tensor) -> tuple[int, int]:
@@ -117,19 +138,16 @@ def backward_memory(probe: Callable[[int, int], None], module: torch.nn.Module, 
     return int(MARGIN * (linear * tokens + quadratic * tokens * tokens))
 
 
-def reserve(device: torch.device, nbytes: float) -> None:
-    """Make ``nbytes`` free on ``device``, offloading only models the current run does not use.
+def reserve(patcher, nbytes: float) -> None:
+    """Make ``nbytes`` free beside ``patcher``, offloading only models the current run does not use.
 
-    Mirrors the ``free_memory`` call of ``load_models_gpu`` (ComfyUI 0.3.64)
-    with ``keep_loaded`` = the loaded models marked ``currently_used``: called
-    inside a sampler run, it must not offload the UNet or a ControlNet that
-    the run loaded. Nothing to do on a CPU.
+    :func:`nodes.host_caps.make_room` with ``keep_loaded`` = the loaded models
+    marked ``currently_used`` (``comfy.model_management.current_loaded_models``):
+    called inside a sampler run, it must not offload the UNet or a ControlNet
+    that the run loaded. Nothing to do on a CPU.
     """
-    if torch.device(device).type == "cpu":
-        return
     mm = comfy.model_management
-    keep = [loaded for loaded in mm.current_loaded_models if loaded.currently_used]
-    mm.free_memory(float(nbytes) + mm.extra_reserved_memory(), torch.device(device), keep_loaded=keep)
+    make_room(patcher, nbytes, [loaded for loaded in mm.current_loaded_models if loaded.currently_used])
 
 
 def release() -> None:
@@ -145,12 +163,19 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
     save). ``latent_shape`` is one step's ``(B, C, h, w)``; ComfyUI's own
     inference estimate of the forward work space for it is added to the
     measured saved bytes. Returns the bytes needed (measured on a CPU too,
-    where :func:`reserve` has nothing to offload).
+    where :func:`reserve` has nothing to offload). A Dynamic VRAM patcher is
+    refused (:class:`nodes.host_caps.HostCapabilityError`): take
+    :func:`nodes.host_caps.autograd_patcher` of it first.
     """
+    if is_dynamic(patcher):
+        raise HostCapabilityError(
+            "DragKit: autograd was asked to run on a Dynamic VRAM patcher, whose weight buffers the host reuses "
+            "during the pass; it must run on the non-dynamic delegate (nodes.host_caps.autograd_patcher)"
+        )
     base = patcher.model
     latent_hw = tuple(latent_shape[-2:])
     forward_space = base.memory_required(list(latent_shape))
-    converted = make_weights_autograd_safe(base.diffusion_model)
+    converted = make_weights_autograd_safe(base.diffusion_model, patcher.load_device)
     if converted:
         log.debug("DragKit: made %.1f MiB of inference-mode weights usable by autograd", converted / 2**20)
     try:
@@ -163,5 +188,5 @@ def prepare_for_backward(patcher, probe: Callable[[int, int], None], latent_shap
                     type(error).__name__, error, saved / 2**20)
     need = saved + forward_space
     log.info("DragKit: reserving %.0f MiB for backward (measured %.0f MiB of saved activations)", need / 2**20, saved / 2**20)
-    reserve(patcher.load_device, need)
+    reserve(patcher, need)
     return int(need)

@@ -14,11 +14,17 @@
   exactly as in KSampler.
 - :meth:`ComfyBackend.run` sends each UNet call through a captured pass
   (:mod:`nodes.comfy_capture`: a CUDA graph per key on a GPU, eager
-  elsewhere or when the capture cannot honour the call).
-- :meth:`ComfyBackend.run_features` runs the loop with autograd on, on a
-  clone prepared by :func:`nodes.comfy_autograd.prepare_for_backward`
-  (weights made autograd-safe in place, no copy; the measured backward memory
-  reserved with the model manager), and captures the penultimate decoder
+  elsewhere or when the capture cannot honour the call). Its clone keeps the
+  MODEL's kind, so on ComfyUI 0.33.0 a Dynamic VRAM MODEL streams its weights
+  through the host's own prefetch during inference (DDIM Invert, KV-Injected
+  Sample with either KV source).
+- :meth:`ComfyBackend.run_features` runs the loop with autograd on, in the
+  host's training mode (:func:`nodes.host_caps.training_mode`), on the host's
+  non-dynamic delegate of the MODEL (:func:`nodes.host_caps.autograd_patcher`:
+  no gradient reads a weight buffer the prefetch has reused) prepared by
+  :func:`nodes.comfy_autograd.prepare_for_backward` (weights made
+  autograd-safe in place, no copy; the measured backward memory reserved as
+  the host accounts memory), and captures the penultimate decoder
   level's output with an output-block patch; its passes, forward and
   backward, are captured per run (:func:`nodes.comfy_capture.install_features`).
 - LATENT samples use ComfyUI's convention: unscaled VAE latents, and for a
@@ -46,6 +52,7 @@ from ..dragkit.capture import PassCache
 from ..dragkit.errors import DragInputError
 from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
+from .host_caps import autograd_patcher, training_mode
 
 log = logging.getLogger("DragKit")
 
@@ -188,7 +195,7 @@ class ComfyBackend:
         patcher = self._patched_clone(control)
         comfy_capture.install(patcher, control)
 
-        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
             extra_args = extra_args or {}
             return loop(lambda z, t: self._eps(model, z, t, extra_args), x.to(torch.float32))
 
@@ -199,13 +206,13 @@ class ComfyBackend:
     ) -> torch.Tensor:
         if conditioning.negative is not None and conditioning.cfg != 1.0:
             raise DragInputError("motion supervision runs without classifier-free guidance (cfg 1)")
-        patcher = self._patched_clone(control)
+        patcher = self._patched_clone(control, for_autograd=True)
         capture: dict = {"index": _feature_block_index(patcher.model.diffusion_model, self.feature_level)}
         passes = PassCache()
         comfy_capture.install_features(patcher, control, capture, _StopForward, passes)
 
         @comfy_capture.capturable
-        def output_block_patch(h, hsp, transformer_options):
+        def output_block_patch(h, hsp, transformer_options, **_):
             if transformer_options.get("block") == ("output", capture["index"]):
                 capture["features"] = h
                 if not capture["with_eps"]:
@@ -214,7 +221,7 @@ class ComfyBackend:
 
         patcher.set_model_output_block_patch(output_block_patch)
 
-        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
             extra_args = extra_args or {}
 
             def predict(z: torch.Tensor, timestep: int, with_eps: bool):
@@ -231,7 +238,7 @@ class ComfyBackend:
                 eps, feats = predict(z, timesteps[0], True)
                 (eps.sum() + feats.to(torch.float32).sum()).backward()
 
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), training_mode():
                 capture["probing"] = True
                 prepare_for_backward(patcher, probe, tuple(x.shape))
                 capture["probing"] = False
@@ -244,9 +251,15 @@ class ComfyBackend:
 
         return self._guided_run(patcher, conditioning, sample, z_start, timesteps)
 
-    def _patched_clone(self, control: AttentionControl):
-        """A clone of the MODEL whose self-attention layers call ``control`` (the shared patcher is untouched)."""
-        patcher = self.model.clone()
+    def _patched_clone(self, control: AttentionControl, for_autograd: bool = False):
+        """A clone of the MODEL whose self-attention layers call ``control`` (the shared patcher is untouched).
+
+        ``for_autograd``: a clone a backward may read the weights of
+        (:func:`nodes.host_caps.autograd_patcher`, the non-dynamic delegate of a
+        Dynamic VRAM MODEL); otherwise a plain ``clone()``, dynamic when the
+        MODEL is.
+        """
+        patcher = (autograd_patcher(self.model) if for_autograd else self.model).clone()
         for layer, (block_name, number, depth) in self._layers:
             patcher.set_model_attn1_replace(_attn1_patch(layer, control), block_name, number, depth)
         return patcher
@@ -293,11 +306,19 @@ def _feature_block_index(unet, level: int | None = None) -> int:
 
 
 def _attn1_patch(layer: AttnLayer, control: AttentionControl):
-    """An ``attn1_replace`` function: lets ``control`` edit K/V, then computes attention as ComfyUI does."""
+    """An ``attn1_replace`` function: lets ``control`` edit K/V, then computes attention as ComfyUI does.
+
+    ``extra_options`` is the block's transformer options (ComfyUI 0.3.64 and
+    0.33.0 ``BasicTransformerBlock.forward``); passed on as
+    ``transformer_options`` as the host's own ``CrossAttention`` does, so an
+    attention override another node set (``optimized_attention_override``)
+    applies here too. Later keyword arguments are accepted and ignored.
+    """
 
     @comfy_capture.capturable
-    def attn1_replace(q, k, v, extra_options):
+    def attn1_replace(q, k, v, extra_options, **_):
         k, v = control(layer, k, v)
-        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                                   transformer_options=extra_options)
 
     return attn1_replace

@@ -105,7 +105,7 @@ def host_graphs_enabled() -> bool:
 
 
 def autograd_patcher(patcher):
-    """A patcher of the same model (same patches and options) whose weights a backward may read.
+    """``patcher``, or a patcher of the same model (same patches and options) whose weights a backward may read.
 
     A dynamic patcher's weights live in a buffer the prefetch reuses for the
     next layer, so a gradient computed later would read another layer's
@@ -115,10 +115,11 @@ def autograd_patcher(patcher):
     dynamic patcher, so later runs reuse it; the sampler does the same for
     hooked conditioning) and otherwise ``clone(disable_dynamic=True)`` as
     ``comfy_extras/nodes_torch_compile.py`` takes it. A non-dynamic patcher
-    (every patcher on ComfyUI 0.3.64) is returned as a plain ``clone()``.
+    (every patcher on ComfyUI 0.3.64) is returned as it is: clone it before
+    adding patches.
     """
     if not is_dynamic(patcher):
-        return patcher.clone()
+        return patcher
     delegate = getattr(patcher, "get_non_dynamic_delegate", None)
     try:
         result = delegate() if delegate is not None else patcher.clone(disable_dynamic=True)
