@@ -1,6 +1,9 @@
 """The GPU check's plan, budget, output and file limit (tools/gpu_check.py), without running its steps."""
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,7 +241,7 @@ def test_key_numbers_read_the_step_outputs(tmp_path):
     assert key == ("FastDrag re-edit 150 ms off / 90 ms on; goals missed: fastdrag_re_edit (off) (incomplete)")
     (tmp_path / "capture.json").write_text(json.dumps(CAPTURE))
     assert gpu_check.capture_key(tmp_path / "capture.json") == (
-        "fastdrag Δ 1.0e-05, dragdiffusion Δ 1.0e-05, 6 captured, 2 refused, "
+        "fastdrag Δ 1.0e-05, dragdiffusion Δ 1.0e-05, 6 captured, 80 replays, 2 refused, "
         "free after unload: ComfyUI 130.00 / driver 129.90 GiB")
     (tmp_path / "t.log").write_text("...\n===== 3 passed, 2 skipped in 4.0s =====\n")
     assert gpu_check.pytest_key(tmp_path / "t.log") == "3 passed, 2 skipped in 4.0s"
@@ -268,3 +271,17 @@ def test_a_models_step_gives_the_checkpoint_it_printed_last(tmp_path):
     assert gpu_check.written_path(step, tmp_path) == Path("/scratch/my models/x.safetensors")
     step.status = "failed"
     assert gpu_check.written_path(step, tmp_path) is None
+
+
+def test_a_step_past_its_time_is_stopped_with_its_children(tmp_path):
+    child = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+              f" open({str(child)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)")
+    step = gpu_check.run_logged("slow one", [sys.executable, "-c", script], tmp_path, timeout=3)
+    assert step.status == "failed" and step.detail == "stopped after 3 s" and step.log == "slow_one.log"
+    assert "started" in (tmp_path / "slow_one.log").read_text()
+    pid = int(child.read_text())
+    with pytest.raises(ProcessLookupError):  # the grandchild is gone too (reaped within 5 s)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)

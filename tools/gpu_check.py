@@ -53,6 +53,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -192,16 +193,23 @@ def step_line(step: Step) -> str:
 
 
 def run_logged(name: str, command: list[str], logs: Path, timeout: float, env: dict | None = None) -> Step:
-    """Run ``command`` from the repository root with a time limit; output into ``logs/<file name>.log``."""
+    """Run ``command`` from the repository root with a time limit; output into ``logs/<file name>.log``.
+
+    The command runs in a process group of its own, and the whole group is killed at the time limit (a workflow's
+    ComfyUI server would otherwise live on, holding GPU memory, into the next step).
+    """
     log = logs / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}.log"
     start = time.monotonic()
     with open(log, "w") as handle:
         handle.write("$ " + " ".join(command) + "\n")
         handle.flush()
+        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            rc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
-                                env=env, stdin=subprocess.DEVNULL).returncode
+            rc = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             rc = None
     seconds = time.monotonic() - start
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("!!")]
@@ -269,7 +277,7 @@ def capture_key(path: Path) -> str:
     report = json.loads(path.read_text())
     parts = [f"{name} Δ {result['difference']:.1e}" for name, result in report["methods"].items()]
     counts = capture_totals(report)
-    parts.append(f"{counts['captures']} captured, {counts['rejected']} refused")
+    parts.append(f"{counts['captures']} captured, {counts['replays']} replays, {counts['rejected']} refused")
     memory = report["memory_after_unload"]
     if "comfy_free_gib" in memory:
         parts.append(f"free after unload: ComfyUI {memory['comfy_free_gib']:.2f} / driver {memory['driver_free_gib']:.2f} GiB")
