@@ -245,6 +245,11 @@ def test_key_numbers_read_the_step_outputs(tmp_path):
         "free after unload: ComfyUI 130.00 / driver 129.90 GiB")
     (tmp_path / "t.log").write_text("...\n===== 3 passed, 2 skipped in 4.0s =====\n")
     assert gpu_check.pytest_key(tmp_path / "t.log") == "3 passed, 2 skipped in 4.0s"
+    banner = "\n" + "!" * 20 + "\n!! No --checkpoint given: the tiny TEST checkpoint\n" + "!" * 20 + "\n"
+    (tmp_path / "w.log").write_text("[run] the workflow ran in 12.5 s\nwrote a.png\nwrote b.png\n" + banner)
+    assert gpu_check.workflow_key(gpu_check.Step("w", log="w.log"), tmp_path) == "ran in 12.5 s, 2 files written"
+    (tmp_path / "x.log").write_text("error: no image\n" + banner)
+    assert gpu_check.workflow_key(gpu_check.Step("x", log="x.log"), tmp_path) == "error: no image"
 
 
 def test_overrides_only_for_the_node_types_a_workflow_holds(repo_root):
@@ -285,3 +290,27 @@ def test_a_step_past_its_time_is_stopped_with_its_children(tmp_path):
         for _ in range(50):
             os.kill(pid, 0)
             time.sleep(0.1)
+
+
+def test_the_sdxl_run_is_the_sdxl_benchmark_then_the_sdxl_workflows(fake_run, tmp_path, repo_root):
+    rc, commands = fake_run("--sdxl", "--vram", "default", comfyui=fake_host(tmp_path, disable_flag=True))
+    sdxl = [f"workflow {w.stem} [default]" for w in sorted((repo_root / "workflows").glob("*.json"))
+            if gpu_check.workflow_family(w) == "sdxl"]
+    assert rc == 0 and [name for name, _, _ in commands] == ["bench_sdxl [default]", "models_sdxl"] + sdxl
+    bench = commands[0][1]
+    assert bench[bench.index("--model") + 1] == "sdxl" and Path(bench[bench.index("--json") + 1]).name == "bench_sdxl.json"
+
+
+def test_a_stopped_check_records_the_running_step_and_stops(tmp_path):
+    clock = Clock()
+    recorded = []
+
+    def runner(item, command, timeout):
+        if item.name == "b":
+            raise gpu_check.Stopped("SIGTERM")
+        return gpu_check.Step(item.name, "passed")
+
+    with pytest.raises(gpu_check.Stopped):
+        gpu_check.execute([planned("a", 1), planned("b", 1), planned("c", 1)], gpu_check.Budget(None, clock.now, clock),
+                          runner, recorded.append, cap=10)
+    assert [(s.name, s.status, s.detail) for s in recorded] == [("a", "passed", ""), ("b", "failed", "stopped by SIGTERM")]

@@ -208,15 +208,28 @@ def run_logged(name: str, command: list[str], logs: Path, timeout: float, env: d
         try:
             rc = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             rc = None
+        finally:  # at the time limit, when the check itself is stopped, and any straggler of a finished step
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
     seconds = time.monotonic() - start
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("!!")]
     tail = lines[-1:] or [""]
     if rc is None:
         return Step(name, "failed", seconds, f"stopped after {timeout:.0f} s", log=log.name)
     return Step(name, "passed" if rc == 0 else "failed", seconds, f"exit {rc}: {tail[0][:300]}", log=log.name)
+
+
+class Stopped(Exception):
+    """The check got SIGTERM or SIGINT (the device call's time limit, say): the running step is stopped and
+    recorded, the summary written."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 def execute(planned: list[Planned], budget: Budget, runner: Callable[[Planned, list[str], float], Step],
@@ -230,7 +243,11 @@ def execute(planned: list[Planned], budget: Budget, runner: Callable[[Planned, l
         if isinstance(prepared, str):
             record(Step(item.name, "skipped", detail=prepared, group=item.group))
             continue
-        step = runner(item, prepared, budget.timeout(cap))
+        try:
+            step = runner(item, prepared, budget.timeout(cap))
+        except Stopped as stop:
+            record(Step(item.name, "failed", budget.elapsed(), f"stopped by {stop}", group=item.group))
+            raise
         step.group = item.group
         if step.status == "passed" or step.log:
             try:
@@ -292,8 +309,18 @@ def capture_totals(report: dict) -> dict:
 
 
 def last_line_key(step: Step, logs: Path) -> str:
-    lines = [line.strip() for line in (logs / step.log).read_text(errors="replace").splitlines() if line.strip()]
+    """The last line of a step's log, the runner's ``!!`` banners left out."""
+    lines = [line.strip() for line in (logs / step.log).read_text(errors="replace").splitlines()
+             if line.strip() and not line.startswith("!!")]
     return lines[-1][:200] if lines else ""
+
+
+def workflow_key(step: Step, logs: Path) -> str:
+    """A workflow's time in ComfyUI and the files the runner wrote (else its last line)."""
+    text = (logs / step.log).read_text(errors="replace")
+    ran = re.findall(r"the workflow ran in ([\d.]+ s)", text)
+    wrote = len(re.findall(r"(?m)^wrote ", text))
+    return f"ran in {ran[-1]}, {wrote} files written" if ran else last_line_key(step, logs)
 
 
 # -- the pieces steps need -------------------------------------------------------------------------------------------
@@ -552,7 +579,7 @@ class Check:
             steps.append(Planned(f"workflow {workflow.stem} [{mode}]", "workflows",
                                  self.estimate("workflow_sdxl" if family == "sdxl" else "workflow"),
                                  lambda workflow=workflow: self.workflow_command(workflow, family, mode),
-                                 self.env, key=lambda step: last_line_key(step, self.logs), vram=mode))
+                                 self.env, key=lambda step: workflow_key(step, self.logs), vram=mode))
         return steps
 
     def models_command(self, family: str) -> list[str]:
@@ -638,7 +665,12 @@ class Check:
         print(f"GPU check -> {self.out} (bulk output in {self.bulk}); host: "
               f"{self.report.host.get('version') or 'none'}; budget: "
               f"{'none' if self.args.budget is None else f'{self.args.budget:.0f} s'}", file=sys.stderr, flush=True)
-        execute(self.plan(), self.budget, self.run_step, self.record, CAP[self.kind])
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stop)
+        try:
+            execute(self.plan(), self.budget, self.run_step, self.record, CAP[self.kind])
+        except Stopped:
+            pass
         self.write()
         counts = {status: sum(s.status == status for s in self.report.steps) for status in ("passed", "failed", "skipped")}
         print(f"{'PASSED' if self.report.passed else 'FAILED'}: {counts['passed']} ok, {counts['failed']} failed, "
