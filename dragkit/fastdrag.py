@@ -33,6 +33,7 @@ import math
 import torch
 
 from .errors import DragInputError
+from .geometry import point_pairs
 
 MODES = ("drag", "move", "copy")
 """``drag``: FastDrag's warp of every pair. ``move``/``copy``: shift the masked object by the first pair."""
@@ -720,19 +721,7 @@ def _checked_pairs(
     handles: torch.Tensor, targets: torch.Tensor, height: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``(N, 2)`` float64 CPU handles and targets inside the ``height`` x ``width`` latent."""
-    checked = []
-    for kind, points in (("handles", handles), ("targets", targets)):
-        points = torch.as_tensor(points).detach().to(**_GEOMETRY)
-        if points.dim() != 2 or points.shape[1] != 2 or points.shape[0] < 1:
-            raise DragInputError(
-                f"{kind} must be an (N, 2) tensor of latent (x, y) with N >= 1, got shape {tuple(points.shape)}"
-            )
-        if not bool(torch.isfinite(points).all()):
-            raise DragInputError(f"{kind} contain NaN or infinite coordinates")
-        checked.append(points)
-    handles, targets = checked
-    if handles.shape[0] != targets.shape[0]:
-        raise DragInputError(f"{handles.shape[0]} handles but {targets.shape[0]} targets; every handle needs a target")
+    handles, targets = point_pairs(handles, targets, "latent", **_GEOMETRY)
     for kind, points in (("handle", handles), ("target", targets)):
         outside = (points[:, 0] < 0) | (points[:, 0] >= width) | (points[:, 1] < 0) | (points[:, 1] >= height)
         if bool(outside.any()):

@@ -161,3 +161,28 @@ def resolve_editable_mask(mask: torch.Tensor | None, height: int, width: int) ->
     if not (mask > 0.5).any():
         return torch.ones(height, width), True
     return mask.to(torch.float32).clamp(0, 1), False
+
+
+def point_pairs(
+    handles: torch.Tensor, targets: torch.Tensor, unit: str, dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``handles`` and ``targets`` as ``(N, 2)`` tensors of ``dtype`` on ``device``, checked to be pairs of finite ``(x, y)``.
+
+    ``unit`` names the coordinates in the messages ("pixel", "latent").
+    Raises :class:`DragInputError` for another shape, ``N < 1``, NaN or
+    infinite values, or unequal counts.
+    """
+    checked = []
+    for kind, points in (("handles", handles), ("targets", targets)):
+        points = torch.as_tensor(points).detach().to(device=device, dtype=dtype)
+        if points.dim() != 2 or points.shape[1] != 2 or points.shape[0] < 1:
+            raise DragInputError(
+                f"{kind} must be an (N, 2) tensor of {unit} (x, y) with N >= 1, got shape {tuple(points.shape)}"
+            )
+        if not bool(torch.isfinite(points).all()):
+            raise DragInputError(f"{kind} contain NaN or infinite coordinates")
+        checked.append(points)
+    handles, targets = checked
+    if handles.shape[0] != targets.shape[0]:
+        raise DragInputError(f"{handles.shape[0]} handles but {targets.shape[0]} targets; every handle needs a target")
+    return handles, targets

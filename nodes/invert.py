@@ -11,6 +11,7 @@ from ..dragkit.schedule import DDIMSchedule
 from .comfy_backend import ComfyBackend, ComfyConditioning, check_conditioning_fits
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, progress_reporter, require_finite
 from .latent_io import read_step, with_step
+from .model_family import require_unet
 
 
 def check_conditioning(conditioning: list, model, name: str = "positive") -> None:
@@ -82,6 +83,7 @@ class DDIMInvert:
 
     def invert(self, model, latent, positive, steps, strength, cache_layers, cache_device):
         with node_errors("DDIM Invert"):
+            require_unet(model, "DDIM inversion with attention caching")
             if read_step(latent) is not None:
                 raise DragInputError("this latent is already noisy (it came from DDIM Invert); connect the VAE Encode latent")
             check_conditioning(positive, model)

@@ -9,6 +9,7 @@ from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, require_cache, require_finite
 from .invert import check_conditioning, preview_progress
 from .latent_io import clean_latent, require_step
+from .model_family import require_unet
 
 
 class KVInjectedSample:
@@ -46,6 +47,7 @@ class KVInjectedSample:
 
     def sample(self, model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative=None, cfg=1.0):
         with node_errors("KV-Injected Sample"):
+            require_unet(model, "KV-injected sampling")
             require_cache(attn_cache)
             step = require_step(latent)
             schedule = attn_cache.schedule

@@ -649,3 +649,28 @@ def test_move_with_a_sub_cell_drag_changes_nothing():
     z, mask = _object_scene()
     out = fastdrag_edit(z, _pts((7.25, 6.5)), _pts((7.75, 7.25)), mask, mode="move")
     assert torch.equal(out, z)
+
+
+# ---------------------------------------------------------------- any latent: channel count and size
+
+
+@pytest.mark.parametrize("fill", ["bnni", "bnni_as_released", "keep", "zero"])
+@pytest.mark.parametrize("size", [(13, 21), (40, 24)])
+def test_sixteen_channel_latents_of_any_size_warp_channel_by_channel(fill, size):
+    """SD3/FLUX latents (16 channels) warp exactly as four 4-channel latents with the same points and mask."""
+    height, width = size
+    gen = torch.Generator().manual_seed(height * width)
+    z = torch.randn(1, 16, height, width, generator=gen)
+    handles, targets = _random_points(gen, 3, height, width), _random_points(gen, 3, height, width)
+    mask = _blob_mask(gen, height, width)
+    whole = fastdrag_edit(z, handles, targets, mask, fill=fill)
+    parts = torch.cat([fastdrag_edit(part, handles, targets, mask, fill=fill) for part in z.split(4, dim=1)], dim=1)
+    assert whole.shape == z.shape and torch.equal(whole, parts)
+
+
+def test_a_sixteen_channel_object_move_keeps_every_channel():
+    z = _numbered_latent(10, 12, channels=16)
+    mask = torch.zeros(10, 12, dtype=torch.bool)
+    mask[2:5, 2:5] = True
+    moved = fastdrag_edit(z, _pts((3, 3)), _pts((7, 6)), mask, mode="copy")
+    assert torch.equal(moved[:, :, 5:8, 6:9], z[:, :, 2:5, 2:5])

@@ -96,9 +96,9 @@ def test_warp_node_errors(comfy_inproc):
     with pytest.raises(ValueError, match=r"^\[FastDrag Warp\+BNNI\] .*encodes to a 8x6 latent"):
         comfy_inproc.run_node("DragKitFastDragWarp", latent=latent, points=small, mode="drag", fill="bnni", patch_cells=12)
     points = parse('{"points": [[10, 10], [20, 10]]}', 128, 96)
-    with pytest.raises(ValueError, match=r"^\[FastDrag Warp\+BNNI\] .*does not know its diffusion step"):
-        comfy_inproc.run_node("DragKitFastDragWarp", latent={"samples": latent["samples"]}, points=points, mode="drag",
-                              fill="bnni", patch_cells=12)
+    with pytest.raises(ValueError, match=r"^\[FastDrag Warp\+BNNI\] .*a video latent of several frames"):
+        comfy_inproc.run_node("DragKitFastDragWarp", latent={"samples": torch.randn(1, 16, 2, 12, 16)}, points=points,
+                              mode="drag", fill="bnni", patch_cells=12)
     with pytest.raises(ValueError, match=r"^\[FastDrag Warp\+BNNI\] .*mask is 100x96"):
         comfy_inproc.run_node("DragKitFastDragWarp", latent=latent, points=points, mode="drag", fill="bnni", patch_cells=12,
                               mask=torch.ones(1, 96, 100))

@@ -1,0 +1,696 @@
+"""Inpaint4Drag's bidirectional pixel warp, in pure torch on the image's device.
+
+The masked regions of an image move along the drag vectors in pixel space;
+the returned inpaint mask says what an inpainting model must fill: what the
+move uncovered, plus a band along the moved regions' edges
+(``../shared/METHODS.md``, "Warp and inpaint"; where we differ from the
+released code: ``docs/pixel-warp.md``).
+
+Conventions
+-----------
+- Images are ComfyUI IMAGE tensors ``(B, H, W, C)``; every image of the batch
+  gets the same warp (the points and mask belong to all of them).
+- Points are ``(N, 2)`` tensors of pixel ``(x, y)``: x the column, y the row.
+  Pixel ``(row, col)`` has its centre at ``(x, y) = (col, row)``; its corners
+  are at half-integer coordinates.
+- Masks are ``(H, W)`` tensors indexed ``[row, col]``; True (or > 0.5) means
+  editable.
+- "Raster order" is top to bottom, then left to right.
+
+The algorithm (one region at a time, in the order of each region's first
+pixel in raster order; a later region's paste overwrites an earlier one's):
+
+1. **Regions**: the 8-connected components of the mask after filling its
+   holes (what filling OpenCV's external contours gives; the background is
+   4-connected). A region's handles are the handles whose nearest pixel
+   (``round``, half to even) is one of its pixels. A region without a handle
+   stays where it is; a handle outside every region moves nothing.
+2. **Forward**: the displacement of a point ``p`` is the inverse-distance
+   weighted mean ``sum_k w_k d_k`` over its ``k = 4`` nearest handles of the
+   region (fewer if fewer), ``w_k ~ 1/(|p - h_k| + 1e-6)``, ``d_k = t_k - h_k``.
+   Every region pixel goes to ``round(p + IDW(p))``. The region's contour is
+   the closed chain of pixel edges around it; each of its corners goes to
+   the nearest corner of ``p + IDW(p)``, and the **target region** is the
+   even-odd fill of the moved chain (pixel centres inside it), clipped to the
+   image.
+3. **Backward** (no holes): every target pixel ``q`` takes its colour from
+   ``round(q + b(q))``, where ``b`` is the same IDW over the ``k = 4``
+   nearest moved region pixels of the vectors taking each moved pixel back
+   to its source. ``exact`` uses all moved pixels (exact nearest neighbours
+   on an integer grid, :func:`grid_idw`; ties at equal distance go to the
+   smaller ``(dy, dx)`` offset, then the earlier source pixel in raster
+   order); ``as_released`` uses 100 of them picked by raster index
+   (``linspace``). A target pixel whose source lies outside the image keeps
+   its colour and joins the inpaint mask.
+4. **Inpaint mask** = ``dilate(S and not T, k x k) or band(T, k) or
+   (target pixels without a source)``, with ``S``/``T`` the unions of the
+   moved regions' sources/targets and ``band`` each target region's boundary
+   pixels dilated by a ``k x k`` square (the moved contour drawn ``k`` pixels
+   thick). ``k = 0``: no dilation and no band; an even ``k`` is raised to the
+   next odd one (as released).
+
+Precision: the geometry is float32 and int64 on the image's device (pixel
+coordinates up to 16384 are exact in float32); colours are gathered, never
+mixed, so the image keeps its dtype and values bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DragInputError
+from .geometry import point_pairs
+
+NEIGHBOURS = ("exact", "as_released")
+"""Reference pixels of the backward map: all moved pixels (exact) or 100 of them (as released)."""
+
+NEAREST = 4
+"""``k`` of the inverse-distance interpolation (nearest handles, nearest moved pixels)."""
+
+IDW_EPS = 1e-6
+"""Added to distances in the inverse-distance weights (as released)."""
+
+RELEASED_REFERENCES = 100
+"""Moved pixels the released backward map subsamples to (by raster index)."""
+
+DEFAULT_BAND = 5
+"""Default ``k``: the dilation kernel and the thickness of the moved contour, in pixels."""
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Most ``queries x candidates`` pairs one distance/gather step holds at once."""
+
+_MAX_OFFSETS = 1 << 16
+"""Largest neighbour disc :func:`grid_idw` searches before it compares the remaining queries with every reference."""
+
+_CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_RING = _CROSS + ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+@dataclass(frozen=True)
+class PixelWarp:
+    """The result of :func:`pixel_warp`.
+
+    Attributes:
+        image: ``(B, H, W, C)`` warped images, same dtype and device as the input.
+        inpaint_mask: ``(H, W)`` bool, True where the inpainting model must paint.
+        source_mask: ``(H, W)`` bool union of the regions that moved.
+        target_mask: ``(H, W)`` bool union of where they landed (clipped to the image).
+        moved_pairs: indices of the pairs whose handle lies in a region (they moved it).
+        ignored_pairs: indices of the pairs whose handle lies outside every region.
+        still_regions: how many regions have no handle (they stay where they are).
+    """
+
+    image: torch.Tensor
+    inpaint_mask: torch.Tensor
+    source_mask: torch.Tensor
+    target_mask: torch.Tensor
+    moved_pairs: tuple[int, ...]
+    ignored_pairs: tuple[int, ...]
+    still_regions: int
+
+
+def pixel_warp(
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    handles: torch.Tensor,
+    targets: torch.Tensor,
+    band: int = DEFAULT_BAND,
+    neighbours: str = "exact",
+) -> PixelWarp:
+    """Warp the masked regions of ``image`` along the drag vectors (module docstring, steps 1-4).
+
+    Args:
+        image: ``(B, H, W, C)`` images, any dtype and device.
+        mask: ``(H, W)`` editable region (bool, or > 0.5); ``None`` or empty:
+            the whole image is one region.
+        handles, targets: ``(N, 2)`` pixel ``(x, y)``; handles inside the
+            image, targets at most one image side outside it (what lands
+            outside the image is clipped).
+        band: ``k`` of the inpaint mask (>= 0; even values become the next odd).
+        neighbours: ``exact`` or ``as_released`` (the backward map's references).
+
+    Returns:
+        :class:`PixelWarp`.
+
+    Raises:
+        DragInputError: bad shapes or values, a handle outside the image, or
+            no handle inside any region.
+    """
+    if neighbours not in NEIGHBOURS:
+        raise DragInputError(f"unknown neighbours option {neighbours!r}; choose one of {', '.join(NEIGHBOURS)}")
+    if isinstance(band, bool) or not isinstance(band, int) or band < 0:
+        raise DragInputError(f"band must be a whole number >= 0, got {band!r}")
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or min(image.shape) < 1:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise DragInputError(f"the image must be a (B, H, W, C) tensor with every side >= 1, got {shape}")
+    batch, height, width, channels = image.shape
+    device = image.device
+    handles, targets = _checked_pairs(handles, targets, height, width, device)
+    editable = _checked_mask(mask, height, width, device)
+
+    labels, region_count = region_labels(editable)
+    handle_pixels = torch.round(handles).long()
+    handle_labels = labels[handle_pixels[:, 1], handle_pixels[:, 0]]
+    inside = handle_labels >= 0
+    if not bool(inside.any()):
+        raise DragInputError(
+            "no handle lies inside the mask, so nothing moves; paint the mask over the parts to move "
+            "(or remove the mask: the whole image is then one region)"
+        )
+    region_ids = torch.unique(handle_labels[inside]).tolist()
+
+    flat = height * width
+    index = torch.arange(flat, device=device)
+    no_source = torch.zeros(flat, dtype=torch.bool, device=device)
+    sources = torch.zeros(height, width, dtype=torch.bool, device=device)
+    landed = torch.zeros_like(sources)
+    edges = torch.zeros_like(sources)
+    drags = targets - handles
+    for region_id in region_ids:
+        region = labels == region_id
+        chosen = handle_labels == region_id
+        target_region, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours)
+        sources |= region
+        landed |= target_region
+        edges |= _boundary(target_region)
+        valid = (
+            (source_xy[:, 0] >= 0) & (source_xy[:, 0] < width) & (source_xy[:, 1] >= 0) & (source_xy[:, 1] < height)
+        )
+        query_flat = queries[:, 1] * width + queries[:, 0]
+        index[query_flat] = torch.where(valid, source_xy[:, 1] * width + source_xy[:, 0], query_flat)
+        no_source[query_flat] = ~valid
+
+    warped = image.reshape(batch, flat, channels)[:, index].reshape(image.shape)
+    kernel = released_band(band)
+    uncovered = sources & ~landed
+    if kernel:
+        uncovered = dilate(uncovered, kernel) | dilate(edges, kernel)
+    inpaint = uncovered | no_source.reshape(height, width)
+    return PixelWarp(
+        image=warped,
+        inpaint_mask=inpaint,
+        source_mask=sources,
+        target_mask=landed,
+        moved_pairs=tuple(torch.nonzero(inside).flatten().tolist()),
+        ignored_pairs=tuple(torch.nonzero(~inside).flatten().tolist()),
+        still_regions=region_count - len(region_ids),
+    )
+
+
+def _move_region(
+    region: torch.Tensor, handles: torch.Tensor, drags: torch.Tensor, neighbours: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward map of one region.
+
+    Args:
+        region: ``(H, W)`` bool, one region.
+        handles, drags: ``(n, 2)`` float32 pixel ``(x, y)`` handles of the region and ``t - h``.
+        neighbours: see :func:`pixel_warp`.
+
+    Returns:
+        ``(target_region, queries, sources)``: the ``(H, W)`` bool target
+        region, its pixels ``(Q, 2)`` int64 ``(x, y)`` in raster order, and
+        each one's source pixel ``(Q, 2)`` int64 (possibly outside the image).
+    """
+    height, width = region.shape
+    pixels = _xy(region)
+    displacement, handle_distance = _idw(pixels.float(), handles, drags, NEAREST)
+    moved = torch.round(pixels.float() + displacement).long()
+    corners, chain = contour_edges(region)
+    moved_corners = torch.round(corners + idw(corners, handles, drags) + 0.5) - 0.5
+    start, end = moved_corners[chain[:, 0]], moved_corners[chain[:, 1]]
+    target_region = fill_polygons(start, end, height, width)
+    queries = _xy(target_region)
+    back = pixels - moved
+    if neighbours == "exact":
+        kept = first_per_pixel(moved, handle_distance)
+        step = grid_idw(queries, moved[kept], back[kept])
+    else:
+        pick = torch.linspace(0, pixels.shape[0] - 1, RELEASED_REFERENCES, device=region.device).long()
+        pick = pick if pixels.shape[0] > RELEASED_REFERENCES else torch.arange(pixels.shape[0], device=region.device)
+        step = idw(queries.float(), moved[pick].float(), back[pick].float())
+    return target_region, queries, torch.round(queries.float() + step).long()
+
+
+# ---------------------------------------------------------------- regions
+
+
+def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
+    """Label the connected components of a ``(H, W)`` bool mask.
+
+    Min-label propagation: every pixel starts with its raster index; each
+    round it takes the smallest label of its horizontal run of mask pixels,
+    then of its vertical run (which covers the 4-neighbours), with 8-connectivity
+    first the smallest among its diagonal neighbours, then jumps to its
+    label's label (pointer jumping), until nothing changes. Runs carry a
+    label across a whole straight stretch per round, so convex shapes settle
+    in two or three rounds.
+
+    Args:
+        mask: ``(H, W)`` bool.
+        connectivity: 8 (with diagonals) or 4.
+
+    Returns:
+        ``(H, W)`` int64: each component's pixels hold the raster index of
+        its first pixel; -1 outside the mask.
+    """
+    height, width = mask.shape
+    total = height * width
+    small = torch.int32 if total < 2**31 - 1 else torch.int64
+    row_runs = _runs(mask)
+    column_runs, column_count = _runs(mask.T.contiguous())
+    column_runs = (column_runs.T.contiguous(), column_count)
+    labels = torch.where(mask, torch.arange(total, device=mask.device, dtype=small).reshape(height, width), total)
+    sentinel = labels.new_full((1,), total)
+    while True:
+        smallest = labels
+        if connectivity == 8:
+            padded = F.pad(labels, (1, 1, 1, 1), value=total)
+            for dy, dx in _RING[4:]:
+                smallest = torch.minimum(smallest, padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width])
+            smallest = torch.where(mask, smallest, total)
+        smallest = _run_min(_run_min(smallest, row_runs, total), column_runs, total)
+        jumped = torch.cat([smallest.reshape(-1), sentinel])
+        jumped = jumped[jumped[jumped]]
+        update = jumped[:total].reshape(height, width)
+        if torch.equal(update, labels):
+            return torch.where(mask, labels.long(), -1)
+        labels = update
+
+
+def _runs(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run index of every pixel of a ``(H, W)`` bool mask: consecutive set pixels of a row share one.
+
+    Returns ``(run, count)``: ``(H, W)`` int64 (unset pixels get run ``count``) and the number of runs.
+    """
+    starts = mask & ~F.pad(mask, (1, 0), value=False)[:, :-1]
+    run = torch.cumsum(starts.reshape(-1), 0).reshape(mask.shape) - 1
+    count = int(starts.sum())
+    return torch.where(mask, run, count), count
+
+
+def _run_min(labels: torch.Tensor, runs: tuple[torch.Tensor, int], total: int) -> torch.Tensor:
+    """Each pixel's label replaced by the smallest label of its run (``total`` outside the mask)."""
+    run, count = runs
+    smallest = labels.new_full((count + 1,), total)
+    smallest.scatter_reduce_(0, run.reshape(-1), labels.reshape(-1), reduce="amin")
+    return smallest[run]
+
+
+def fill_holes(mask: torch.Tensor) -> torch.Tensor:
+    """``(H, W)`` bool mask with every background area the image border cannot reach (4-connected) set."""
+    outside = connected_components(F.pad(~mask, (1, 1, 1, 1), value=True), connectivity=4) == 0
+    return ~outside[1:-1, 1:-1]
+
+
+def region_labels(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Regions of a ``(H, W)`` bool mask: 8-connected components of the hole-filled mask.
+
+    Works on the mask's bounding box.
+
+    Returns:
+        ``(labels, count)``: ``(H, W)`` int64 labels, equal within a region
+        and ordered like the regions' first pixels in raster order, -1
+        outside every region; and the number of regions.
+    """
+    height, width = mask.shape
+    if bool(mask.all()):
+        return torch.zeros(height, width, dtype=torch.long, device=mask.device), 1
+    labels = torch.full((height, width), -1, dtype=torch.long, device=mask.device)
+    rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    if rows.numel() == 0:
+        return labels, 0
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    crop = connected_components(fill_holes(mask[box]), connectivity=8)
+    labels[box] = crop
+    roots = crop.reshape(-1) == torch.arange(crop.numel(), device=mask.device)
+    return labels, int(roots.sum())
+
+
+# ---------------------------------------------------------------- contours and fill
+
+
+def contour_edges(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel edges between a region and the rest (the image border counts as outside).
+
+    Args:
+        region: ``(H, W)`` bool.
+
+    Returns:
+        ``(corners, chain)``: ``(K, 2)`` float32 pixel ``(x, y)`` of the
+        corners used (half-integers) and ``(E, 2)`` int64 indices into
+        ``corners`` of each edge's two ends. The edges form closed chains, and
+        the pixel centres inside them (even-odd) are exactly the region.
+    """
+    height, width = region.shape
+    padded = F.pad(region, (1, 1, 1, 1), value=False)
+    vertical = padded[1:-1, 1:] != padded[1:-1, :-1]  # (H, W+1): edge left of column j, rows i..i+1
+    horizontal = padded[1:, 1:-1] != padded[:-1, 1:-1]  # (H+1, W): edge above row i, columns j..j+1
+    stride = width + 1
+    rows, cols = torch.nonzero(vertical, as_tuple=True)
+    vertical_ends = torch.stack([rows * stride + cols, (rows + 1) * stride + cols], dim=1)
+    rows, cols = torch.nonzero(horizontal, as_tuple=True)
+    horizontal_ends = torch.stack([rows * stride + cols, rows * stride + cols + 1], dim=1)
+    used, chain = torch.unique(torch.cat([vertical_ends, horizontal_ends]), return_inverse=True)
+    corners = torch.stack([used % stride, torch.div(used, stride, rounding_mode="floor")], dim=1).float() - 0.5
+    return corners, chain
+
+
+def fill_polygons(start: torch.Tensor, end: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Even-odd fill of closed polygons given as edges, sampled at pixel centres, clipped to the image.
+
+    Scanline rasterisation: each edge crossing the row through pixel centres
+    ``y = r`` toggles every pixel to the right of the crossing; a pixel is
+    inside when it was toggled an odd number of times. Edges are half-open
+    in y (``min(y0, y1) <= r < max(y0, y1)``); with corners on the
+    half-integer lattice no vertex lies on a scanline.
+
+    Args:
+        start, end: ``(E, 2)`` float pixel ``(x, y)`` of every edge's ends.
+        height, width: the image size.
+
+    Returns:
+        ``(height, width)`` bool.
+    """
+    device = start.device
+    x0, y0, x1, y1 = start[:, 0], start[:, 1], end[:, 0], end[:, 1]
+    first = torch.ceil(torch.minimum(y0, y1)).long().clamp(min=0)
+    last = (torch.ceil(torch.maximum(y0, y1)).long() - 1).clamp(max=height - 1)
+    counts = (last - first + 1).clamp(min=0)
+    edge = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    rows = first[edge] + torch.arange(edge.numel(), device=device) - offsets[edge]
+    ex0, ey0 = x0[edge], y0[edge]
+    crossing = ex0 + (rows - ey0) * (x1[edge] - ex0) / (y1[edge] - ey0)
+    columns = (torch.floor(crossing).long() + 1).clamp(0, width)
+    toggles = torch.zeros(height * (width + 1), dtype=torch.int32, device=device)
+    toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.int32))
+    parity = torch.cumsum(toggles.reshape(height, width + 1), dim=1)[:, :width] % 2
+    return parity == 1
+
+
+def _boundary(region: torch.Tensor) -> torch.Tensor:
+    """Pixels of ``region`` with a 4-neighbour inside the image that is not in it."""
+    height, width = region.shape
+    padded = F.pad(region, (1, 1, 1, 1), value=True)
+    edge = torch.zeros_like(region)
+    for dy, dx in _CROSS:
+        edge |= ~padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+    return region & edge
+
+
+def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``(H, W)`` bool mask dilated by a ``kernel x kernel`` square (odd ``kernel``): shifted ORs, rows then columns."""
+    reach = kernel // 2
+    for dim in (1, 0):
+        size = mask.shape[dim]
+        grown = mask.clone()
+        for step in range(1, min(reach, size - 1) + 1):
+            grown.narrow(dim, step, size - step).logical_or_(mask.narrow(dim, 0, size - step))
+            grown.narrow(dim, 0, size - step).logical_or_(mask.narrow(dim, step, size - step))
+        mask = grown
+    return mask
+
+
+# ---------------------------------------------------------------- inverse-distance interpolation
+
+
+def idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST) -> torch.Tensor:
+    """``sum_j w_j v_j`` over each point's ``k`` nearest references, ``w_j ~ 1/(|p - r_j| + 1e-6)``.
+
+    Compares every point with every reference (for the handles, and the
+    released 100-reference backward map). Ties at equal distance go to the
+    earlier reference.
+
+    Args:
+        points: ``(P, 2)`` float ``(x, y)``.
+        references: ``(R, 2)`` float ``(x, y)``, ``R >= 1``.
+        vectors: ``(R, 2)`` float.
+        k: neighbours (``min(k, R)`` are used).
+
+    Returns:
+        ``(P, 2)`` float32 interpolated vectors.
+    """
+    return _idw(points, references, vectors, k)[0]
+
+
+def _idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`idw`, and each point's ``(P,)`` float32 distance to its nearest reference."""
+    references, vectors = references.float(), vectors.float()
+    nearest = min(k, references.shape[0])
+    rows = max(1, _CHUNK_ELEMENTS // references.shape[0])
+    values, closest = [], []
+    for chunk in points.float().split(rows):
+        distance = torch.hypot(chunk[:, None, 0] - references[:, 0], chunk[:, None, 1] - references[:, 1])
+        if nearest == references.shape[0]:
+            weights = 1 / (distance + IDW_EPS)
+            chosen = vectors[None]
+        else:
+            order = torch.argsort(distance, dim=1, stable=True)[:, :nearest]
+            weights = 1 / (distance.gather(1, order) + IDW_EPS)
+            chosen = vectors[order]
+        weights = weights / weights.sum(1, keepdim=True)
+        values.append((weights[..., None] * chosen).sum(1))
+        closest.append(distance.min(1).values)
+    if not values:
+        return points.new_zeros(0, 2, dtype=torch.float32), points.new_zeros(0, dtype=torch.float32)
+    return torch.cat(values), torch.cat(closest)
+
+
+def first_per_pixel(moved: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """One reference per moved pixel: where several region pixels land on the same pixel, the one of smallest ``priority``.
+
+    Used by the ``exact`` backward map with ``priority`` = distance to the
+    nearest handle, so where the forward map folds the region over itself a
+    handle's own content, not a mean of everything that landed there, comes
+    back (ties: the earlier pixel in raster order).
+
+    Args:
+        moved: ``(R, 2)`` int64 ``(x, y)`` moved positions, in raster order of their sources.
+        priority: ``(R,)`` float.
+
+    Returns:
+        ``(K,)`` int64 indices of the kept references, ascending.
+    """
+    low = moved.min(0).values
+    width = int(moved[:, 0].max() - low[0]) + 1
+    cells = (moved[:, 1] - low[1]) * width + (moved[:, 0] - low[0])
+    order = torch.argsort(priority, stable=True)
+    order = order[torch.argsort(cells[order], stable=True)]
+    sorted_cells = cells[order]
+    first = torch.ones_like(sorted_cells, dtype=torch.bool)
+    first[1:] = sorted_cells[1:] != sorted_cells[:-1]
+    return torch.sort(order[first]).values
+
+
+def grid_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST) -> torch.Tensor:
+    """:func:`idw` of integer points over their exact ``k`` nearest integer references, without an all-pairs search.
+
+    Every query walks the lattice offsets in the order of ``(|o|^2, dy, dx)``
+    and takes the references it finds (several may share a pixel; they are
+    taken in their given order) until it has ``k``. Offsets of length <= 1
+    are walked for the whole grid at once, one shifted slice per offset; the
+    few queries that then hold fewer than ``k`` (at the region's edge, in
+    holes of the moved region) search discs of radius 2, 4, 8, ... (a disc
+    holding ``k`` references decides a query: every other reference is
+    farther), and past :data:`_MAX_OFFSETS` offsets are compared with every
+    reference in the same order (:func:`_ordered_idw`).
+
+    Args:
+        queries: ``(Q, 2)`` int64 ``(x, y)``, distinct.
+        references: ``(R, 2)`` int64 ``(x, y)``, ``R >= 1``.
+        vectors: ``(R, 2)`` int64 vectors.
+        k: neighbours (all references when ``R <= k``).
+
+    Returns:
+        ``(Q, 2)`` float32 interpolated vectors.
+    """
+    device = queries.device
+    nearest = min(k, references.shape[0])
+    if queries.shape[0] * references.shape[0] <= _CHUNK_ELEMENTS:
+        return _ordered_idw(queries, references, vectors, nearest)
+    grid = _ReferenceGrid(queries, references, vectors, nearest)
+    out, pending = grid.unit_disc()
+    radius = 2
+    while pending.numel():
+        offsets, distance = _disc(radius, device)
+        if offsets.shape[0] > _MAX_OFFSETS:
+            out[pending] = _ordered_idw(queries[pending], references, vectors, nearest)
+            break
+        value, decided = grid.search(queries[pending], offsets, distance)
+        out[pending[decided]] = value[decided]
+        pending = pending[~decided]
+        radius *= 2
+    return out
+
+
+class _ReferenceGrid:
+    """Integer references counted into the grid spanning them and the queries (:func:`grid_idw`)."""
+
+    def __init__(self, queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, nearest: int) -> None:
+        self.queries, self.nearest = queries, nearest
+        self.low = torch.minimum(references.min(0).values, queries.min(0).values)
+        size = torch.maximum(references.max(0).values, queries.max(0).values) - self.low + 1
+        self.width, self.height = int(size[0]), int(size[1])
+        cells = self._cells(references)
+        order = torch.argsort(cells, stable=True)
+        self.counts = torch.bincount(cells, minlength=self.height * self.width)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.sorted_vectors = vectors[order]
+        self.prefix = F.pad(torch.cumsum(self.sorted_vectors, 0), (0, 0, 1, 0))
+
+    def _cells(self, points: torch.Tensor) -> torch.Tensor:
+        return (points[:, 1] - self.low[1]) * self.width + (points[:, 0] - self.low[0])
+
+    def unit_disc(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Walk the offsets of length <= 1 for every grid cell at once.
+
+        Returns:
+            ``(out, pending)``: ``(Q, 2)`` float32 values of the queries holding
+            ``k`` references within distance 1 (0 elsewhere) and the ``(P,)``
+            indices of the other queries.
+        """
+        height, width, nearest = self.height, self.width, self.nearest
+        counts = self.counts.reshape(height, width)
+        layers = []
+        for t in range(nearest):
+            present = self.counts > t
+            vector = self.sorted_vectors[torch.where(present, self.starts + t, 0)].float()
+            layers.append(torch.where(present[:, None], vector, 0.0).reshape(height, width, 2))
+        have = torch.zeros(height, width, dtype=counts.dtype, device=counts.device)
+        total = torch.zeros(height, width, 2, device=counts.device)
+        weight = torch.zeros(height, width, device=counts.device)
+        offsets, distance = _disc(1, torch.device("cpu"))
+        for (dx, dy), length in zip(offsets.tolist(), distance.tolist()):
+            rows, cols = _overlap(dy, height), _overlap(dx, width)
+            if rows is None or cols is None:
+                continue
+            target, source = (rows[0], cols[0]), (rows[1], cols[1])
+            found = counts[source]
+            take = torch.minimum((nearest - have[target]).clamp(min=0), found)
+            w = 1 / (length + IDW_EPS)
+            picked = sum((take > t)[..., None] * layers[t][source] for t in range(nearest))
+            total[target] += w * picked
+            weight[target] += w * take
+            have[target] += found
+        cells = self._cells(self.queries)
+        decided = have.reshape(-1)[cells] >= nearest
+        out = total.reshape(-1, 2)[cells] / weight.reshape(-1)[cells, None].clamp(min=IDW_EPS)
+        out = torch.where(decided[:, None], out, 0.0)
+        return out, torch.nonzero(~decided).flatten()
+
+    def search(self, queries: torch.Tensor, offsets: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Walk a whole disc of ``offsets`` for each query.
+
+        Returns:
+            ``(value, decided)``: ``(P, 2)`` float32 and ``(P,)`` bool (the disc held ``k`` references).
+        """
+        rows = max(1, _CHUNK_ELEMENTS // offsets.shape[0])
+        values, decided = [], []
+        weights = 1 / (distance + IDW_EPS)
+        for chunk in queries.split(rows):
+            x = chunk[:, None, 0] - self.low[0] + offsets[:, 0]
+            y = chunk[:, None, 1] - self.low[1] + offsets[:, 1]
+            on_grid = (x >= 0) & (x < self.width) & (y >= 0) & (y < self.height)
+            cell = torch.where(on_grid, y * self.width + x, 0)
+            count = torch.where(on_grid, self.counts[cell], 0)
+            before = torch.cumsum(count, 1) - count
+            take = torch.minimum((self.nearest - before).clamp(min=0), count)
+            first = self.starts[cell]
+            picked = (self.prefix[first + take] - self.prefix[first]).float()
+            values.append((weights[:, None] * picked).sum(1) / (weights * take).sum(1, keepdim=True).clamp(min=IDW_EPS))
+            decided.append(count.sum(1) >= self.nearest)
+        return torch.cat(values), torch.cat(decided)
+
+
+def _overlap(shift: int, size: int) -> tuple[slice, slice] | None:
+    """``(target, source)`` slices of an axis of ``size`` cells where ``source = target + shift`` stays inside."""
+    if abs(shift) >= size:
+        return None
+    return slice(max(-shift, 0), size - max(shift, 0)), slice(max(shift, 0), size - max(-shift, 0))
+
+
+def _ordered_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`grid_idw`'s rule by comparing every query with every reference (same tie order)."""
+    rows = max(1, _CHUNK_ELEMENTS // references.shape[0])
+    out = []
+    for chunk in queries.split(rows):
+        dx = references[None, :, 0] - chunk[:, None, 0]
+        dy = references[None, :, 1] - chunk[:, None, 1]
+        order = torch.arange(references.shape[0], device=queries.device).expand_as(dx)
+        for key in (dx, dy, dx * dx + dy * dy):
+            order = order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+        order = order[:, :k]
+        distance = torch.sqrt((dx * dx + dy * dy).gather(1, order).double()).float()
+        weights = 1 / (distance + IDW_EPS)
+        weights = weights / weights.sum(1, keepdim=True)
+        out.append((weights[..., None] * vectors[order].float()).sum(1))
+    return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=32)
+def _disc(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lattice offsets ``(x, y)`` with ``|o| <= radius``, ordered by ``(|o|^2, dy, dx)``, and their lengths."""
+    span = torch.arange(-radius, radius + 1)
+    dy, dx = torch.meshgrid(span, span, indexing="ij")
+    dy, dx = dy.flatten(), dx.flatten()
+    squared = dx * dx + dy * dy
+    keep = squared <= radius * radius
+    dy, dx, squared = dy[keep], dx[keep], squared[keep]
+    key = (squared * (2 * radius + 1) + (dy + radius)) * (2 * radius + 1) + (dx + radius)
+    order = torch.argsort(key)
+    offsets = torch.stack([dx[order], dy[order]], dim=1).to(device)
+    return offsets, squared[order].double().sqrt().float().to(device)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _xy(mask: torch.Tensor) -> torch.Tensor:
+    """``(P, 2)`` int64 ``(x, y)`` of the set pixels of a ``(H, W)`` mask, in raster order."""
+    return torch.nonzero(mask).flip(1)
+
+
+def _checked_pairs(
+    handles: torch.Tensor, targets: torch.Tensor, height: int, width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 2)`` float32 handles and targets on ``device``; handles inside the image, all finite."""
+    handles, targets = point_pairs(handles, targets, "pixel", torch.float32, device)
+    outside = (handles[:, 0] < -0.5) | (handles[:, 0] >= width - 0.5) | (handles[:, 1] < -0.5) | (handles[:, 1] >= height - 0.5)
+    if bool(outside.any()):
+        i = int(torch.nonzero(outside)[0])
+        x, y = handles[i].tolist()
+        raise DragInputError(
+            f"handle {i + 1} at (x={x:g}, y={y:g}) is outside the {width}x{height} image; place it on the image"
+        )
+    far = (targets[:, 0] < -width) | (targets[:, 0] > 2 * width) | (targets[:, 1] < -height) | (targets[:, 1] > 2 * height)
+    if bool(far.any()):
+        i = int(torch.nonzero(far)[0])
+        x, y = targets[i].tolist()
+        raise DragInputError(
+            f"target {i + 1} at (x={x:g}, y={y:g}) lies more than one image side outside the {width}x{height} image"
+        )
+    return handles, targets
+
+
+def _checked_mask(mask: torch.Tensor | None, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The ``(H, W)`` bool editable region on ``device``: > 0.5 (or True); absent or empty means everything."""
+    if mask is None:
+        return torch.ones(height, width, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (height, width):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise DragInputError(f"the mask must be ({height}, {width}) (rows, columns) like the image, got {shape}")
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise DragInputError("the mask contains NaN or infinite values")
+    editable = (mask > 0.5).to(device)
+    return editable if bool(editable.any()) else torch.ones_like(editable)
+
+
+def released_band(band: int) -> int:
+    """The kernel the released code uses for ``band``: an even value becomes the next odd one, 0 stays 0."""
+    return band + 1 if band > 0 and band % 2 == 0 else band
+

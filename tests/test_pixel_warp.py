@@ -1,0 +1,348 @@
+"""Inpaint4Drag's bidirectional pixel warp (dragkit.pixel_warp): known answers on constructed images, and Drag100.
+
+Images are built so that every pixel's colour names the pixel it came from (:func:`_numbered`), so the
+tests can read where every output pixel was sampled.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+
+from dragkit.errors import DragInputError
+from dragkit.pixel_warp import (
+    connected_components,
+    contour_edges,
+    dilate,
+    fill_holes,
+    fill_polygons,
+    grid_idw,
+    idw,
+    pixel_warp,
+    region_labels,
+    released_band,
+)
+
+DRAG100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "Drag100"
+
+
+def _numbered(height: int, width: int, dtype=torch.float32) -> torch.Tensor:
+    """A ``(1, H, W, 3)`` image whose pixel ``(row, col)`` holds ``(row, col, 1)`` (exact in float32)."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([rows, cols, torch.ones_like(rows)], dim=-1)[None].to(dtype)
+
+
+def _origin(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` each output pixel of a warped :func:`_numbered` image was sampled from."""
+    return image[0, ..., 0].long(), image[0, ..., 1].long()
+
+
+def _pts(*xy) -> torch.Tensor:
+    return torch.tensor(xy, dtype=torch.float32)
+
+
+def _box(height: int, width: int, top: int, left: int, bottom: int, right: int) -> torch.Tensor:
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+# ---------------------------------------------------------------- known answers
+
+
+@pytest.mark.parametrize("dx, dy", [(7, 3), (-5, 9), (0, -6)])
+def test_a_textured_patch_moves_by_the_drag(dx, dy):
+    height, width = 48, 64
+    texture = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(dx * 31 + dy))
+    mask = _box(height, width, 15, 20, 30, 36)
+    result = pixel_warp(texture, mask, _pts((25, 20)), _pts((25 + dx, 20 + dy)))
+    assert torch.equal(result.image[0, 15 + dy : 30 + dy, 20 + dx : 36 + dx], texture[0, 15:30, 20:36])
+    assert torch.equal(result.target_mask, _box(height, width, 15 + dy, 20 + dx, 30 + dy, 36 + dx))
+    uncovered = mask & ~result.target_mask
+    assert bool(result.inpaint_mask[uncovered].all())
+    changed = (result.image != texture).any(-1)[0]
+    assert not bool((changed & ~result.target_mask).any())
+    untouched = ~(dilate(mask | result.target_mask, 5))
+    assert not bool((result.inpaint_mask & untouched).any())
+    assert torch.equal(result.image[0][untouched], texture[0][untouched])
+
+
+def test_the_inpaint_mask_is_the_uncovered_part_grown_plus_the_moved_edge():
+    mask = _box(40, 40, 10, 10, 20, 20)
+    plain = pixel_warp(_numbered(40, 40), mask, _pts((12, 12)), _pts((16, 12)), band=0)
+    assert torch.equal(plain.inpaint_mask, _box(40, 40, 10, 10, 20, 14))
+    banded = pixel_warp(_numbered(40, 40), mask, _pts((12, 12)), _pts((16, 12)), band=3)
+    edge = _box(40, 40, 10, 14, 20, 24) & ~_box(40, 40, 11, 15, 19, 23)
+    assert torch.equal(banded.inpaint_mask, dilate(_box(40, 40, 10, 10, 20, 14), 3) | dilate(edge, 3))
+    assert torch.equal(pixel_warp(_numbered(40, 40), mask, _pts((12, 12)), _pts((16, 12)), band=2).inpaint_mask,
+                       banded.inpaint_mask)
+    assert released_band(4) == 5 and released_band(0) == 0 and released_band(5) == 5
+
+
+def test_several_regions_and_several_handles_per_region():
+    height, width = 60, 80
+    image = _numbered(height, width)
+    left = _box(height, width, 5, 5, 25, 25)
+    right = _box(height, width, 30, 40, 50, 70)
+    still = _box(height, width, 5, 60, 15, 75)
+    handles = _pts((8, 8), (20, 20), (50, 40), (45, 2))
+    targets = _pts((12, 11), (24, 23), (47, 44), (40, 2))
+    result = pixel_warp(image, left | right | still, handles, targets)
+    assert result.moved_pairs == (0, 1, 2) and result.ignored_pairs == (3,) and result.still_regions == 1
+    rows, cols = _origin(result.image)
+    # Both handles of the left square drag it by (4, 3): a pure shift.
+    assert torch.equal(result.target_mask[8:28, 9:29], torch.ones(20, 20, dtype=torch.bool))
+    assert torch.equal(rows[8:28, 9:29], image[0, 5:25, 5:25, 0].long())
+    assert torch.equal(cols[8:28, 9:29], image[0, 5:25, 5:25, 1].long())
+    # The right rectangle's single handle drags it by (-3, 4).
+    assert torch.equal(rows[34:54, 37:67], image[0, 30:50, 40:70, 0].long())
+    assert torch.equal(cols[34:54, 37:67], image[0, 30:50, 40:70, 1].long())
+    # The region without a handle is untouched and not in the inpaint mask.
+    assert torch.equal(result.image[0][still], image[0][still])
+    assert not bool(result.inpaint_mask[still].any())
+
+
+def test_a_later_region_pastes_over_an_earlier_one():
+    image = _numbered(30, 40)
+    first = _box(30, 40, 2, 2, 8, 8)
+    second = _box(30, 40, 12, 2, 18, 8)
+    result = pixel_warp(image, first | second, _pts((4, 4), (4, 14)), _pts((20, 14), (20, 14)))
+    rows, _ = _origin(result.image)
+    assert torch.equal(rows[12:18, 18:24], torch.arange(12, 18)[:, None].expand(6, 6))
+
+
+def test_the_backward_map_leaves_no_holes_when_a_region_stretches():
+    height, width = 64, 64
+    image = _numbered(height, width)
+    mask = _box(height, width, 20, 20, 36, 36)
+    # One handle pinned, one pulled far: the moved pixels spread apart, the backward map fills between them.
+    result = pixel_warp(image, mask, _pts((22, 28), (34, 28)), _pts((22, 28), (56, 28)))
+    rows, cols = _origin(result.image)
+    target = result.target_mask
+    assert int(target.sum()) > int(mask.sum()) * 1.5
+    came_from = dilate(mask, 3)[rows, cols]  # at most one pixel outside the source region (rounding at its edge)
+    assert bool(came_from[target].all())
+    assert bool(mask[rows, cols][target].float().mean() > 0.97)
+    assert not bool(result.inpaint_mask[target & ~dilate(~target, 7)].any())  # the band reaches 2 px past the edge pixels
+
+
+def test_a_move_that_leaves_the_image_is_clipped():
+    image = _numbered(32, 32)
+    mask = _box(32, 32, 10, 20, 20, 30)
+    result = pixel_warp(image, mask, _pts((25, 15)), _pts((31, 15)))
+    assert torch.equal(result.target_mask, _box(32, 32, 10, 26, 20, 32))
+    rows, cols = _origin(result.image)
+    assert torch.equal(cols[10:20, 26:32], torch.arange(20, 26).expand(10, 6))
+    assert bool(result.inpaint_mask[10:20, 20:26].all())
+
+
+def test_pixels_whose_source_is_outside_the_image_are_inpainted():
+    image = _numbered(32, 32)
+    mask = _box(32, 32, 10, 0, 20, 8)
+    # Two handles: the left edge is pulled right further than the rest, so some targets map back past x = 0.
+    result = pixel_warp(image, mask, _pts((0, 15), (7, 15)), _pts((10, 15), (12, 15)))
+    rows, cols = _origin(result.image)
+    pasted = result.target_mask & (result.image[0] != image[0]).any(-1)
+    unpasted = result.target_mask & ~pasted & ~mask
+    assert bool(result.inpaint_mask[unpasted].all())
+
+
+def test_no_mask_or_an_empty_mask_means_the_whole_image_moves():
+    image = _numbered(24, 24)
+    for mask in (None, torch.zeros(24, 24)):
+        result = pixel_warp(image, mask, _pts((10, 10)), _pts((13, 10)), band=0)
+        assert torch.equal(result.source_mask, torch.ones(24, 24, dtype=torch.bool))
+        assert torch.equal(result.inpaint_mask, _box(24, 24, 0, 0, 24, 3))
+        assert torch.equal(result.image[0, :, 3:], image[0, :, :21])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_colours_are_gathered_in_the_image_dtype(dtype):
+    texture = torch.rand(2, 20, 24, 4, generator=torch.Generator().manual_seed(3)).to(dtype)
+    result = pixel_warp(texture, _box(20, 24, 4, 4, 12, 12), _pts((6, 6)), _pts((9, 8)))
+    assert result.image.dtype == dtype and result.image.shape == texture.shape
+    assert torch.equal(result.image[:, 6:14, 7:15], texture[:, 4:12, 4:12])
+
+
+def test_as_released_neighbours_agree_on_a_shift():
+    image = _numbered(40, 40)
+    mask = _box(40, 40, 5, 5, 30, 30)
+    exact = pixel_warp(image, mask, _pts((10, 10)), _pts((15, 12)))
+    released = pixel_warp(image, mask, _pts((10, 10)), _pts((15, 12)), neighbours="as_released")
+    assert torch.equal(exact.image, released.image) and torch.equal(exact.inpaint_mask, released.inpaint_mask)
+
+
+def test_bad_input_is_refused():
+    image = _numbered(16, 16)
+    mask = _box(16, 16, 2, 2, 6, 6)
+    with pytest.raises(DragInputError, match="no handle lies inside the mask"):
+        pixel_warp(image, mask, _pts((10, 10)), _pts((12, 10)))
+    with pytest.raises(DragInputError, match="handle 1 .* outside the 16x16 image"):
+        pixel_warp(image, mask, _pts((16, 3)), _pts((12, 3)))
+    with pytest.raises(DragInputError, match="more than one image side"):
+        pixel_warp(image, mask, _pts((3, 3)), _pts((40, 3)))
+    with pytest.raises(DragInputError, match="unknown neighbours"):
+        pixel_warp(image, mask, _pts((3, 3)), _pts((5, 3)), neighbours="fast")
+    with pytest.raises(DragInputError, match="band must be"):
+        pixel_warp(image, mask, _pts((3, 3)), _pts((5, 3)), band=-1)
+    with pytest.raises(DragInputError, match=r"mask must be \(16, 16\)"):
+        pixel_warp(image, torch.ones(8, 16), _pts((3, 3)), _pts((5, 3)))
+    with pytest.raises(DragInputError, match="NaN"):
+        pixel_warp(image, mask, _pts((3, float("nan"))), _pts((5, 3)))
+    with pytest.raises(DragInputError, match="every handle needs a target"):
+        pixel_warp(image, mask, _pts((3, 3), (4, 4)), _pts((5, 3)))
+    with pytest.raises(DragInputError, match=r"\(B, H, W, C\)"):
+        pixel_warp(image[0], mask, _pts((3, 3)), _pts((5, 3)))
+
+
+# ---------------------------------------------------------------- the pieces against per-pixel references
+
+
+def _components_reference(mask: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """Breadth-first labelling, label = raster index of the component's first pixel."""
+    height, width = mask.shape
+    labels = torch.full((height, width), -1, dtype=torch.long)
+    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 8:
+        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    for r in range(height):
+        for c in range(width):
+            if mask[r, c] and labels[r, c] < 0:
+                label = r * width + c
+                labels[r, c] = label
+                queue = deque([(r, c)])
+                while queue:
+                    y, x = queue.popleft()
+                    for dy, dx in steps:
+                        ny, nx = y + dy, x + dx
+                        if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and labels[ny, nx] < 0:
+                            labels[ny, nx] = label
+                            queue.append((ny, nx))
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_connected_components_match_a_flood_fill(seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(23, 31, generator=gen) < (0.35 + 0.05 * seed)
+    for connectivity in (4, 8):
+        assert torch.equal(connected_components(mask, connectivity), _components_reference(mask, connectivity))
+
+
+def test_regions_fill_holes_and_join_diagonal_neighbours():
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[2:12, 2:12] = True
+    mask[4:10, 4:10] = False  # a hole ...
+    mask[6:8, 6:8] = True  # ... with an island: both belong to the ring's region
+    mask[12, 12] = True  # touches the ring's corner diagonally: same region
+    mask[15:18, 15:18] = True
+    labels, count = region_labels(mask)
+    assert count == 2
+    assert bool((labels[2:12, 2:12] == labels[2, 2]).all()) and int(labels[12, 12]) == int(labels[2, 2])
+    assert bool((labels[15:18, 15:18] == labels[15, 15]).all()) and int(labels[15, 15]) != int(labels[2, 2])
+    assert int(labels[0, 0]) == -1 and int(labels[13, 13]) == -1
+    assert torch.equal(fill_holes(mask)[4:10, 4:10], torch.ones(6, 6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_contour_fill_reproduces_the_region(seed):
+    mask = torch.rand(25, 30, generator=torch.Generator().manual_seed(seed)) < 0.6
+    labels, _ = region_labels(mask)
+    for label in torch.unique(labels[labels >= 0]).tolist():
+        region = labels == label
+        corners, chain = contour_edges(region)
+        assert torch.equal(fill_polygons(corners[chain[:, 0]], corners[chain[:, 1]], 25, 30), region)
+
+
+def test_a_polygon_fill_of_a_triangle():
+    corners = _pts((-0.5, -0.5), (9.5, -0.5), (-0.5, 9.5))
+    start, end = corners, corners.roll(-1, 0)
+    filled = fill_polygons(start, end, 10, 10)
+    rows, cols = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+    assert torch.equal(filled, rows + cols <= 9)  # centres on the slanted (right-hand) edge count as inside
+
+
+def _ordered_reference(queries, references, vectors, k=4):
+    out = []
+    for q in queries.tolist():
+        ranked = sorted(
+            range(len(references)),
+            key=lambda j: ((references[j][0] - q[0]) ** 2 + (references[j][1] - q[1]) ** 2,
+                           references[j][1] - q[1], references[j][0] - q[0], j),
+        )[:k]
+        weights = [1 / (((references[j][0] - q[0]) ** 2 + (references[j][1] - q[1]) ** 2) ** 0.5 + 1e-6) for j in ranked]
+        total = sum(weights)
+        out.append([sum(w * vectors[j][d] for w, j in zip(weights, ranked)) / total for d in range(2)])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grid_idw_takes_the_exact_nearest_references(seed, monkeypatch):
+    import dragkit.pixel_warp as module
+
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 64)  # take the grid path even for these small sets
+    gen = torch.Generator().manual_seed(seed)
+    references = torch.randint(0, 30, (300, 2), generator=gen)
+    references[:40] = references[40:80]  # shared pixels
+    vectors = torch.randint(-9, 10, (300, 2), generator=gen)
+    queries = torch.unique(torch.randint(-6, 36, (200, 2), generator=gen), dim=0)
+    expected = _ordered_reference(queries, references.tolist(), vectors.tolist())
+    assert torch.allclose(grid_idw(queries, references, vectors), expected, atol=1e-4)
+    sparse = references[::60]  # five references far apart: the discs must grow
+    expected = _ordered_reference(queries, sparse.tolist(), vectors[::60].tolist())
+    assert torch.allclose(grid_idw(queries, sparse, vectors[::60]), expected, atol=1e-4)
+
+
+def test_idw_uses_the_nearest_handles():
+    handles = _pts((0, 0), (10, 0))
+    drags = _pts((2, 0), (0, 4))
+    value = idw(_pts((0, 0), (10, 0), (5, 0)), handles, drags)
+    assert torch.allclose(value[0], drags[0], atol=1e-5) and torch.allclose(value[1], drags[1], atol=1e-5)
+    assert torch.allclose(value[2], (drags[0] + drags[1]) / 2)
+    assert torch.equal(idw(_pts((3, 7)), handles[:1], drags[:1]), drags[:1])
+
+
+# ---------------------------------------------------------------- Drag100
+
+
+@pytest.mark.skipif(not DRAG100.is_dir(), reason=f"the shipped Drag100 data is not at {DRAG100}")
+def test_every_drag100_sample_warps_and_moves_its_handles():
+    """No sample fails; every handle's own pixel lands on its target (unless another pair's handle sits
+    there: both cannot), and where the forward map moves the handle's 5x5 neighbourhood rigidly, the 3x3
+    around the target shows exactly the 3x3 around the handle."""
+    from dragkit.datasets import load_sample, sample_folders
+
+    folders = sample_folders(DRAG100)
+    assert len(folders) == 100
+    centres = rigid = 0
+    for folder in folders:
+        sample = load_sample(folder)
+        image = torch.from_numpy(sample.image.copy())[None]
+        mask = None if sample.mask is None else torch.from_numpy(sample.mask)
+        handles, targets = sample.points.handles_tensor(), sample.points.targets_tensor()
+        result = pixel_warp(image, mask, handles, targets)
+        assert result.image.dtype == torch.uint8 and result.image.shape == image.shape
+        labels, _ = region_labels(torch.ones(sample.height, sample.width, dtype=torch.bool) if mask is None else mask)
+        handle_labels = labels[handles[:, 1].long(), handles[:, 0].long()]
+        for pair in result.moved_pairs:
+            hx, hy = (int(v) for v in handles[pair].tolist())
+            tx, ty = (int(v) for v in targets[pair].tolist())
+            if not (2 <= tx < sample.width - 2 and 2 <= ty < sample.height - 2):
+                continue
+            if any(i != pair and (int(x), int(y)) == (tx, ty) for i, (x, y) in enumerate(handles.tolist())):
+                continue
+            assert torch.equal(result.image[0, ty, tx], image[0, hy, hx]), f"{folder.name}: pair {pair + 1}"
+            centres += 1
+            same = handle_labels == handle_labels[pair]
+            rows, cols = torch.meshgrid(torch.arange(hy - 2, hy + 3), torch.arange(hx - 2, hx + 3), indexing="ij")
+            around = torch.stack([cols.flatten(), rows.flatten()], 1).float()
+            moved = torch.round(around + idw(around, handles[same], (targets - handles)[same]))
+            if torch.equal(moved - around, (targets[pair] - handles[pair]).expand_as(around)) and hy >= 1 and hx >= 1:
+                assert torch.equal(result.image[0, ty - 1 : ty + 2, tx - 1 : tx + 2], image[0, hy - 1 : hy + 2, hx - 1 : hx + 2]), (
+                    f"{folder.name}: pair {pair + 1} did not move its neighbourhood"
+                )
+                rigid += 1
+    assert centres > 200 and rigid > 50
