@@ -101,7 +101,8 @@ class ComfyPath:
             self.unet_config = sd15_unet_config() if tiny else dict(SD15_UNET)
         name = FAMILIES[family]["name"]
         self.model_name = f"tiny seeded {name}-shaped checkpoint" if tiny else f"{name} architecture, random weights"
-        self.counter = PassCounter(self.model.model.diffusion_model, self.host.pack.dragkit.capture.REPLAY_OBSERVERS)
+        self.counter = PassCounter(self.model.model.diffusion_model, self.host.pack.dragkit.capture.REPLAY_OBSERVERS,
+                                   self.host.pack.nodes.comfy_capture.capturable)
         self.failures: dict[str, str] = {}
         """Stages of the last :meth:`run` that did not complete, and why (out of GPU memory)."""
 

@@ -29,11 +29,18 @@ class PassCounter:
     made with autograd enabled are counted again under ``*_with_grad``.
     """
 
-    def __init__(self, module: torch.nn.Module, replay_observers: list | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, replay_observers: list | None = None,
+                 mark: Callable[[Callable], Callable] | None = None) -> None:
         """``replay_observers``: the :data:`~dragkit.capture.REPLAY_OBSERVERS` of the capture module the model's
-        backend uses (the pack loaded in ComfyUI has its own copy of ``dragkit``); default: this process's."""
+        backend uses (the pack loaded in ComfyUI has its own copy of ``dragkit``); default: this process's.
+        ``mark``: the capture adapter's marker for hooks a captured pass may keep (``nodes.comfy_capture.capturable``;
+        it refuses to capture a UNet with any other hook): the counting hook changes nothing in the pass."""
         self.counts = dict.fromkeys(PASS_FIELDS, 0)
-        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+        def hook(module, args, kwargs):
+            self._hook(module, args, kwargs)
+
+        self._handle = module.register_forward_pre_hook(mark(hook) if mark else hook, with_kwargs=True)
         self._observers = capture.REPLAY_OBSERVERS if replay_observers is None else replay_observers
         self._observers.append(self._replayed)
 
