@@ -1,6 +1,6 @@
 """The Drag Points Editor's widget state: points and mask as one compact JSON string.
 
-The editor widget (``js/drag_points_editor.js``) keeps this string in the
+The editor widget (state model ``js/editor_model.js``; its layers: ``docs/editor.md``) keeps this string in the
 node's ``editor_state`` STRING widget, so it is saved in the workflow's
 ``widgets_values`` and sent to Python in the API prompt. Format, version 1::
 
