@@ -32,6 +32,10 @@ def chromium() -> str | None:
     return None
 
 
+class PageChanged(RuntimeError):
+    """An evaluation ended without a result because the page navigated (reload, workflow switch)."""
+
+
 class Browser:
     """One headless Chromium page, driven over the DevTools protocol."""
 
@@ -75,6 +79,11 @@ class Browser:
                 return msg.get("result", {})
             if "method" in msg:
                 self.events.append(msg)
+                if msg["method"] == "Page.javascriptDialogOpening":
+                    # the frontend's "leave the page?" (unsaved workflow) would block a navigation
+                    self.next_id += 1
+                    self.ws.send(json.dumps({"id": self.next_id, "method": "Page.handleJavaScriptDialog",
+                                             "params": {"accept": True}}))
 
     def js(self, expression: str, timeout: float = 60):
         """Evaluate ``expression`` in the page (promises awaited) and return its JSON value."""
@@ -83,12 +92,17 @@ class Browser:
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             raise AssertionError(f"JS error: {details.get('exception', {}).get('description') or details.get('text')}")
+        if "result" not in result:  # the page navigated while evaluating
+            raise PageChanged(f"the page changed while evaluating: {expression[:200]}")
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30):
         deadline = time.monotonic() + timeout
         while True:
-            value = self.js(expression)
+            try:
+                value = self.js(expression)
+            except PageChanged:
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
@@ -150,10 +164,27 @@ class Browser:
         shutil.rmtree(self.user_dir, ignore_errors=True)
 
 
+def vue_nodes() -> bool:
+    """Whether the browser tests run the frontend with Nodes 2.0 (``DRAGKIT_VUE_NODES=1``): nodes drawn as
+    Vue/DOM components instead of on the LiteGraph canvas (setting ``Comfy.VueNodes.Enabled``, frontend 1.27+
+    knows it; older ones ignore it)."""
+    return os.environ.get("DRAGKIT_VUE_NODES", "") not in ("", "0")
+
+
 def open_comfyui(browser: Browser, server, node_class: str, timeout: float = 90) -> Browser:
     """Load ComfyUI's frontend from ``server`` (a ComfyServer) in ``browser``, without the "Get started"
-    dialog, and wait until ``node_class`` is registered; returns ``browser``."""
+    dialog, in classic or Nodes 2.0 mode (:func:`vue_nodes`; the setting is written before loading), and
+    wait until ``node_class`` is registered; returns ``browser``."""
     assert server.post("/settings/Comfy.TutorialCompleted", json=True).status_code == 200
+    assert server.post("/settings/Comfy.VueNodes.Enabled", json=vue_nodes()).status_code == 200
     browser.send("Page.navigate", url=server.url)
     browser.wait_for(f"!!(window.app?.graph && window.LiteGraph?.registered_node_types?.['{node_class}'])", timeout)
+    if vue_nodes():
+        browser.wait_for("window.LiteGraph.vueNodesMode === true", timeout)
     return browser
+
+
+def frontend_mode(browser: Browser) -> str:
+    """``<frontend version>-<classic|nodes2>`` of the loaded page, for artifact names."""
+    version = browser.js("window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+    return f"{version}-{'nodes2' if browser.js('!!window.LiteGraph.vueNodesMode') else 'classic'}"

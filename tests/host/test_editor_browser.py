@@ -16,7 +16,7 @@ a MASK input seeds the mask and eraser/brush strokes apply on top; in an
 editor -> FastDrag graph the decoded result shows in the editor after a run,
 and with Live on a point drop re-runs only the nodes after the points
 (counted from ComfyUI's ``executing`` messages), once per pending run.
-Screenshots go to ``test-artifacts/editor-browser/``.
+Screenshots go to ``test-artifacts/editor/<frontend version>-<classic|nodes2>-*.png``.
 
 Skips with a message when ComfyUI (``COMFYUI_PATH``) or Chromium is missing.
 Set ``DRAGKIT_CHROMIUM`` to use another Chromium/Chrome binary.
@@ -24,6 +24,7 @@ Set ``DRAGKIT_CHROMIUM`` to use another Chromium/Chrome binary.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -33,13 +34,14 @@ import pytest
 from PIL import Image
 
 from dragkit.datasets import load_drag100
-from dragkit.editor_state import parse_editor_state
+from dragkit.editor_state import editor_state_json, parse_editor_state
+from dragkit.points import DragPoints
 from tools.comfy_host import repo_root
 
-from .browser import Browser
+from .browser import Browser, frontend_mode, open_comfyui
 from .browser import chromium as _chromium
 
-ARTIFACTS = repo_root() / "test-artifacts" / "editor-browser"
+ARTIFACTS = repo_root() / "test-artifacts" / "editor"
 DRAG100_SAMPLE = repo_root().parent / "shared" / "data" / "Drag100" / "bird_0"
 NODE_CLASS = "DragKitPointsEditor"
 IMAGE_SIZE = (320, 200)  # width, height: non-square on purpose
@@ -67,12 +69,19 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page(comfy_server, browser):
-    """The ComfyUI frontend loaded in the browser, with the pack's node registered."""
-    # no "Get started" template dialog over the canvas
-    assert comfy_server.post("/settings/Comfy.TutorialCompleted", json=True).status_code == 200
-    browser.send("Page.navigate", url=comfy_server.url)
-    browser.wait_for(f"!!(window.app?.graph && window.LiteGraph?.registered_node_types?.['{NODE_CLASS}'])", 90)
-    return browser
+    """The ComfyUI frontend loaded in the browser (classic or Nodes 2.0: ``DRAGKIT_VUE_NODES``), with the pack's
+    node registered."""
+    return open_comfyui(browser, comfy_server, NODE_CLASS)
+
+
+def _artifact(chrome: Browser, name: str) -> Path:
+    """``test-artifacts/editor/<frontend version>-<classic|nodes2>-<name>``."""
+    return ARTIFACTS / f"{frontend_mode(chrome)}-{name}"
+
+
+def _pack_errors(chrome: Browser) -> list[str]:
+    """Uncaught exceptions and console errors from the pack's scripts (served under /extensions/dragkit/)."""
+    return chrome.errors("extensions/dragkit/")
 
 
 def _test_image() -> np.ndarray:
@@ -90,11 +99,39 @@ def _upload(server, tmp_path: Path, name: str, image: np.ndarray) -> str:
 
 
 EDITOR = "window.__editorNode.dragPointsEditor"
+NEW_GRAPH = ("app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];"
+             " const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };")
+"""JS: an empty graph at scale 1, and ``add(type, pos)`` to place nodes in it."""
 
 
 def _client_xy(chrome: Browser, x: float, y: float, view: int = 0) -> tuple[float, float]:
-    p = chrome.js(f"(() => {{ const v = [...{EDITOR}.views][{view}]; return v.sourceToClient({x}, {y}); }})()")
+    """Viewport coordinates of source pixel (x, y) in an editor view, once the view's canvas is the element
+    under them and has stayed in place for two frames (the frontends move DOM widgets a frame or more after
+    the graph changes; a click before that lands elsewhere)."""
+    p = chrome.js(f"""new Promise((resolve) => {{
+        const v = [...{EDITOR}.views][{view}];
+        let last = null, tries = 0;
+        const step = () => {{
+            const p = v.sourceToClient({x}, {y});
+            const hit = document.elementFromPoint(p.x, p.y) === v.canvas;
+            if ((hit && last && last.x === p.x && last.y === p.y) || ++tries > 120) return resolve({{...p, hit}});
+            last = hit ? p : null;
+            requestAnimationFrame(step);
+        }};
+        step();
+    }})""")
+    assert p["hit"], f"the editor's canvas is not under source pixel ({x}, {y}) at {p}"
     return p["x"], p["y"]
+
+
+def _control(action: str, view: int = 0) -> str:
+    """JS for the toolbar control ``data-action=action`` of the bound editor's view (not the first in the
+    document: a frontend may keep other nodes' editors in it, hidden)."""
+    return f"[...{EDITOR}.views][{view}].root.querySelector('.dragkit-pe-bar [data-action={action}]')"
+
+
+def _press(chrome: Browser, action: str, view: int = 0) -> None:
+    chrome.js(f"{_control(action, view)}.click(); true")
 
 
 def _state(chrome: Browser) -> str:
@@ -115,10 +152,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
 
     # -- a small graph: editor -> preview of the image; editor mask -> MaskToImage -> preview
     chrome.js(f"""(() => {{
-        app.graph.clear();
-        app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [0, 0];
-        const add = (type, pos) => {{ const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; }};
+        {NEW_GRAPH}
         const editor = add('{NODE_CLASS}', [100, 90]);
         editor.setSize([440, 540]);
         const preview = add('PreviewImage', [620, 90]);
@@ -143,7 +177,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     for handle, target in PAIRS:
         chrome.click(*_client_xy(chrome, *handle))
         chrome.click(*_client_xy(chrome, *target))
-    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=brush]').click()")
+    _press(chrome, "brush")
     chrome.drag([_client_xy(chrome, x, STROKE_Y) for x in range(20, 301, 10)])
     state_text = _state(chrome)
     state = parse_editor_state(state_text, width=width, height=height)
@@ -156,7 +190,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     assert abs(painted_rows - STROKE_Y).max() <= BRUSH // 2 + 1
     assert painted_cols.min() >= 20 - BRUSH // 2 - 1 and painted_cols.max() <= 300 + BRUSH // 2 + 1
 
-    _screenshot_node(chrome, ARTIFACTS / "editor-node.png")
+    _screenshot_node(chrome, _artifact(chrome, "node.png"))
 
     # -- the workflow JSON holds the state compactly; reloading it restores points and mask
     workflow = chrome.js("app.graph.serialize()")
@@ -165,7 +199,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     assert len(json.dumps(saved)) < 10_000
     chrome.js(f"(async () => {{ await app.loadGraphData({json.dumps(workflow)}); return true; }})()")
     _bind_editor_node(chrome)
-    assert _state(chrome) == state_text
+    assert _state(chrome) == state_text, (_state(chrome), state_text)
     assert chrome.js(f"{EDITOR}.model.serialize()") == state_text
     assert chrome.js(f"{EDITOR}.model.maskCount") == int(state.mask.sum())
 
@@ -201,7 +235,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     # -- graph undo (Ctrl+Z on the canvas) restores the state before an edit
     tracker = "app.extensionManager.workflow.activeWorkflow.changeTracker"
     chrome.js(f"{tracker}.checkState(); true")
-    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=points]').click()")
+    _press(chrome, "points")
     chrome.click(*_client_xy(chrome, 300, 20))  # a third handle, no target yet
     assert parse_editor_state(_state(chrome)).pending == (300.0, 20.0)
     chrome.js("document.activeElement.blur(); true")
@@ -211,11 +245,11 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     _bind_editor_node(chrome)
 
     # -- the enlarged view edits the same state; its undo is the editor's own
-    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=enlarge]').click()")
+    _press(chrome, "enlarge")
     chrome.wait_for("document.querySelector('dialog.dragkit-pe-dialog')?.open === true")
     chrome.wait_for(f"[...{EDITOR}.views].length === 2 && [...{EDITOR}.views][1].fit.scale > 1.5")
     chrome.js("new Promise(r => requestAnimationFrame(() => r(true)))")
-    chrome.screenshot(ARTIFACTS / "editor-enlarged.png")
+    chrome.screenshot(_artifact(chrome, "enlarged.png"))
     node_before = chrome.js("window.__editorNode.id")
     chrome.drag([_client_xy(chrome, 120, 60, view=1), _client_xy(chrome, 140, 80, view=1)])  # move target 1
     moved = parse_editor_state(_state(chrome))
@@ -241,9 +275,9 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     assert resized.points.handles == (tuple(map(float, PAIRS[0][0])),)
     assert chrome.js(f"{EDITOR}.warning").startswith("The image changed from 320×200 to 160×120: 1 point pair")
 
-    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    assert not _pack_errors(chrome), _pack_errors(chrome)
     elapsed = time.monotonic() - t0
-    (ARTIFACTS / "timing.json").write_text(json.dumps({"browser_test_seconds": round(elapsed, 1)}))
+    _artifact(chrome, "timing.json").write_text(json.dumps({"browser_test_seconds": round(elapsed, 1)}))
 
 
 @pytest.mark.skipif(not DRAG100_SAMPLE.is_dir(), reason=f"the shipped Drag100 data is not at {DRAG100_SAMPLE}")
@@ -275,15 +309,25 @@ def test_a_drag100_sample_shows_in_the_editor(comfy_server, page):
     assert chrome.js(f"{EDITOR}.model.maskCount") == int(sample.mask.sum())
     assert chrome.js(f"{EDITOR}.model.pairs.length") == sample.points.num_pairs
     assert chrome.js(f"{EDITOR}.warning") == ""
-    _screenshot_node(chrome, ARTIFACTS / "editor-drag100.png")
-    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    _screenshot_node(chrome, _artifact(chrome, "drag100.png"))
+    # the warp preview of the same points (a 512 x 768 image is previewed at 512^2 pixels)
+    _press(chrome, "warp")
+    chrome.wait_for(f"{EDITOR}.shownPreview() != null", 60)
+    assert chrome.js(f"{EDITOR}.preview.scale") < 1
+    _screenshot_node(chrome, _artifact(chrome, "drag100-warp.png"))
+    assert not _pack_errors(chrome), _pack_errors(chrome)
 
 
 def _screenshot_node(chrome: Browser, path: Path) -> None:
     """A screenshot of the editor node only (its bounding box on screen, with a margin)."""
     chrome.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
     box = chrome.js("""(() => {
-        const n = window.__editorNode, ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+        const n = window.__editorNode, element = document.querySelector(`[data-node-id="${n.id}"]`);
+        if (window.LiteGraph.vueNodesMode && element) {  // Nodes 2.0: the node is a DOM element
+            const r = element.getBoundingClientRect();
+            return {x: r.left - 12, y: r.top - 12, width: r.width + 24, height: r.height + 24};
+        }
+        const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
         const [x, y] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
         return {x: r.left + x - 12, y: r.top + y - 12,
                 width: n.size[0] * ds.scale + 24, height: (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale + 24};
@@ -323,13 +367,14 @@ def test_a_connected_image_is_shown_and_wins(comfy_server, page, tmp_path):
         return true;
     })()""")
     chrome.wait_for(f"{EDITOR}.imageStatus === 'waiting'")
+    chrome.js(RECORD_EVENTS)
     chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
     chrome.wait_for(f"{EDITOR}.sourceKey.startsWith('run:') && {EDITOR}.imageStatus === 'loaded'", 60)
     assert chrome.js(f"{EDITOR}.executedImage.type") == "temp"
     assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [100, 150]
-    error = chrome.wait_for("app.lastExecutionError?.exception_message", 30)
+    error = chrome.wait_for("window.__events.find(e => e.type === 'execution_error')?.detail.exception_message", 30)
     assert error.startswith("[Drag Points Editor] no handle/target pairs were placed")
-    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    assert not _pack_errors(chrome), _pack_errors(chrome)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +385,7 @@ RECORD_EVENTS = """(() => {
     const api = window.comfyAPI.api.api;
     if (!window.__events) {
         window.__events = [];
-        for (const type of ['executing', 'status', 'execution_cached'])
+        for (const type of ['executing', 'status', 'execution_cached', 'execution_error'])
             api.addEventListener(type, (e) => window.__events.push({type, detail: e.detail, t: performance.now()}));
     }
     window.__events.length = 0;
@@ -382,10 +427,7 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
     seed[16:48, 8:40] = True
     chrome.js(RECORD_EVENTS)
     chrome.js(f"""(() => {{
-        app.graph.clear();
-        app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [0, 0];
-        const add = (type, pos) => {{ const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; }};
+        {NEW_GRAPH}
         const load = add('LoadImage', [20, 100]);
         const image = load.widgets.find(w => w.name === 'image');
         image.value = {json.dumps(file_name)};
@@ -424,12 +466,12 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
     chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
     chrome.wait_for(f"{EDITOR}.model.seed !== null", 60)
     assert chrome.js(f"{EDITOR}.model.editableCount") == int(seed.sum())
-    _screenshot_node(chrome, ARTIFACTS / "editor-mask-input.png")
+    _screenshot_node(chrome, _artifact(chrome, "mask-input.png"))
 
     # keep editing it: erase a stroke across the box, paint one below it; the node's MASK is the combination
-    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=eraser]').click()")
+    _press(chrome, "eraser")
     chrome.drag([_client_xy(chrome, x, 30) for x in range(0, 50, 4)])
-    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=brush]').click()")
+    _press(chrome, "brush")
     chrome.drag([_client_xy(chrome, x, 58) for x in range(50, 90, 4)])
     state = json.loads(_state(chrome))
     assert state.get("erase") and state.get("mask"), (state, chrome.js(f"{EDITOR}.tool"))
@@ -442,7 +484,7 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
     preview_id = chrome.js("String(app.graph.nodes.find(n => n.type === 'PreviewImage').id)")
     [mask_file] = comfy_server.output_files(entry, preview_id)
     assert np.array_equal(np.asarray(Image.open(mask_file).convert("L")) > 127, expected)
-    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    assert not _pack_errors(chrome), _pack_errors(chrome)
 
 
 def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(comfy_server, page, tmp_path,
@@ -499,22 +541,22 @@ def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(co
     chrome.click(*_client_xy(chrome, 20, 32))
     chrome.click(*_client_xy(chrome, 30, 32))
     assert parse_editor_state(_state(chrome)).points.num_pairs == 1
-    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=mask-handles]').click()")
+    _press(chrome, "mask-handles")
 
     # the first run: everything runs; the decoded result shows in the editor
     chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
-    _wait_idle(chrome)
+    _wait_idle(chrome, timeout=480)  # the first run loads the checkpoint and inverts; 2 shared cores
     assert set(ids["upstream"] + ids["downstream"]) <= _executed(chrome)
     chrome.wait_for(f"{EDITOR}.result?.nodeId != null && {EDITOR}.showResult", 30)
     assert chrome.js(f"String({EDITOR}.result.nodeId)") == ids["decode"]
     assert chrome.js(f"{EDITOR}.result.image.naturalWidth") == 64
-    assert chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=result]').classList.contains('active')")
-    _screenshot_node(chrome, ARTIFACTS / "editor-result.png")
-    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar button[data-action=result]').click()")  # back to the source
+    assert chrome.js(f"{_control('result')}.classList.contains('active')")
+    _screenshot_node(chrome, _artifact(chrome, "result.png"))
+    _press(chrome, "result")  # back to the source
     assert chrome.js(f"{EDITOR}.showResult") is False
 
     # live re-edit on (a node property, saved in the workflow; widgets_values unchanged)
-    chrome.js("[...window.__editorNode.dragPointsEditor.views][0].root.querySelector('.dragkit-pe-bar input[data-action=live]').click()")
+    _press(chrome, "live")
     saved = chrome.js("app.graph.serialize().nodes.find(n => n.type === 'DragKitPointsEditor')")
     assert saved["properties"]["dragkit_live"] is True and len(saved["widgets_values"]) == 3
     chrome.js(RECORD_EVENTS)
@@ -536,4 +578,126 @@ def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(co
     chrome.wait_for(f"{EDITOR}.result.ref.filename !== {json.dumps(old_result)} && {EDITOR}.showResult", 30)
     state = parse_editor_state(_state(chrome), width=64, height=64)
     assert state.points.targets == ((42.0, 38.0),)
-    assert not chrome.errors("drag_points_editor"), chrome.errors("drag_points_editor")
+    assert not _pack_errors(chrome), _pack_errors(chrome)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 23 item 3: the live warp preview. While a point is dragged the editor shows the image warped
+# by js/pixel_warp.js and the inpaint mask; fed into "Drag Warp (pixels)", it previews that node's result.
+
+WARP_CLASS = "DragKitPixelWarp"
+
+
+def _patch_image() -> np.ndarray:
+    """96 x 64: a smooth background with a textured 16 x 16 patch at x 16..31, y 16..31."""
+    height, width = 64, 96
+    yy, xx = np.mgrid[:height, :width]
+    image = np.stack([xx * 2, yy * 3, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
+    image[16:32, 16:32] = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return image
+
+
+def _preview_arrays(chrome: Browser) -> tuple[np.ndarray, np.ndarray]:
+    """The editor's current warp preview: (H, W, 3) uint8 image and (H, W) bool inpaint mask."""
+    out = chrome.js(f"""(() => {{
+        const p = {EDITOR}.preview, m = {EDITOR}.model;
+        const b64 = (a) => btoa(String.fromCharCode(...a));
+        let rgba = '', inpaint = '';
+        for (let i = 0; i < p.result.rgba.length; i += 30000) rgba += b64(p.result.rgba.subarray(i, i + 30000));
+        for (let i = 0; i < p.result.inpaint.length; i += 30000) inpaint += b64(p.result.inpaint.subarray(i, i + 30000));
+        return {{rgba: [rgba], inpaint: [inpaint], width: m.width, height: m.height}};
+    }})()""")
+    width, height = out["width"], out["height"]
+    join = lambda parts: b"".join(base64.b64decode(part) for part in parts)  # noqa: E731
+    rgba = np.frombuffer(join(out["rgba"]), np.uint8).reshape(height, width, 4)
+    inpaint = np.frombuffer(join(out["inpaint"]), np.uint8).reshape(height, width).astype(bool)
+    return rgba[..., :3].copy(), inpaint
+
+
+def test_the_warp_preview_follows_a_dragged_point(comfy_server, page, tmp_path):
+    chrome = page
+    _close_dialogs(chrome)
+    image = _patch_image()
+    height, width = image.shape[:2]
+    file_name = _upload(comfy_server, tmp_path, "dragkit_editor_warp.png", image)
+    mask = np.zeros((height, width), bool)
+    mask[16:32, 16:32] = True
+    state = editor_state_json(DragPoints(((24.0, 24.0),), ((30.0, 26.0),), width, height), mask)
+    has_warp_node = chrome.js(f"!!LiteGraph.registered_node_types['{WARP_CLASS}']")
+    chrome.js(RECORD_EVENTS)
+    chrome.js(f"""(() => {{
+        {NEW_GRAPH}
+        const editor = add('{NODE_CLASS}', [100, 60]);
+        editor.setSize([440, 520]);
+        editor.widgets.find(w => w.name === 'editor_state').value = {json.dumps(state)};
+        editor.dragPointsEditor.loadFromWidget();
+        const file = editor.widgets.find(w => w.name === 'image_file');
+        file.value = {json.dumps(file_name)};
+        file.callback?.(file.value);
+        if ({json.dumps(has_warp_node)}) {{
+            const warp = add('{WARP_CLASS}', [620, 60]);
+            editor.connect(0, warp, warp.findInputSlot('image'));
+            editor.connect(1, warp, warp.findInputSlot('points'));
+            editor.connect(2, warp, warp.findInputSlot('mask'));
+            warp.connect(0, add('PreviewImage', [900, 60]), 0);
+            const toImage = add('MaskToImage', [900, 360]);
+            warp.connect(1, toImage, 0);
+            toImage.connect(0, add('PreviewImage', [1150, 360]), 0);
+            window.__warpNode = warp;
+        }}
+        app.canvas.setDirty(true, true);
+        window.__editorNode = editor;
+        return true;
+    }})()""")
+    chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
+    if has_warp_node:  # the preview switches itself on for an editor that feeds the warp node
+        chrome.wait_for(f"{EDITOR}.warpNode?.band === 5 && {EDITOR}.previewOn", 10)
+    else:
+        _press(chrome, "warp")
+    chrome.wait_for(f"{EDITOR}.preview?.result != null", 10)
+
+    # drag the target with real mouse events; while the button is still down the preview shows the move
+    dx, dy = 36, 20
+    start = _client_xy(chrome, 30, 26)
+    end = _client_xy(chrome, 24 + dx, 24 + dy)
+    chrome._mouse("mouseMoved", *start)
+    chrome._mouse("mousePressed", *start, "left", 1)
+    for t in (0.25, 0.5, 0.75, 1.0):
+        chrome._mouse("mouseMoved", start[0] + (end[0] - start[0]) * t, start[1] + (end[1] - start[1]) * t, "left", 1)
+    moving = f"{EDITOR}.model.pairs[0].target.x === {24 + dx} && {EDITOR}.model.pairs[0].target.y === {24 + dy}"
+    chrome.wait_for(f"{moving} && {EDITOR}.shownPreview() != null", 10)
+    warped, inpaint = _preview_arrays(chrome)
+    _screenshot_node(chrome, _artifact(chrome, "warp-preview.png"))
+    chrome._mouse("mouseReleased", *end, "left", 0)
+    assert parse_editor_state(_state(chrome)).points.targets == ((float(24 + dx), float(24 + dy)),)
+
+    # the moved patch lands at the target; the uncovered source is in the inpaint mask; the rest is untouched
+    assert np.array_equal(warped[16 + dy:32 + dy, 16 + dx:32 + dx], image[16:32, 16:32])
+    uncovered = mask & ~np.roll(np.roll(mask, dy, 0), dx, 1)
+    assert inpaint[uncovered].all()
+    near = np.zeros_like(mask)
+    near[16 - 2:32 + dy + 2, 16 - 2:32 + dx + 2] = True  # source, target and the k = 5 band
+    assert not inpaint[~near].any() and np.array_equal(warped[~near], image[~near])
+    assert chrome.js(f"{EDITOR}.statusText()").count("warp preview k=5")
+
+    # the same input through the Python warp: equal up to the stated tolerance (tests/test_editor_js.py)
+    torch = pytest.importorskip("torch")
+    from dragkit.pixel_warp import pixel_warp
+
+    py = pixel_warp(torch.from_numpy(image)[None], torch.from_numpy(mask), torch.tensor([[24.0, 24.0]]),
+                    torch.tensor([[float(24 + dx), float(24 + dy)]]), band=5)
+    assert (py.image[0].numpy() != warped).any(-1).mean() <= 0.005
+    assert (py.inpaint_mask.numpy() != inpaint).mean() <= 0.005
+
+    if has_warp_node:  # the node's own result, run by ComfyUI, is what the editor previewed
+        prompt = chrome.js("(async () => (await app.graphToPrompt()).output)()")
+        entry = comfy_server.run(prompt, timeout=120)
+        previews = chrome.js("app.graph.nodes.filter(n => n.type === 'PreviewImage').sort((a, b) => a.id - b.id)"
+                             ".map(n => String(n.id))")
+        [image_file] = comfy_server.output_files(entry, previews[0])
+        [mask_file] = comfy_server.output_files(entry, previews[1])
+        node_image = np.asarray(Image.open(image_file).convert("RGB"))
+        node_mask = np.asarray(Image.open(mask_file).convert("L")) > 127
+        assert (node_image != warped).any(-1).mean() <= 0.005
+        assert (node_mask != inpaint).mean() <= 0.005
+    assert not _pack_errors(chrome), _pack_errors(chrome)
