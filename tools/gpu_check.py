@@ -39,8 +39,8 @@ is stopped when the budget is spent. ``--only`` picks step groups,
 **Output**: one stdout line per finished step (:func:`step_line`: name,
 ok/FAIL/skip, seconds, its key number), then one closing line. ``OUT`` (default
 ``$OUT``) gets at most :data:`MAX_OUT_FILES` files, rewritten after every step:
-``summary.md``, ``summary.json``, the benchmark JSONs, ``capture.json`` and
-``logs.tar.gz``; everything bulky (models, workflow images, logs) stays in
+``summary.md``, ``summary.json``, the benchmark JSONs, ``capture.json``,
+``inpaint.json`` and ``logs.tar.gz``; everything bulky (models, workflow images, logs) stays in
 ``--bulk`` (a temporary folder by default), outside ``OUT``. Exit status 0 when
 no step failed.
 """
@@ -552,13 +552,18 @@ class Check:
                        key=lambda step: capture_key(path), vram=mode)
 
     def inpaint_step(self) -> Planned:
-        """Warp and warp+inpaint stages (``benchmarks/inpaint.py``, written beside this check)."""
-        command = [self.python, "-m", "benchmarks.inpaint"] + (["--tiny"] if self.tiny else [])
+        """Warp and warp+inpaint stages: ``python -m benchmarks.inpaint`` (written beside this check), with
+        ``--tiny`` on a CPU and ``--json OUT/inpaint.json`` where its command line offers them."""
+        module = REPO / "benchmarks" / "inpaint.py"
 
         def prepare():
-            if not (REPO / "benchmarks" / "inpaint.py").is_file():
+            if not module.is_file():
                 return "benchmarks/inpaint.py is not in this checkout"
-            return command
+            source = module.read_text(errors="replace")
+            if self.tiny and '"--tiny"' not in source:
+                return "benchmarks/inpaint.py has no --tiny mode (a CPU run)"
+            command = [self.python, "-m", "benchmarks.inpaint"] + (["--tiny"] if self.tiny else [])
+            return command + (["--json", str(self.out / "inpaint.json")] if '"--json"' in source else [])
 
         env = dict(self.env, PYTORCH_CUDA_ALLOC_CONF=ASYNC_ALLOCATOR) if self.cuda else self.env
         return Planned("inpaint", "inpaint", self.estimate("inpaint"), prepare, env,
