@@ -50,6 +50,9 @@ class DragPointsEditor:
     )
     CATEGORY = CATEGORY
     FUNCTION = "edit"
+    HAS_INTERMEDIATE_OUTPUT = True
+    """ComfyUI 0.33.0 resends the ``ui`` summary of a node whose result is cached (so the editor and the prompt's
+    history still show it) only for nodes that declare this; 0.3.64 resends every cached node's ``ui``."""
     RETURN_TYPES = ("IMAGE", DRAG_POINTS, "MASK")
     RETURN_NAMES = ("image", "points", "mask")
     OUTPUT_TOOLTIPS = (
