@@ -22,12 +22,19 @@ Fixtures
 ``tiny_upscaler``      Path of the cached tiny 2x upscale model (RealESRGAN Compact).
 ``tiny_sdxl_checkpoint`` Path of the cached tiny SDXL checkpoint with SDXL's text encoders
                        (``tools.tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True)``).
+``tiny_sd15_inpaint_checkpoint`` / ``tiny_sdxl_inpaint_checkpoint`` Paths of the cached tiny SD1.5- and
+                       SDXL-inpainting checkpoints (9-channel UNets; ``tools.tiny_inpaint``).
+``tiny_lcm_lora``      Path of the cached tiny LoRA for the SD1.5-inpainting UNet (the LCM-LoRA's stand-in).
+``tiny_flux_fill``     Path of the cached tiny FLUX.1 Fill diffusion model (UNETLoader).
+``tiny_flux_vae``      Path of the cached 16-channel tiny VAE (VAELoader; FLUX's ``ae.safetensors``).
+``tiny_clip_l``        Path of the cached stand-alone tiny CLIP-L (CLIPLoader type sd3 conditions the tiny FLUX).
 ``loras_dir``          A fresh ``loras`` folder (one per test module), first in the in-process
                        ComfyUI's list: where LoRA Fine-tune writes and LoraLoader looks.
 ``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
                        pack in ``custom_nodes/dragkit``, the tiny checkpoint and the tiny SDXL
                        checkpoint in ``models/checkpoints``, the tiny ControlNet in
-                       ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``.
+                       ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``;
+                       the tiny inpainting checkpoints, LoRA, FLUX Fill, its VAE and CLIP-L too.
 
 All ComfyUI fixtures are session-scoped and skip with a clear message when
 ``COMFYUI_PATH`` is unset or not a checkout. Tests under ``tests/host/`` are
@@ -41,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import comfy_host, tiny_models, tiny_sdxl_sd2
+from tools import comfy_host, tiny_inpaint, tiny_models, tiny_sdxl_sd2
 
 HOST_DIR = Path(__file__).resolve().parent / "host"
 
@@ -139,7 +146,41 @@ def tiny_sdxl_checkpoint(comfyui) -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfyui, tiny_checkpoint, tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler):
-    with comfy_host.ComfyServer(checkpoints=[tiny_checkpoint, tiny_sdxl_checkpoint], controlnets=[tiny_controlnet],
-                                upscale_models=[tiny_upscaler]) as server:
+def tiny_sd15_inpaint_checkpoint(comfyui) -> Path:
+    return tiny_inpaint.tiny_sd15_inpaint_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_checkpoint(comfyui) -> Path:
+    return tiny_inpaint.tiny_sdxl_inpaint_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_lora(comfyui) -> Path:
+    return tiny_inpaint.tiny_lcm_lora_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_fill(comfyui) -> Path:
+    return tiny_inpaint.tiny_flux_fill_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_vae(comfyui) -> Path:
+    return tiny_inpaint.tiny_flux_vae_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_l(comfyui) -> Path:
+    return tiny_inpaint.tiny_clip_l_path()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tiny_checkpoint, tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler,
+                 tiny_sd15_inpaint_checkpoint, tiny_sdxl_inpaint_checkpoint, tiny_lcm_lora, tiny_flux_fill,
+                 tiny_flux_vae, tiny_clip_l):
+    with comfy_host.ComfyServer(
+            checkpoints=[tiny_checkpoint, tiny_sdxl_checkpoint, tiny_sd15_inpaint_checkpoint, tiny_sdxl_inpaint_checkpoint],
+            controlnets=[tiny_controlnet], upscale_models=[tiny_upscaler], loras=[tiny_lcm_lora],
+            diffusion_models=[tiny_flux_fill], vae=[tiny_flux_vae], text_encoders=[tiny_clip_l]) as server:
         yield server

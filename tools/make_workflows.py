@@ -33,6 +33,15 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 IMAGE = "example.png"
 CONTROLNET = "control_v11p_sd15_canny.pth"
 UPSCALER = "RealESRGAN_x4plus.pth"
+SD15_INPAINT_CHECKPOINT = "sd-v1-5-inpainting.ckpt"
+LCM_LORA = "lcm-lora-sdv1-5.safetensors"
+SDXL_INPAINT_CHECKPOINT = "sd_xl_base_1.0_inpainting_0.1.safetensors"
+FLUX_FILL = "flux1-fill-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+"""Placeholder model names of the shipped workflows (the released files' names); ``tools.run_workflow`` puts the
+tiny test models in their place when no model is given."""
 
 START_HERE = """START HERE: 1. Load Checkpoint: pick your {family} checkpoint (.safetensors in models/checkpoints).
 2. Load Image: pick or upload your photo.{editor}
@@ -303,6 +312,116 @@ def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int,
     return g.to_json()
 
 
+WARP_EDITOR_STEP = """
+3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more
+   pairs. Paint the region to move with Brush (or "Mask handles"): each painted region moves with the
+   handles inside it; a handle outside every painted region moves nothing.
+4. Queue. Then move a point and queue again: only the warp and the inpainting re-run."""
+
+WARP_START = {
+    "sd15": """START HERE: 1. Load Checkpoint: pick your SD1.5 inpainting checkpoint (e.g. {checkpoint}, in
+   models/checkpoints). Load LoRA: pick the LCM-LoRA for SD1.5 ({lora}, in models/loras).""",
+    "sdxl": """START HERE: 1. Load Checkpoint: pick your SDXL inpainting checkpoint (e.g. {checkpoint}, in
+   models/checkpoints).""",
+    "flux": """START HERE: 1. Load Diffusion Model: pick FLUX.1 Fill [dev] ({unet}, in models/diffusion_models).
+   DualCLIPLoader: {clip_l} and {t5} (or t5xxl_fp8_e4m3fn.safetensors), in models/text_encoders, type flux.
+   Load VAE: FLUX's {vae} (in models/vae).""",
+}
+
+WARP_NEEDS = {
+    "sd15": ("Needs: an SD1.5 inpainting checkpoint (4.3 GB as released, fp32; 2 GB in fp16) and the LCM-LoRA (135 MB).\n"
+             "Inpaint4Drag reports 0.3 s per edit and 2.7 GB of GPU memory at 512x512 with this set-up on a V100;\n"
+             "not measured here yet. A CPU works (8 steps: tens of seconds at 512x512)."),
+    "sdxl": ("Needs: an SDXL inpainting checkpoint and a photo of about 1024x1024. GPU time and memory are not measured\n"
+             "yet (SDXL's UNet is 2.6 G parameters: about 5 GB in fp16). 20 steps; a CPU works, very slowly."),
+    "flux": ("Needs: FLUX.1 Fill [dev] (12 G parameters, 23.8 GB in bf16), T5-XXL (9.8 GB in fp16, 4.9 GB in fp8) and\n"
+             "CLIP-L; ComfyUI offloads what the GPU cannot hold. GPU time and memory are not measured yet. 20 steps;\n"
+             "do not use a CPU."),
+}
+
+WARP_NOTE = """DragKit warp + inpaint (Inpaint4Drag's approach): move the painted region in pixels, then let an
+inpainting model fill only what the move uncovered.
+
+- Drag Warp (pixels): each painted region moves with its handles (every pixel by the inverse-distance blend
+  of the handles' moves; mapped forward to find the moved region, every pixel of it mapped back to its
+  source, so it has no holes). Its inpaint_mask is the uncovered area plus a band of band pixels around the
+  moved region's edge (band: wider hides seams, narrower keeps more of the moved pixels).
+- After the warp every node is ComfyUI's own:
+  {after}
+- Image Composite Masked puts the inpainted pixels into the warped image only inside the inpaint mask: every
+  other pixel is the warped image's exactly (no VAE round trip outside the mask).
+- "Warped (before inpainting)" shows the warp alone: check the move there first."""
+
+WARP_AFTER = {
+    "sd15": ("InpaintModelConditioning (the inpainting UNet sees the masked image and the mask; noise_mask on,\n"
+             "  so only the mask is re-sampled), the LCM-LoRA with ModelSamplingDiscrete (lcm) and KSampler with the lcm\n"
+             "  sampler, 8 steps, cfg 1.5 -- the fast set-up. Without the LoRA: bypass Load LoRA and ModelSamplingDiscrete\n"
+             "  (Ctrl+B) and use 20-30 steps, cfg 7, euler or dpmpp_2m."),
+    "sdxl": ("InpaintModelConditioning (noise_mask on) and KSampler, 20 steps, cfg 6. For speed add the LCM-LoRA for\n"
+             "  SDXL with LoraLoader and ModelSamplingDiscrete (lcm) after Load Checkpoint, then lcm, 8 steps, cfg 1.5."),
+    "flux": ("as ComfyUI's FLUX Fill example wires it: DualCLIPLoader (flux) -> CLIP Text Encode -> FluxGuidance 30 ->\n"
+             "  InpaintModelConditioning (noise_mask off: FLUX Fill sees the whole image and the mask) -> KSampler\n"
+             "  (Differential Diffusion model, euler, 20 steps, cfg 1: FLUX's guidance is FluxGuidance, not cfg)."),
+}
+
+NEGATIVE_TITLE = "Negative prompt"
+"""Title of a workflow's negative-prompt CLIP Text Encode (``tools.run_workflow`` leaves its text alone)."""
+
+WARP_TITLE = "Drag Points Editor: click handle, then target; paint the region to move"
+
+
+def warp_inpaint(info: dict, model: str) -> dict:
+    """Load Image -> Drag Points Editor -> Drag Warp (pixels) -> native inpainting with ``model`` (sd15, sdxl, flux)."""
+    g = WorkflowBuilder(info)
+    if model == "flux":
+        unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_FILL})
+        clip_loader = g.add("DualCLIPLoader", 0, 1, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
+        vae_loader = g.add("VAELoader", 0, 2, {"vae_name": FLUX_VAE})
+        diffusion = g.add("DifferentialDiffusion", 1, 0, inputs={"model": Out(unet, 0)})
+        model_out, clip, vae, image_row = Out(diffusion, 0), Out(clip_loader, 0), Out(vae_loader, 0), 3
+    else:
+        checkpoint = SD15_INPAINT_CHECKPOINT if model == "sd15" else SDXL_INPAINT_CHECKPOINT
+        ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": checkpoint})
+        model_out, clip, vae, image_row = Out(ckpt, 0), Out(ckpt, 1), Out(ckpt, 2), 2
+        if model == "sd15":
+            lora = g.add("LoraLoader", 1, 0, {"lora_name": LCM_LORA, "strength_model": 1.0, "strength_clip": 1.0},
+                         {"model": model_out, "clip": clip}, title="Load LoRA (LCM-LoRA)", height=160)
+            lcm = g.add("ModelSamplingDiscrete", 2, 0, {"sampling": "lcm"}, {"model": Out(lora, 0)})
+            model_out, clip = Out(lcm, 0), Out(lora, 1)
+    image = g.add("LoadImage", 0, image_row, {"image": IMAGE}, height=320)
+    editor = g.add("DragKitPointsEditor", 1, image_row + 1, {"image_file": IMAGE}, {"image": Out(image, 0)},
+                   title=WARP_TITLE, height=560)
+    warp = g.add("DragKitPixelWarp", 2, image_row + 1, {},
+                 {"image": Out(image, 0), "points": Out(editor, 1), "mask": Out(editor, 2)}, height=180)
+    warped, inpaint_mask = Out(warp, 0), Out(warp, 1)
+    prompt = g.add("CLIPTextEncode", 2, 1, {"text": ""}, {"clip": clip}, title="Prompt (may stay empty)")
+    negative = g.add("CLIPTextEncode", 2, 2, {"text": ""}, {"clip": clip}, title=NEGATIVE_TITLE)
+    positive = Out(prompt, 0)
+    if model == "flux":
+        positive = Out(g.add("FluxGuidance", 3, 0, {"guidance": 30.0}, {"conditioning": positive}), 0)
+    condition = g.add("InpaintModelConditioning", 3, 1, {"noise_mask": model != "flux"},
+                      {"positive": positive, "negative": Out(negative, 0), "vae": vae, "pixels": warped,
+                       "mask": inpaint_mask}, height=180)
+    sampler = {"sd15": {"steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform"},
+               "sdxl": {"steps": 20, "cfg": 6.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"},
+               "flux": {"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal"}}[model]
+    sample = g.add("KSampler", 4, 0, {"seed": 0, **sampler, "denoise": 1.0},
+                   {"model": model_out, "positive": Out(condition, 0), "negative": Out(condition, 1),
+                    "latent_image": Out(condition, 2)}, height=300)
+    decode = g.add("VAEDecode", 5, 0, inputs={"samples": Out(sample, 0), "vae": vae})
+    composite = g.add("ImageCompositeMasked", 5, 1, {"x": 0, "y": 0, "resize_source": False},
+                      {"destination": warped, "source": Out(decode, 0), "mask": inpaint_mask},
+                      title="Image Composite Masked (inpainted pixels only inside the mask)", height=180)
+    g.add("SaveImage", 6, 0, {"filename_prefix": f"dragkit_warp_inpaint_{model}"}, {"images": Out(composite, 0)},
+          height=320)
+    g.add("PreviewImage", 6, 3, inputs={"images": warped}, title="Warped (before inpainting)", height=320)
+    start = WARP_START[model].format(checkpoint=SD15_INPAINT_CHECKPOINT if model == "sd15" else SDXL_INPAINT_CHECKPOINT,
+                                     lora=LCM_LORA, unet=FLUX_FILL, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE)
+    head = start + "\n2. Load Image: pick or upload your photo." + WARP_EDITOR_STEP + "\n" + WARP_NEEDS[model]
+    g.lead_note(head + "\n\n" + WARP_NOTE.format(after=WARP_AFTER[model]), height=560)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "roundtrip.json": roundtrip,
     "fastdrag.json": fastdrag,
@@ -313,6 +432,9 @@ WORKFLOWS = {
     "gooddrag.json": lambda info: motion(info, "gooddrag", 0.75, 741, 70),
     "fastdrag_sdxl.json": lambda info: fastdrag(info, sdxl=True),
     "dragdiffusion_sdxl.json": lambda info: motion(info, "dragdiffusion", 0.7, 681, 80, sdxl=True),
+    "warp_inpaint_sd15.json": lambda info: warp_inpaint(info, "sd15"),
+    "warp_inpaint_sdxl.json": lambda info: warp_inpaint(info, "sdxl"),
+    "warp_inpaint_flux_fill.json": lambda info: warp_inpaint(info, "flux"),
 }
 
 THUMBNAILS = {
@@ -325,6 +447,9 @@ THUMBNAILS = {
     "gooddrag.json": ("GoodDrag", "LoRA + alternating drag/denoise; CUDA GPU"),
     "fastdrag_sdxl.json": ("FastDrag SDXL", "one-step warp, editor; SDXL checkpoint"),
     "dragdiffusion_sdxl.json": ("DragDiffusion SDXL", "LoRA + motion supervision; SDXL, CUDA GPU"),
+    "warp_inpaint_sd15.json": ("Warp + inpaint SD1.5", "pixel warp, SD1.5 inpainting + LCM; fast"),
+    "warp_inpaint_sdxl.json": ("Warp + inpaint SDXL", "pixel warp, SDXL inpainting checkpoint"),
+    "warp_inpaint_flux_fill.json": ("Warp + FLUX.1 Fill", "pixel warp, FLUX.1 Fill [dev] inpainting"),
 }
 """Per workflow: the thumbnail's caption (method, one line of what it is)."""
 
@@ -383,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out_dir = repo_root() / "workflows"
     if not args.thumbnails:
-        with ComfyServer() as server:
+        with ComfyServer(startup_timeout=600) as server:
             info = server.object_info()
         for name, build in WORKFLOWS.items():
             path = out_dir / name

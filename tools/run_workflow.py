@@ -38,7 +38,8 @@ exited during the batch, or the single run's prompt failed).
 
 Models: without ``--checkpoint`` the tiny seeded test checkpoint is used (for
 a workflow whose Load Checkpoint names the shipped SDXL placeholder, the tiny
-SDXL checkpoint with SDXL's text encoders) and the runner says loudly that
+SDXL checkpoint with SDXL's text encoders; for the inpainting and FLUX Fill
+placeholders, the tiny models of ``tools.tiny_inpaint``) and the runner says loudly that
 the output is a pipeline check, not an edit. A
 workflow with a ControlNet or an upscale model needs ``--controlnet`` /
 ``--upscale-model`` files with a real checkpoint; with the tiny checkpoint
@@ -148,14 +149,19 @@ class Models:
     upscale_model: Path | None = None
     gpu: bool = False
     """Run ComfyUI on the GPU (else ``--cpu``)."""
+    stand_ins: tuple = ()
+    """Tiny files for the workflow's other placeholder models (``tools.tiny_inpaint.stand_ins_for``)."""
     comfy_args: tuple[str, ...] = ()
     """More arguments for ComfyUI's ``main.py`` (``--comfy-arg``)."""
 
     def server(self) -> ComfyServer:
         """A ComfyServer (not started) with these files in its model folders."""
+        folders: dict[str, list[Path]] = {}
+        for _, _, folder, path in self.stand_ins:
+            folders.setdefault(folder, []).append(path)
         return ComfyServer(checkpoints=[self.checkpoint], controlnets=[p for p in (self.controlnet,) if p],
                            upscale_models=[p for p in (self.upscale_model,) if p], cpu=not self.gpu,
-                           extra_args=self.comfy_args)
+                           extra_args=self.comfy_args, **folders)
 
 
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
@@ -163,24 +169,26 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
 
     No ``--checkpoint``: the tiny checkpoint (the tiny SDXL one with its text
     encoders when the workflow's Load Checkpoint names
-    :data:`tools.make_workflows.SDXL_CHECKPOINT`), and the tiny ControlNet /
+    :data:`tools.make_workflows.SDXL_CHECKPOINT`, the tiny inpainting ones for
+    the inpainting placeholders: ``tools.tiny_inpaint.tiny_checkpoints``), the
+    tiny LoRA / FLUX Fill / VAE / CLIP-L for the other placeholder loaders
+    (``tools.tiny_inpaint.stand_ins_for``), and the tiny ControlNet /
     upscaler for a workflow that loads one (unless given). A real checkpoint needs real
     ``--controlnet`` / ``--upscale-model`` files when the workflow loads them.
     """
-    from . import tiny_models, tiny_sdxl_sd2
-    from .make_workflows import SDXL_CHECKPOINT
+    from . import tiny_inpaint, tiny_models
 
     active = [node for node in workflow.get("nodes", []) if node.get("mode") not in (MODE_MUTED, MODE_BYPASS)]
     kinds = {node.get("type") for node in active}
-    sdxl = any(node.get("type") == "CheckpointLoaderSimple" and isinstance(node.get("widgets_values"), list)
-               and node["widgets_values"][:1] == [SDXL_CHECKPOINT] for node in active)
+    named = {node["widgets_values"][0] for node in active if node.get("type") == "CheckpointLoaderSimple"
+             and isinstance(node.get("widgets_values"), list) and node["widgets_values"]}
     tiny = args.checkpoint is None
     if not tiny:
         checkpoint = args.checkpoint.resolve()
-    elif sdxl:
-        checkpoint = tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True)
     else:
-        checkpoint = tiny_models.tiny_checkpoint_path()
+        build = next((b for name, b in tiny_inpaint.tiny_checkpoints().items() if name in named),
+                     tiny_models.tiny_checkpoint_path)
+        checkpoint = build()
     found = {}
     for option, loader, tiny_file in (("controlnet", "ControlNetLoader", tiny_models.tiny_controlnet_path),
                                       ("upscale_model", "UpscaleModelLoader", tiny_models.tiny_upscaler_path)):
@@ -196,8 +204,9 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     for path in [checkpoint, *(p for p in found.values() if p)]:
         if not path.is_file():
             raise DragInputError(f"{path} is not a file")
-    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), comfy_args=tuple(args.comfy_args),
-                  **found)
+    stand_ins = tuple(tiny_inpaint.stand_ins_for(active)) if tiny else ()
+    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), stand_ins=stand_ins,
+                  comfy_args=tuple(args.comfy_args), **found)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -226,14 +235,21 @@ def editor_state_for(image: Path, points_json: str | None, mask: Path | None) ->
 def fill_inputs(
     prompt: dict, image: str, mask: str | None, points_json: str | None, checkpoint: str, text: str | None,
     editor_state: str | None = None, controlnet: str | None = None, upscale_model: str | None = None,
+    stand_ins: tuple | list = (),
 ) -> None:
     """Point the prompt's loaders at the run's files (in place).
 
     ``image`` and ``mask`` are names in ComfyUI's input folder; ``editor_state``
     fills any Drag Points Editor (see :func:`editor_state_for`); ``checkpoint``,
     ``controlnet`` and ``upscale_model`` are file names in the server's model
-    folders (None keeps the workflow's name).
+    folders (None keeps the workflow's name); ``stand_ins``: tiny files for
+    the other placeholder loaders (``tools.tiny_inpaint.apply_stand_ins``).
+    ``text`` goes to every CLIP Text Encode but a negative prompt's.
     """
+    from .make_workflows import NEGATIVE_TITLE
+    from .tiny_inpaint import apply_stand_ins
+
+    apply_stand_ins(prompt, stand_ins)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "DragKitPointsEditor":
@@ -252,7 +268,7 @@ def fill_inputs(
             inputs["image"] = mask or image
         elif kind == "DragKitPointsFromJSON" and points_json is not None:
             inputs["points_json"] = points_json
-        elif kind == "CLIPTextEncode" and text is not None:
+        elif kind == "CLIPTextEncode" and text is not None and node.get("_meta", {}).get("title") != NEGATIVE_TITLE:
             inputs["text"] = text
     if mask is None:
         for node_id in [i for i, n in prompt.items() if n["class_type"] == "LoadImageMask"]:
@@ -433,7 +449,7 @@ def run_one(args: argparse.Namespace, workflow: dict, models: Models) -> int:
         if any(node["class_type"] == "DragKitPointsEditor" for node in prompt.values()):
             state = editor_state_for(args.image, points_json, args.mask)
         fill_inputs(prompt, image_name, mask_name, points_json, models.checkpoint.name, args.prompt, state,
-                    *_model_names(models))
+                    *_model_names(models), stand_ins=models.stand_ins)
         apply_overrides(prompt, args.overrides)
         start = time.monotonic()
         with NodeProgress(server, node_names(prompt, object_info)):
@@ -639,7 +655,7 @@ def _run_sample(server: ComfyServer, template: dict, sample, name: str, staging:
     text = args.prompt if args.prompt is not None else (sample.prompt or None)
     prompt = copy.deepcopy(template)
     fill_inputs(prompt, image_name, mask_name, points_json, models.checkpoint.name, text, sample.editor_state(),
-                *_model_names(models))
+                *_model_names(models), stand_ins=models.stand_ins)
     start = time.monotonic()
     entry = server.run(prompt, timeout=args.timeout)
     seconds = time.monotonic() - start

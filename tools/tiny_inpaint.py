@@ -224,3 +224,55 @@ def use_tiny_flux_text_encoder(prompt: dict, clip_name: str) -> list[str]:
             swapped.append(node_id)
     return swapped
 
+
+
+def stand_ins() -> dict:
+    """What a tiny test run puts in place of each shipped placeholder model.
+
+    ``{(loader class, input, placeholder name): (ComfyUI model folder, function giving the tiny file)}``
+    for the loaders other than Load Checkpoint (see :func:`tiny_checkpoints`).
+    The DualCLIPLoader entry is its first file; the node itself is swapped
+    (:func:`use_tiny_flux_text_encoder`).
+    """
+    from .make_workflows import FLUX_CLIP_L, FLUX_FILL, FLUX_VAE, LCM_LORA
+
+    return {
+        ("LoraLoader", "lora_name", LCM_LORA): ("loras", tiny_lcm_lora_path),
+        ("UNETLoader", "unet_name", FLUX_FILL): ("diffusion_models", tiny_flux_fill_path),
+        ("VAELoader", "vae_name", FLUX_VAE): ("vae", tiny_flux_vae_path),
+        ("DualCLIPLoader", "clip_name1", FLUX_CLIP_L): ("text_encoders", tiny_clip_l_path),
+    }
+
+
+def tiny_checkpoints() -> dict:
+    """``{Load Checkpoint placeholder name: function giving the tiny checkpoint}`` for the placeholders that need
+    another checkpoint than the tiny SD1.5 one (SDXL, SD1.5- and SDXL-inpainting)."""
+    from . import tiny_sdxl_sd2
+    from .make_workflows import SD15_INPAINT_CHECKPOINT, SDXL_CHECKPOINT, SDXL_INPAINT_CHECKPOINT
+
+    return {
+        SDXL_CHECKPOINT: lambda: tiny_sdxl_sd2.tiny_sdxl_checkpoint_path(with_clip=True),
+        SD15_INPAINT_CHECKPOINT: tiny_sd15_inpaint_checkpoint_path,
+        SDXL_INPAINT_CHECKPOINT: tiny_sdxl_inpaint_checkpoint_path,
+    }
+
+
+def stand_ins_for(nodes: list) -> list[tuple[str, str, str, Path]]:
+    """``(loader class, input, model folder, tiny file)`` for each UI-format node naming a placeholder of
+    :func:`stand_ins` in its widgets (the files are built if not cached)."""
+    found = []
+    for (loader, name, placeholder), (folder, build) in stand_ins().items():
+        if any(n.get("type") == loader and placeholder in (n.get("widgets_values") or []) for n in nodes):
+            found.append((loader, name, folder, build()))
+    return found
+
+
+def apply_stand_ins(prompt: dict, found: list) -> None:
+    """Point an API ``prompt``'s loaders at the tiny files of :func:`stand_ins_for` (in place)."""
+    for loader, name, _, path in found:
+        if loader == "DualCLIPLoader":
+            use_tiny_flux_text_encoder(prompt, path.name)
+            continue
+        for node in prompt.values():
+            if node["class_type"] == loader:
+                node["inputs"][name] = path.name

@@ -1,8 +1,9 @@
 """Every shipped workflow converts to an API prompt by the frontend's rules and runs in a real ComfyUI.
 
-The server is ComfyUI 0.3.64 headless on CPU with the tiny seeded checkpoint
-(the ``*_sdxl`` workflows: the tiny SDXL checkpoint with SDXL's text encoders,
-``tools.tiny_sdxl_sd2``), and the tiny generated ControlNet and 2x upscaler
+The server is the host of ``COMFYUI_PATH`` (ComfyUI 0.3.64 or 0.33.0) headless on CPU with the tiny seeded
+checkpoint standing in for each placeholder (the SDXL ones: the tiny SDXL checkpoint with SDXL's text encoders,
+``tools.tiny_sdxl_sd2``; the warp + inpaint ones: the tiny inpainting checkpoints, LoRA, FLUX Fill, VAE and
+CLIP-L of ``tools.tiny_inpaint``), and the tiny generated ControlNet and 2x upscaler
 standing in for the user's (``tools.tiny_models``); the image is a small synthetic one (the tiny
 UNet is slow at 512 px on CPU), DDIM Invert runs 10 steps, LoRA Fine-tune 2
 (batch 1), motion supervision a few. Also: the ControlNet chained into
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from tools.run_workflow import editor_state_for, fill_inputs, saved_images
+from tools.tiny_inpaint import stand_ins_for, tiny_checkpoints
 from tools.tiny_models import UPSCALER_SCALE
 from tools.workflow_format import ui_to_api
 
@@ -37,6 +39,20 @@ def is_sdxl(workflow: Path) -> bool:
     return workflow.stem.endswith("_sdxl")
 
 
+def tiny_checkpoint_for(workflow: dict, tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint standing in for the workflow's Load Checkpoint placeholder (the tiny SD1.5 one by default)."""
+    named = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"}
+    return next((build() for name, build in tiny_checkpoints().items() if name in named), tiny_checkpoint)
+
+
+START_HERE = {
+    "warp_inpaint_sd15": "START HERE: 1. Load Checkpoint: pick your SD1.5 inpainting checkpoint",
+    "warp_inpaint_sdxl": "START HERE: 1. Load Checkpoint: pick your SDXL inpainting checkpoint",
+    "warp_inpaint_flux_fill": "START HERE: 1. Load Diffusion Model: pick FLUX.1 Fill [dev]",
+}
+"""How each workflow's Note starts where it is not "pick your SD1.5 / SDXL checkpoint"."""
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, comfy_server):
     folder = tmp_path_factory.mktemp("workflow-inputs")
@@ -50,14 +66,17 @@ def inputs(tmp_path_factory, comfy_server):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, tiny_sdxl_checkpoint,
-                                              tiny_controlnet, tiny_upscaler, inputs):
-    prompt = ui_to_api(json.loads(workflow.read_text()), comfy_server.object_info())
-    checkpoint = tiny_sdxl_checkpoint if is_sdxl(workflow) else tiny_checkpoint
+def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_checkpoint, tiny_controlnet, tiny_upscaler,
+                                              inputs):
+    saved_workflow = json.loads(workflow.read_text())
+    prompt = ui_to_api(saved_workflow, comfy_server.object_info())
+    checkpoint = tiny_checkpoint_for(saved_workflow, tiny_checkpoint)
     fill_inputs(prompt, inputs[0], inputs[1], POINTS, checkpoint.name, "a test image", inputs[2],
-                tiny_controlnet.name, tiny_upscaler.name)
+                tiny_controlnet.name, tiny_upscaler.name, stand_ins=stand_ins_for(saved_workflow["nodes"]))
     kinds = {node["class_type"] for node in prompt.values()}
     for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
         if node["class_type"] == "DragKitDDIMInvert":
             node["inputs"]["steps"] = 10
         if node["class_type"] == "DragKitMotionSupervisionOptimize":
@@ -79,6 +98,11 @@ def test_workflow_runs_on_the_tiny_checkpoint(workflow, comfy_server, tiny_check
     if kinds & {"DragKitFastDragWarp", "DragKitMotionSupervisionOptimize"}:
         outside = np.asarray(Image.open(comfy_server.dir("input") / inputs[1])) == 0
         assert np.array_equal(image[outside], source[outside])
+    if "DragKitPixelWarp" in kinds:  # the moves are <= 30 px right and 10 px down, the band 5 px: rows and
+        # columns that far from the mask (rows 20-79, columns 25-109) are the source's, exactly
+        assert np.array_equal(image[:5], source[:5]) and np.array_equal(image[95:], source[95:])
+        assert np.array_equal(image[:, :20], source[:, :20])
+        assert not np.array_equal(image, source)
 
 
 @pytest.mark.parametrize("name, steps", [("dragdiffusion.json", 80), ("gooddrag.json", 70), ("dragdiffusion_sdxl.json", 80)])
@@ -188,7 +212,7 @@ def test_each_workflow_has_a_thumbnail_and_a_note_that_says_what_to_select_first
     assert len(notes) == 1 and notes[0]["pos"] == [40, 40]  # where the view opens
     text = notes[0]["widgets_values"][0]
     family = "SDXL" if is_sdxl(workflow) else "SD1.5"
-    assert text.startswith(f"START HERE: 1. Load Checkpoint: pick your {family} checkpoint")
+    assert text.startswith(START_HERE.get(workflow.stem, f"START HERE: 1. Load Checkpoint: pick your {family} checkpoint"))
     assert "2. Load Image: pick or upload your photo." in text and "\nNeeds: " in text
 
 

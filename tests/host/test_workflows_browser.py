@@ -14,15 +14,19 @@ workflow in ``workflows/``:
    gives the same ``widgets_values``, and ``app.graphToPrompt()`` gives the
    same API prompt as :func:`tools.workflow_format.ui_to_api` (which the
    headless runner and the host tests use).
-3. A user picks the image (Load Image), the checkpoint (the tiny SDXL one
-   with its text encoders for the ``*_sdxl`` workflows; and ControlNet /
-   upscale model), clicks handle/target pairs in the Drag Points Editor with
+3. A user picks the image (Load Image), the checkpoint (the tiny stand-in
+   for the workflow's placeholder: the tiny SDXL one with its text encoders
+   for the SDXL workflows, the tiny inpainting ones for ``warp_inpaint_*``;
+   and ControlNet / upscale model, LoRA, FLUX Fill, VAE; the FLUX workflow's
+   DualCLIPLoader is replaced by a CLIPLoader of the tiny CLIP-L, as
+   ``tools.tiny_inpaint`` explains), clicks handle/target pairs in the Drag Points Editor with
    real mouse events and presses "Mask handles" (the JSON-points workflow:
    types the points and picks the mask). Then no editor warning, no console
    error from the pack, and Queue (``app.queuePrompt``) gives no validation
    error.
-4. The FastDrag workflows run to the end (the editor → FastDrag graph
-   included, SDXL's too, on a 128×128 copy of ``samples/art_0``); the others (the LoRA of
+4. The FastDrag and warp + inpaint workflows run to the end (the editor →
+   FastDrag graph included, SDXL's too; editor → warp → inpaint with one
+   sampler step; on a 128×128 copy of ``samples/art_0``); the others (the LoRA of
    DragDiffusion / GoodDrag takes many minutes on a CPU, the round trip 50
    steps) are interrupted once queued.
 
@@ -39,6 +43,7 @@ import pytest
 from PIL import Image
 
 from tools.comfy_host import PACK_FOLDER_NAME, repo_root
+from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints
 from tools.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 
 from .browser import Browser, chromium, open_comfyui
@@ -54,7 +59,8 @@ SAMPLE = repo_root() / "samples" / "art_0"
 ARTIFACTS = repo_root() / "test-artifacts" / "workflows-browser"
 EDITOR_CLASS = "DragKitPointsEditor"
 SCALE = 4  # the 512x512 sample at 128x128: the tiny UNet on a CPU
-RUN_TO_END = {"fastdrag", "fastdrag_refine", "fastdrag_controlnet_upscale", "fastdrag_json_points", "fastdrag_sdxl"}
+RUN_TO_END = {"fastdrag", "fastdrag_refine", "fastdrag_controlnet_upscale", "fastdrag_json_points", "fastdrag_sdxl",
+              "warp_inpaint_sd15", "warp_inpaint_sdxl", "warp_inpaint_flux_fill"}
 UI_ONLY_NAMES = {"fixed": "control_after_generate", "image": "upload"}
 
 
@@ -122,7 +128,7 @@ def _set_widget(chrome: Browser, node_type: str, name: str, value) -> None:
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server, page, sample, tiny_checkpoint,
-                                                         tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler):
+                                                         tiny_controlnet, tiny_upscaler):
     chrome, name, saved = page, workflow.stem, json.loads(workflow.read_text())
 
     # -- 1. listed as a template, with a thumbnail, and loaded as the template browser loads it
@@ -161,8 +167,16 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
     # -- 3. the user picks the image and models, places points, paints the mask
     image_name, mask_name, pairs = sample
     _set_widget(chrome, "LoadImage", "image", image_name)
-    checkpoint = tiny_sdxl_checkpoint if name.endswith("_sdxl") else tiny_checkpoint
+    named = {n["widgets_values"][0] for n in saved["nodes"] if n["type"] == "CheckpointLoaderSimple"}
+    checkpoint = next((build() for placeholder, build in tiny_checkpoints().items() if placeholder in named),
+                      tiny_checkpoint)
     _set_widget(chrome, "CheckpointLoaderSimple", "ckpt_name", checkpoint.name)
+    for (loader, widget, _), (_, build) in stand_ins().items():
+        if loader == "DualCLIPLoader":
+            _replace_dual_clip_loader(chrome, build().name)
+        else:
+            _set_widget(chrome, loader, widget, build().name)
+    _set_widget(chrome, "KSampler", "steps", 1)
     _set_widget(chrome, "ControlNetLoader", "control_net_name", tiny_controlnet.name)
     _set_widget(chrome, "UpscaleModelLoader", "model_name", tiny_upscaler.name)
     _set_widget(chrome, "LoadImageMask", "image", mask_name)
@@ -190,6 +204,27 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
         assert chrome.js(f"app.graph.nodes.find(n => n.type === '{EDITOR_CLASS}').dragPointsEditor.warning") == ""
     pack_errors = chrome.errors("dragkit") + chrome.errors("drag_points")
     assert not pack_errors, pack_errors
+
+
+def _replace_dual_clip_loader(chrome: Browser, clip_name: str) -> None:
+    """Replace any DualCLIPLoader by a CLIPLoader of ``clip_name`` (type sd3) feeding the same inputs, as a user would."""
+    chrome.js(f"""(() => {{
+        for (const old of app.graph.nodes.filter(n => n.type === 'DualCLIPLoader')) {{
+            const node = LiteGraph.createNode('CLIPLoader');
+            node.pos = [...old.pos];
+            app.graph.add(node);
+            node.widgets.find(w => w.name === 'clip_name').value = {json.dumps(clip_name)};
+            node.widgets.find(w => w.name === 'type').value = {json.dumps(TINY_CLIP_TYPE)};
+            const links = app.graph.links instanceof Map ? app.graph.links : new Map(Object.entries(app.graph.links));
+            for (const id of [...(old.outputs[0].links ?? [])]) {{
+                const link = links.get(id) ?? links.get(String(id));
+                node.connect(0, app.graph.getNodeById(link.target_id), link.target_slot);
+            }}
+            app.graph.remove(old);
+        }}
+        app.canvas.setDirty(true, true);
+        return true;
+    }})()""")
 
 
 def _place_points(chrome: Browser, pairs: list) -> None:
