@@ -117,17 +117,21 @@ function idwPoint(px, py, refs, vecs, k) {
   return [vx / sw, vy / sw, closest];
 }
 
-/** Lattice offsets [dx, dy, length] with |o| <= radius, ordered by (|o|^2, dy, dx). */
+/** Lattice offsets with |o| <= radius, ordered by (|o|^2, dy, dx): {dx, dy (Int32Array), weight (1/(|o| + eps))}. */
 function disc(radius) {
-  const out = [];
+  const all = [];
   for (let dy = -radius; dy <= radius; dy++) {
     for (let dx = -radius; dx <= radius; dx++) {
       const s = dx * dx + dy * dy;
-      if (s <= radius * radius) out.push([dx, dy, s]);
+      if (s <= radius * radius) all.push([dx, dy, s]);
     }
   }
-  out.sort((a, b) => a[2] - b[2] || a[1] - b[1] || a[0] - b[0]);
-  return out.map(([dx, dy, s]) => [dx, dy, Math.sqrt(s)]);
+  all.sort((a, b) => a[2] - b[2] || a[1] - b[1] || a[0] - b[0]);
+  return {
+    dx: Int32Array.from(all, (o) => o[0]),
+    dy: Int32Array.from(all, (o) => o[1]),
+    weight: Float64Array.from(all, (o) => 1 / (Math.sqrt(o[2]) + IDW_EPS)),
+  };
 }
 
 /**
@@ -152,6 +156,8 @@ function gridIdw(queries, refs, vecs, k) {
   refs.forEach(([x, y], j) => {
     cell[(y - y0) * gw + (x - x0)] = j;
   });
+  const vx0 = Float64Array.from(vecs, (v) => v[0]);
+  const vy0 = Float64Array.from(vecs, (v) => v[1]);
   const out = new Float64Array(queries.length * 2);
   let radius = 2;
   let offsets = disc(radius);
@@ -161,16 +167,17 @@ function gridIdw(queries, refs, vecs, k) {
       let sw = 0;
       let vx = 0;
       let vy = 0;
-      for (const [dx, dy, length] of offsets) {
-        const x = qx + dx - x0;
-        const y = qy + dy - y0;
+      const { dx, dy, weight } = offsets;
+      for (let o = 0; o < dx.length; o++) {
+        const x = qx + dx[o] - x0;
+        const y = qy + dy[o] - y0;
         if (x < 0 || y < 0 || x >= gw || y >= gh) continue;
         const j = cell[y * gw + x];
         if (j < 0) continue;
-        const w = 1 / (length + IDW_EPS);
+        const w = weight[o];
         sw += w;
-        vx += w * vecs[j][0];
-        vy += w * vecs[j][1];
+        vx += w * vx0[j];
+        vy += w * vy0[j];
         if (++found === nearest) break;
       }
       if (found === nearest) {
