@@ -144,6 +144,10 @@ def test_the_plan_puts_the_key_numbers_first_and_runs_both_vram_modes(fake_run, 
     assert bench[bench.index("--repeats") + 1] == "3"
     assert by_name["capture [default, cudaMallocAsync]"][1]["PYTORCH_CUDA_ALLOC_CONF"] == gpu_check.ASYNC_ALLOCATOR
     assert "PYTORCH_CUDA_ALLOC_CONF" not in by_name["capture [default, native]"][1]
+    if "inpaint" in by_name:
+        inpaint = by_name["inpaint"][0]
+        assert inpaint[1:5] == ["-m", "tools.comfy_vram", "default", "benchmarks.inpaint"]
+        assert inpaint[-2:] == ["--out", str(fake_run.out.resolve() / "inpaint.json")]
     upscale = by_name["workflow fastdrag_controlnet_upscale [no-dynamic-vram]"][0]
     assert "--comfy-arg=--disable-dynamic-vram" in upscale and "--upscale-model" in upscale and "--controlnet" in upscale
     assert "--comfy-arg=--disable-dynamic-vram" not in by_name["workflow fastdrag_controlnet_upscale [default]"][0]
@@ -167,7 +171,7 @@ def test_at_most_eight_files_come_back_and_bulk_stays_outside(fake_run, tmp_path
     files = gpu_check.out_files(fake_run.out)
     assert len(files) <= gpu_check.MAX_OUT_FILES
     assert {p.name for p in files} == {"summary.md", "summary.json", "bench.json", "bench_no_dynamic_vram.json",
-                                       "capture.json", "logs.tar.gz"}
+                                       "capture.json", "logs.tar.gz"}, "the fake inpaint step writes no JSON"
     assert all(p.parent == fake_run.out for p in files)
     assert len(json.loads((fake_run.out / "capture.json").read_text())) == 4, "every capture run in one file"
     text = (fake_run.out / "summary.md").read_text()
@@ -203,7 +207,8 @@ def test_the_budget_leaves_the_workflows_for_a_second_call(fake_run, tmp_path, m
 
 def test_without_comfyui_the_host_steps_are_skipped_with_the_reason(fake_run):
     rc, commands = fake_run()
-    assert rc == 0 and [name for name, _, _ in commands] == ["tests", "bench [default]"]
+    inpaint = ["inpaint"] if (gpu_check.REPO / "benchmarks" / "inpaint.py").is_file() else []
+    assert rc == 0 and [name for name, _, _ in commands] == ["tests", "bench [default]"] + inpaint
     assert commands[1][1][1:3] == ["-m", "benchmarks.bench"], "the diffusers path, no host to start"
 
 
