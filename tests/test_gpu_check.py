@@ -197,7 +197,7 @@ def test_the_budget_leaves_the_workflows_for_a_second_call(fake_run, tmp_path, m
     rc, commands = fake_run("--budget", "540", comfyui=fake_host(tmp_path, disable_flag=True))
     assert rc == 0 and not any(name.startswith(("models", "workflow")) for name, _, _ in commands)
     text = (fake_run.out / "summary.md").read_text()
-    assert "`bash scripts/gpu_check.sh --budget 540 --only workflows`" in text
+    assert "    bash scripts/gpu_check.sh --budget 540 --only workflows --vram default,no-dynamic-vram" in text
     done = len(commands)
     rc, commands = fake_run("--only", "workflows", "--vram", "default", comfyui=tmp_path / "ComfyUI")
     second = [name for name, _, _ in commands[done:]]
@@ -319,3 +319,16 @@ def test_a_stopped_check_records_the_running_step_and_stops(tmp_path):
         gpu_check.execute([planned("a", 1), planned("b", 1), planned("c", 1)], gpu_check.Budget(None, clock.now, clock),
                           runner, recorded.append, cap=10)
     assert [(s.name, s.status, s.detail) for s in recorded] == [("a", "passed", ""), ("b", "failed", "stopped by SIGTERM")]
+
+
+def test_the_summary_says_how_to_run_what_the_budget_left_out():
+    report = gpu_check.Report(tiny=False, steps=[
+        gpu_check.Step("bench [default]", "passed", group="bench"),
+        gpu_check.Step("bench [no-dynamic-vram]", detail="needs ~240 s, 50 s left of the 540 s budget", group="bench",
+                       vram="no-dynamic-vram"),
+        gpu_check.Step("inpaint", detail="benchmarks/inpaint.py is not in this checkout", group="inpaint"),
+        gpu_check.Step("workflow fastdrag [default]", detail="needs ~35 s, 5 s left of the 540 s budget",
+                       group="workflows")])
+    assert gpu_check.resume_commands(report) == [
+        "bash scripts/gpu_check.sh --budget 540 --only bench --vram no-dynamic-vram",
+        "bash scripts/gpu_check.sh --budget 540 --only workflows --vram default"]

@@ -129,6 +129,7 @@ class Step:
     key: str = ""
     log: str = ""
     group: str = ""
+    vram: str = "default"
 
 
 @dataclass
@@ -241,14 +242,14 @@ def execute(planned: list[Planned], budget: Budget, runner: Callable[[Planned, l
         why = budget.refusal(item.estimate)
         prepared = item.prepare() if why is None else why
         if isinstance(prepared, str):
-            record(Step(item.name, "skipped", detail=prepared, group=item.group))
+            record(Step(item.name, "skipped", detail=prepared, group=item.group, vram=item.vram))
             continue
         try:
             step = runner(item, prepared, budget.timeout(cap))
         except Stopped as stop:
-            record(Step(item.name, "failed", budget.elapsed(), f"stopped by {stop}", group=item.group))
+            record(Step(item.name, "failed", budget.elapsed(), f"stopped by {stop}", group=item.group, vram=item.vram))
             raise
-        step.group = item.group
+        step.group, step.vram = item.group, item.vram
         if step.status == "passed" or step.log:
             try:
                 step.key = item.key(step)
@@ -729,6 +730,21 @@ def capture_tables(captures: dict) -> list[str]:
     return lines + ([""] + list(dict.fromkeys(logged)) if logged else [])
 
 
+def resume_commands(report: Report) -> list[str]:
+    """Commands that run the steps the budget left out: the numbers (benchmark, capture check, inpaint) first, then
+    the workflows, each limited to the VRAM modes that were left out."""
+    left = [s for s in report.steps if s.status == "skipped" and "budget" in s.detail]
+    commands = []
+    for workflows in (False, True):
+        part = [s for s in left if (s.group == "workflows") == workflows]
+        if part:
+            groups = [g for g in GROUPS if any(s.group == g for s in part)]
+            modes = [m for m in VRAM_MODES if any(s.vram == m for s in part)]
+            commands.append(f"bash scripts/gpu_check.sh{' --sdxl' if report.sdxl else ''} --budget 540 "
+                            f"--only {','.join(groups)} --vram {','.join(modes)}")
+    return commands
+
+
 def summary_markdown(report: Report, out: Path, captures: dict) -> str:
     title = ("tiny models, CPU pipeline check" if report.tiny else
              f"real-size {'SDXL at 1024²' if report.sdxl else 'SD1.5'}, random weights")
@@ -753,11 +769,10 @@ def summary_markdown(report: Report, out: Path, captures: dict) -> str:
         lines += ["", "## Captured against plain passes (tools/capture_check.py)", ""] + capture_tables(captures)
     left_out = [s for s in report.steps if s.status == "skipped"]
     if left_out:
-        groups = sorted({s.group for s in left_out if "budget" in s.detail})
         lines += ["", "## Not run", ""] + [f"- {s.name}: {s.detail}" for s in left_out]
-        if groups:
-            lines += ["", f"To run what the budget left out: `bash scripts/gpu_check.sh --budget 540 "
-                          f"--only {','.join(groups)}`"]
+        rerun = resume_commands(report)
+        if rerun:
+            lines += ["", "To run what the budget left out, in further calls:", ""] + [f"    {c}" for c in rerun]
     lines += ["", f"**{'PASSED' if report.passed else 'FAILED'}**", ""]
     return "\n".join(lines)
 
