@@ -801,8 +801,9 @@ class PassCache:
         refuses its key (:meth:`_refuse`). Any other failure inside CUDA's
         stream capture can leave the caching allocator unable to tell what a
         later capture may use, so it switches graphs off for the rest of the
-        process (:func:`capture_mode` then says ``off``) and refuses the key
-        as well. The current stream is restored in every case.
+        process (:func:`capture_mode` then says ``off``), refuses the key and
+        drops this cache's other graphs (no longer used). The current stream
+        is restored in every case.
         """
         device = entry.statics[0].device
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -819,6 +820,7 @@ class PassCache:
             log_once(("capture-failed", type(failure).__name__), f"DragKit: a UNet pass could not be captured "
                      f"({type(failure).__name__}: {failure}); captured passes are off for this process")
             self._refuse(key, entry, failure)
+            self.release(lambda other: True)
             return
         finally:
             if stream is not None:

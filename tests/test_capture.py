@@ -322,6 +322,7 @@ def test_any_other_capture_failure_switches_graphs_off_for_the_process(monkeypat
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setenv(capture.ENV_VAR, "graph")
     passes = capture.PassCache()
+    passes.run("earlier", doubled, (torch.ones(3),), AttentionControl(), (), "eager")
     entry = new_entry(passes, "k", torch.ones(3))
 
     def capture_fails():
@@ -329,7 +330,7 @@ def test_any_other_capture_failure_switches_graphs_off_for_the_process(monkeypat
 
     passes._checked("k", capture_fails, entry)
     assert capture._graphs_disabled and capture.capture_mode(torch.device("cuda")) == "off"
-    assert "k" in passes.refused
+    assert "k" in passes.refused and not passes.entries, "the key refused, the cache's other passes dropped"
 
 
 def test_the_thrash_guard_stops_new_keys_of_a_group(monkeypatch):
