@@ -77,6 +77,8 @@ EXIT_BAD_INPUT = 2
 """Exit code: bad input (the message says which); nothing was run."""
 EXIT_COMFYUI = 3
 """Exit code: ComfyUI did not start, exited during the batch, or the single run's prompt failed."""
+STARTUP_TIMEOUT = 600.0
+"""Seconds ComfyUI may take to answer after its start: 10-60 s on two idle cores, minutes when they are shared."""
 
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -161,7 +163,7 @@ class Models:
             folders.setdefault(folder, []).append(path)
         return ComfyServer(checkpoints=[self.checkpoint], controlnets=[p for p in (self.controlnet,) if p],
                            upscale_models=[p for p in (self.upscale_model,) if p], cpu=not self.gpu,
-                           extra_args=self.comfy_args, **folders)
+                           extra_args=self.comfy_args, startup_timeout=STARTUP_TIMEOUT, **folders)
 
 
 def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
