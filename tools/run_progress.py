@@ -143,8 +143,8 @@ class NodeProgress:
 def started(server, stream: TextIO | None = None) -> Iterator:
     """Start ``server`` (a :class:`tools.comfy_host.ComfyServer`) saying so before and after; stops it on exit."""
     where = "the GPU" if not server.cpu else "the CPU"
-    say(f"starting ComfyUI from {server.comfyui} on {where} (10-60 s, minutes on busy cores: it imports torch and loads its nodes "
-        f"and this pack)", stream)
+    say(f"starting ComfyUI from {server.comfyui} on {where} (10-60 s, minutes on busy cores: it imports torch "
+        f"and loads its nodes and this pack)", stream)
     with server:
         say(f"ComfyUI is up after {server.startup_seconds:.0f} s", stream)
         yield server
