@@ -13,10 +13,13 @@ unchanged, without ``COMFYUI_PATH`` in the environment (the commands set it).
   at this interpreter's virtual environment (unless ``DRAGKIT_FRESH_VENV=1``,
   which lets the set-up make ``.venv`` in the clone and download torch), so
   the same scripts run without downloading torch again.
-- The set-up command runs the whole suite (about 18 minutes on a 2-core CPU,
-  and it contains this test): ``PYTEST_ADDOPTS`` narrows it to the quick
+- The set-up command runs the whole suite (see the README for how long, and
+  it contains this test): ``PYTEST_ADDOPTS`` narrows it to the quick
   first-run tests unless ``DRAGKIT_FRESH_CLONE_FULL=1``; inside the clone
   this test skips itself (``DRAGKIT_IN_FRESH_CLONE``).
+- Both commands must print their progress: the set-up names each install
+  step (``[set-up]``), the main job ComfyUI's start and every node it runs
+  (``[run]``).
 """
 
 from __future__ import annotations
@@ -66,13 +69,17 @@ def test_readme_first_run_commands_in_a_fresh_clone(tmp_path, comfyui):
     if not os.environ.get("DRAGKIT_FRESH_CLONE_FULL"):
         env["PYTEST_ADDOPTS"] = "-k first_run_messages"
 
-    timings = {}
+    timings, outputs = {}, {}
     for label, command in (("set-up", set_up), ("main job", main_job)):
         start = time.monotonic()
         result = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
                                 timeout=3600)
         timings[label] = time.monotonic() - start
         assert result.returncode == 0, f"{label}: {command}\nexit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        outputs[label] = result.stdout + result.stderr
+    assert "[set-up] installing this pack's and the tests' requirements" in outputs["set-up"]
+    assert "[run] ComfyUI is up after" in outputs["main job"]
+    assert "[run]   [1/" in outputs["main job"] and "DDIM Invert (DragKit)" in outputs["main job"]
     print(f"fresh clone: set-up {timings['set-up']:.0f} s, main job {timings['main job']:.0f} s")
 
     written = sorted(p.name for p in (clone / "out").iterdir())
