@@ -18,7 +18,7 @@ Stages:
   * ``--tiny``: the tiny inpainting models of :mod:`tools.tiny_inpaint` on the CPU at 128² (skipped with a
     reason when that module or its models are unavailable).
 
-    python -m benchmarks.inpaint [--tiny] [--out FILE.json] [--repeats N]
+    python -m benchmarks.inpaint [--tiny] [--out FILE.json] [--repeats N] [--threads N] [--no-edit]
 
 The last line printed is a one-line summary (the GPU check keys its log on it).
 """
@@ -127,8 +127,13 @@ def tiny_cases() -> list[dict]:
     flux = comfy.sd.load_diffusion_model(str(tiny_inpaint.tiny_flux_fill_path()))
     flux_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_inpaint.tiny_flux_vae_path())))
     fill = {"name": "tiny flux-fill", "model": flux, "vae": flux_vae, "side": TINY_SIDE, "sampler": "euler",
-            "scheduler": "simple", "cfg": 1.0, "positive": _conditioning(4096, 16, 768, 30.0)}
+            "scheduler": "simple", "cfg": 1.0, "positive": _conditioning(4096, 16, _pooled_width(flux), 30.0)}
     return [sd15, fill]
+
+
+def _pooled_width(model) -> int:
+    """Width of the pooled text embedding a FLUX MODEL takes (its ``vector_in`` input)."""
+    return model.model.diffusion_model.vector_in.in_layer.in_features
 
 
 def real_cases(device: torch.device) -> list[dict]:
@@ -149,7 +154,7 @@ def real_cases(device: torch.device) -> list[dict]:
     flux = comfy.sd.load_diffusion_model_state_dict(flux_fill_random(device))
     flux_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_inpaint.tiny_flux_vae_path())))
     fill = {"name": "flux-fill (random; tiny VAE stand-in)", "model": flux, "vae": flux_vae, "side": 1024,
-            "sampler": "euler", "scheduler": "simple", "cfg": 1.0, "positive": _conditioning(4096, 256, 768, 30.0)}
+            "sampler": "euler", "scheduler": "simple", "cfg": 1.0, "positive": _conditioning(4096, 256, _pooled_width(flux), 30.0)}
     return [sd15, fill]
 
 
@@ -204,11 +209,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="measured warp runs per size (default 7)")
     parser.add_argument("--edit-repeats", type=int, default=3, help="measured whole edits per model (default 3)")
     parser.add_argument("--no-edit", dest="edit", action="store_false", help="time the warp only")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
