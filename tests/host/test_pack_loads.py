@@ -123,3 +123,41 @@ def test_workflow_templates_are_listed(comfy_server, repo_root):
         r = comfy_server.get(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{path.name}")
         assert r.status_code == 200, (path.name, r.status_code)
         assert json.loads(r.text) == json.loads(path.read_text())
+
+
+def _drag_prompt(checkpoint: str) -> dict:
+    """An API prompt that runs every override the pack installs: DDIM Invert and KV-Injected Sample (attn1 replace
+    patches, the UNet function wrapper, the KSAMPLER function) and Motion-Supervision Optimize (the output-block patch,
+    autograd on the model), on the tiny checkpoint at 64x64."""
+    points = json.dumps({"width": 64, "height": 64, "points": [[16, 24], [40, 24]]})
+    motion = {"mode": "dragdiffusion", "iterations": 2, "lr": -1.0, "lam": -1.0, "r1": -1, "r2": -1, "drag_steps": 2,
+              "drags_per_step": 2, "grad_steps": 1, "beta": 4.0, "max_unchanged": 0}
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "DragKitDDIMInvert", "inputs": {"model": ["1", 0], "latent": ["3", 0], "positive": ["2", 0],
+                                                            "steps": 10, "strength": 0.7, "cache_layers": "decoder",
+                                                            "cache_device": "auto"}},
+        "5": {"class_type": "DragKitPointsFromJSON", "inputs": {"points_json": points}},
+        "6": {"class_type": "DragKitMotionSupervisionOptimize",
+              "inputs": {"model": ["1", 0], "latent": ["4", 0], "attn_cache": ["4", 1], "positive": ["2", 0],
+                         "points": ["5", 0], **motion}},
+        "7": {"class_type": "DragKitKVInjectedSample",
+              "inputs": {"model": ["1", 0], "latent": ["6", 0], "attn_cache": ["4", 1], "positive": ["2", 0],
+                         "kv_source": "reference branch", "inject_layers": "masactrl", "inject_start": 0.0,
+                         "inject_end": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def test_running_the_pack_logs_no_deprecation_or_warning_of_its_own(comfy_server, tiny_checkpoint):
+    """Issue 21 item 3: the host (0.3.64 or 0.33.0) logs nothing deprecated about what the pack calls or installs,
+    and no Python warning comes from the pack's files, while a drag runs."""
+    before = len(comfy_server.log_text().splitlines())
+    comfy_server.run(_drag_prompt(tiny_checkpoint.name), timeout=600)
+    new = comfy_server.log_text().splitlines()[before:]
+    deprecated = [line for line in new if "deprecat" in line.lower()]
+    ours = [line for line in new if "Warning" in line and f"custom_nodes/{PACK_FOLDER_NAME}/" in line]
+    assert not deprecated and not ours, "\n".join(deprecated + ours + ["--- log of the run ---", *new])
