@@ -21,6 +21,7 @@ from .comfy_lora import (
 )
 from .common import CATEGORY, log, node_errors, progress_reporter
 from .file_names import check_save_name, check_target, without_path
+from .model_family import require_unet
 
 NODE_NAME = "LoRA Fine-tune"
 CACHE_FOLDER = "dragkit-lora-cache"
@@ -146,6 +147,7 @@ class LoRAFineTune:
     def finetune(self, model, vae, image, positive, steps, rank, alpha, lr, batch, seed, save_name, use_cache,
                  overwrite=False, existing_lora=NONE, unique_id=None):
         with node_errors(NODE_NAME):
+            require_unet(model, "The per-image LoRA (on the UNet's attention layers)")
             relative = check_save_name(save_name, SUFFIX, CACHE_FOLDER)
             if existing_lora and existing_lora != NONE:
                 path = folder_paths.get_full_path("loras", existing_lora)

@@ -14,6 +14,7 @@ from .comfy_backend import ComfyBackend, ComfyConditioning
 from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_cache, require_finite, require_points
 from .invert import check_conditioning, preview_progress
 from .latent_io import require_step, with_step
+from .model_family import require_unet
 
 MODES = ("dragdiffusion", "gooddrag", "refine_warp")
 PREVIEW_EVERY = 5
@@ -98,6 +99,7 @@ class MotionSupervisionOptimize:
                  drag_steps=GD.drag_steps, drags_per_step=GD.drags_per_step, grad_steps=GD.grad_steps, beta=GD.beta,
                  max_unchanged=GD.max_unchanged, mask=None, feature_level=METHOD_DEFAULT):
         with node_errors("Motion-Supervision Optimize"):
+            require_unet(model, "Motion supervision on decoder features")
             require_points(points)
             require_cache(attn_cache)
             step = require_step(latent)

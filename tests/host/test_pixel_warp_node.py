@@ -153,3 +153,11 @@ def test_unet_only_nodes_refuse_a_dit_model(comfy_inproc, tiny_comfy_models):
     with pytest.raises(ValueError, match=r"^\[KV-Injected Sample\] KV-injected sampling needs a UNet"):
         comfy_inproc.run_node("DragKitKVInjectedSample", model=dit, latent=latent, attn_cache=None, positive=[],
                               kv_source="inversion cache", inject_layers="decoder", inject_start=0.0, inject_end=1.0)
+    with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] Motion supervision .* needs a UNet"):
+        comfy_inproc.run_node("DragKitMotionSupervisionOptimize", model=dit, latent=latent, attn_cache=None,
+                              positive=[], points=None, mode="dragdiffusion", iterations=1, lr=0.01, lam=0.1, r1=1,
+                              r2=3)
+    with pytest.raises(ValueError, match=r"^\[LoRA Fine-tune\] The per-image LoRA .* needs a UNet"):
+        comfy_inproc.run_node("DragKitLoRAFineTune", model=dit, vae=None, image=torch.zeros(1, 8, 8, 3), positive=[],
+                              steps=1, rank=4, alpha=4.0, lr=5e-4, batch=1, seed=0, save_name="x.safetensors",
+                              use_cache=False)
