@@ -181,10 +181,10 @@ def pixel_warp(
             (source_xy[:, 0] >= 0) & (source_xy[:, 0] < width) & (source_xy[:, 1] >= 0) & (source_xy[:, 1] < height)
         )
         query_flat = queries[:, 1] * width + queries[:, 0]
-        index[query_flat] = torch.where(valid, source_xy[:, 1] * width + source_xy[:, 0], query_flat)
-        no_source[query_flat] = ~valid
+        index.index_copy_(0, query_flat, torch.where(valid, source_xy[:, 1] * width + source_xy[:, 0], query_flat))
+        no_source.index_copy_(0, query_flat, ~valid)
 
-    warped = image.reshape(batch, flat, channels)[:, index].reshape(image.shape)
+    warped = image.reshape(batch, flat, channels).index_select(1, index).reshape(image.shape)
     kernel = released_band(band)
     uncovered = sources & ~landed
     if kernel:
@@ -222,13 +222,13 @@ def _move_region(
     moved = torch.round(pixels.float() + displacement).long()
     corners, chain = contour_edges(region)
     moved_corners = torch.round(corners + idw(corners, handles, drags) + 0.5) - 0.5
-    start, end = moved_corners[chain[:, 0]], moved_corners[chain[:, 1]]
+    start, end = _take(moved_corners, chain[:, 0]), _take(moved_corners, chain[:, 1])
     target_region = fill_polygons(start, end, height, width)
     queries = _xy(target_region)
     back = pixels - moved
     if neighbours == "exact":
         kept = first_per_pixel(moved, handle_distance)
-        step = grid_idw(queries, moved[kept], back[kept])
+        step = grid_idw(queries, _take(moved, kept), _take(back, kept))
     else:
         pick = torch.linspace(0, pixels.shape[0] - 1, RELEASED_REFERENCES, device=region.device).long()
         pick = pick if pixels.shape[0] > RELEASED_REFERENCES else torch.arange(pixels.shape[0], device=region.device)
@@ -275,7 +275,7 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Ten
             smallest = torch.where(mask, smallest, total)
         smallest = _run_min(_run_min(smallest, row_runs, total), column_runs, total)
         jumped = torch.cat([smallest.reshape(-1), sentinel])
-        jumped = jumped[jumped[jumped]]
+        jumped = _take(jumped, _take(jumped, jumped))
         update = jumped[:total].reshape(height, width)
         if torch.equal(update, labels):
             return torch.where(mask, labels.long(), -1)
@@ -298,7 +298,7 @@ def _run_min(labels: torch.Tensor, runs: tuple[torch.Tensor, int], total: int) -
     run, count = runs
     smallest = labels.new_full((count + 1,), total)
     smallest.scatter_reduce_(0, run.reshape(-1), labels.reshape(-1), reduce="amin")
-    return smallest[run]
+    return _take(smallest, run)
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
@@ -383,9 +383,9 @@ def fill_polygons(start: torch.Tensor, end: torch.Tensor, height: int, width: in
     counts = (last - first + 1).clamp(min=0)
     edge = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
     offsets = torch.cumsum(counts, 0) - counts
-    rows = first[edge] + torch.arange(edge.numel(), device=device) - offsets[edge]
-    ex0, ey0 = x0[edge], y0[edge]
-    crossing = ex0 + (rows - ey0) * (x1[edge] - ex0) / (y1[edge] - ey0)
+    rows = _take(first, edge) + torch.arange(edge.numel(), device=device) - _take(offsets, edge)
+    ex0, ey0 = _take(x0, edge), _take(y0, edge)
+    crossing = ex0 + (rows - ey0) * (_take(x1, edge) - ex0) / (_take(y1, edge) - ey0)
     columns = (torch.floor(crossing).long() + 1).clamp(0, width)
     toggles = torch.zeros(height * (width + 1), dtype=torch.int32, device=device)
     toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.int32))
@@ -452,7 +452,7 @@ def _idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, 
         else:
             order = torch.argsort(distance, dim=1, stable=True)[:, :nearest]
             weights = 1 / (distance.gather(1, order) + IDW_EPS)
-            chosen = vectors[order]
+            chosen = _take(vectors, order)
         weights = weights / weights.sum(1, keepdim=True)
         values.append((weights[..., None] * chosen).sum(1))
         closest.append(distance.min(1).values)
@@ -477,14 +477,14 @@ def first_per_pixel(moved: torch.Tensor, priority: torch.Tensor) -> torch.Tensor
         ``(K,)`` int64 indices of the kept references, ascending.
     """
     low = moved.min(0).values
-    width = int(moved[:, 0].max() - low[0]) + 1
+    size = moved.max(0).values - low + 1
+    width, height = int(size[0]), int(size[1])
     cells = (moved[:, 1] - low[1]) * width + (moved[:, 0] - low[0])
-    order = torch.argsort(priority, stable=True)
-    order = order[torch.argsort(cells[order], stable=True)]
-    sorted_cells = cells[order]
-    first = torch.ones_like(sorted_cells, dtype=torch.bool)
-    first[1:] = sorted_cells[1:] != sorted_cells[:-1]
-    return torch.sort(order[first]).values
+    best = priority.new_full((height * width,), float("inf")).scatter_reduce_(0, cells, priority, reduce="amin")
+    index = torch.arange(moved.shape[0], device=moved.device)
+    candidate = torch.where(priority == _take(best, cells), index, moved.shape[0])
+    first = torch.full_like(best, moved.shape[0], dtype=torch.long).scatter_reduce_(0, cells, candidate, reduce="amin")
+    return torch.nonzero(_take(first, cells) == index).flatten()
 
 
 def grid_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST) -> torch.Tensor:
@@ -540,7 +540,7 @@ class _ReferenceGrid:
         order = torch.argsort(cells, stable=True)
         self.counts = torch.bincount(cells, minlength=self.height * self.width)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.sorted_vectors = vectors[order]
+        self.sorted_vectors = _take(vectors, order)
         self.prefix = F.pad(torch.cumsum(self.sorted_vectors, 0), (0, 0, 1, 0))
 
     def _cells(self, points: torch.Tensor) -> torch.Tensor:
@@ -557,7 +557,7 @@ class _ReferenceGrid:
         height, width, nearest = self.height, self.width, self.nearest
         counts = self.counts.reshape(height, width)
         layers = []
-        for t in range(nearest):
+        for t in range(min(nearest, int(self.counts.max()))):  # layers past the fullest cell are empty
             present = self.counts > t
             vector = self.sorted_vectors[torch.where(present, self.starts + t, 0)].float()
             layers.append(torch.where(present[:, None], vector, 0.0).reshape(height, width, 2))
@@ -573,13 +573,13 @@ class _ReferenceGrid:
             found = counts[source]
             take = torch.minimum((nearest - have[target]).clamp(min=0), found)
             w = 1 / (length + IDW_EPS)
-            picked = sum((take > t)[..., None] * layers[t][source] for t in range(nearest))
+            picked = sum((take > t)[..., None] * layer[source] for t, layer in enumerate(layers))
             total[target] += w * picked
             weight[target] += w * take
             have[target] += found
         cells = self._cells(self.queries)
-        decided = have.reshape(-1)[cells] >= nearest
-        out = total.reshape(-1, 2)[cells] / weight.reshape(-1)[cells, None].clamp(min=IDW_EPS)
+        decided = _take(have.reshape(-1), cells) >= nearest
+        out = _take(total.reshape(-1, 2), cells) / _take(weight.reshape(-1), cells)[:, None].clamp(min=IDW_EPS)
         out = torch.where(decided[:, None], out, 0.0)
         return out, torch.nonzero(~decided).flatten()
 
@@ -597,11 +597,11 @@ class _ReferenceGrid:
             y = chunk[:, None, 1] - self.low[1] + offsets[:, 1]
             on_grid = (x >= 0) & (x < self.width) & (y >= 0) & (y < self.height)
             cell = torch.where(on_grid, y * self.width + x, 0)
-            count = torch.where(on_grid, self.counts[cell], 0)
+            count = torch.where(on_grid, _take(self.counts, cell), 0)
             before = torch.cumsum(count, 1) - count
             take = torch.minimum((self.nearest - before).clamp(min=0), count)
-            first = self.starts[cell]
-            picked = (self.prefix[first + take] - self.prefix[first]).float()
+            first = _take(self.starts, cell)
+            picked = (_take(self.prefix, first + take) - _take(self.prefix, first)).float()
             values.append((weights[:, None] * picked).sum(1) / (weights * take).sum(1, keepdim=True).clamp(min=IDW_EPS))
             decided.append(count.sum(1) >= self.nearest)
         return torch.cat(values), torch.cat(decided)
@@ -628,7 +628,7 @@ def _ordered_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch
         distance = torch.sqrt((dx * dx + dy * dy).gather(1, order).double()).float()
         weights = 1 / (distance + IDW_EPS)
         weights = weights / weights.sum(1, keepdim=True)
-        out.append((weights[..., None] * vectors[order].float()).sum(1))
+        out.append((weights[..., None] * _take(vectors, order).float()).sum(1))
     return torch.cat(out)
 
 
@@ -648,6 +648,11 @@ def _disc(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ---------------------------------------------------------------- input checks
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an integer ``index`` of any shape along dim 0 (``index_select``: several times faster than indexing on the CPU)."""
+    return values.index_select(0, index.reshape(-1)).reshape(index.shape + values.shape[1:])
 
 
 def _xy(mask: torch.Tensor) -> torch.Tensor:
