@@ -62,6 +62,7 @@ from ..dragkit.capture import (
     storage_identity,
     tensor_layout,
 )
+from .host_caps import is_dynamic
 
 PASSES = PassCache(group=lambda key: key[0])
 """The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured),
@@ -281,11 +282,10 @@ def _mode(patcher, device: torch.device) -> str:
 
 
 def _host_refusal(patcher, mode: str) -> str | None:
-    """Why the host forbids capturing ``patcher``'s passes, or ``None``. The one place that reads host
-    capabilities: ``is_dynamic()`` (ComfyUI 0.33's Dynamic VRAM patcher; absent on older hosts), the
-    ``--disable-cuda-graphs`` flag (0.33; absent before), and whether a graph capture or compile is under way."""
-    is_dynamic = getattr(patcher, "is_dynamic", None)
-    if callable(is_dynamic) and is_dynamic():
+    """Why the host forbids capturing ``patcher``'s passes, or ``None``: a Dynamic VRAM patcher
+    (:func:`host_caps.is_dynamic`; the host's own prefetch graphs run only for those), the
+    ``--disable-cuda-graphs`` flag (ComfyUI 0.33; absent before), and a graph capture or compile under way."""
+    if is_dynamic(patcher):
         return "the MODEL is loaded with Dynamic VRAM (its weights stream in during the pass, under ComfyUI's own graphs)"
     if mode == "graph" and getattr(getattr(comfy.model_management, "args", None), "disable_cuda_graphs", False):
         return "ComfyUI runs with --disable-cuda-graphs"

@@ -134,6 +134,18 @@ def test_autograd_is_never_prepared_on_a_dynamic_patcher(comfy_inproc, caps, dyn
         autograd.prepare_for_backward(dynamic_model, lambda h, w: None, (1, 4, 8, 8))
 
 
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_captured_passes_are_refused_for_a_dynamic_patcher(comfy_inproc, dynamic_model, monkeypatch, mode):
+    """The host's own ModelPatcherDynamic (not a stand-in): no UNet wrapper is installed, whatever capture mode is asked."""
+    capture = importlib.import_module(comfy_inproc.module_name + ".nodes.comfy_capture")
+    attention = importlib.import_module(comfy_inproc.module_name + ".dragkit.attention")
+    monkeypatch.setenv("DRAGKIT_CAPTURE", mode)
+    clone = dynamic_model.clone()
+    assert clone.is_dynamic()
+    capture.install(clone, attention.AttentionControl())
+    assert "model_function_wrapper" not in clone.model_options
+
+
 def test_ddim_invert_streams_through_the_dynamic_patcher(comfy_inproc, caps, dynamic_model, guider_spy):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(_HandedToHost):
