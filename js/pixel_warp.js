@@ -17,14 +17,24 @@
 // Python computes the geometry in float32, this port in float64: a point within ~1e-6 of a rounding
 // boundary may land one pixel apart (tests/test_editor_js.py states the tolerance).
 
+//
+// Speed (a live preview follows the mouse): each step works inside the bounding box of its region
+// (the moved region's box for the fill and the backward map), per-pixel data lives in typed arrays
+// from a module-level scratch pool reused across calls, and inner loops allocate nothing. The
+// results are the same bytes as the straightforward whole-image version (benchmarks/js_warp.mjs
+// times it).
+
 export const NEAREST = 4;
 export const DEFAULT_BAND = 5;
 const IDW_EPS = 1e-6;
 
-/** round half to even, as torch.round. */
+/** round half to even, as torch.round (v - floor(v) is exact in floating point). */
 function roundEven(v) {
-  const r = Math.round(v);
-  return Math.abs(v % 1) === 0.5 ? 2 * Math.round(v / 2) : r;
+  const f = Math.floor(v);
+  const d = v - f;
+  if (d < 0.5) return f;
+  if (d > 0.5) return f + 1;
+  return f % 2 === 0 ? f : f + 1;
 }
 
 /** An error of the warp's input: the message is for the user (the editor shows it). */
@@ -35,89 +45,166 @@ export function releasedBand(band) {
   return band > 0 && band % 2 === 0 ? band + 1 : band;
 }
 
-// -- regions -----------------------------------------------------------------------------------
+// -- scratch memory ------------------------------------------------------------------------------
 
-const CROSS = [[-1, 0], [1, 0], [0, -1], [0, 1]];
-const RING = [...CROSS, [-1, -1], [-1, 1], [1, -1], [1, 1]];
+const POOL = new Map();
 
-/** Label connected components of the set cells of `inside` (w*h bytes); labels in raster order of first cells, -1 elsewhere. */
-function components(w, h, inside, neighbours) {
-  const labels = new Int32Array(w * h).fill(-1);
-  const stack = new Int32Array(w * h);
-  const dxs = neighbours.map((d) => d[0]);
-  const dys = neighbours.map((d) => d[1]);
-  const m = neighbours.length;
-  let count = 0;
-  for (let start = 0; start < w * h; start++) {
-    if (labels[start] !== -1 || !inside[start]) continue;
-    let top = 0;
-    stack[top++] = start;
-    labels[start] = count;
-    while (top) {
-      const i = stack[--top];
-      const x = i % w;
-      const y = (i - x) / w;
-      for (let t = 0; t < m; t++) {
-        const nx = x + dxs[t];
-        const ny = y + dys[t];
-        if (nx < 0 || ny < 0 || nx >= w || ny >= h) continue;
-        const j = ny * w + nx;
-        if (labels[j] === -1 && inside[j]) {
-          labels[j] = count;
-          stack[top++] = j;
-        }
-      }
-    }
-    count++;
+/**
+ * A typed array of `length` elements kept under `name` and reused by later calls (grown when too
+ * small). Its contents are whatever the last user left: callers initialise what they read. Nothing
+ * returned to the caller of pixelWarp lives here.
+ */
+function scratch(name, Type, length) {
+  let buffer = POOL.get(name);
+  if (!buffer || buffer.length < length) {
+    buffer = new Type(Math.max(length, buffer ? Math.ceil(buffer.length * 1.5) : 0));
+    POOL.set(name, buffer);
   }
-  return { labels, count };
+  return buffer.subarray(0, length);
 }
 
-/** Regions of an editable mask: {labels (Int32Array, -1 outside), count}. */
+// -- regions -----------------------------------------------------------------------------------
+
+/**
+ * Regions of an editable mask on the padded lattice: (width + 2) x (height + 2) cells, image pixel
+ * (x, y) at cell (y + 1) * (width + 2) + x + 1, a one-cell frame around the image.
+ *
+ * Holes (background the frame cannot reach 4-connected) are filled, then the filled set is labelled
+ * 8-connected in raster order of the components' first pixels.
+ *
+ * @param {ArrayLike<number>} editable  width*height, nonzero = editable
+ * @param {Int32Array} labels  (width + 2) * (height + 2) cells, written: region label, -1 elsewhere
+ * @returns {{count: number, boxes: number[]}}  boxes: [x0, y0, x1, y1] per label (inclusive pixels)
+ */
+function labelPadded(editable, width, height, labels) {
+  const pw = width + 2;
+  const stack = scratch("stack", Int32Array, width * height);
+  // -1: frame or background reached from outside; -2: background not reached (yet); -3: editable
+  labels.fill(-1);
+  for (let y = 0; y < height; y++) {
+    const row = (y + 1) * pw + 1;
+    const from = y * width;
+    for (let x = 0; x < width; x++) labels[row + x] = editable[from + x] ? -3 : -2;
+  }
+  let top = 0;
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      if (y !== 0 && y !== height - 1 && x !== 0 && x !== width - 1) continue;
+      const i = (y + 1) * pw + x + 1;
+      if (labels[i] === -2) {
+        labels[i] = -1;
+        stack[top++] = i;
+      }
+    }
+  }
+  while (top) {
+    const i = stack[--top];
+    if (labels[i - 1] === -2) { labels[i - 1] = -1; stack[top++] = i - 1; }
+    if (labels[i + 1] === -2) { labels[i + 1] = -1; stack[top++] = i + 1; }
+    if (labels[i - pw] === -2) { labels[i - pw] = -1; stack[top++] = i - pw; }
+    if (labels[i + pw] === -2) { labels[i + pw] = -1; stack[top++] = i + pw; }
+  }
+  // now every cell <= -2 is filled (editable or a hole): label 8-connected components
+  const ring = [-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1];
+  const boxes = [];
+  let count = 0;
+  for (let y = 0; y < height; y++) {
+    const row = (y + 1) * pw + 1;
+    for (let x = 0; x < width; x++) {
+      const start = row + x;
+      if (labels[start] > -2) continue;
+      let x0 = x;
+      let x1 = x;
+      let y1 = y; // y is the first row: raster order
+      labels[start] = count;
+      stack[top++] = start;
+      while (top) {
+        const i = stack[--top];
+        const cy = ((i / pw) | 0) - 1;
+        const cx = i - (cy + 1) * pw - 1;
+        if (cx < x0) x0 = cx;
+        if (cx > x1) x1 = cx;
+        if (cy > y1) y1 = cy;
+        for (let t = 0; t < 8; t++) {
+          const j = i + ring[t];
+          if (labels[j] <= -2) {
+            labels[j] = count;
+            stack[top++] = j;
+          }
+        }
+      }
+      boxes.push(x0, y, x1, y1);
+      count++;
+    }
+  }
+  return { count, boxes };
+}
+
+/** Regions of an editable mask: {labels (Int32Array, width*height, -1 outside), count}. */
 export function regionLabels(editable, width, height) {
-  // holes: background the image border cannot reach, 4-connected (a one-pixel frame around the image)
-  const fw = width + 2;
-  const fh = height + 2;
-  const background = new Uint8Array(fw * fh).fill(1);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) background[(y + 1) * fw + x + 1] = editable[y * width + x] ? 0 : 1;
-  }
-  const outside = components(fw, fh, background, CROSS).labels;
-  const filled = new Uint8Array(width * height);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) filled[y * width + x] = outside[(y + 1) * fw + x + 1] === 0 ? 0 : 1;
-  }
-  return components(width, height, filled, RING);
+  const pw = width + 2;
+  const padded = new Int32Array(pw * (height + 2));
+  const { count } = labelPadded(editable, width, height, padded);
+  const labels = new Int32Array(width * height);
+  for (let y = 0; y < height; y++) labels.set(padded.subarray((y + 1) * pw + 1, (y + 1) * pw + 1 + width), y * width);
+  return { labels, count };
 }
 
 // -- inverse-distance interpolation ----------------------------------------------------------
 
-const SMALL = new Float64Array(4);
-const ALL = [0, 1, 2, 3, 4].map((n) => [...Array(n).keys()]);
+const IDW = new Float64Array(3); // the last idwAt result: vx, vy, nearest handle distance
+const PICK = new Int32Array(NEAREST); // the chosen handles, nearest first
+const PICK_DIST = new Float64Array(NEAREST);
 
-/** IDW over the `k` nearest of `refs` ([x, y]) of `vecs` ([dx, dy]) at (px, py); returns [vx, vy, nearest distance]. */
-function idwPoint(px, py, refs, vecs, k) {
-  const n = refs.length;
-  const dist = n <= 4 ? SMALL : new Float64Array(n);
+/**
+ * IDW at (px, py) over the `NEAREST` nearest handles of `h` ({x, y, dx, dy: Float64Array, n}), ties
+ * by index; all of them, in index order, when there are at most NEAREST. Writes IDW = [vx, vy,
+ * distance to the nearest handle].
+ */
+function idwAt(px, py, h) {
+  const n = h.n;
   let closest = Infinity;
-  for (let j = 0; j < n; j++) {
-    dist[j] = Math.hypot(px - refs[j][0], py - refs[j][1]);
-    closest = Math.min(closest, dist[j]);
-  }
-  const chosen = n <= k ? ALL[n] : [...Array(n).keys()].sort((a, b) => dist[a] - dist[b] || a - b).slice(0, k);
   let sw = 0;
   let vx = 0;
   let vy = 0;
-  for (const j of chosen) {
-    const w = 1 / (dist[j] + IDW_EPS);
-    sw += w;
-    vx += w * vecs[j][0];
-    vy += w * vecs[j][1];
+  if (n <= NEAREST) {
+    for (let j = 0; j < n; j++) {
+      const d = Math.hypot(px - h.x[j], py - h.y[j]);
+      closest = Math.min(closest, d);
+      const w = 1 / (d + IDW_EPS);
+      sw += w;
+      vx += w * h.dx[j];
+      vy += w * h.dy[j];
+    }
+  } else {
+    let picked = 0; // insertion into the NEAREST smallest (distance, index), kept sorted
+    for (let j = 0; j < n; j++) {
+      const d = Math.hypot(px - h.x[j], py - h.y[j]);
+      closest = Math.min(closest, d);
+      if (picked === NEAREST && d >= PICK_DIST[NEAREST - 1]) continue;
+      let at = picked < NEAREST ? picked++ : NEAREST - 1;
+      while (at > 0 && PICK_DIST[at - 1] > d) {
+        PICK_DIST[at] = PICK_DIST[at - 1];
+        PICK[at] = PICK[at - 1];
+        at--;
+      }
+      PICK_DIST[at] = d;
+      PICK[at] = j;
+    }
+    for (let t = 0; t < NEAREST; t++) {
+      const j = PICK[t];
+      const w = 1 / (PICK_DIST[t] + IDW_EPS);
+      sw += w;
+      vx += w * h.dx[j];
+      vy += w * h.dy[j];
+    }
   }
-  return [vx / sw, vy / sw, closest];
+  IDW[0] = vx / sw;
+  IDW[1] = vy / sw;
+  IDW[2] = closest;
 }
 
-/** Lattice offsets with |o| <= radius, ordered by (|o|^2, dy, dx): {dx, dy (Int32Array), weight (1/(|o| + eps))}. */
+/** Lattice offsets with |o| <= radius, ordered by (|o|^2, dy, dx): {radius, dx, dy (Int32Array), weight (1/(|o| + eps))}. */
 function disc(radius) {
   const all = [];
   for (let dy = -radius; dy <= radius; dy++) {
@@ -128,203 +215,255 @@ function disc(radius) {
   }
   all.sort((a, b) => a[2] - b[2] || a[1] - b[1] || a[0] - b[0]);
   return {
+    radius,
     dx: Int32Array.from(all, (o) => o[0]),
     dy: Int32Array.from(all, (o) => o[1]),
     weight: Float64Array.from(all, (o) => 1 / (Math.sqrt(o[2]) + IDW_EPS)),
   };
 }
 
+// The offsets the backward search walks; a larger disc starts with the smaller one's offsets in the
+// same order, so it only grows (doubling) and is kept across calls.
+let DISC = disc(8);
+
+// -- masks ---------------------------------------------------------------------------------------
+
 /**
- * IDW at integer `queries` over their exact `k` nearest integer references (one per cell), walking
- * lattice offsets in (|o|^2, dy, dx) order. Returns Float64Array(2 * Q).
+ * Dilate `mask` (width*height bytes, set only inside the box [x0, x1] x [y0, y1]) by a
+ * (2 * reach + 1) square into `out`, which is written inside the box grown by `reach` (clipped to
+ * the image) and left alone elsewhere. One pass per axis, each remembering the last set cell.
  */
-function gridIdw(queries, refs, vecs, k) {
-  const nearest = Math.min(k, refs.length);
-  let x0 = Infinity;
-  let y0 = Infinity;
-  let x1 = -Infinity;
-  let y1 = -Infinity;
-  for (const [x, y] of [...refs, ...queries]) {
-    x0 = Math.min(x0, x);
-    y0 = Math.min(y0, y);
-    x1 = Math.max(x1, x);
-    y1 = Math.max(y1, y);
-  }
-  const gw = x1 - x0 + 1;
-  const gh = y1 - y0 + 1;
-  const cell = new Int32Array(gw * gh).fill(-1);
-  refs.forEach(([x, y], j) => {
-    cell[(y - y0) * gw + (x - x0)] = j;
-  });
-  const vx0 = Float64Array.from(vecs, (v) => v[0]);
-  const vy0 = Float64Array.from(vecs, (v) => v[1]);
-  const out = new Float64Array(queries.length * 2);
-  let radius = 2;
-  let offsets = disc(radius);
-  queries.forEach(([qx, qy], q) => {
-    for (;;) {
-      let found = 0;
-      let sw = 0;
-      let vx = 0;
-      let vy = 0;
-      const { dx, dy, weight } = offsets;
-      for (let o = 0; o < dx.length; o++) {
-        const x = qx + dx[o] - x0;
-        const y = qy + dy[o] - y0;
-        if (x < 0 || y < 0 || x >= gw || y >= gh) continue;
-        const j = cell[y * gw + x];
-        if (j < 0) continue;
-        const w = weight[o];
-        sw += w;
-        vx += w * vx0[j];
-        vy += w * vy0[j];
-        if (++found === nearest) break;
-      }
-      if (found === nearest) {
-        out[2 * q] = vx / sw;
-        out[2 * q + 1] = vy / sw;
-        return;
-      }
-      radius *= 2; // the disc did not hold k references: a larger one (the grid bounds the search)
-      offsets = disc(radius);
-    }
-  });
-  return out;
-}
-
-// -- contours, fill, masks -----------------------------------------------------------------------
-
-/** Edges [[x0, y0], [x1, y1]] (half-integer corners) between `region` (w*h bytes) and the rest. */
-function contourEdges(region, width, height) {
-  const at = (x, y) => x >= 0 && y >= 0 && x < width && y < height && region[y * width + x] === 1;
-  const edges = [];
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x <= width; x++) {
-      if (at(x, y) !== at(x - 1, y)) edges.push([[x - 0.5, y - 0.5], [x - 0.5, y + 0.5]]);
+function dilateBox(mask, out, width, height, x0, y0, x1, y1, reach) {
+  const X0 = Math.max(0, x0 - reach);
+  const X1 = Math.min(width - 1, x1 + reach);
+  const Y0 = Math.max(0, y0 - reach);
+  const Y1 = Math.min(height - 1, y1 + reach);
+  const rows = scratch("rows", Uint8Array, width * height);
+  for (let y = y0; y <= y1; y++) {
+    const row = y * width;
+    let last = -Infinity;
+    for (let p = x0; p <= Math.min(x1, X0 + reach - 1); p++) if (mask[row + p]) last = p;
+    for (let x = X0; x <= X1; x++) {
+      const p = x + reach;
+      if (p >= x0 && p <= x1 && mask[row + p]) last = p;
+      rows[row + x] = last >= x - reach ? 1 : 0;
     }
   }
-  for (let y = 0; y <= height; y++) {
-    for (let x = 0; x < width; x++) {
-      if (at(x, y) !== at(x, y - 1)) edges.push([[x - 0.5, y - 0.5], [x + 0.5, y - 0.5]]);
-    }
+  const lastRow = scratch("lastRow", Float64Array, width).fill(-Infinity);
+  for (let q = y0; q <= Math.min(y1, Y0 + reach - 1); q++) {
+    for (let x = X0; x <= X1; x++) if (rows[q * width + x]) lastRow[x] = q;
   }
-  return edges;
-}
-
-/** Even-odd fill of closed polygons given as edges, at pixel centres, clipped to the image. */
-function fillPolygons(edges, width, height) {
-  const toggles = new Int32Array(height * (width + 1));
-  for (const [[x0, y0], [x1, y1]] of edges) {
-    const first = Math.max(0, Math.ceil(Math.min(y0, y1)));
-    const last = Math.min(height - 1, Math.ceil(Math.max(y0, y1)) - 1);
-    for (let r = first; r <= last; r++) {
-      const crossing = x0 + ((r - y0) * (x1 - x0)) / (y1 - y0);
-      const column = Math.min(width, Math.max(0, Math.floor(crossing) + 1));
-      toggles[r * (width + 1) + column]++;
+  for (let y = Y0; y <= Y1; y++) {
+    const q = y + reach;
+    if (q >= y0 && q <= y1) {
+      for (let x = X0; x <= X1; x++) if (rows[q * width + x]) lastRow[x] = q;
     }
+    const row = y * width;
+    for (let x = X0; x <= X1; x++) out[row + x] = lastRow[x] >= y - reach ? 1 : 0;
   }
-  const out = new Uint8Array(width * height);
-  for (let y = 0; y < height; y++) {
-    let parity = 0;
-    for (let x = 0; x < width; x++) {
-      parity += toggles[y * (width + 1) + x];
-      out[y * width + x] = parity % 2;
-    }
-  }
-  return out;
-}
-
-/** Pixels of `region` with a 4-neighbour inside the image that is not in it. */
-function boundary(region, width, height) {
-  const out = new Uint8Array(width * height);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      if (!region[y * width + x]) continue;
-      for (const [dx, dy] of CROSS) {
-        const nx = x + dx;
-        const ny = y + dy;
-        if (nx >= 0 && ny >= 0 && nx < width && ny < height && !region[ny * width + nx]) {
-          out[y * width + x] = 1;
-          break;
-        }
-      }
-    }
-  }
-  return out;
 }
 
 /** A w*h byte mask dilated by a kernel x kernel square (odd kernel), clipped to the image. */
 export function dilate(mask, width, height, kernel) {
-  const reach = kernel >> 1;
-  const rows = new Uint8Array(width * height);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      if (!mask[y * width + x]) continue;
-      for (let d = Math.max(0, x - reach); d <= Math.min(width - 1, x + reach); d++) rows[y * width + d] = 1;
-    }
-  }
   const out = new Uint8Array(width * height);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      if (!rows[y * width + x]) continue;
-      for (let d = Math.max(0, y - reach); d <= Math.min(height - 1, y + reach); d++) out[d * width + x] = 1;
-    }
-  }
+  if (width && height) dilateBox(mask, out, width, height, 0, 0, width - 1, height - 1, kernel >> 1);
   return out;
 }
 
 // -- the warp ------------------------------------------------------------------------------------
 
-/** One region's forward and backward map: {target (w*h bytes), queries [[x, y]], sources [[x, y]]}. */
-function moveRegion(region, width, height, handles, drags) {
-  const pixels = [];
-  for (let i = 0; i < width * height; i++) if (region[i]) pixels.push([i % width, Math.floor(i / width)]);
-  const moved = [];
-  const handleDistance = [];
-  for (const [x, y] of pixels) {
-    const [dx, dy, closest] = idwPoint(x, y, handles, drags, NEAREST);
-    moved.push([roundEven(x + dx), roundEven(y + dy)]);
-    handleDistance.push(closest);
-  }
-  const cornerMoves = new Map(); // corner index on the (width+1) x (height+1) lattice -> moved corner
-  const moveCorner = ([cx, cy]) => {
-    const key = (cy + 0.5) * (width + 1) + (cx + 0.5);
-    let m = cornerMoves.get(key);
-    if (!m) {
-      const [dx, dy] = idwPoint(cx, cy, handles, drags, NEAREST);
-      m = [roundEven(cx + dx + 0.5) - 0.5, roundEven(cy + dy + 0.5) - 0.5];
-      cornerMoves.set(key, m);
-    }
-    return m;
-  };
-  const edges = contourEdges(region, width, height).map(([a, b]) => [moveCorner(a), moveCorner(b)]);
-  const target = fillPolygons(edges, width, height);
-  const queries = [];
-  for (let i = 0; i < width * height; i++) if (target[i]) queries.push([i % width, Math.floor(i / width)]);
-  // one reference per moved pixel: the source pixel nearest a handle (ties: earlier in raster order)
+/**
+ * Move one region (label `id` of the padded `labels`, box [bx0, by0, bx1, by1]) by the handles `h`
+ * and write its effect into the image-sized arrays of `acc`: source (the region), landed (its
+ * target), edges (boundary of its target), out (RGBA: each target pixel takes its source's colour,
+ * or its own with noSource set). Returns the target's box [x0, y0, x1, y1] (x0 > x1 when empty).
+ */
+function moveRegion(id, box, labels, width, height, h, rgba, acc) {
+  const pw = width + 2;
+  const [bx0, by0, bx1, by1] = box;
+  const bw = bx1 - bx0 + 1;
+  const bh = by1 - by0 + 1;
+  // forward: every region pixel, in raster order, to round(p + IDW(p))
+  const px = scratch("px", Int32Array, bw * bh);
+  const py = scratch("py", Int32Array, bw * bh);
+  const mx = scratch("mx", Int32Array, bw * bh);
+  const my = scratch("my", Int32Array, bw * bh);
+  const near = scratch("near", Float64Array, bw * bh);
+  let m = 0;
   let mx0 = Infinity;
   let my0 = Infinity;
   let mx1 = -Infinity;
   let my1 = -Infinity;
-  for (const [x, y] of moved) {
-    mx0 = Math.min(mx0, x);
-    my0 = Math.min(my0, y);
-    mx1 = Math.max(mx1, x);
-    my1 = Math.max(my1, y);
+  for (let y = by0; y <= by1; y++) {
+    const row = (y + 1) * pw + 1;
+    for (let x = bx0; x <= bx1; x++) {
+      if (labels[row + x] !== id) continue;
+      idwAt(x, y, h);
+      const tx = roundEven(x + IDW[0]);
+      const ty = roundEven(y + IDW[1]);
+      px[m] = x;
+      py[m] = y;
+      mx[m] = tx;
+      my[m] = ty;
+      near[m] = IDW[2];
+      m++;
+      acc.source[y * width + x] = 1;
+      if (tx < mx0) mx0 = tx;
+      if (tx > mx1) mx1 = tx;
+      if (ty < my0) my0 = ty;
+      if (ty > my1) my1 = ty;
+    }
   }
-  const mw = mx1 - mx0 + 1;
-  const best = new Int32Array(mw * (my1 - my0 + 1)).fill(-1);
-  moved.forEach(([x, y], j) => {
-    const c = (y - my0) * mw + (x - mx0);
-    const k = best[c];
-    if (k === -1 || handleDistance[j] < handleDistance[k]) best[c] = j;
-  });
-  const kept = Array.from(best).filter((j) => j >= 0).sort((a, b) => a - b);
-  const refs = kept.map((j) => moved[j]);
-  const back = kept.map((j) => [pixels[j][0] - moved[j][0], pixels[j][1] - moved[j][1]]);
-  const step = queries.length ? gridIdw(queries, refs, back, NEAREST) : new Float64Array(0);
-  const sources = queries.map(([x, y], q) => [roundEven(x + step[2 * q]), roundEven(y + step[2 * q + 1])]);
-  return { target, queries, sources };
+  // the pixel-edge contour: edges between lattice corners (X, Y) = pixel corner (X - 0.5, Y - 0.5)
+  const cw = bw + 1;
+  const corners = cw * (bh + 1);
+  const stamp = scratch("cornerStamp", Uint8Array, corners).fill(0);
+  const kx = scratch("cornerX", Int32Array, corners); // moved corner = (kx - 0.5, ky - 0.5)
+  const ky = scratch("cornerY", Int32Array, corners);
+  const edges = scratch("edges", Int32Array, 2 * (bh * (bw + 1) + (bh + 1) * bw));
+  let e = 0;
+  for (let y = by0; y <= by1; y++) {
+    const row = (y + 1) * pw + 1;
+    for (let x = bx0; x <= bx1 + 1; x++) {
+      if ((labels[row + x] === id) === (labels[row + x - 1] === id)) continue;
+      const c = (y - by0) * cw + (x - bx0);
+      edges[e++] = c; // (x - 0.5, y - 0.5) -> (x - 0.5, y + 0.5)
+      edges[e++] = c + cw;
+    }
+  }
+  for (let y = by0; y <= by1 + 1; y++) {
+    const row = (y + 1) * pw + 1;
+    for (let x = bx0; x <= bx1; x++) {
+      if ((labels[row + x] === id) === (labels[row + x - pw] === id)) continue;
+      const c = (y - by0) * cw + (x - bx0);
+      edges[e++] = c; // (x - 0.5, y - 0.5) -> (x + 0.5, y - 0.5)
+      edges[e++] = c + 1;
+    }
+  }
+  // corners of the contour moved to the nearest corner of c + IDW(c); their extent bounds the target
+  let kx0 = Infinity;
+  let ky0 = Infinity;
+  let kx1 = -Infinity;
+  let ky1 = -Infinity;
+  for (let t = 0; t < e; t++) {
+    const c = edges[t];
+    if (stamp[c]) continue;
+    stamp[c] = 1;
+    const cy = by0 + ((c / cw) | 0);
+    const cx = bx0 + (c % cw);
+    idwAt(cx - 0.5, cy - 0.5, h);
+    const X = roundEven(cx - 0.5 + IDW[0] + 0.5);
+    const Y = roundEven(cy - 0.5 + IDW[1] + 0.5);
+    kx[c] = X;
+    ky[c] = Y;
+    if (X < kx0) kx0 = X;
+    if (X > kx1) kx1 = X;
+    if (Y < ky0) ky0 = Y;
+    if (Y > ky1) ky1 = Y;
+  }
+  // even-odd fill at pixel centres: rows strictly between an edge's ends, columns [c0, c1]
+  const ty0 = Math.max(0, ky0);
+  const ty1 = Math.min(height - 1, ky1 - 1);
+  const c0 = Math.min(width, Math.max(0, kx0));
+  const c1 = Math.min(width, Math.max(0, kx1));
+  const tx1 = Math.min(c1, width - 1);
+  if (ty0 > ty1 || c0 > tx1) return [0, 0, -1, -1];
+  const tw = c1 - c0 + 1;
+  const toggles = scratch("toggles", Int32Array, tw * (ty1 - ty0 + 1)).fill(0);
+  for (let t = 0; t < e; t += 2) {
+    const a = edges[t];
+    const b = edges[t + 1];
+    const x0 = kx[a] - 0.5;
+    const y0 = ky[a] - 0.5;
+    const x1 = kx[b] - 0.5;
+    const y1 = ky[b] - 0.5;
+    const first = Math.max(ty0, Math.min(ky[a], ky[b]));
+    const last = Math.min(ty1, Math.max(ky[a], ky[b]) - 1);
+    for (let r = first; r <= last; r++) {
+      const crossing = x0 + ((r - y0) * (x1 - x0)) / (y1 - y0);
+      const column = Math.min(width, Math.max(0, Math.floor(crossing) + 1));
+      toggles[(r - ty0) * tw + column - c0]++;
+    }
+  }
+  // the target (padded by one cell for the boundary test) and its pixels, the queries, in raster order
+  const fw = tx1 - c0 + 3;
+  const target = scratch("target", Uint8Array, fw * (ty1 - ty0 + 3)).fill(0);
+  const qx = scratch("qx", Int32Array, (tx1 - c0 + 1) * (ty1 - ty0 + 1));
+  const qy = scratch("qy", Int32Array, (tx1 - c0 + 1) * (ty1 - ty0 + 1));
+  let queries = 0;
+  for (let y = ty0; y <= ty1; y++) {
+    let parity = 0;
+    const row = (y - ty0) * tw - c0;
+    const frow = (y - ty0 + 1) * fw + 1 - c0;
+    for (let x = c0; x <= tx1; x++) {
+      parity = (parity + toggles[row + x]) & 1;
+      if (!parity) continue;
+      target[frow + x] = 1;
+      acc.landed[y * width + x] = 1;
+      qx[queries] = x;
+      qy[queries] = y;
+      queries++;
+    }
+  }
+  // boundary of the target: a 4-neighbour inside the image outside the target
+  for (let q = 0; q < queries; q++) {
+    const x = qx[q];
+    const y = qy[q];
+    const f = (y - ty0 + 1) * fw + 1 + x - c0;
+    if ((x > 0 && !target[f - 1]) || (x < width - 1 && !target[f + 1]) ||
+        (y > 0 && !target[f - fw]) || (y < height - 1 && !target[f + fw])) {
+      acc.edges[y * width + x] = 1;
+    }
+  }
+  // backward: one reference per moved cell (the source pixel nearest a handle, ties: raster order)
+  const gx0 = Math.min(mx0, c0);
+  const gy0 = Math.min(my0, ty0);
+  const gw = Math.max(mx1, tx1) - gx0 + 1;
+  const gh = Math.max(my1, ty1) - gy0 + 1;
+  const cell = scratch("cell", Int32Array, gw * gh).fill(-1);
+  let refs = 0;
+  for (let j = 0; j < m; j++) {
+    const c = (my[j] - gy0) * gw + (mx[j] - gx0);
+    const k = cell[c];
+    if (k === -1) refs++;
+    if (k === -1 || near[j] < near[k]) cell[c] = j;
+  }
+  // every query: IDW over its `nearest` nearest references, walking the disc's offsets in order
+  const nearest = Math.min(NEAREST, refs);
+  for (let q = 0; q < queries; q++) {
+    const x = qx[q];
+    const y = qy[q];
+    const ox = x - gx0;
+    const oy = y - gy0;
+    let found = 0;
+    let sw = 0;
+    let vx = 0;
+    let vy = 0;
+    for (let o = 0; found < nearest; o++) {
+      if (o === DISC.dx.length) DISC = disc(DISC.radius * 2); // the grid bounds the search
+      const cx = ox + DISC.dx[o];
+      const cy = oy + DISC.dy[o];
+      if (cx < 0 || cy < 0 || cx >= gw || cy >= gh) continue;
+      const j = cell[cy * gw + cx];
+      if (j < 0) continue;
+      const w = DISC.weight[o];
+      sw += w;
+      vx += w * (px[j] - mx[j]);
+      vy += w * (py[j] - my[j]);
+      found++;
+    }
+    const sx = roundEven(x + vx / sw);
+    const sy = roundEven(y + vy / sw);
+    const at = y * width + x;
+    const valid = sx >= 0 && sx < width && sy >= 0 && sy < height;
+    const from = (valid ? sy * width + sx : at) * 4;
+    acc.out[at * 4] = rgba[from];
+    acc.out[at * 4 + 1] = rgba[from + 1];
+    acc.out[at * 4 + 2] = rgba[from + 2];
+    acc.out[at * 4 + 3] = rgba[from + 3];
+    acc.noSource[at] = valid ? 0 : 1;
+  }
+  return [c0, ty0, tx1, ty1];
 }
 
 /**
@@ -339,7 +478,7 @@ function moveRegion(region, width, height, handles, drags) {
  * @param {number[][]} input.targets  [[x, y]] pixels
  * @param {number} [input.band]  k of the inpaint mask (>= 0; even becomes the next odd)
  * @returns {{rgba: Uint8ClampedArray, inpaint: Uint8Array, source: Uint8Array, target: Uint8Array,
- *            movedPairs: number[], ignoredPairs: number[], stillRegions: number}}
+ *            movedPairs: number[], ignoredPairs: number[], stillRegions: number}}  fresh arrays
  * @throws {WarpInputError} no pair, a handle outside the image, or no handle inside the mask
  */
 export function pixelWarp({ width, height, rgba, mask, handles, targets, band = DEFAULT_BAND }) {
@@ -351,10 +490,19 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
       throw new WarpInputError(`handle ${i + 1} is outside the ${width}x${height} image`);
     }
   });
-  let editable = mask && mask.some((v) => v) ? mask : null;
-  if (!editable) editable = new Uint8Array(width * height).fill(1);
-  const { labels, count } = regionLabels(editable, width, height);
-  const handleLabels = handles.map(([x, y]) => labels[roundEven(y) * width + roundEven(x)]);
+  const n = width * height;
+  let editable = null;
+  for (let i = 0; mask && i < mask.length; i++) {
+    if (mask[i]) {
+      editable = mask;
+      break;
+    }
+  }
+  if (!editable) editable = new Uint8Array(n).fill(1);
+  const pw = width + 2;
+  const labels = scratch("labels", Int32Array, pw * (height + 2));
+  const { count, boxes } = labelPadded(editable, width, height, labels);
+  const handleLabels = handles.map(([x, y]) => labels[(roundEven(y) + 1) * pw + roundEven(x) + 1]);
   const movedPairs = [];
   const ignoredPairs = [];
   handleLabels.forEach((label, i) => (label >= 0 ? movedPairs : ignoredPairs).push(i));
@@ -362,55 +510,59 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
     throw new WarpInputError("no handle lies inside the mask, so nothing moves; paint the mask over the parts to move");
   }
   const regionIds = [...new Set(movedPairs.map((i) => handleLabels[i]))].sort((a, b) => a - b);
-  const n = width * height;
-  const index = new Int32Array(n);
-  for (let i = 0; i < n; i++) index[i] = i;
-  const noSource = new Uint8Array(n);
-  const source = new Uint8Array(n);
-  const landed = new Uint8Array(n);
-  const edges = new Uint8Array(n);
-  for (const id of regionIds) {
-    const region = new Uint8Array(n);
-    for (let i = 0; i < n; i++) region[i] = labels[i] === id ? 1 : 0;
-    const chosen = movedPairs.filter((i) => handleLabels[i] === id);
-    const hs = chosen.map((i) => handles[i]);
-    const ds = chosen.map((i) => [targets[i][0] - handles[i][0], targets[i][1] - handles[i][1]]);
-    const { target, queries, sources } = moveRegion(region, width, height, hs, ds);
-    const edge = boundary(target, width, height);
-    for (let i = 0; i < n; i++) {
-      source[i] |= region[i];
-      landed[i] |= target[i];
-      edges[i] |= edge[i];
-    }
-    queries.forEach(([x, y], q) => {
-      const [sx, sy] = sources[q];
-      const valid = sx >= 0 && sx < width && sy >= 0 && sy < height;
-      const at = y * width + x;
-      index[at] = valid ? sy * width + sx : at;
-      noSource[at] = valid ? 0 : 1;
-    });
-  }
   const out = new Uint8ClampedArray(n * 4);
-  for (let i = 0; i < n; i++) {
-    const from = index[i] * 4;
-    out[i * 4] = rgba[from];
-    out[i * 4 + 1] = rgba[from + 1];
-    out[i * 4 + 2] = rgba[from + 2];
-    out[i * 4 + 3] = rgba[from + 3];
+  out.set(rgba.length > n * 4 ? rgba.subarray(0, n * 4) : rgba);
+  const acc = {
+    out,
+    source: new Uint8Array(n),
+    landed: new Uint8Array(n),
+    edges: scratch("edgeMask", Uint8Array, n).fill(0),
+    noSource: scratch("noSource", Uint8Array, n).fill(0),
+  };
+  // the box holding every region and target: the inpaint mask is computed there
+  let x0 = width;
+  let y0 = height;
+  let x1 = -1;
+  let y1 = -1;
+  for (const id of regionIds) {
+    const chosen = movedPairs.filter((i) => handleLabels[i] === id);
+    const h = {
+      n: chosen.length,
+      x: Float64Array.from(chosen, (i) => handles[i][0]),
+      y: Float64Array.from(chosen, (i) => handles[i][1]),
+      dx: Float64Array.from(chosen, (i) => targets[i][0] - handles[i][0]),
+      dy: Float64Array.from(chosen, (i) => targets[i][1] - handles[i][1]),
+    };
+    const box = boxes.slice(4 * id, 4 * id + 4);
+    const moved = moveRegion(id, box, labels, width, height, h, rgba, acc);
+    for (const [bx0, by0, bx1, by1] of [box, moved]) {
+      if (bx0 > bx1) continue;
+      x0 = Math.min(x0, bx0);
+      y0 = Math.min(y0, by0);
+      x1 = Math.max(x1, bx1);
+      y1 = Math.max(y1, by1);
+    }
   }
-  let uncovered = new Uint8Array(n);
-  for (let i = 0; i < n; i++) uncovered[i] = source[i] && !landed[i] ? 1 : 0;
+  const { source, landed, edges, noSource } = acc;
+  const inpaint = new Uint8Array(n);
   const kernel = releasedBand(band);
   if (kernel) {
-    const grown = dilate(uncovered, width, height, kernel);
-    const band_ = dilate(edges, width, height, kernel);
-    for (let i = 0; i < n; i++) grown[i] |= band_[i];
-    uncovered = grown;
+    const grow = scratch("grow", Uint8Array, n); // dilate(a) | dilate(b) = dilate(a | b)
+    for (let y = y0; y <= y1; y++) {
+      for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = (source[i] && !landed[i]) || edges[i] ? 1 : 0;
+    }
+    dilateBox(grow, inpaint, width, height, x0, y0, x1, y1, kernel >> 1);
+  } else {
+    for (let y = y0; y <= y1; y++) {
+      for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] = source[i] && !landed[i] ? 1 : 0;
+    }
   }
-  for (let i = 0; i < n; i++) uncovered[i] |= noSource[i];
+  for (let y = y0; y <= y1; y++) {
+    for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] |= noSource[i];
+  }
   return {
     rgba: out,
-    inpaint: uncovered,
+    inpaint,
     source,
     target: landed,
     movedPairs,
