@@ -70,7 +70,8 @@ function scratch(name, Type, length) {
  * (x, y) at cell (y + 1) * (width + 2) + x + 1, a one-cell frame around the image.
  *
  * Holes (background the frame cannot reach 4-connected) are filled, then the filled set is labelled
- * 8-connected in raster order of the components' first pixels.
+ * 8-connected in raster order of the components' first pixels. Only the bounding box of the
+ * editable pixels is searched: everything outside it is background that reaches the frame.
  *
  * @param {ArrayLike<number>} editable  width*height, nonzero = editable
  * @param {Int32Array} labels  (width + 2) * (height + 2) cells, written: region label, -1 elsewhere
@@ -78,22 +79,43 @@ function scratch(name, Type, length) {
  */
 function labelPadded(editable, width, height, labels) {
   const pw = width + 2;
-  const stack = scratch("stack", Int32Array, width * height);
-  // -1: frame or background reached from outside; -2: background not reached (yet); -3: editable
   labels.fill(-1);
+  let ex0 = width;
+  let ey0 = height;
+  let ex1 = -1;
+  let ey1 = -1;
   for (let y = 0; y < height; y++) {
+    const from = y * width;
+    let first = -1;
+    let last = -1;
+    for (let x = 0; x < width; x++) {
+      if (!editable[from + x]) continue;
+      if (first < 0) first = x;
+      last = x;
+    }
+    if (first < 0) continue;
+    if (ey1 < 0) ey0 = y;
+    ey1 = y;
+    if (first < ex0) ex0 = first;
+    if (last > ex1) ex1 = last;
+  }
+  const boxes = [];
+  if (ey1 < 0) return { count: 0, boxes };
+  // -1: frame or background reached from outside; -2: background not reached (yet); -3: editable
+  for (let y = ey0; y <= ey1; y++) {
     const row = (y + 1) * pw + 1;
     const from = y * width;
-    for (let x = 0; x < width; x++) labels[row + x] = editable[from + x] ? -3 : -2;
+    for (let x = ex0; x <= ex1; x++) labels[row + x] = editable[from + x] ? -3 : -2;
   }
+  const stack = scratch("stack", Int32Array, (ex1 - ex0 + 1) * (ey1 - ey0 + 1));
   let top = 0;
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      if (y !== 0 && y !== height - 1 && x !== 0 && x !== width - 1) continue;
-      const i = (y + 1) * pw + x + 1;
-      if (labels[i] === -2) {
-        labels[i] = -1;
-        stack[top++] = i;
+  for (let y = ey0; y <= ey1; y++) {
+    const row = (y + 1) * pw + 1;
+    const step = y === ey0 || y === ey1 ? 1 : Math.max(1, ex1 - ex0); // the box's edge cells
+    for (let x = ex0; x <= ex1; x += step) {
+      if (labels[row + x] === -2) {
+        labels[row + x] = -1;
+        stack[top++] = row + x;
       }
     }
   }
@@ -105,12 +127,10 @@ function labelPadded(editable, width, height, labels) {
     if (labels[i + pw] === -2) { labels[i + pw] = -1; stack[top++] = i + pw; }
   }
   // now every cell <= -2 is filled (editable or a hole): label 8-connected components
-  const ring = [-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1];
-  const boxes = [];
   let count = 0;
-  for (let y = 0; y < height; y++) {
+  for (let y = ey0; y <= ey1; y++) {
     const row = (y + 1) * pw + 1;
-    for (let x = 0; x < width; x++) {
+    for (let x = ex0; x <= ex1; x++) {
       const start = row + x;
       if (labels[start] > -2) continue;
       let x0 = x;
@@ -125,19 +145,28 @@ function labelPadded(editable, width, height, labels) {
         if (cx < x0) x0 = cx;
         if (cx > x1) x1 = cx;
         if (cy > y1) y1 = cy;
-        for (let t = 0; t < 8; t++) {
-          const j = i + ring[t];
-          if (labels[j] <= -2) {
-            labels[j] = count;
-            stack[top++] = j;
-          }
-        }
+        top = visit(labels, stack, top, i - pw - 1, count);
+        top = visit(labels, stack, top, i - pw, count);
+        top = visit(labels, stack, top, i - pw + 1, count);
+        top = visit(labels, stack, top, i - 1, count);
+        top = visit(labels, stack, top, i + 1, count);
+        top = visit(labels, stack, top, i + pw - 1, count);
+        top = visit(labels, stack, top, i + pw, count);
+        top = visit(labels, stack, top, i + pw + 1, count);
       }
       boxes.push(x0, y, x1, y1);
       count++;
     }
   }
   return { count, boxes };
+}
+
+/** Label cell `j` and push it when it is filled and unlabelled; returns the new stack top. */
+function visit(labels, stack, top, j, label) {
+  if (labels[j] > -2) return top;
+  labels[j] = label;
+  stack[top] = j;
+  return top + 1;
 }
 
 /** Regions of an editable mask: {labels (Int32Array, width*height, -1 outside), count}. */
@@ -273,17 +302,16 @@ export function dilate(mask, width, height, kernel) {
 // -- the warp ------------------------------------------------------------------------------------
 
 /**
- * Move one region (label `id` of the padded `labels`, box [bx0, by0, bx1, by1]) by the handles `h`
- * and write its effect into the image-sized arrays of `acc`: source (the region), landed (its
- * target), edges (boundary of its target), out (RGBA: each target pixel takes its source's colour,
- * or its own with noSource set). Returns the target's box [x0, y0, x1, y1] (x0 > x1 when empty).
+ * Forward map of one region (label `id` of the padded `labels`, inside `box` [x0, y0, x1, y1]):
+ * every region pixel p, in raster order, to round(p + IDW(p)) over the handles `h`; marks the
+ * region in `source` (width*height bytes). Leaves p in scratch px/py, the moved pixel in mx/my and
+ * p's distance to its nearest handle in "near"; returns {count, box: the moved pixels' box}.
  */
-function moveRegion(id, box, labels, width, height, h, rgba, acc) {
+function forwardMap(id, box, labels, width, h, source) {
   const pw = width + 2;
   const [bx0, by0, bx1, by1] = box;
   const bw = bx1 - bx0 + 1;
   const bh = by1 - by0 + 1;
-  // forward: every region pixel, in raster order, to round(p + IDW(p))
   const px = scratch("px", Int32Array, bw * bh);
   const py = scratch("py", Int32Array, bw * bh);
   const mx = scratch("mx", Int32Array, bw * bh);
@@ -307,13 +335,29 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
       my[m] = ty;
       near[m] = IDW[2];
       m++;
-      acc.source[y * width + x] = 1;
+      source[y * width + x] = 1;
       if (tx < mx0) mx0 = tx;
       if (tx > mx1) mx1 = tx;
       if (ty < my0) my0 = ty;
       if (ty > my1) my1 = ty;
     }
   }
+  return { count: m, box: [mx0, my0, mx1, my1] };
+}
+
+/**
+ * Target of one region (label `id` of the padded `labels`, inside `box`): its pixel-edge contour
+ * with every corner c moved to the nearest pixel corner of c + IDW(c), filled even-odd at pixel
+ * centres and clipped to the image. Marks the target in `landed` and its boundary (a 4-neighbour
+ * inside the image outside the target) in `edgeMask` (width*height bytes each). Leaves the target
+ * pixels (the backward map's queries) in raster order in scratch qx/qy; returns {count, box}, the
+ * box [x0, y0, x1, y1] (x0 > x1 when the target is empty).
+ */
+function movedTarget(id, box, labels, width, height, h, landed, edgeMask) {
+  const pw = width + 2;
+  const [bx0, by0, bx1, by1] = box;
+  const bw = bx1 - bx0 + 1;
+  const bh = by1 - by0 + 1;
   // the pixel-edge contour: edges between lattice corners (X, Y) = pixel corner (X - 0.5, Y - 0.5)
   const cw = bw + 1;
   const corners = cw * (bh + 1);
@@ -367,7 +411,7 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
   const c0 = Math.min(width, Math.max(0, kx0));
   const c1 = Math.min(width, Math.max(0, kx1));
   const tx1 = Math.min(c1, width - 1);
-  if (ty0 > ty1 || c0 > tx1) return [0, 0, -1, -1];
+  if (ty0 > ty1 || c0 > tx1) return { count: 0, box: [0, 0, -1, -1] };
   const tw = c1 - c0 + 1;
   const toggles = scratch("toggles", Int32Array, tw * (ty1 - ty0 + 1)).fill(0);
   for (let t = 0; t < e; t += 2) {
@@ -399,7 +443,7 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
       parity = (parity + toggles[row + x]) & 1;
       if (!parity) continue;
       target[frow + x] = 1;
-      acc.landed[y * width + x] = 1;
+      landed[y * width + x] = 1;
       qx[queries] = x;
       qy[queries] = y;
       queries++;
@@ -412,10 +456,32 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
     const f = (y - ty0 + 1) * fw + 1 + x - c0;
     if ((x > 0 && !target[f - 1]) || (x < width - 1 && !target[f + 1]) ||
         (y > 0 && !target[f - fw]) || (y < height - 1 && !target[f + fw])) {
-      acc.edges[y * width + x] = 1;
+      edgeMask[y * width + x] = 1;
     }
   }
-  // backward: one reference per moved cell (the source pixel nearest a handle, ties: raster order)
+  return { count: queries, box: [c0, ty0, tx1, ty1] };
+}
+
+/**
+ * Backward map of one region after forwardMap and movedTarget: every target pixel q takes the
+ * colour (from `rgba`, into `out`) of round(q + b(q)), b the IDW over the NEAREST nearest moved
+ * pixels (exact, ties by (|o|^2, dy, dx)) of the vectors back to their sources, one per moved pixel
+ * (the source nearest a handle; ties: raster order). A source outside the image keeps q's colour
+ * and sets q in `noSource`; a source inside clears it (a later region overrides an earlier one).
+ */
+function backwardMap(forward, target, width, height, rgba, out, noSource) {
+  const m = forward.count;
+  const queries = target.count;
+  const px = scratch("px", Int32Array, m);
+  const py = scratch("py", Int32Array, m);
+  const mx = scratch("mx", Int32Array, m);
+  const my = scratch("my", Int32Array, m);
+  const near = scratch("near", Float64Array, m);
+  const qx = scratch("qx", Int32Array, queries);
+  const qy = scratch("qy", Int32Array, queries);
+  // one grid over the moved pixels and the target: a reference per moved cell, its back vector
+  const [mx0, my0, mx1, my1] = forward.box;
+  const [c0, ty0, tx1, ty1] = target.box;
   const gx0 = Math.min(mx0, c0);
   const gy0 = Math.min(my0, ty0);
   const gw = Math.max(mx1, tx1) - gx0 + 1;
@@ -428,8 +494,17 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
     if (k === -1) refs++;
     if (k === -1 || near[j] < near[k]) cell[c] = j;
   }
+  const backX = scratch("backX", Int32Array, gw * gh); // the reference's vector back to its source
+  const backY = scratch("backY", Int32Array, gw * gh);
+  for (let j = 0; j < m; j++) {
+    const c = (my[j] - gy0) * gw + (mx[j] - gx0);
+    if (cell[c] !== j) continue;
+    backX[c] = px[j] - mx[j];
+    backY[c] = py[j] - my[j];
+  }
   // every query: IDW over its `nearest` nearest references, walking the disc's offsets in order
   const nearest = Math.min(NEAREST, refs);
+  let { dx: ddx, dy: ddy, weight } = DISC;
   for (let q = 0; q < queries; q++) {
     const x = qx[q];
     const y = qy[q];
@@ -440,16 +515,19 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
     let vx = 0;
     let vy = 0;
     for (let o = 0; found < nearest; o++) {
-      if (o === DISC.dx.length) DISC = disc(DISC.radius * 2); // the grid bounds the search
-      const cx = ox + DISC.dx[o];
-      const cy = oy + DISC.dy[o];
+      if (o === ddx.length) {
+        DISC = disc(DISC.radius * 2); // the grid bounds the search
+        ({ dx: ddx, dy: ddy, weight } = DISC);
+      }
+      const cx = ox + ddx[o];
+      const cy = oy + ddy[o];
       if (cx < 0 || cy < 0 || cx >= gw || cy >= gh) continue;
-      const j = cell[cy * gw + cx];
-      if (j < 0) continue;
-      const w = DISC.weight[o];
+      const c = cy * gw + cx;
+      if (cell[c] < 0) continue;
+      const w = weight[o];
       sw += w;
-      vx += w * (px[j] - mx[j]);
-      vy += w * (py[j] - my[j]);
+      vx += w * backX[c];
+      vy += w * backY[c];
       found++;
     }
     const sx = roundEven(x + vx / sw);
@@ -457,13 +535,12 @@ function moveRegion(id, box, labels, width, height, h, rgba, acc) {
     const at = y * width + x;
     const valid = sx >= 0 && sx < width && sy >= 0 && sy < height;
     const from = (valid ? sy * width + sx : at) * 4;
-    acc.out[at * 4] = rgba[from];
-    acc.out[at * 4 + 1] = rgba[from + 1];
-    acc.out[at * 4 + 2] = rgba[from + 2];
-    acc.out[at * 4 + 3] = rgba[from + 3];
-    acc.noSource[at] = valid ? 0 : 1;
+    out[at * 4] = rgba[from];
+    out[at * 4 + 1] = rgba[from + 1];
+    out[at * 4 + 2] = rgba[from + 2];
+    out[at * 4 + 3] = rgba[from + 3];
+    noSource[at] = valid ? 0 : 1;
   }
-  return [c0, ty0, tx1, ty1];
 }
 
 /**
@@ -512,13 +589,10 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
   const regionIds = [...new Set(movedPairs.map((i) => handleLabels[i]))].sort((a, b) => a - b);
   const out = new Uint8ClampedArray(n * 4);
   out.set(rgba.length > n * 4 ? rgba.subarray(0, n * 4) : rgba);
-  const acc = {
-    out,
-    source: new Uint8Array(n),
-    landed: new Uint8Array(n),
-    edges: scratch("edgeMask", Uint8Array, n).fill(0),
-    noSource: scratch("noSource", Uint8Array, n).fill(0),
-  };
+  const source = new Uint8Array(n);
+  const landed = new Uint8Array(n);
+  const edges = scratch("edgeMask", Uint8Array, n).fill(0);
+  const noSource = scratch("noSource", Uint8Array, n).fill(0);
   // the box holding every region and target: the inpaint mask is computed there
   let x0 = width;
   let y0 = height;
@@ -534,8 +608,10 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
       dy: Float64Array.from(chosen, (i) => targets[i][1] - handles[i][1]),
     };
     const box = boxes.slice(4 * id, 4 * id + 4);
-    const moved = moveRegion(id, box, labels, width, height, h, rgba, acc);
-    for (const [bx0, by0, bx1, by1] of [box, moved]) {
+    const forward = forwardMap(id, box, labels, width, h, source);
+    const target = movedTarget(id, box, labels, width, height, h, landed, edges);
+    if (target.count) backwardMap(forward, target, width, height, rgba, out, noSource);
+    for (const [bx0, by0, bx1, by1] of [box, target.box]) {
       if (bx0 > bx1) continue;
       x0 = Math.min(x0, bx0);
       y0 = Math.min(y0, by0);
@@ -543,7 +619,6 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
       y1 = Math.max(y1, by1);
     }
   }
-  const { source, landed, edges, noSource } = acc;
   const inpaint = new Uint8Array(n);
   const kernel = releasedBand(band);
   if (kernel) {
