@@ -486,21 +486,18 @@ function backwardMap(forward, target, width, height, rgba, out, noSource) {
   const gy0 = Math.min(my0, ty0);
   const gw = Math.max(mx1, tx1) - gx0 + 1;
   const gh = Math.max(my1, ty1) - gy0 + 1;
-  const cell = scratch("cell", Int32Array, gw * gh).fill(-1);
+  // per cell c: grid[3c] = the reference (-1: none), grid[3c + 1..2] = its vector back to its source
+  const grid = scratch("grid", Int32Array, 3 * gw * gh).fill(-1);
   let refs = 0;
   for (let j = 0; j < m; j++) {
-    const c = (my[j] - gy0) * gw + (mx[j] - gx0);
-    const k = cell[c];
+    const c = 3 * ((my[j] - gy0) * gw + (mx[j] - gx0));
+    const k = grid[c];
     if (k === -1) refs++;
-    if (k === -1 || near[j] < near[k]) cell[c] = j;
-  }
-  const backX = scratch("backX", Int32Array, gw * gh); // the reference's vector back to its source
-  const backY = scratch("backY", Int32Array, gw * gh);
-  for (let j = 0; j < m; j++) {
-    const c = (my[j] - gy0) * gw + (mx[j] - gx0);
-    if (cell[c] !== j) continue;
-    backX[c] = px[j] - mx[j];
-    backY[c] = py[j] - my[j];
+    if (k === -1 || near[j] < near[k]) {
+      grid[c] = j;
+      grid[c + 1] = px[j] - mx[j];
+      grid[c + 2] = py[j] - my[j];
+    }
   }
   // every query: IDW over its `nearest` nearest references, walking the disc's offsets in order
   const nearest = Math.min(NEAREST, refs);
@@ -522,12 +519,12 @@ function backwardMap(forward, target, width, height, rgba, out, noSource) {
       const cx = ox + ddx[o];
       const cy = oy + ddy[o];
       if (cx < 0 || cy < 0 || cx >= gw || cy >= gh) continue;
-      const c = cy * gw + cx;
-      if (cell[c] < 0) continue;
+      const c = 3 * (cy * gw + cx);
+      if (grid[c] < 0) continue;
       const w = weight[o];
       sw += w;
-      vx += w * backX[c];
-      vy += w * backY[c];
+      vx += w * grid[c + 1];
+      vy += w * grid[c + 2];
       found++;
     }
     const sx = roundEven(x + vx / sw);
@@ -568,17 +565,13 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
     }
   });
   const n = width * height;
-  let editable = null;
-  for (let i = 0; mask && i < mask.length; i++) {
-    if (mask[i]) {
-      editable = mask;
-      break;
-    }
-  }
-  if (!editable) editable = new Uint8Array(n).fill(1);
   const pw = width + 2;
   const labels = scratch("labels", Int32Array, pw * (height + 2));
-  const { count, boxes } = labelPadded(editable, width, height, labels);
+  let regions = mask ? labelPadded(mask, width, height, labels) : null;
+  if (!regions || (!regions.count && !mask.some((v) => v))) {
+    regions = labelPadded(new Uint8Array(n).fill(1), width, height, labels); // no mask: the whole image
+  }
+  const { count, boxes } = regions;
   const handleLabels = handles.map(([x, y]) => labels[(roundEven(y) + 1) * pw + roundEven(x) + 1]);
   const movedPairs = [];
   const ignoredPairs = [];
@@ -624,12 +617,12 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
   if (kernel) {
     const grow = scratch("grow", Uint8Array, n); // dilate(a) | dilate(b) = dilate(a | b)
     for (let y = y0; y <= y1; y++) {
-      for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = (source[i] && !landed[i]) || edges[i] ? 1 : 0;
+      for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = (source[i] & (landed[i] ^ 1)) | edges[i];
     }
     dilateBox(grow, inpaint, width, height, x0, y0, x1, y1, kernel >> 1);
   } else {
     for (let y = y0; y <= y1; y++) {
-      for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] = source[i] && !landed[i] ? 1 : 0;
+      for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] = source[i] & (landed[i] ^ 1);
     }
   }
   for (let y = y0; y <= y1; y++) {
