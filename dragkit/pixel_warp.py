@@ -387,10 +387,10 @@ def fill_polygons(start: torch.Tensor, end: torch.Tensor, height: int, width: in
     ex0, ey0 = _take(x0, edge), _take(y0, edge)
     crossing = ex0 + (rows - ey0) * (_take(x1, edge) - ex0) / (_take(y1, edge) - ey0)
     columns = (torch.floor(crossing).long() + 1).clamp(0, width)
-    toggles = torch.zeros(height * (width + 1), dtype=torch.int32, device=device)
-    toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.int32))
-    parity = torch.cumsum(toggles.reshape(height, width + 1), dim=1)[:, :width] % 2
-    return parity == 1
+    toggles = torch.zeros(height * (width + 1), dtype=torch.uint8, device=device)  # counts wrap mod 256: parity is kept
+    toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.uint8))
+    parity = torch.cumsum(toggles.reshape(height, width + 1), dim=1, dtype=torch.uint8)[:, :width] & 1
+    return parity.bool()
 
 
 def _boundary(region: torch.Tensor) -> torch.Tensor:
@@ -537,10 +537,13 @@ class _ReferenceGrid:
         size = torch.maximum(references.max(0).values, queries.max(0).values) - self.low + 1
         self.width, self.height = int(size[0]), int(size[1])
         cells = self._cells(references)
-        order = torch.argsort(cells, stable=True)
         self.counts = torch.bincount(cells, minlength=self.height * self.width)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.sorted_vectors = _take(vectors, order)
+        self.fullest = int(self.counts.max())
+        if self.fullest == 1:  # one reference per cell: its cell's start is its place
+            self.sorted_vectors = torch.empty_like(vectors).index_copy_(0, _take(self.starts, cells), vectors)
+        else:
+            self.sorted_vectors = _take(vectors, torch.argsort(cells, stable=True))
         self.prefix = F.pad(torch.cumsum(self.sorted_vectors, 0), (0, 0, 1, 0))
 
     def _cells(self, points: torch.Tensor) -> torch.Tensor:
@@ -555,14 +558,17 @@ class _ReferenceGrid:
             indices of the other queries.
         """
         height, width, nearest = self.height, self.width, self.nearest
-        counts = self.counts.reshape(height, width)
-        layers = []
-        for t in range(min(nearest, int(self.counts.max()))):  # layers past the fullest cell are empty
+        counts = self.counts.clamp(max=nearest).to(torch.int32).reshape(height, width)
+        # channels first (2, H, W) below: whole rows of cells per operation
+        columns = self.sorted_vectors.T.contiguous()
+        sums, running = [], None  # sums[j - 1]: each cell's first j vectors added up (exact integers)
+        for t in range(min(nearest, self.fullest)):
             present = self.counts > t
-            vector = self.sorted_vectors[torch.where(present, self.starts + t, 0)].float()
-            layers.append(torch.where(present[:, None], vector, 0.0).reshape(height, width, 2))
-        have = torch.zeros(height, width, dtype=counts.dtype, device=counts.device)
-        total = torch.zeros(height, width, 2, device=counts.device)
+            vector = torch.where(present, columns.index_select(1, torch.where(present, self.starts + t, 0)), 0)
+            running = vector if running is None else running + vector
+            sums.append(running.float().reshape(2, height, width))
+        have = torch.zeros_like(counts)  # references taken so far (at most ``nearest``)
+        total = torch.zeros(2, height, width, device=counts.device)
         weight = torch.zeros(height, width, device=counts.device)
         offsets, distance = _disc(1, torch.device("cpu"))
         for (dx, dy), length in zip(offsets.tolist(), distance.tolist()):
@@ -570,17 +576,18 @@ class _ReferenceGrid:
             if rows is None or cols is None:
                 continue
             target, source = (rows[0], cols[0]), (rows[1], cols[1])
-            found = counts[source]
-            take = torch.minimum((nearest - have[target]).clamp(min=0), found)
+            take = torch.minimum(nearest - have[target], counts[source])
             w = 1 / (length + IDW_EPS)
-            picked = sum((take > t)[..., None] * layer[source] for t, layer in enumerate(layers))
-            total[target] += w * picked
+            picked = 0.0
+            for j, summed in enumerate(sums, 1):
+                picked = torch.where(take == j, summed[:, source[0], source[1]], picked)
+            total[:, target[0], target[1]] += w * picked
             weight[target] += w * take
-            have[target] += found
+            have[target] += take
         cells = self._cells(self.queries)
         decided = _take(have.reshape(-1), cells) >= nearest
-        out = _take(total.reshape(-1, 2), cells) / _take(weight.reshape(-1), cells)[:, None].clamp(min=IDW_EPS)
-        out = torch.where(decided[:, None], out, 0.0)
+        out = total.reshape(2, -1).index_select(1, cells) / _take(weight.reshape(-1), cells).clamp(min=IDW_EPS)
+        out = torch.where(decided, out, 0.0).T.contiguous()
         return out, torch.nonzero(~decided).flatten()
 
     def search(self, queries: torch.Tensor, offsets: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -657,7 +664,7 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _xy(mask: torch.Tensor) -> torch.Tensor:
     """``(P, 2)`` int64 ``(x, y)`` of the set pixels of a ``(H, W)`` mask, in raster order."""
-    return torch.nonzero(mask).flip(1)
+    return torch.nonzero(mask).flip(1).contiguous()
 
 
 def _checked_pairs(
