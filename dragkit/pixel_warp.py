@@ -454,11 +454,27 @@ def _idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, 
             weights = 1 / (distance.gather(1, order) + IDW_EPS)
             chosen = _take(vectors, order)
         weights = weights / weights.sum(1, keepdim=True)
-        values.append((weights[..., None] * chosen).sum(1))
+        values.append(_weighted_sum(weights, chosen))
         closest.append(distance.min(1).values)
     if not values:
         return points.new_zeros(0, 2, dtype=torch.float32), points.new_zeros(0, dtype=torch.float32)
     return torch.cat(values), torch.cat(closest)
+
+
+def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[:, j] * vectors[:, j]``, added in the order of ``j`` (what ``sum(1)`` does for a few terms).
+
+    Args:
+        weights: ``(P, k)`` float, ``k`` small (the nearest neighbours).
+        vectors: ``(P, k, 2)`` or ``(1, k, 2)`` float.
+
+    Returns:
+        ``(P, 2)``: one ``(P, 2)`` product per term instead of a ``(P, k, 2)`` one reduced along its middle dimension.
+    """
+    out = weights[:, 0, None] * vectors[:, 0]
+    for j in range(1, weights.shape[1]):
+        out = out + weights[:, j, None] * vectors[:, j]
+    return out
 
 
 def first_per_pixel(moved: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
@@ -635,7 +651,7 @@ def _ordered_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch
         distance = torch.sqrt((dx * dx + dy * dy).gather(1, order).double()).float()
         weights = 1 / (distance + IDW_EPS)
         weights = weights / weights.sum(1, keepdim=True)
-        out.append((weights[..., None] * _take(vectors, order).float()).sum(1))
+        out.append(_weighted_sum(weights, _take(vectors, order).float()))
     return torch.cat(out)
 
 
@@ -664,7 +680,8 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _xy(mask: torch.Tensor) -> torch.Tensor:
     """``(P, 2)`` int64 ``(x, y)`` of the set pixels of a ``(H, W)`` mask, in raster order."""
-    return torch.nonzero(mask).flip(1).contiguous()
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return torch.stack([cols, rows], dim=1)
 
 
 def _checked_pairs(
