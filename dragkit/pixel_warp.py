@@ -387,9 +387,9 @@ def fill_polygons(start: torch.Tensor, end: torch.Tensor, height: int, width: in
     ex0, ey0 = _take(x0, edge), _take(y0, edge)
     crossing = ex0 + (rows - ey0) * (_take(x1, edge) - ex0) / (_take(y1, edge) - ey0)
     columns = (torch.floor(crossing).long() + 1).clamp(0, width)
-    toggles = torch.zeros(height * (width + 1), dtype=torch.uint8, device=device)  # counts wrap mod 256: parity is kept
-    toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.uint8))
-    parity = torch.cumsum(toggles.reshape(height, width + 1), dim=1, dtype=torch.uint8)[:, :width] & 1
+    toggles = torch.zeros(height * (width + 1), dtype=torch.int32, device=device)
+    toggles.index_add_(0, rows * (width + 1) + columns, torch.ones_like(columns, dtype=torch.int32))
+    parity = torch.cumsum(toggles.reshape(height, width + 1), dim=1, dtype=torch.int32)[:, :width] & 1
     return parity.bool()
 
 
