@@ -552,7 +552,8 @@ class _ReferenceGrid:
         self.low = torch.minimum(references.min(0).values, queries.min(0).values)
         size = torch.maximum(references.max(0).values, queries.max(0).values) - self.low + 1
         self.width, self.height = int(size[0]), int(size[1])
-        cells = self._cells(references)
+        cells = self.cells = self._cells(references)
+        self.vectors = vectors
         self.counts = torch.bincount(cells, minlength=self.height * self.width)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self.fullest = int(self.counts.max())
@@ -576,13 +577,18 @@ class _ReferenceGrid:
         height, width, nearest = self.height, self.width, self.nearest
         counts = self.counts.clamp(max=nearest).to(torch.int32).reshape(height, width)
         # channels first (2, H, W) below: whole rows of cells per operation
-        columns = self.sorted_vectors.T.contiguous()
         sums, running = [], None  # sums[j - 1]: each cell's first j vectors added up (exact integers)
-        for t in range(min(nearest, self.fullest)):
-            present = self.counts > t
-            vector = torch.where(present, columns.index_select(1, torch.where(present, self.starts + t, 0)), 0)
-            running = vector if running is None else running + vector
-            sums.append(running.float().reshape(2, height, width))
+        if self.fullest == 1:  # one reference per cell: scatter the references instead of gathering every cell
+            plane = torch.zeros(2 * height * width, device=counts.device)
+            plane.index_copy_(0, torch.cat([self.cells, self.cells + height * width]), self.vectors.T.reshape(-1).float())
+            sums.append(plane.reshape(2, height, width))
+        else:
+            columns = self.sorted_vectors.T.contiguous()
+            for t in range(min(nearest, self.fullest)):
+                present = self.counts > t
+                vector = torch.where(present, columns.index_select(1, torch.where(present, self.starts + t, 0)), 0)
+                running = vector if running is None else running + vector
+                sums.append(running.float().reshape(2, height, width))
         have = torch.zeros_like(counts)  # references taken so far (at most ``nearest``)
         total = torch.zeros(2, height, width, device=counts.device)
         weight = torch.zeros(height, width, device=counts.device)
