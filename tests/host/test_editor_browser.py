@@ -106,15 +106,17 @@ NEW_GRAPH = ("app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset =
 
 def _client_xy(chrome: Browser, x: float, y: float, view: int = 0) -> tuple[float, float]:
     """Viewport coordinates of source pixel (x, y) in an editor view, once the view's canvas is the element
-    under them and has stayed in place for two frames (the frontends move DOM widgets a frame or more after
-    the graph changes; a click before that lands elsewhere)."""
+    under them and has stayed in place for ten frames (the frontends move DOM widgets a frame or more after
+    the graph changes, and Nodes 2.0 lays a node out again once its image has loaded: with two frames a
+    click on 1.58.1 in Nodes 2.0 once landed 6 pixels off; a click before that lands elsewhere)."""
     p = chrome.js(f"""new Promise((resolve) => {{
         const v = [...{EDITOR}.views][{view}];
-        let last = null, tries = 0;
+        let last = null, still = 0, tries = 0;
         const step = () => {{
             const p = v.sourceToClient({x}, {y});
             const hit = document.elementFromPoint(p.x, p.y) === v.canvas;
-            if ((hit && last && last.x === p.x && last.y === p.y) || ++tries > 120) return resolve({{...p, hit}});
+            still = hit && last && last.x === p.x && last.y === p.y ? still + 1 : 0;
+            if (still >= 10 || ++tries > 240) return resolve({{...p, hit}});
             last = hit ? p : null;
             requestAnimationFrame(step);
         }};
