@@ -31,6 +31,9 @@ from .workflow_build import Out, WorkflowBuilder
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 IMAGE = "example.png"
+EDITOR_FILE = ""
+"""The Drag Points Editor's own file: none, its image comes from the IMAGE input (a file name there would be
+read by the frontend as a missing media file; the editor also empties it while an IMAGE is connected)."""
 CONTROLNET = "control_v11p_sd15_canny.pth"
 UPSCALER = "RealESRGAN_x4plus.pth"
 SD15_INPAINT_CHECKPOINT = "sd-v1-5-inpainting.ckpt"
@@ -193,7 +196,7 @@ def fastdrag(info: dict, refine: bool = False, control_upscale: bool = False, js
                             {"image": Out(image, 0)}, height=160)
         points, mask = Out(points_node, 0), Out(mask_node, 0)
     else:
-        editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)},
+        editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
                        title=EDITOR_TITLE, height=560)
         points, mask = Out(editor, 1), Out(editor, 2)
     prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title="Prompt (may stay empty)")
@@ -277,7 +280,7 @@ def motion(info: dict, mode: str, strength: float, t_star: int, lora_steps: int,
     g = WorkflowBuilder(info)
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": SDXL_CHECKPOINT if sdxl else CHECKPOINT})
     image = g.add("LoadImage", 0, 2, {"image": IMAGE}, height=320)
-    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": IMAGE}, {"image": Out(image, 0)},
+    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
                    title=EDITOR_TITLE, height=560)
     prompt_title, prompt_help = MOTION_PROMPTS[mode]
     prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(ckpt, 1)}, title=prompt_title)
@@ -389,7 +392,7 @@ def warp_inpaint(info: dict, model: str) -> dict:
             lcm = g.add("ModelSamplingDiscrete", 2, 0, {"sampling": "lcm"}, {"model": Out(lora, 0)})
             model_out, clip = Out(lcm, 0), Out(lora, 1)
     image = g.add("LoadImage", 0, image_row, {"image": IMAGE}, height=320)
-    editor = g.add("DragKitPointsEditor", 1, image_row + 1, {"image_file": IMAGE}, {"image": Out(image, 0)},
+    editor = g.add("DragKitPointsEditor", 1, image_row + 1, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
                    title=WARP_TITLE, height=560)
     warp = g.add("DragKitPixelWarp", 2, image_row + 1, {},
                  {"image": Out(image, 0), "points": Out(editor, 1), "mask": Out(editor, 2)}, height=180)
