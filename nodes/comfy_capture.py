@@ -18,10 +18,13 @@ of every parameter and buffer) is checked before each replay.
 
 Capture is off unless ``DRAGKIT_CAPTURE`` turns it on (``graph``/``on``;
 see ``docs/capture.md``). :func:`_mode` is the one place that decides by the
-host: a Dynamic VRAM patcher (``is_dynamic()``, ComfyUI 0.33's
-``ModelPatcherDynamic``, whose weights stream in during the pass, under the
-host's own CUDA graphs), ``--disable-cuda-graphs``, a pass inside the
-host's own graph capture or ``torch.compile`` tracing all run plainly.
+host's state (:func:`host_caps.capture_refusal`): a Dynamic VRAM patcher
+(ComfyUI 0.33's ``ModelPatcherDynamic``, whose weights stream in during the
+pass, under the host's own CUDA graphs), the host's model compiler (0.36's
+comfy-aimdo malloc graphs: on for the device, or recording on this thread),
+CUDA graphs switched off (``--disable-cuda-graphs``, or
+``--disable-comfy-compiler``, which sets it), a pass inside the host's own
+graph capture or ``torch.compile`` tracing all run plainly.
 :func:`install` adds an ``ON_DETACH`` callback (:func:`release_on_unload`):
 when ComfyUI unloads the model (``detach`` with ``unpatch_all``, e.g.
 ``model_unload`` to free memory) the model's captured passes and their graph
@@ -33,9 +36,11 @@ latent; to the adapters' parameters), each run with a private
 :class:`~dragkit.capture.PassCache` freed when it ends.
 
 A pass runs plainly, with the reason logged once, when the capture cannot
-honour it: gradients are needed outside those two; ComfyUI casts weights on
-offload streams (``--async-offload``); a
-model patch, wrapper, callback, weight wrapper or module forward hook this
+honour it: gradients are needed outside those two; ComfyUI would cast a
+partially loaded model's offloaded weights on its offload streams
+(:func:`host_caps.stream_cast_refusal`; a fully loaded model casts nothing
+there, so the default two streams of ComfyUI 0.33+ on NVIDIA refuse nothing
+else); a model patch, wrapper, callback, weight wrapper or module forward hook this
 pack did not make is present; the MODEL has weight hooks or object patches
 other than the model sampling; the model sampling's buffers are not on the
 UNet's device; a weight is a tensor subclass; the model is partially loaded
@@ -62,7 +67,7 @@ from ..dragkit.capture import (
     storage_identity,
     tensor_layout,
 )
-from .host_caps import is_dynamic
+from .host_caps import capture_refusal, stream_cast_refusal
 
 PASSES = PassCache(group=lambda key: key[0])
 """The process's captured passes (shared by every node run, so a re-edit replays what the first edit captured),
@@ -274,21 +279,20 @@ def _mode(patcher, device: torch.device) -> str:
     mode = capture_mode(device)
     if mode == "off":
         return mode
-    reason = _host_refusal(patcher, mode)
+    reason = _host_refusal(patcher, device, mode)
     if reason is not None:
         log_once(("host", reason), f"DragKit: UNet passes run plainly: {reason}")
         return "off"
     return mode
 
 
-def _host_refusal(patcher, mode: str) -> str | None:
-    """Why the host forbids capturing ``patcher``'s passes, or ``None``: a Dynamic VRAM patcher
-    (:func:`host_caps.is_dynamic`; the host's own prefetch graphs run only for those), the
-    ``--disable-cuda-graphs`` flag (ComfyUI 0.33; absent before), and a graph capture or compile under way."""
-    if is_dynamic(patcher):
-        return "the MODEL is loaded with Dynamic VRAM (its weights stream in during the pass, under ComfyUI's own graphs)"
-    if mode == "graph" and getattr(getattr(comfy.model_management, "args", None), "disable_cuda_graphs", False):
-        return "ComfyUI runs with --disable-cuda-graphs"
+def _host_refusal(patcher, device: torch.device, mode: str) -> str | None:
+    """Why the host forbids capturing ``patcher``'s passes on ``device``, or ``None``: the host's state
+    (:func:`host_caps.capture_refusal`: Dynamic VRAM, its model compiler, CUDA graphs switched off), and a
+    graph capture or compile under way."""
+    reason = capture_refusal(patcher, device, graphs=mode == "graph")
+    if reason is not None:
+        return reason
     if torch.compiler.is_compiling():
         return "the pass is being compiled (torch.compile)"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -346,10 +350,11 @@ def _refusal(patcher, c: dict, x: torch.Tensor, allow_grad: bool) -> str | None:
     """Why this call cannot run through a captured pass, or ``None``."""
     if not allow_grad and torch.is_grad_enabled() and x.requires_grad:
         return "gradients are taken through the UNet outside motion supervision"
+    streamed = stream_cast_refusal(patcher, x.device)
+    if streamed is not None:
+        return streamed
     if getattr(patcher.model, "model_lowvram", False):
         return "the model is partially loaded (lowvram)"
-    if getattr(comfy.model_management, "NUM_STREAMS", 1) > 1:
-        return "ComfyUI casts weights on offload streams (--async-offload)"
     if getattr(patcher, "hook_patches", None):
         return "the MODEL has weight hooks"
     if any(getattr(patcher, "weight_wrapper_patches", None) or ()):

@@ -3,8 +3,9 @@
 Supported hosts run from ComfyUI 0.3.64 (no Dynamic VRAM) to 0.33.0, where
 ``comfy-aimdo`` streams a ``ModelPatcherDynamic``'s weights through a
 virtual buffer layer by layer during the forward pass
-(``comfy/ops.py cast_modules_with_vbar``, ``comfy/model_prefetch.py``). Every
-other module decides by these functions, never by a version number:
+(``comfy/ops.py cast_modules_with_vbar``, ``comfy/model_prefetch.py``), and
+on to 0.36's model compiler (comfy-aimdo "malloc graphs"). Every other
+module decides by these functions, never by a version number:
 
 - :func:`is_dynamic` -- is this MODEL's weight storage streamed (and reused)
   by the host?
@@ -12,18 +13,23 @@ other module decides by these functions, never by a version number:
   host's streaming / its own prefetch CUDA graphs switched on for the process?
 - :func:`autograd_patcher` -- a patcher whose weights stay put while a
   backward reads them (the host's non-dynamic delegate for a dynamic MODEL).
+- :func:`capture_refusal`, :func:`stream_cast_refusal` -- why the host forbids
+  capturing a MODEL's UNet pass in a CUDA graph of this pack (its own graphs,
+  its model compiler, weights cast on its offload streams), or ``None``.
 - :func:`training_mode` -- the host's training flag around passes with autograd.
 - :func:`free_memory_for`, :func:`make_room` -- memory as the host accounts it.
 
-A host that has the newer machinery (``ModelPatcherDynamic``) but not the
-capability a function relies on raises :class:`HostCapabilityError` naming
-what is missing, instead of guessing.
+A host that has the newer machinery (``ModelPatcherDynamic``, the
+``--disable-comfy-compiler`` option) but not the capability a function relies
+on raises :class:`HostCapabilityError` naming what is missing, instead of
+guessing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 from collections.abc import Iterator
 
 import comfy.model_management
@@ -44,6 +50,12 @@ def _missing(what: str) -> HostCapabilityError:
     return HostCapabilityError(
         f"this ComfyUI has Dynamic VRAM (ModelPatcherDynamic) but not {what}, which DragKit was written against "
         "(ComfyUI 0.33.0); update DragKit, or start ComfyUI with --disable-dynamic-vram"
+    )
+
+
+def _renamed(has: str, what: str, written_against: str) -> HostCapabilityError:
+    return HostCapabilityError(
+        f"this ComfyUI has {has} but not {what}, which DragKit was written against ({written_against}); update DragKit"
     )
 
 
@@ -102,6 +114,138 @@ def host_graphs_enabled() -> bool:
     if not hasattr(args, "disable_cuda_graphs"):
         raise _missing("the --disable-cuda-graphs option (comfy.cli_args args.disable_cuda_graphs)")
     return not args.disable_cuda_graphs
+
+
+COMPILER_SOURCE = "ComfyUI 0.36+ comfy/model_prefetch.py"
+"""What :func:`malloc_graph_recording` and :func:`capture_refusal` read the model compiler's state against."""
+
+
+def _model_compiler():
+    """ComfyUI's ``comfy.model_prefetch`` where the host has the model compiler (the ``--disable-comfy-compiler``
+    option, 0.36+), else ``None`` (0.3.64, 0.33.0)."""
+    if not hasattr(comfy.model_management.args, "disable_comfy_compiler"):
+        return None
+    try:
+        prefetch = importlib.import_module("comfy.model_prefetch")
+    except ImportError as error:
+        raise _renamed("--disable-comfy-compiler", "comfy.model_prefetch", COMPILER_SOURCE) from error
+    if not callable(getattr(prefetch, "malloc_graph_enabled", None)):
+        raise _renamed("--disable-comfy-compiler", "comfy.model_prefetch.malloc_graph_enabled(device)", COMPILER_SOURCE)
+    return prefetch
+
+
+def malloc_graph_recording() -> bool:
+    """Whether the host's model compiler is recording a comfy-aimdo malloc graph on this thread now.
+
+    Mirrors ``comfy/model_prefetch.py`` of ComfyUI 0.36+: ``malloc_graph_begin``
+    keeps the thread's graph in ``MALLOC_GRAPHS[threading.get_ident()]`` with
+    ``_comfy_active`` set until ``malloc_graph_end`` (earlier builds: the
+    thread's entry in ``ACTIVE_MALLOC_GRAPHS`` while it records). A CUDA graph
+    captured inside one records allocations the malloc graph cannot replay
+    ("aimdo memory compile error"). ``False`` on hosts without the compiler.
+    """
+    prefetch = _model_compiler()
+    if prefetch is None:
+        return False
+    thread = threading.get_ident()
+    graphs = getattr(prefetch, "MALLOC_GRAPHS", None)
+    if isinstance(graphs, dict):
+        graph = graphs.get(thread)
+        if graph is None:
+            return False
+        if not hasattr(graph, "_comfy_active"):
+            raise _renamed("--disable-comfy-compiler", "the _comfy_active flag on comfy.model_prefetch.MALLOC_GRAPHS' "
+                           "graphs", COMPILER_SOURCE)
+        return bool(graph._comfy_active)
+    active = getattr(prefetch, "ACTIVE_MALLOC_GRAPHS", None)
+    if isinstance(active, dict):
+        return active.get(thread) is not None
+    raise _renamed("--disable-comfy-compiler", "comfy.model_prefetch.MALLOC_GRAPHS (or ACTIVE_MALLOC_GRAPHS)",
+                   COMPILER_SOURCE)
+
+
+def capture_refusal(patcher, device: torch.device, graphs: bool) -> str | None:
+    """Why the host's state forbids running ``patcher``'s UNet passes on ``device`` through this pack's captured
+    passes (``graphs``: as CUDA graphs; otherwise the static-buffer path), or ``None``. In this order:
+
+    - a Dynamic VRAM patcher (:func:`is_dynamic`): its weights stream into
+      reused buffers during the pass, under the host's own CUDA graphs;
+    - a malloc graph of the host's model compiler recording on this thread
+      (:func:`malloc_graph_recording`);
+    - the model compiler on for ``device``: the host's own
+      ``comfy.model_prefetch.malloc_graph_enabled(device)`` (0.36+: not
+      ``--disable-comfy-compiler``, comfy-aimdo initialised, a CUDA device),
+      where the model's forward opens a malloc graph inside the pass a capture
+      would record;
+    - with ``graphs``, the host's CUDA graphs switched off
+      (``args.disable_cuda_graphs``: ``--disable-cuda-graphs``, 0.33+, and
+      ``--disable-comfy-compiler``, which sets it too, 0.36+).
+
+    Whether the weights are cast on offload streams depends on where they are
+    at the call: :func:`stream_cast_refusal`.
+    """
+    if is_dynamic(patcher):
+        return "the MODEL is loaded with Dynamic VRAM (its weights stream in during the pass, under ComfyUI's own graphs)"
+    if malloc_graph_recording():
+        return "ComfyUI's model compiler is recording a comfy-aimdo malloc graph around the pass"
+    prefetch = _model_compiler()
+    if prefetch is not None and prefetch.malloc_graph_enabled(device):
+        return (f"ComfyUI's model compiler (comfy-aimdo malloc graphs) is on for {device}; start ComfyUI with "
+                "--disable-dynamic-vram for captured passes")
+    args = comfy.model_management.args
+    if graphs and getattr(args, "disable_cuda_graphs", False):
+        if getattr(args, "disable_comfy_compiler", False):
+            return "ComfyUI runs with --disable-comfy-compiler, which turns its CUDA graphs off too (disable_cuda_graphs)"
+        return "ComfyUI runs with --disable-cuda-graphs"
+    return None
+
+
+def offload_streams() -> int:
+    """How many offload streams the host casts weights on (0: it casts them on the compute stream).
+
+    Mirrors ``comfy.model_management.get_offload_stream``: ComfyUI 0.33.0 makes
+    ``NUM_STREAMS`` streams when it is above 0 (2 by default on NVIDIA and AMD;
+    ``--async-offload N`` sets it, ``--disable-async-offload`` makes it 0);
+    ComfyUI 0.3.64 (no ``--disable-async-offload``) uses streams only when it
+    is above 1 (``--async-offload``: 2; else 1).
+    """
+    mm = comfy.model_management
+    if not hasattr(mm, "NUM_STREAMS"):
+        raise HostCapabilityError("this ComfyUI has no comfy.model_management.NUM_STREAMS, which DragKit reads to know "
+                                  "whether weights are cast on offload streams (ComfyUI 0.3.64-0.33.0); update DragKit")
+    streams = int(mm.NUM_STREAMS)
+    if hasattr(mm.args, "disable_async_offload"):
+        return max(streams, 0)
+    return streams if streams > 1 else 0
+
+
+def stream_cast_refusal(patcher, device: torch.device) -> str | None:
+    """Why ``patcher``'s weights, where they are now, would be cast on the host's offload streams during a pass on
+    ``device``, or ``None``.
+
+    Mirrors ``comfy/ops.py cast_bias_weight`` (the same in ComfyUI 0.3.64,
+    0.33.0 and 0.36): a layer's weight and bias are copied to the compute
+    device on an offload stream (:func:`offload_streams`) only when one of
+    them is not on that device, i.e. a partially loaded (lowvram) model's
+    offloaded layers; a Dynamic VRAM layer streams on its own path
+    (:func:`capture_refusal`). A fully loaded non-dynamic model, e.g. the
+    delegate motion supervision and LoRA Fine-tune run on, casts nothing on a
+    stream, whatever the number of streams.
+    """
+    streams = offload_streams()
+    if streams == 0:
+        return None
+    name, where = next(((n, p.device) for n, p in patcher.model.named_parameters() if p.device != device), (None, None))
+    if name is None:
+        return None
+    args = comfy.model_management.args
+    if getattr(args, "async_offload", None) not in (None, False):
+        cause = f"ComfyUI runs with --async-offload ({streams} streams)"
+    else:
+        cause = (f"ComfyUI offloads asynchronously by default on NVIDIA and AMD ({streams} streams; "
+                 "--disable-async-offload turns it off)")
+    return (f"the model is partially loaded and ComfyUI casts its offloaded weights ({name} is on {where}) to "
+            f"{device} on offload streams: {cause}")
 
 
 def autograd_patcher(patcher):

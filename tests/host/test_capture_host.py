@@ -357,3 +357,209 @@ def test_unloading_the_model_releases_its_passes(monkeypatch, pack, backend, tin
     assert [key[0] for key in keys_of(pack)] == []
     in_mode(monkeypatch, "eager", lambda: invert(backend, conditioning))
     assert len(keys_of(pack)) == 1, "the reloaded model captures again"
+
+
+# -- the host's state: offload streams, the model compiler, CUDA graphs switched off (ComfyUI 0.33+, 0.36+) ----------
+
+
+@pytest.fixture()
+def streams(monkeypatch):
+    """Sets the host's offload streams as its ``comfy.model_management`` does at import: ``streams(True)`` the default
+    start of ComfyUI 0.33+ on NVIDIA (``NUM_STREAMS = 2``; 0.3.64: only with ``--async-offload``), ``streams(False)``
+    ``--disable-async-offload`` (0.33+: 0; 0.3.64's default: 1)."""
+    import comfy.model_management as mm
+
+    newer = hasattr(mm.args, "disable_async_offload")
+
+    def set_streams(on: bool) -> None:
+        if newer:
+            monkeypatch.setattr(mm.args, "async_offload", None)
+            monkeypatch.setattr(mm.args, "disable_async_offload", not on)
+            monkeypatch.setattr(mm, "NUM_STREAMS", 2 if on else 0)
+        else:
+            monkeypatch.setattr(mm.args, "async_offload", on)
+            monkeypatch.setattr(mm, "NUM_STREAMS", 2 if on else 1)
+
+    return set_streams
+
+
+def partially_loaded(monkeypatch, patcher) -> str:
+    """What a partial (lowvram) load leaves: ``model_lowvram`` set and a layer's weight off the compute device (here
+    on "meta", as the CPU is the compute device); returns that weight's name."""
+    unet = patcher.model.diffusion_model
+    name, layer = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
+    weight = layer._parameters["weight"]
+    monkeypatch.setitem(layer._parameters, "weight",
+                        torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                           requires_grad=False))
+    monkeypatch.setattr(patcher.model, "model_lowvram", True)
+    return f"diffusion_model.{name}.weight"
+
+
+def test_offload_streams_refuse_only_a_partially_loaded_model(monkeypatch, pack, tiny_comfy_models, streams):
+    """ComfyUI 0.33+ starts with two offload streams on NVIDIA; a fully loaded model casts nothing on them
+    (``comfy/ops.py cast_bias_weight``), so it is captured; a partially loaded one is refused, naming the cause."""
+    capture, caps = pack.nodes.comfy_capture, pack.nodes.host_caps
+    monkeypatch.setenv("DRAGKIT_CAPTURE", "eager")
+    streams(True)
+    assert caps.offload_streams() == 2
+    patched = tiny_comfy_models.model.clone()
+    assert caps.stream_cast_refusal(patched, torch.device("cpu")) is None
+    assert capture._plan(patched, *plan_args(pack)) is not None, "fully loaded: captured with the streams on"
+    name = partially_loaded(monkeypatch, patched)
+    reason = caps.stream_cast_refusal(patched, torch.device("cpu"))
+    assert reason is not None and name in reason and "offload streams" in reason
+    import comfy.model_management as mm
+
+    if hasattr(mm.args, "disable_async_offload"):
+        assert "by default" in reason and "--disable-async-offload turns it off" in reason, reason
+    else:
+        assert "runs with --async-offload" in reason, reason
+    assert capture._plan(patched, *plan_args(pack)) is None
+    streams(False)
+    assert caps.offload_streams() == 0 and caps.stream_cast_refusal(patched, torch.device("cpu")) is None
+    assert capture._refusal(patched, {}, source(), False) == "the model is partially loaded (lowvram)"
+
+
+def test_an_async_offload_the_user_asked_for_is_named(monkeypatch, pack, tiny_comfy_models, streams):
+    import comfy.model_management as mm
+
+    caps = pack.nodes.host_caps
+    streams(True)
+    monkeypatch.setattr(mm.args, "async_offload", 3 if hasattr(mm.args, "disable_async_offload") else True)
+    patched = tiny_comfy_models.model.clone()
+    partially_loaded(monkeypatch, patched)
+    assert "ComfyUI runs with --async-offload" in caps.stream_cast_refusal(patched, torch.device("cpu"))
+
+
+class _MallocGraph:
+    """What ``comfy_aimdo.malloc_graph.record`` gives the host, with the flag ComfyUI 0.36+ sets on it."""
+
+    _comfy_active = False
+
+
+@pytest.fixture()
+def compiler(monkeypatch):
+    """The model compiler's state as ComfyUI 0.36+ keeps it, on this host: ``args.disable_comfy_compiler`` (and
+    ``disable_cuda_graphs``, which ``--disable-comfy-compiler`` sets too), ``comfy.memory_management.aimdo_enabled``
+    (here ``state["aimdo"]``) and ``comfy.model_prefetch``'s ``malloc_graph_enabled`` and per-thread graphs
+    (``MALLOC_GRAPHS``; ``ACTIVE_MALLOC_GRAPHS`` in earlier builds). Returns ``(state, prefetch module)``."""
+    import importlib
+    import sys
+    import types
+
+    import comfy.model_management as mm
+
+    try:
+        prefetch = importlib.import_module("comfy.model_prefetch")
+    except ImportError:  # ComfyUI 0.3.64
+        prefetch = types.ModuleType("comfy.model_prefetch")
+        monkeypatch.setitem(sys.modules, "comfy.model_prefetch", prefetch)
+    state = {"aimdo": True}
+
+    def malloc_graph_enabled(device):
+        return not mm.args.disable_comfy_compiler and state["aimdo"] and mm.is_device_cuda(device)
+
+    monkeypatch.setattr(mm.args, "disable_comfy_compiler", False, raising=False)
+    monkeypatch.setattr(mm.args, "disable_cuda_graphs", False, raising=False)
+    monkeypatch.setattr(prefetch, "malloc_graph_enabled", malloc_graph_enabled, raising=False)
+    monkeypatch.setattr(prefetch, "MALLOC_GRAPHS", {}, raising=False)
+    return state, prefetch
+
+
+def on_cuda(model):
+    """A clone of ``model`` that says it loads on ``cuda:0`` (nothing runs on it here)."""
+    clone = model.clone()
+    clone.load_device = torch.device("cuda", 0)
+    return clone
+
+
+def test_the_model_compiler_on_for_the_device_refuses_a_capture(monkeypatch, pack, tiny_comfy_models, compiler):
+    """ComfyUI 0.36+ with comfy-aimdo up compiles the model (malloc graphs) on CUDA unless --disable-comfy-compiler:
+    no UNet wrapper; the same model on a host started with --disable-dynamic-vram (aimdo off) gets one."""
+    state, _ = compiler
+    capture, caps = pack.nodes.comfy_capture, pack.nodes.host_caps
+    monkeypatch.setenv("DRAGKIT_CAPTURE", "graph")
+    refused = on_cuda(tiny_comfy_models.model)
+    reason = caps.capture_refusal(refused, torch.device("cuda", 0), graphs=True)
+    assert reason is not None and "model compiler" in reason and "--disable-dynamic-vram" in reason
+    capture.install(refused, pack.dragkit.attention.AttentionControl())
+    assert "model_function_wrapper" not in refused.model_options
+    assert caps.capture_refusal(refused, torch.device("cpu"), graphs=True) is None, "the compiler is for CUDA only"
+    state["aimdo"] = False
+    allowed = on_cuda(tiny_comfy_models.model)
+    assert caps.capture_refusal(allowed, torch.device("cuda", 0), graphs=True) is None
+    capture.install(allowed, pack.dragkit.attention.AttentionControl())
+    assert "model_function_wrapper" in allowed.model_options
+
+
+@pytest.mark.parametrize("build", ["MALLOC_GRAPHS", "ACTIVE_MALLOC_GRAPHS"])
+def test_a_malloc_graph_recording_on_this_thread_refuses_a_capture(monkeypatch, pack, tiny_comfy_models, compiler,
+                                                                   build):
+    """A node may switch the compiler off while the host's malloc graph records (``malloc_graph_begin`` ..
+    ``malloc_graph_end``): a pass in it runs plainly; after ``malloc_graph_end``, or on another thread, it is captured."""
+    import threading
+
+    state, prefetch = compiler
+    state["aimdo"] = False
+    capture = pack.nodes.comfy_capture
+    graph = _MallocGraph()
+    if build == "MALLOC_GRAPHS":  # ComfyUI 0.36+: the thread's graph stays, _comfy_active says whether it records
+        monkeypatch.setattr(prefetch, "MALLOC_GRAPHS", {threading.get_ident(): graph})
+        begin, end = (lambda: setattr(graph, "_comfy_active", True)), (lambda: setattr(graph, "_comfy_active", False))
+    else:  # earlier builds: the thread's entry while it records
+        monkeypatch.delattr(prefetch, "MALLOC_GRAPHS")
+        active: dict = {}
+        monkeypatch.setattr(prefetch, "ACTIVE_MALLOC_GRAPHS", active, raising=False)
+        begin, end = (lambda: active.__setitem__(threading.get_ident(), graph)), (lambda: active.clear())
+    patched = tiny_comfy_models.model.clone()
+    monkeypatch.setenv("DRAGKIT_CAPTURE", "eager")
+    assert capture._plan(patched, *plan_args(pack)) is not None
+    begin()
+    assert pack.nodes.host_caps.malloc_graph_recording()
+    assert capture._plan(patched, *plan_args(pack)) is None
+    seen = []
+    other = threading.Thread(target=lambda: seen.append(pack.nodes.host_caps.malloc_graph_recording()))
+    other.start()
+    other.join()
+    assert seen == [False], "another thread's pass is not inside this thread's malloc graph"
+    end()
+    assert capture._plan(patched, *plan_args(pack)) is not None
+
+
+def test_cuda_graphs_switched_off_name_the_flag_that_did_it(monkeypatch, pack, tiny_comfy_models, compiler):
+    import comfy.model_management as mm
+
+    state, _ = compiler
+    caps = pack.nodes.host_caps
+    patched = tiny_comfy_models.model.clone()
+    device = torch.device("cuda", 0)
+    state["aimdo"] = False
+    assert caps.capture_refusal(patched, device, graphs=True) is None
+    monkeypatch.setattr(mm.args, "disable_cuda_graphs", True)
+    assert caps.capture_refusal(patched, device, graphs=True) == "ComfyUI runs with --disable-cuda-graphs"
+    monkeypatch.setattr(mm.args, "disable_comfy_compiler", True)  # cli_args: --disable-comfy-compiler sets both
+    state["aimdo"] = True
+    reason = caps.capture_refusal(patched, device, graphs=True)
+    assert reason.startswith("ComfyUI runs with --disable-comfy-compiler") and "disable_cuda_graphs" in reason
+    assert caps.capture_refusal(patched, device, graphs=False) is None, "the static-buffer path makes no CUDA graph"
+
+
+def test_a_host_that_renamed_the_compiler_or_the_streams_fails_loudly(monkeypatch, pack, tiny_comfy_models, compiler):
+    import comfy.model_management as mm
+
+    _, prefetch = compiler
+    caps = pack.nodes.host_caps
+    patched = tiny_comfy_models.model.clone()
+    assert caps.capture_refusal(patched, torch.device("cpu"), graphs=True) is None
+    monkeypatch.delattr(prefetch, "MALLOC_GRAPHS")
+    with pytest.raises(caps.HostCapabilityError, match=r"MALLOC_GRAPHS \(or ACTIVE_MALLOC_GRAPHS\)"):
+        caps.capture_refusal(patched, torch.device("cpu"), graphs=True)
+    monkeypatch.delattr(prefetch, "malloc_graph_enabled")
+    with pytest.raises(caps.HostCapabilityError, match=r"malloc_graph_enabled\(device\)"):
+        caps.capture_refusal(patched, torch.device("cpu"), graphs=True)
+    monkeypatch.delattr(mm.args, "disable_comfy_compiler")
+    assert caps.capture_refusal(patched, torch.device("cpu"), graphs=True) is None, "a host without the compiler"
+    monkeypatch.delattr(mm, "NUM_STREAMS")
+    with pytest.raises(caps.HostCapabilityError, match="NUM_STREAMS"):
+        caps.offload_streams()
