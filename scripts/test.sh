@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (once) and run the test suite.
 #
-#   COMFYUI_PATH=../ComfyUI bash scripts/test.sh [pytest args]   # set up, then every test
-#   COMFYUI_PATH=../ComfyUI bash scripts/test.sh --setup-only    # set up only (what the main job needs)
+#   bash scripts/test.sh [pytest args]                # set up, then every test
+#   bash scripts/test.sh --setup-only                 # set up only (what the main job needs)
+#   COMFYUI_PATH=/path/to/ComfyUI bash scripts/test.sh   # against another ComfyUI
 #
 # Pytest arguments go to pytest; when none of them names a file or folder,
 # the whole of tests/ runs (e.g. `-m host`: the host tests only;
@@ -12,9 +13,11 @@
 #   VENV           where the virtual environment lives (default: .venv)
 #   TORCH_SPEC     the torch requirement installed when torch is missing
 #                  (default: torch==2.13.0, a CPU build where one is on disk)
-#   COMFYUI_PATH   a ComfyUI checkout: its requirements are installed into the
-#                  environment too (what the headless runner needs) and the
-#                  host tests run; without it they skip
+#   COMFYUI_PATH   the ComfyUI the host tests run against; its requirements are
+#                  installed into the environment too (what the headless runner
+#                  needs). Unset: ComfyUI 0.33.0, the newest tested version, got
+#                  once into ~/.cache/dragkit (scripts/comfyui.sh); "none": no
+#                  ComfyUI, the engine tests only
 set -euo pipefail
 here="$(pwd)"
 cd "$(dirname "$0")/.."
@@ -35,15 +38,9 @@ pip_install() {
         | { grep --line-buffered -v -e '^Requirement already satisfied' -e '^Looking in ' -e "^WARNING: Location '" || true; }
 }
 
-if [ -n "${COMFYUI_PATH:-}" ]; then
-    case "$COMFYUI_PATH" in /*) ;; *) COMFYUI_PATH="$here/$COMFYUI_PATH" ;; esac
-    if [ ! -f "$COMFYUI_PATH/main.py" ] || [ ! -f "$COMFYUI_PATH/requirements.txt" ]; then
-        echo "error: COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py / requirements.txt)." >&2
-        echo "Get one with: git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI" >&2
-        exit 2
-    fi
-    export COMFYUI_PATH
-fi
+# shellcheck source=scripts/comfyui.sh
+. scripts/comfyui.sh
+use_comfyui "$(pwd)" "$here" || exit 2
 
 venv="${VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
@@ -71,9 +68,9 @@ fi
 if [ "$setup_only" = 1 ]; then
     echo "[set-up] ready: $venv"
     if [ -n "${COMFYUI_PATH:-}" ]; then
-        echo "[set-up] run the main job with: COMFYUI_PATH=$COMFYUI_PATH bash scripts/run_workflow.sh workflows/fastdrag.json --sample samples/art_0 --out out/"
+        echo "[set-up] run the main job with: bash scripts/run_workflow.sh workflows/fastdrag.json --sample samples/art_0 --out out/"
     else
-        echo "[set-up] without COMFYUI_PATH ComfyUI's requirements were not installed: the main job and the host tests need them." >&2
+        echo "[set-up] with COMFYUI_PATH=none ComfyUI's requirements were not installed: the main job and the host tests need them." >&2
     fi
     exit 0
 fi
@@ -91,8 +88,8 @@ status=0
 "$py" -m pytest -v --durations=15 ${paths[@]+"${paths[@]}"} ${args[@]+"${args[@]}"} || status=$?
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
-    echo "note: COMFYUI_PATH is not set, so ComfyUI's requirements were not installed and the host tests" >&2
-    echo "      skipped; the headless runner needs both: COMFYUI_PATH=../ComfyUI bash scripts/test.sh" >&2
+    echo "note: COMFYUI_PATH=none, so ComfyUI's requirements were not installed and the host tests" >&2
+    echo "      skipped; the headless runner needs both: bash scripts/test.sh" >&2
 elif ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
         && ! command -v google-chrome >/dev/null 2>&1 && [ -z "${DRAGKIT_CHROMIUM:-}" ]; then
     echo "note: no Chromium found, so the browser tests skipped (Debian: apt-get install chromium)." >&2

@@ -31,8 +31,7 @@ def test_no_venv_names_the_set_up_command(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "no virtual environment" in result.stderr
-    assert "COMFYUI_PATH=../ComfyUI bash scripts/test.sh" in result.stderr
-    assert "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI" in result.stderr
+    assert "  bash scripts/test.sh\n" in result.stderr and "--setup-only" in result.stderr
 
 
 def test_no_comfyui_path(monkeypatch, capsys):
@@ -40,15 +39,58 @@ def test_no_comfyui_path(monkeypatch, capsys):
     assert run_workflow.main(["workflows/fastdrag.json", "--sample", str(ROOT / "samples" / "art_0")]) == 2
     error = capsys.readouterr().err
     assert "COMFYUI_PATH is not set" in error
-    assert "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI" in error
-    assert "COMFYUI_PATH=../ComfyUI bash scripts/test.sh" in error
+    assert "bash scripts/test.sh" in error and "bash scripts/run_workflow.sh" in error
 
 
 def test_not_a_checkout(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
     assert run_workflow.main(["workflows/fastdrag.json", "--sample", str(ROOT / "samples" / "art_0")]) == 2
     error = capsys.readouterr().err
-    assert "is not a ComfyUI checkout" in error and "git clone https://github.com/Comfy-Org/ComfyUI" in error
+    assert "is not a ComfyUI checkout" in error and "Leave COMFYUI_PATH unset" in error
+
+
+def _fake_shared_host(folder: Path, version: str) -> Path:
+    """A tarball shaped like ../shared/hosts' (one top folder ComfyUI-<version>) beside a copy of the scripts."""
+    import tarfile
+
+    repo = folder / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("comfyui.sh", "run_workflow.sh"):
+        (repo / "scripts" / name).write_text((ROOT / "scripts" / name).read_text())
+    tree = folder / f"ComfyUI-{version}"
+    tree.mkdir()
+    fake_comfyui(tree, "")
+    (folder / "shared" / "hosts").mkdir(parents=True)
+    with tarfile.open(folder / "shared" / "hosts" / f"ComfyUI-{version}.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname=f"ComfyUI-{version}")
+    return repo
+
+
+def test_without_comfyui_path_the_tested_comfyui_is_got_once_and_reused(tmp_path):
+    """scripts/comfyui.sh: unset COMFYUI_PATH gets the newest tested ComfyUI from ../shared/hosts into DRAGKIT_HOME
+    (atomically: no partial folder is left), says so, and reuses it on the next call; COMFYUI_PATH=none means none."""
+    version = next(line.split('"')[1] for line in (ROOT / "scripts" / "comfyui.sh").read_text().splitlines()
+                   if line.startswith("DRAGKIT_TESTED_COMFYUI="))
+    repo = _fake_shared_host(tmp_path / "world", version)
+    home = tmp_path / "home"
+    script = '. scripts/comfyui.sh && use_comfyui "$(pwd)" "$(pwd)" && echo "PATH=$COMFYUI_PATH"'
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["DRAGKIT_HOME"] = str(home)
+    first = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"[comfyui] unpacking ComfyUI {version} from" in first.stdout
+    assert first.stdout.splitlines()[-1] == f"PATH={home / f'ComfyUI-{version}'}"
+    assert sorted(p.name for p in home.iterdir()) == [f"ComfyUI-{version}"]
+    assert (home / f"ComfyUI-{version}" / "main.py").is_file()
+    second = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "unpacking" not in second.stdout
+    assert f"[comfyui] ComfyUI {version} at {home / f'ComfyUI-{version}'}" in second.stdout
+    none = subprocess.run(["bash", "-c", script], cwd=repo, env={**env, "COMFYUI_PATH": "none"},
+                          capture_output=True, text=True)
+    assert none.returncode == 0 and none.stdout.splitlines()[-1] == "PATH="
+    wrong = subprocess.run(["bash", "-c", script], cwd=repo, env={**env, "COMFYUI_PATH": str(tmp_path)},
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is not a ComfyUI checkout" in wrong.stderr
 
 
 def test_missing_comfyui_requirements_are_named_with_the_command(monkeypatch, tmp_path, capsys):
@@ -113,6 +155,7 @@ def test_the_runner_prints_each_node_and_its_progress(monkeypatch):
 def test_set_up_only_installs_and_runs_no_test():
     env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS")}
     env["VENV"] = sys.prefix
+    env["COMFYUI_PATH"] = "none"   # this Python may belong to another host: install no ComfyUI requirements into it
     result = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), "--setup-only"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

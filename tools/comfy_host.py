@@ -43,8 +43,9 @@ PACK_FOLDER_NAME = "dragkit"
 """Folder name of the pack under ``custom_nodes`` in the server host (and its web/extension name)."""
 
 SKIP_MESSAGE = (
-    "COMFYUI_PATH is not set: host tests need a ComfyUI checkout "
-    "(e.g. COMFYUI_PATH=/path/to/ComfyUI, with ComfyUI's requirements installed in this Python)"
+    "no ComfyUI (COMFYUI_PATH unset or none): host tests need a ComfyUI checkout "
+    "(scripts/test.sh gets one when COMFYUI_PATH is unset; or COMFYUI_PATH=/path/to/ComfyUI, with ComfyUI's "
+    "requirements installed in this Python)"
 )
 
 
@@ -58,9 +59,9 @@ def repo_root() -> Path:
 
 
 def comfyui_path() -> Path | None:
-    """``COMFYUI_PATH`` as an absolute Path, or None when unset/empty (not validated)."""
+    """``COMFYUI_PATH`` as an absolute Path, or None when unset, empty or ``none`` (not validated)."""
     value = os.environ.get(ENV_VAR, "").strip()
-    if not value:
+    if not value or value == "none":
         return None
     return Path(value).expanduser().resolve()
 

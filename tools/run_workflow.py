@@ -349,9 +349,11 @@ def read_workflow(path: Path) -> tuple[dict, str]:
 
 
 SETUP_COMMAND = "COMFYUI_PATH={path} bash scripts/test.sh"
-"""The README's set-up command: makes .venv with this pack's and ComfyUI's requirements (and runs the tests)."""
+"""The set-up command for a given ComfyUI: makes .venv with this pack's and ComfyUI's requirements (and runs the
+tests). The README's own is ``bash scripts/test.sh``, which gets the newest tested ComfyUI itself."""
 
-GET_COMFYUI = "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI"
+RUN_COMMAND = "bash scripts/run_workflow.sh"
+"""The README's main-job script: it picks ComfyUI (``scripts/comfyui.sh``) before starting this runner."""
 
 REQUIREMENT_MODULES = {"pyyaml": "yaml", "pillow": "PIL"}
 """Import names of ComfyUI requirements whose distribution name is not the module name (lower case, - as _)."""
@@ -385,12 +387,13 @@ def setup_problem() -> str | None:
     shown = str(path) if path else "/path/to/ComfyUI"
     setup = SETUP_COMMAND.format(path=shown)
     if path is None:
-        return ("COMFYUI_PATH is not set. Get ComfyUI and set up this repository (installs ComfyUI's requirements "
-                f"into .venv and runs the tests), then put COMFYUI_PATH=... in front of this command:\n"
-                f"  {GET_COMFYUI}\n  {SETUP_COMMAND.format(path='../ComfyUI')}")
+        return ("COMFYUI_PATH is not set. Run the workflow through the script, which uses the ComfyUI that the "
+                f"set-up got (set this repository up first with: bash scripts/test.sh):\n  {RUN_COMMAND} ...\n"
+                "or set COMFYUI_PATH to a ComfyUI whose requirements are installed in this Python.")
     problem = comfyui_problem()
     if problem:
-        return f"{problem}.\nGet ComfyUI with:\n  {GET_COMFYUI}\nand set COMFYUI_PATH to that folder."
+        return (f"{problem}.\nLeave COMFYUI_PATH unset to use the ComfyUI that the set-up (bash scripts/test.sh) "
+                "gets, or set it to a ComfyUI checkout.")
     missing = comfyui_requirements_missing(path)
     if missing:
         return (f"ComfyUI's requirements are not installed in this Python ({sys.executable}; missing: "

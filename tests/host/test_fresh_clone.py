@@ -1,13 +1,15 @@
 """The README's first run in a fresh clone: the set-up command, then the main job, exactly as the README gives them.
 
-The commands are parsed from the README's "First run" section (its three
+The commands are parsed from the README's "First run" section (its two
 ``bash`` blocks, in order), so this test fails when the README drifts. The
 repository (its committed ``HEAD``) is cloned with ``git clone`` into a
-temporary folder. Step 1 (``git clone https://github.com/Comfy-Org/ComfyUI
-../ComfyUI``) needs the network: the test checks that the README says
-exactly that and puts a link to ``COMFYUI_PATH``'s checkout at
-``../ComfyUI`` instead. Steps 2 and 3 run with ``bash -c`` in the clone,
-unchanged, without ``COMFYUI_PATH`` in the environment (the commands set it).
+temporary folder, and both commands run with ``bash -c`` in the clone,
+unchanged, without ``COMFYUI_PATH`` in the environment: the scripts then use
+the newest tested ComfyUI in ``$DRAGKIT_HOME`` (``scripts/comfyui.sh``),
+which the test points at a folder holding this run's host under that name
+(so it runs on that host only; on another host it skips, saying why). How
+the scripts get that ComfyUI the first time is tested in
+``tests/test_first_run_messages.py``.
 
 - ``VENV``: the set-up and the runner scripts honour it; the test points it
   at this interpreter's virtual environment (unless ``DRAGKIT_FRESH_VENV=1``,
@@ -33,11 +35,15 @@ import time
 import pytest
 from PIL import Image
 
-from tools.comfy_host import comfyui_path, repo_root
+from tools.comfy_host import comfyui_path, comfyui_version, repo_root
 
 pytestmark = pytest.mark.slow
 
-GET_COMFYUI = "git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI"
+
+def tested_comfyui() -> str:
+    """The ComfyUI version the scripts get when ``COMFYUI_PATH`` is unset (``scripts/comfyui.sh``)."""
+    text = (repo_root() / "scripts" / "comfyui.sh").read_text()
+    return re.search(r'^DRAGKIT_TESTED_COMFYUI="([^"]+)"', text, flags=re.M).group(1)
 
 
 def first_run_commands(readme: str) -> list[str]:
@@ -51,18 +57,24 @@ def first_run_commands(readme: str) -> list[str]:
 def test_readme_first_run_commands_in_a_fresh_clone(tmp_path, comfyui):
     if os.environ.get("DRAGKIT_IN_FRESH_CLONE"):
         pytest.skip("already inside the fresh-clone test")
+    version = tested_comfyui()
+    if comfyui_version(comfyui) != version:
+        pytest.skip(f"the README's commands use ComfyUI {version} (the newest tested), not this run's "
+                    f"{comfyui_version(comfyui)}")
     readme = (repo_root() / "README.md").read_text()
-    get_comfyui, set_up, main_job = first_run_commands(readme)
-    assert get_comfyui == GET_COMFYUI
-    assert "COMFYUI_PATH=../ComfyUI" in set_up and "scripts/test.sh" in set_up
-    assert "COMFYUI_PATH=../ComfyUI" in main_job and "--out out/" in main_job
+    set_up, main_job = first_run_commands(readme)
+    assert set_up == "bash scripts/test.sh"
+    assert main_job.startswith("bash scripts/run_workflow.sh ") and "--out out/" in main_job
 
     work = tmp_path / "work"
     work.mkdir()
     subprocess.run(["git", "clone", "--quiet", str(repo_root()), str(work / "dragkit")], check=True)
-    (work / "ComfyUI").symlink_to(comfyui_path(), target_is_directory=True)  # what step 1 makes
+    home = tmp_path / "dragkit-home"   # where the scripts look for (or get) the tested ComfyUI
+    home.mkdir()
+    (home / f"ComfyUI-{version}").symlink_to(comfyui_path(), target_is_directory=True)
     clone = work / "dragkit"
     env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS", "VIRTUAL_ENV")}
+    env["DRAGKIT_HOME"] = str(home)
     env["DRAGKIT_IN_FRESH_CLONE"] = "1"
     if not os.environ.get("DRAGKIT_FRESH_VENV"):
         env["VENV"] = sys.prefix
@@ -77,6 +89,7 @@ def test_readme_first_run_commands_in_a_fresh_clone(tmp_path, comfyui):
         timings[label] = time.monotonic() - start
         assert result.returncode == 0, f"{label}: {command}\nexit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         outputs[label] = result.stdout + result.stderr
+    assert f"[comfyui] ComfyUI {version} at {home / f'ComfyUI-{version}'}" in outputs["set-up"]
     assert "[set-up] installing this pack's and the tests' requirements" in outputs["set-up"]
     assert "[run] ComfyUI is up after" in outputs["main job"]
     assert "[run]   [1/" in outputs["main job"] and "DDIM Invert (DragKit)" in outputs["main job"]
