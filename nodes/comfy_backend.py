@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
 from ..dragkit.capture import PassCache
 from ..dragkit.errors import DragInputError
+from ..dragkit.flow_hooks import flux_layers, kv_hooks
 from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
 from .host_caps import autograd_patcher, training_mode
@@ -322,3 +324,125 @@ def _attn1_patch(layer: AttnLayer, control: AttentionControl):
                                    transformer_options=extra_options)
 
     return attn1_replace
+
+
+def is_flux(model) -> bool:
+    """Whether a ComfyUI MODEL holds a FLUX-family flow transformer (FLUX.1 [dev]/[schnell], Kontext, Fill)."""
+    base = getattr(model, "model", None)
+    return isinstance(base, comfy.model_base.Flux) and hasattr(getattr(base, "diffusion_model", None), "double_blocks")
+
+
+def flux_guidance(conditioning: list, name: str = "positive") -> float:
+    """The guidance scale a FLUX CONDITIONING carries (FluxGuidance sets it; ComfyUI's default is 3.5); a clear error when it is out of range.
+
+    Mirrors ComfyUI 0.3.64 and 0.33.0 ``model_base.Flux.extra_conds``
+    (``kwargs.get("guidance", 3.5)``) and FluxGuidance's range, 0 to 100.
+    """
+    values = {float(options.get("guidance", DEFAULT_FLUX_GUIDANCE)) for _, options in conditioning}
+    for value in values:
+        if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+            raise DragInputError(
+                f"the {name} conditioning's FLUX guidance is {value}, outside 0 to 100; set it with FluxGuidance "
+                "(DragFlow inverts at 1.0 and samples at 3.5)"
+            )
+    if len(values) > 1:
+        raise DragInputError(f"the {name} conditioning carries several FLUX guidance values {sorted(values)}; use one FluxGuidance")
+    return values.pop()
+
+
+DEFAULT_FLUX_GUIDANCE = 3.5
+"""The guidance ComfyUI gives a FLUX model whose conditioning has none."""
+
+
+def _velocity_sampling(model_sampling):
+    """A copy of a flow MODEL's model sampling whose "denoised" output is the raw velocity and whose noise scaling is the identity.
+
+    The engine integrates velocities itself, from t = 0 (where ``x - σ v``
+    carries no velocity) to t*; patched in as the ``model_sampling`` object
+    (as the ModelSamplingFlux node patches it), the guider's model returns
+    the CFG-combined velocity and the KSAMPLER hands the engine's latent
+    through unchanged. Its σ schedule (shift) is the MODEL's own.
+    """
+    patched = copy.copy(model_sampling)
+    patched.calculate_denoised = lambda sigma, model_output, model_input: model_output
+    patched.noise_scaling = lambda sigma, noise, latent_image, max_denoise=False: latent_image
+    patched.inverse_noise_scaling = lambda sigma, latent: latent
+    return patched
+
+
+class ComfyFlowBackend:
+    """:class:`~dragkit.flow.FlowBackend` over a ComfyUI FLUX ``ModelPatcher``.
+
+    - Times are the MODEL's own σ (``model_sampling.sigma`` of the uniform
+      grid 1..0: FLUX.1 [dev] shift 1.15 = BFL's schedule at 1024², or the
+      shift a ModelSamplingFlux node set).
+    - :meth:`run` clones the patcher, patches its model sampling so the
+      guider's model returns the velocity (:func:`_velocity_sampling`), and
+      runs the engine loop as a ``KSAMPLER`` function under a ``CFGGuider``:
+      LoRAs, ControlNets, model patches and the conditioning's guidance /
+      reference latents act as in KSampler.
+    - Keys/values are reached with forward hooks on the blocks' projection
+      layers (:func:`dragkit.flow_hooks.kv_hooks`), installed for the run
+      only: ComfyUI's FLUX blocks offer no key/value patch point (the UNet's
+      ``attn1_replace`` has no FLUX counterpart; a ``patches_replace``
+      block replacement swaps the whole block, and the attention override
+      sees keys after RoPE with text and image joined). Hooks act on
+      whichever weights the host loaded (LoRA-patched, Dynamic VRAM
+      streamed).
+    - Latents: the engine's are in the model's scaled space
+      (``process_latent_in``); LATENT samples are unscaled.
+    """
+
+    def __init__(self, model) -> None:
+        if not is_flux(model):
+            raise DragInputError(f"this MODEL is {type(getattr(model, 'model', model)).__name__}, not a FLUX flow model")
+        self.model = model
+        self.network = model.model.diffusion_model
+        self.model_sampling = model.get_model_object("model_sampling")
+        self._layers = flux_layers(self.network)
+
+    @property
+    def model_key(self) -> str:
+        return f"comfy-flux:{id(self.model.model)}"
+
+    @property
+    def compute_device(self) -> torch.device:
+        return torch.device(self.model.load_device)
+
+    def kv_layers(self) -> tuple[AttnLayer, ...]:
+        return self._layers
+
+    def sigmas(self, num_steps: int) -> tuple[float, ...]:
+        """The ``num_steps + 1`` times of the MODEL's schedule, 1 down to 0."""
+        grid = torch.linspace(1, 0, num_steps + 1)[:-1]
+        return tuple(float(s) for s in self.model_sampling.sigma(grid)) + (0.0,)
+
+    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.model.model.process_latent_in(samples.to(torch.float32))
+
+    def latent_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.model.process_latent_out(x.to(torch.float32))
+
+    def run(self, loop, x_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, times: list[float]) -> torch.Tensor:
+        patcher = self.model.clone()
+        patcher.add_object_patch("model_sampling", _velocity_sampling(self.model_sampling))
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+            extra_args = extra_args or {}
+
+            def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+                return model(z, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype), **extra_args).to(torch.float32)
+
+            with kv_hooks(self.network, self._layers, control):
+                return loop(velocity, x.to(torch.float32))
+
+        guider = comfy.samplers.CFGGuider(patcher)
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            guider.set_conds(conditioning.positive, conditioning.negative)
+            guider.set_cfg(conditioning.cfg)
+        else:
+            guider.inner_set_conds({"positive": conditioning.positive})
+        sigmas = torch.tensor(list(times), dtype=torch.float32)
+        scaled_in = self.latent_out(x_start)
+        out = guider.sample(torch.zeros_like(scaled_in), scaled_in, comfy.samplers.KSAMPLER(sample), sigmas, disable_pbar=True, seed=0)
+        return self.latent_in(out).to(x_start.device)

@@ -1,9 +1,11 @@
 """Which kind of diffusion network a ComfyUI MODEL holds, for the nodes that only work on a UNet.
 
-DDIM inversion with attention caching and KV-injected sampling address the
-self-attention layers of a UNet's SpatialTransformers (SD1.x, SD2.x, SDXL).
-A DiT (FLUX, SD3, Qwen-Image, ...) has none, so those nodes refuse it up
-front with a message that says what works on it instead. Mirrors ComfyUI
+Motion supervision on decoder features and the per-image LoRA address the
+UNet's decoder and self-attention layers (SD1.x, SD2.x, SDXL). A DiT (FLUX,
+SD3, Qwen-Image, ...) has neither, so those nodes refuse it up front with a
+message that says what works on it instead. DDIM Invert and KV-Injected
+Sample also run on FLUX (:func:`nodes.comfy_backend.is_flux`), so a UNet-only
+step names that chain. Mirrors ComfyUI
 0.3.64 to 0.33.0: ``ModelPatcher.model`` is the ``comfy.model_base`` model and
 its ``diffusion_model`` the network; every UNet ComfyUI builds (SD1.x, SD2.x,
 SDXL, SVD, ControlNet-wrapped) is a ``UNetModel`` of
@@ -17,8 +19,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..dragkit.errors import DragInputError
 
 DIT_ALTERNATIVES = (
-    "On a DiT model use Drag Warp (pixels) with its inpainting model (e.g. FLUX.1 Fill), or FastDrag Warp+BNNI on "
-    "the VAE Encode latent followed by a native KSampler (the warp sets a noise mask, denoise about 0.6)."
+    "On FLUX.1 use DDIM Invert -> FastDrag Warp+BNNI -> KV-Injected Sample (DragFlow's inversion and key/value "
+    "injection; workflow fastdrag_flux), or Drag Warp (pixels) with FLUX.1 Fill (workflow warp_inpaint_flux_fill). "
+    "On other DiT models use Drag Warp (pixels) with their inpainting model, or FastDrag Warp+BNNI on the VAE Encode "
+    "latent followed by a native KSampler (the warp sets a noise mask, denoise about 0.6)."
 )
 
 

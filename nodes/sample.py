@@ -5,9 +5,11 @@ from __future__ import annotations
 from ..dragkit.attention import LAYER_SPEC_HELP, select_layers
 from ..dragkit.ddim import KV_SOURCES, kv_sample
 from ..dragkit.errors import DragInputError
-from .comfy_backend import ComfyBackend, ComfyConditioning
+from ..dragkit.flow import FlowCache, flow_sample
+from ..dragkit.flow_hooks import FLUX_LAYER_HELP, select_flux_layers
+from .comfy_backend import ComfyBackend, ComfyConditioning, ComfyFlowBackend, is_flux
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, require_cache, require_finite
-from .invert import check_conditioning, preview_progress
+from .invert import check_conditioning, check_flux_latent, preview_progress
 from .latent_io import clean_latent, require_step
 from .model_family import require_unet
 
@@ -18,7 +20,9 @@ class KVInjectedSample:
         "values of the chosen self-attention layers by the source image's: recorded by DDIM Invert at the same "
         "timestep (FastDrag's consistency preservation), or from the unedited latent denoised alongside "
         "(mutual self-attention, DragDiffusion/GoodDrag). Runs through ComfyUI's sampler machinery, so ControlNet "
-        "in the conditioning and model patches still act."
+        "in the conditioning and model patches still act. On a FLUX MODEL it runs DragFlow's flow sampling (the "
+        "solver of DDIM Invert, prompt at FluxGuidance 3.5 as released), the recorded keys/values of the chosen "
+        "blocks fully replacing the model's, paired with the recorded model calls as DragFlow does."
     )
     CATEGORY = CATEGORY
     FUNCTION = "sample"
@@ -35,7 +39,7 @@ class KVInjectedSample:
                 "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache from DDIM Invert of the source image."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt; may carry a ControlNet."}),
                 "kv_source": (list(KV_SOURCES), {"default": KV_SOURCES[0], "tooltip": "Where injected keys/values come from: 'inversion cache' = recorded by DDIM Invert at the same timestep (cheap; FastDrag); 'reference branch' = the unedited latent denoised alongside at batch 2, mutual self-attention (DragDiffusion, GoodDrag; use inject_layers 'masactrl')."}),
-                "inject_layers": ("STRING", {"default": "decoder", "tooltip": "Self-attention layers whose keys/values are replaced (they must be cached). 'none' samples without injection. " + LAYER_SPEC_HELP}),
+                "inject_layers": ("STRING", {"default": "decoder", "tooltip": "Self-attention layers whose keys/values are replaced (they must be cached). 'none' samples without injection. " + LAYER_SPEC_HELP + " On FLUX: " + FLUX_LAYER_HELP}),
                 "inject_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps, from the first, at which injection starts."}),
                 "inject_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the sampling steps at which injection ends (1 = through the last step)."}),
             },
@@ -46,8 +50,12 @@ class KVInjectedSample:
         }
 
     def sample(self, model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative=None, cfg=1.0):
+        if is_flux(model):
+            return sample_flux(model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative, cfg)
         with node_errors("KV-Injected Sample"):
             require_unet(model, "KV-injected sampling")
+            if isinstance(attn_cache, FlowCache):
+                raise DragInputError("this attention cache was recorded on a FLUX model; invert with this UNet MODEL in DDIM Invert")
             require_cache(attn_cache)
             step = require_step(latent)
             schedule = attn_cache.schedule
@@ -77,6 +85,46 @@ class KVInjectedSample:
             len(timesteps), step.timestep, len(layers),
         )
         return (clean_latent(backend.vp_to_latent(z0, 0.0)),)
+
+
+def sample_flux(model, latent, attn_cache, positive, kv_source, inject_layers, inject_start, inject_end, negative, cfg):
+    """KV-Injected Sample on a FLUX MODEL: DragFlow's flow sampling with the recorded keys/values fully replacing the model's."""
+    with node_errors("KV-Injected Sample"):
+        if not isinstance(attn_cache, FlowCache):
+            raise DragInputError(
+                "this attention cache was recorded on a UNet (SD1.x/SD2.x/SDXL) model; invert the image with this FLUX "
+                "MODEL in DDIM Invert"
+            )
+        if kv_source != "inversion cache":
+            raise DragInputError(
+                "kv_source 'reference branch' (mutual self-attention) is for UNets; on FLUX choose 'inversion cache' "
+                "(DragFlow's injection)"
+            )
+        step = require_step(latent)
+        schedule = attn_cache.schedule
+        if step.num_steps != schedule.num_steps:
+            raise DragInputError(
+                f"the latent is on a {step.num_steps}-step schedule but the attention cache on a "
+                f"{schedule.num_steps}-step one; use the cache of the same DDIM Invert"
+            )
+        if cfg != 1.0 and negative is None:
+            raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
+        check_conditioning(positive, model)
+        if negative is not None and cfg != 1.0:
+            check_conditioning(negative, model, "negative")
+        check_flux_latent(model, latent["samples"], "the latent")
+        backend = ComfyFlowBackend(model)
+        layers = select_flux_layers(backend.kv_layers(), inject_layers)
+        x = require_finite(backend.latent_in(latent["samples"]), INPUT_LATENT)
+        progress = preview_progress(model, schedule.num_steps - step.step_index)
+        conditioning = ComfyConditioning(positive, negative, cfg)
+        x0 = flow_sample(backend, x, conditioning, attn_cache, step.step_index, layers, inject_start, inject_end, progress)
+        require_finite(x0, "the output of KV-injected flow sampling")
+    log.info(
+        "DragKit KV-Injected Sample (FLUX, %s): %d steps from t=%.4f, %d blocks injected",
+        schedule.solver, schedule.num_steps - step.step_index, step.sigma, len(layers),
+    )
+    return (clean_latent(backend.latent_out(x0)),)
 
 
 NODE_CLASS_MAPPINGS = {"DragKitKVInjectedSample": KVInjectedSample}
