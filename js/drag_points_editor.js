@@ -232,24 +232,57 @@ function onExecuted(detail) {
 // ---------------------------------------------------------------------------------------------
 // The node
 
+/**
+ * Hide or show a widget in every renderer: `hidden` is what the classic canvas reads, `options.hidden` what
+ * Nodes 2.0 reads (frontend 1.52 draws a widget without it, as the frontend's own extensions set both);
+ * the classic layout gives every widget its computeSize height, hidden or not: none while hidden.
+ * Returns whether anything changed.
+ */
+function setWidgetHidden(w, hide) {
+  w.options = w.options ?? {};
+  if (!!w.hidden === hide && !!w.options.hidden === hide) return false;
+  w.hidden = hide;
+  w.options.hidden = hide;
+  if (hide) {
+    if (!("dragkitComputeSize" in w)) {
+      w.dragkitComputeSize = Object.prototype.hasOwnProperty.call(w, "computeSize") ? w.computeSize : null;
+    }
+    w.computeSize = () => [0, -4];
+  } else if (w.dragkitComputeSize) {
+    w.computeSize = w.dragkitComputeSize;
+  } else {
+    delete w.computeSize;
+  }
+  return true;
+}
+
+/**
+ * While an IMAGE is connected the file is not used, and the combo holds "": the frontends' missing-media
+ * check (1.49+) reads an upload combo's non-empty value that is not among its files as a missing file, and
+ * skips an empty one. The file comes back when the IMAGE is disconnected. Returns whether anything changed.
+ */
+function holdFileValue(node, hide) {
+  const w = widget(node, FILE_WIDGET);
+  if (!w) return false;
+  if (hide && w.value) {
+    w.dragkitHeldFile = w.value;
+    w.value = "";
+    return true;
+  }
+  if (!hide && !w.value && w.dragkitHeldFile) {
+    w.value = w.dragkitHeldFile;
+    delete w.dragkitHeldFile;
+    return true;
+  }
+  return false;
+}
+
 /** Show or hide the upload combo and button: an IMAGE input, when connected, wins over them. */
 function updateFileWidgets(node) {
   const hide = linked(node, IMAGE_INPUT);
-  let changed = false;
+  let changed = holdFileValue(node, hide);
   for (const w of node.widgets ?? []) {
-    if (FILE_WIDGETS.includes(w.name) && !!w.hidden !== hide) {
-      w.hidden = hide;
-      // the classic layout gives every widget its computeSize height, hidden or not: none while hidden
-      if (hide) {
-        w.dragkitComputeSize = Object.prototype.hasOwnProperty.call(w, "computeSize") ? w.computeSize : null;
-        w.computeSize = () => [0, -4];
-      } else if (w.dragkitComputeSize) {
-        w.computeSize = w.dragkitComputeSize;
-      } else {
-        delete w.computeSize;
-      }
-      changed = true;
-    }
+    if (FILE_WIDGETS.includes(w.name)) changed = setWidgetHidden(w, hide) || changed;
   }
   if (changed) node.setDirtyCanvas?.(true, true);
 }
@@ -296,11 +329,7 @@ function setUpNode(node) {
   const editor = new DragPointsEditor(makeHost(node));
   node.dragPointsEditor = editor; // for scripts and tests
   const stateWidget = widget(node, STATE_WIDGET);
-  if (stateWidget) {
-    // kept in sync by the editor; hidden and taking no space in the node
-    stateWidget.hidden = true;
-    stateWidget.computeSize = () => [0, -4];
-  }
+  if (stateWidget) setWidgetHidden(stateWidget, true); // kept in sync by the editor
   const fileWidget = widget(node, FILE_WIDGET);
   if (fileWidget) {
     const callback = fileWidget.callback;

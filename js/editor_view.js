@@ -13,15 +13,16 @@ const TARGET_COLOR = "#1e88e5";
 const STYLE = `
 .dragkit-pe { display: flex; flex-direction: column; gap: 4px; width: 100%; height: 100%; box-sizing: border-box;
   font: 11px sans-serif; color: var(--input-text, #ddd); }
-.dragkit-pe-bar { display: flex; flex-wrap: wrap; gap: 3px; align-items: center; }
+.dragkit-pe-bar { display: flex; flex-wrap: wrap; gap: 3px; align-items: center; flex: none; }
 .dragkit-pe-bar button { font: inherit; padding: 2px 6px; border-radius: 4px; cursor: pointer;
   border: 1px solid var(--border-color, #555); background: var(--comfy-input-bg, #222); color: inherit; }
 .dragkit-pe-bar button.active { background: #3b6fd1; border-color: #3b6fd1; color: #fff; }
 .dragkit-pe-bar label { display: flex; align-items: center; gap: 3px; }
 .dragkit-pe-bar input[type=range] { width: 80px; }
-.dragkit-pe canvas { flex: 1 1 auto; min-height: 80px; width: 100%; background: #111; border-radius: 4px;
+.dragkit-pe canvas { flex: 1 1 0; min-height: 80px; width: 100%; background: #111; border-radius: 4px;
   outline: none; touch-action: none; cursor: crosshair; }
-.dragkit-pe-status { min-height: 14px; line-height: 14px; opacity: 0.85; }
+.dragkit-pe-bar .dragkit-pe-size { display: inline-block; min-width: 4.5em; }
+.dragkit-pe-status { flex: none; height: 28px; line-height: 14px; overflow-y: auto; opacity: 0.85; }
 .dragkit-pe-status .warn { color: #ffb74d; }
 dialog.dragkit-pe-dialog { width: 92vw; height: 92vh; padding: 10px; border: 1px solid #555; border-radius: 8px;
   background: var(--comfy-menu-bg, #202020); box-sizing: border-box; }
@@ -42,7 +43,6 @@ export class EditorView {
     ensureStyle();
     this.editor = editor;
     this.enlarged = enlarged;
-    this.fit = { scale: 1, ox: 0, oy: 0 };
     this.drag = null; // {kind: "point"|"paint", before, ref?, last?, value?}
     this.hover = null; // source coords under the pointer
     this.root = document.createElement("div");
@@ -90,6 +90,7 @@ export class EditorView {
     this.sizeInput.max = "256";
     this.sizeInput.dataset.action = "size";
     this.sizeLabel = document.createElement("span");
+    this.sizeLabel.className = "dragkit-pe-size";
     this.sizeInput.addEventListener("input", () => {
       ed.brushSize = Number(this.sizeInput.value);
       ed.redraw();
@@ -156,13 +157,27 @@ export class EditorView {
 
   // -- coordinates ------------------------------------------------------------------------------
 
+  /**
+   * How the image fits the canvas now: {scale, ox, oy} in the canvas's CSS pixels, from its current size, not
+   * from the last draw's: a pointer event that comes after a layout change maps by the layout it hit.
+   */
+  get fit() {
+    const m = this.editor.model;
+    const w = this.canvas.clientWidth;
+    const h = this.canvas.clientHeight;
+    if (!m.hasSize || !w || !h) return { scale: 1, ox: 0, oy: 0 };
+    const scale = Math.min(w / m.width, h / m.height);
+    return { scale, ox: (w - m.width * scale) / 2, oy: (h - m.height * scale) / 2 };
+  }
+
   /** Continuous source-image coordinates under a pointer event (may lie outside the image). */
   eventToSource(e) {
     const rect = this.canvas.getBoundingClientRect();
     const zoom = rect.width / (this.canvas.clientWidth || 1);
     const lx = (e.clientX - rect.left) / zoom;
     const ly = (e.clientY - rect.top) / zoom;
-    return { u: (lx - this.fit.ox) / this.fit.scale, v: (ly - this.fit.oy) / this.fit.scale };
+    const { scale, ox, oy } = this.fit;
+    return { u: (lx - ox) / scale, v: (ly - oy) / scale };
   }
 
   /** The pixel (x, y) a continuous source position falls in, clamped into the image. */
@@ -175,21 +190,21 @@ export class EditorView {
   sourceToClient(x, y) {
     const rect = this.canvas.getBoundingClientRect();
     const zoom = rect.width / (this.canvas.clientWidth || 1);
-    return {
-      x: rect.left + (this.fit.ox + (x + 0.5) * this.fit.scale) * zoom,
-      y: rect.top + (this.fit.oy + (y + 0.5) * this.fit.scale) * zoom,
-    };
+    const { scale, ox, oy } = this.fit;
+    return { x: rect.left + (ox + (x + 0.5) * scale) * zoom, y: rect.top + (oy + (y + 0.5) * scale) * zoom };
   }
 
   displayOf(p) {
-    return { x: this.fit.ox + (p.x + 0.5) * this.fit.scale, y: this.fit.oy + (p.y + 0.5) * this.fit.scale };
+    const { scale, ox, oy } = this.fit;
+    return { x: ox + (p.x + 0.5) * scale, y: oy + (p.y + 0.5) * scale };
   }
 
   hitTest(e) {
     const m = this.editor.model;
     if (!m.hasSize) return null;
     const { u, v } = this.eventToSource(e);
-    const here = { x: this.fit.ox + u * this.fit.scale, y: this.fit.oy + v * this.fit.scale };
+    const { scale, ox, oy } = this.fit;
+    const here = { x: ox + u * scale, y: oy + v * scale };
     const refs = [];
     if (m.pending) refs.push({ pair: m.pairs.length, role: "pending" });
     for (let i = m.pairs.length - 1; i >= 0; i--) refs.push({ pair: i, role: "target" }, { pair: i, role: "handle" });
@@ -317,9 +332,7 @@ export class EditorView {
       this.drawMessage(ctx, cssW, cssH, ed.message || "No image yet.");
       return;
     }
-    const scale = Math.min(cssW / m.width, cssH / m.height);
-    this.fit = { scale, ox: (cssW - m.width * scale) / 2, oy: (cssH - m.height * scale) / 2 };
-    const { ox, oy } = this.fit;
+    const { scale, ox, oy } = this.fit;
     const w = m.width * scale;
     const h = m.height * scale;
     // the result may have another size (e.g. cropped to multiples of 8): it is drawn over the source's frame

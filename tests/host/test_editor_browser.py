@@ -104,36 +104,36 @@ NEW_GRAPH = ("app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset =
 """JS: an empty graph at scale 1, and ``add(type, pos)`` to place nodes in it."""
 
 
-def _client_xy(chrome: Browser, x: float, y: float, view: int = 0) -> tuple[float, float]:
-    """Viewport coordinates of source pixel (x, y) in an editor view, once the view's canvas is the element
-    under them and has stayed in place for ten frames (the frontends move DOM widgets a frame or more after
-    the graph changes, and Nodes 2.0 lays a node out again once its image has loaded: with two frames a
-    click on 1.58.1 in Nodes 2.0 once landed 6 pixels off; a click before that lands elsewhere)."""
-    p = chrome.js(f"""new Promise((resolve) => {{
-        const v = [...{EDITOR}.views][{view}];
-        let last = null, still = 0, tries = 0;
-        const step = () => {{
-            const p = v.sourceToClient({x}, {y});
-            const hit = document.elementFromPoint(p.x, p.y) === v.canvas;
-            still = hit && last && last.x === p.x && last.y === p.y ? still + 1 : 0;
-            if (still >= 10 || ++tries > 240) return resolve({{...p, hit}});
-            last = hit ? p : null;
-            requestAnimationFrame(step);
-        }};
-        step();
-    }})""")
-    assert p["hit"], f"the editor's canvas is not under source pixel ({x}, {y}) at {p}"
-    return p["x"], p["y"]
+def _view(view: int = 0) -> str:
+    """JS for view ``view`` of the bound editor (0: in the node, 1: the enlarged one)."""
+    return f"[...{EDITOR}.views][{view}]"
+
+
+def _source_points(points, view: int = 0) -> str:
+    """JS for the viewport points of source pixels ``points`` [(x, y), ...] in an editor view."""
+    return "[" + ", ".join(f"{_view(view)}.sourceToClient({x}, {y})" for x, y in points) + "]"
+
+
+def _click_source(chrome: Browser, x: float, y: float, view: int = 0, button: str = "left") -> None:
+    """Click source pixel (x, y) of an editor view through the one click helper (real, hit-tested mouse events
+    once the view's canvas is under the point and has stood still: ``Browser.click_at``)."""
+    chrome.click_at(f"{_view(view)}.sourceToClient({x}, {y})", f"{_view(view)}.canvas", button)
+
+
+def _drag_source(chrome: Browser, points, view: int = 0) -> None:
+    """Drag through source pixels ``points`` of an editor view with real mouse events (``Browser.drag_through``)."""
+    chrome.drag_through(_source_points(points, view), f"{_view(view)}.canvas")
 
 
 def _control(action: str, view: int = 0) -> str:
     """JS for the toolbar control ``data-action=action`` of the bound editor's view (not the first in the
     document: a frontend may keep other nodes' editors in it, hidden)."""
-    return f"[...{EDITOR}.views][{view}].root.querySelector('.dragkit-pe-bar [data-action={action}]')"
+    return f"{_view(view)}.root.querySelector('.dragkit-pe-bar [data-action={action}]')"
 
 
 def _press(chrome: Browser, action: str, view: int = 0) -> None:
-    chrome.js(f"{_control(action, view)}.click(); true")
+    """Press a toolbar control as a user does (``Browser.press``: real mouse events at its middle)."""
+    chrome.press(_control(action, view))
 
 
 def _state(chrome: Browser) -> str:
@@ -177,10 +177,10 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
 
     # -- two handle/target pairs and a brush stroke, with real mouse events
     for handle, target in PAIRS:
-        chrome.click(*_client_xy(chrome, *handle))
-        chrome.click(*_client_xy(chrome, *target))
+        _click_source(chrome, *handle)
+        _click_source(chrome, *target)
     _press(chrome, "brush")
-    chrome.drag([_client_xy(chrome, x, STROKE_Y) for x in range(20, 301, 10)])
+    _drag_source(chrome, [(x, STROKE_Y) for x in range(20, 301, 10)])
     state_text = _state(chrome)
     state = parse_editor_state(state_text, width=width, height=height)
     assert [(h, t) for h, t in zip(state.points.handles, state.points.targets)] == [
@@ -238,7 +238,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     tracker = "app.extensionManager.workflow.activeWorkflow.changeTracker"
     chrome.js(f"{tracker}.checkState(); true")
     _press(chrome, "points")
-    chrome.click(*_client_xy(chrome, 300, 20))  # a third handle, no target yet
+    _click_source(chrome, 300, 20)  # a third handle, no target yet
     assert parse_editor_state(_state(chrome)).pending == (300.0, 20.0)
     chrome.js("document.activeElement.blur(); true")
     chrome.key("z", "KeyZ", 90, modifiers=2)
@@ -253,7 +253,7 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     chrome.js("new Promise(r => requestAnimationFrame(() => r(true)))")
     chrome.screenshot(_artifact(chrome, "enlarged.png"))
     node_before = chrome.js("window.__editorNode.id")
-    chrome.drag([_client_xy(chrome, 120, 60, view=1), _client_xy(chrome, 140, 80, view=1)])  # move target 1
+    _drag_source(chrome, [(120, 60), (140, 80)], view=1)  # move target 1
     moved = parse_editor_state(_state(chrome))
     assert moved.points.targets[0] == (140.0, 80.0) and moved.points.handles == state.points.handles
     chrome.key("z", "KeyZ", 90, modifiers=2)
@@ -264,12 +264,12 @@ def test_editor_in_the_browser(comfy_server, page, tmp_path):
     chrome.wait_for("!document.querySelector('dialog.dragkit-pe-dialog')")
 
     # -- right-click deletes a pair
-    chrome.click(*_client_xy(chrome, *PAIRS[1][1]), button="right")
+    _click_source(chrome, *PAIRS[1][1], button="right")
     assert parse_editor_state(_state(chrome)).points.num_pairs == 1
 
     # -- a smaller image keeps the points that fit and says what was dropped
-    chrome.click(*_client_xy(chrome, *PAIRS[1][0]))
-    chrome.click(*_client_xy(chrome, *PAIRS[1][1]))
+    _click_source(chrome, *PAIRS[1][0])
+    _click_source(chrome, *PAIRS[1][1])
     chrome.js(f"(() => {{ const w = window.__editorNode.widgets.find(w => w.name === 'image_file');"
               f" w.value = {json.dumps(small_name)}; w.callback?.(w.value); return true; }})()")
     chrome.wait_for(f"{EDITOR}.model.width === 160")
@@ -436,6 +436,7 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
         image.callback?.(image.value);
         const node = add('{NODE_CLASS}', [380, 60]);
         node.setSize([440, 520]);
+        node.widgets.find(w => w.name === 'image_file').value = {json.dumps(file_name)};
         const toImage = add('MaskToImage', [900, 100]);
         node.connect(2, toImage, 0);
         toImage.connect(0, add('PreviewImage', [1150, 100]), 0);
@@ -452,9 +453,11 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
     assert chrome.js(hidden) == [True, True]
     chrome.wait_for(f"{EDITOR}.imageStatus === 'loaded'")
     after = chrome.js(saved_values)  # [image_file, editor_state, upload]: hiding changes no position
-    assert len(after) == len(before) == 3 and after[0] == before[0] and after[2] == before[2]
+    # while the IMAGE is connected the file combo holds "" (no frontend reads it as a missing media file) ...
+    assert len(after) == len(before) == 3 and before[0] and after[0] == "" and after[2] == before[2]
     chrome.js("window.__editorNode.disconnectInput(window.__editorNode.findInputSlot('image')); true")
     assert chrome.js(hidden) == [False, False]
+    assert chrome.js(saved_values)[0] == before[0]  # ... and the user's file comes back when it is disconnected
     chrome.js("window.__loadNode.connect(0, window.__editorNode, window.__editorNode.findInputSlot('image'));"
               "window.__loadNode.connect(1, window.__editorNode, window.__editorNode.findInputSlot('mask')); true")
     assert chrome.js(hidden) == [True, True]
@@ -462,8 +465,8 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
     assert chrome.js(f"[{EDITOR}.model.width, {EDITOR}.model.height]") == [width, height]
 
     # one pair, then a run: the widget shows the input mask
-    chrome.click(*_client_xy(chrome, 20, 30))
-    chrome.click(*_client_xy(chrome, 60, 30))
+    _click_source(chrome, 20, 30)
+    _click_source(chrome, 60, 30)
     assert parse_editor_state(_state(chrome)).points.num_pairs == 1
     chrome.js("(async () => { await app.queuePrompt(0); return true; })()")
     chrome.wait_for(f"{EDITOR}.model.seed !== null", 60)
@@ -472,9 +475,9 @@ def test_file_widgets_hide_and_a_mask_input_seeds_the_mask(comfy_server, page, t
 
     # keep editing it: erase a stroke across the box, paint one below it; the node's MASK is the combination
     _press(chrome, "eraser")
-    chrome.drag([_client_xy(chrome, x, 30) for x in range(0, 50, 4)])
+    _drag_source(chrome, [(x, 30) for x in range(0, 50, 4)])
     _press(chrome, "brush")
-    chrome.drag([_client_xy(chrome, x, 58) for x in range(50, 90, 4)])
+    _drag_source(chrome, [(x, 58) for x in range(50, 90, 4)])
     state = json.loads(_state(chrome))
     assert state.get("erase") and state.get("mask"), (state, chrome.js(f"{EDITOR}.tool"))
     parsed = parse_editor_state(_state(chrome), width=width, height=height)
@@ -540,8 +543,8 @@ def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(co
     chrome.js("(() => { const n = window.__editorNode; app.canvas.ds.scale = 1;"
               " app.canvas.ds.offset = [-n.pos[0] + 60, -n.pos[1] + 60]; app.canvas.setDirty(true, true); return true; })()")
     chrome.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
-    chrome.click(*_client_xy(chrome, 20, 32))
-    chrome.click(*_client_xy(chrome, 30, 32))
+    _click_source(chrome, 20, 32)
+    _click_source(chrome, 30, 32)
     assert parse_editor_state(_state(chrome)).points.num_pairs == 1
     _press(chrome, "mask-handles")
 
@@ -563,11 +566,11 @@ def test_the_result_shows_and_live_reedit_reruns_only_what_follows_the_points(co
     assert saved["properties"]["dragkit_live"] is True and len(saved["widgets_values"]) == 3
     chrome.js(RECORD_EVENTS)
     old_result = chrome.js(f"{EDITOR}.result.ref.filename")
-    chrome.drag([_client_xy(chrome, 30, 32), _client_xy(chrome, 36, 34), _client_xy(chrome, 40, 36)])  # move target
+    _drag_source(chrome, [(30, 32), (36, 34), (40, 36)])  # move target
     assert chrome.js(f"{EDITOR}.liveRuns") == 0  # debounced: nothing queued at once
     chrome.wait_for(f"{EDITOR}.liveRuns === 1", 10)
     # a second drop while that run is pending: queued once, after it
-    chrome.drag([_client_xy(chrome, 40, 36), _client_xy(chrome, 42, 38)])
+    _drag_source(chrome, [(40, 36), (42, 38)])
     _wait_idle(chrome)
     chrome.wait_for(f"{EDITOR}.liveRuns === 2", 10)
     assert chrome.js(f"{EDITOR}.liveDeferred") == 1  # the second drop waited for the first run
@@ -660,17 +663,16 @@ def test_the_warp_preview_follows_a_dragged_point(comfy_server, page, tmp_path):
 
     # drag the target with real mouse events; while the button is still down the preview shows the move
     dx, dy = 36, 20
-    start = _client_xy(chrome, 30, 26)
-    end = _client_xy(chrome, 24 + dx, 24 + dy)
-    chrome._mouse("mouseMoved", *start)
-    chrome._mouse("mousePressed", *start, "left", 1)
+    start, end = chrome.settled_points(_source_points([(30, 26), (24 + dx, 24 + dy)]), f"{_view()}.canvas")
+    chrome.mouse("mouseMoved", *start)
+    chrome.mouse("mousePressed", *start, "left", 1)
     for t in (0.25, 0.5, 0.75, 1.0):
-        chrome._mouse("mouseMoved", start[0] + (end[0] - start[0]) * t, start[1] + (end[1] - start[1]) * t, "left", 1)
+        chrome.mouse("mouseMoved", start[0] + (end[0] - start[0]) * t, start[1] + (end[1] - start[1]) * t, "left", 1)
     moving = f"{EDITOR}.model.pairs[0].target.x === {24 + dx} && {EDITOR}.model.pairs[0].target.y === {24 + dy}"
     chrome.wait_for(f"{moving} && {EDITOR}.shownPreview() != null", 10)
     warped, inpaint = _preview_arrays(chrome)
     _screenshot_node(chrome, _artifact(chrome, "warp-preview.png"))
-    chrome._mouse("mouseReleased", *end, "left", 0)
+    chrome.mouse("mouseReleased", *end, "left", 0)
     assert parse_editor_state(_state(chrome)).points.targets == ((float(24 + dx), float(24 + dy)),)
 
     # the moved patch lands at the target; the uncovered source is in the inpaint mask; the rest is untouched

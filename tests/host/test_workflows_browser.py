@@ -243,12 +243,11 @@ def _place_points(chrome: Browser, pairs: list) -> None:
     }})()""")
     chrome.wait_for(f"{editor}.dragPointsEditor.imageStatus === 'loaded'", 30)
     assert chrome.js(f"{editor}.dragPointsEditor.warning") == ""
-    chrome.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
-    for handle, target in pairs:
+    view = f"[...{editor}.dragPointsEditor.views][0]"
+    for handle, target in pairs:  # through the one click helper: real mouse events once the canvas stands still
         for x, y in (handle, target):
-            p = chrome.js(f"[...{editor}.dragPointsEditor.views][0].sourceToClient({x}, {y})")
-            chrome.click(p["x"], p["y"])
-    chrome.js("document.querySelector('.dragkit-pe-bar button[data-action=mask-handles]').click(); true")
+            chrome.click_at(f"{view}.sourceToClient({x}, {y})", f"{view}.canvas")
+    chrome.press(f"{view}.root.querySelector('.dragkit-pe-bar [data-action=mask-handles]')")
     state = json.loads(chrome.js(f"{editor}.widgets.find(w => w.name === 'editor_state').value"))
     assert [[p["handle"], p["target"]] for p in state["pairs"]] == [[list(h), list(t)] for h, t in pairs]
     assert state["pending"] is None and state["mask"]
