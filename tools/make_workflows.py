@@ -373,8 +373,11 @@ NEGATIVE_TITLE = "Negative prompt"
 WARP_TITLE = "Drag Points Editor: click handle, then target; paint the region to move"
 
 
-def warp_inpaint(info: dict, model: str) -> dict:
-    """Load Image -> Drag Points Editor -> Drag Warp (pixels) -> native inpainting with ``model`` (sd15, sdxl, flux)."""
+def warp_inpaint(info: dict, model: str, sam3: bool = False) -> dict:
+    """Load Image -> Drag Points Editor -> Drag Warp (pixels) -> native inpainting with ``model`` (sd15, sdxl, flux).
+
+    ``sam3``: the region to move is SAM3's mask of the clicked object combined with the painted one (:func:`sam3_region`).
+    """
     g = WorkflowBuilder(info)
     if model == "flux":
         unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_FILL})
@@ -393,9 +396,10 @@ def warp_inpaint(info: dict, model: str) -> dict:
             model_out, clip = Out(lcm, 0), Out(lora, 1)
     image = g.add("LoadImage", 0, image_row, {"image": IMAGE}, height=320)
     editor = g.add("DragKitPointsEditor", 1, image_row + 1, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
-                   title=WARP_TITLE, height=560)
+                   title=SAM3_TITLE if sam3 else WARP_TITLE, height=560)
+    region = sam3_region(g, Out(image, 0), editor, image_row + 5) if sam3 else Out(editor, 2)
     warp = g.add("DragKitPixelWarp", 2, image_row + 1, {},
-                 {"image": Out(image, 0), "points": Out(editor, 1), "mask": Out(editor, 2)}, height=180)
+                 {"image": Out(image, 0), "points": Out(editor, 1), "mask": region}, height=180)
     warped, inpaint_mask = Out(warp, 0), Out(warp, 1)
     prompt = g.add("CLIPTextEncode", 2, 1, {"text": ""}, {"clip": clip}, title="Prompt (may stay empty)")
     negative = g.add("CLIPTextEncode", 2, 2, {"text": ""}, {"clip": clip}, title=NEGATIVE_TITLE)
@@ -415,14 +419,58 @@ def warp_inpaint(info: dict, model: str) -> dict:
     composite = g.add("ImageCompositeMasked", 5, 1, {"x": 0, "y": 0, "resize_source": False},
                       {"destination": warped, "source": Out(decode, 0), "mask": inpaint_mask},
                       title="Image Composite Masked (inpainted pixels only inside the mask)", height=180)
-    g.add("SaveImage", 6, 0, {"filename_prefix": f"dragkit_warp_inpaint_{model}"}, {"images": Out(composite, 0)},
-          height=320)
+    g.add("SaveImage", 6, 0, {"filename_prefix": f"dragkit_warp_inpaint_{'sam3' if sam3 else model}"},
+          {"images": Out(composite, 0)}, height=320)
     g.add("PreviewImage", 6, 3, inputs={"images": warped}, title="Warped (before inpainting)", height=320)
     start = WARP_START[model].format(checkpoint=SD15_INPAINT_CHECKPOINT if model == "sd15" else SDXL_INPAINT_CHECKPOINT,
                                      lora=LCM_LORA, unet=FLUX_FILL, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE)
+    if sam3:
+        head = (start + SAM3_START + "\n2. Load Image: pick or upload your photo." + SAM3_EDITOR_STEP + "\n"
+                + WARP_NEEDS[model] + "\n" + SAM3_NEEDS)
+        g.lead_note(head + "\n\n" + SAM3_NOTE + "\n\n" + WARP_NOTE.format(after=WARP_AFTER[model]), height=720)
+        return g.to_json()
     head = start + "\n2. Load Image: pick or upload your photo." + WARP_EDITOR_STEP + "\n" + WARP_NEEDS[model]
     g.lead_note(head + "\n\n" + WARP_NOTE.format(after=WARP_AFTER[model]), height=560)
     return g.to_json()
+
+
+SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"
+"""Placeholder for SAM3 (ComfyUI's own SAM3 template loads this file with Load Checkpoint)."""
+
+SAM3_TITLE = "Drag Points Editor: click handle (on the object), then target"
+
+SAM3_START = """
+   Load Checkpoint (SAM3): pick SAM3 or SAM3.1 (e.g. {checkpoint}, in models/checkpoints).""".format(
+    checkpoint=SAM3_CHECKPOINT)
+
+SAM3_EDITOR_STEP = """
+3. Drag Points Editor (it shows the photo): click a handle ON the object to move (red), then its target (blue);
+   repeat for more pairs. The handles are SAM3's clicks: SAM3 segments the object under them. Painting is
+   optional (Combine SAM3 Mask: union adds it to SAM3's mask, refine trims SAM3's mask to it).
+4. Queue. Then move a point and queue again: SAM3 re-runs only when a handle moved."""
+
+SAM3_NEEDS = ("Needs ComfyUI 0.33.0 or newer (SAM3 Detect; older versions show it as a missing node) and SAM3\n"
+              "(ComfyUI builds a 507 M-parameter image model, plus its text encoder; it works on a 1008x1008 copy of\n"
+              "the photo). SAM3's GPU time and memory are not measured here yet.")
+
+SAM3_NOTE = """The region to move comes from clicks: Drag Points to SAM3 Points turns the editor's handles into SAM3 Detect's
+positive points (pixels of the photo SAM3 Detect is given), SAM3 Detect segments that object, and Combine SAM3
+Mask makes the region Drag Warp moves: union (SAM3's mask OR the painted one; nothing painted = SAM3's mask),
+replace (SAM3's alone) or refine (Inpaint4Drag's optional SAM refinement: SAM3's mask within the painted mask grown
+by kernel, plus the painted mask shrunk by kernel). Check the region in "SAM3 mask (the region to move)" first;
+add handles on the object when SAM3 misses parts."""
+
+
+def sam3_region(g: WorkflowBuilder, image: Out, editor: int, row: int) -> Out:
+    """Load Checkpoint (SAM3) -> SAM3 Detect at the editor's handles -> Combine SAM3 Mask with the painted mask."""
+    loader = g.add("CheckpointLoaderSimple", 0, row, {"ckpt_name": SAM3_CHECKPOINT}, title="Load Checkpoint (SAM3)")
+    clicks = g.add("DragKitPointsToSAM3", 1, row + 1, inputs={"points": Out(editor, 1)}, height=100)
+    detect = g.add("SAM3_Detect", 2, row, {}, {"model": Out(loader, 0), "image": image,
+                                              "positive_coords": Out(clicks, 0)}, height=220)
+    combine = g.add("DragKitCombineSAM3Mask", 3, row, {}, {"sam_mask": Out(detect, 0), "painted_mask": Out(editor, 2)},
+                    height=160)
+    g.add("MaskPreview", 4, row, inputs={"mask": Out(combine, 0)}, title="SAM3 mask (the region to move)", height=260)
+    return Out(combine, 0)
 
 
 WORKFLOWS = {
@@ -438,7 +486,20 @@ WORKFLOWS = {
     "warp_inpaint_sd15.json": lambda info: warp_inpaint(info, "sd15"),
     "warp_inpaint_sdxl.json": lambda info: warp_inpaint(info, "sdxl"),
     "warp_inpaint_flux_fill.json": lambda info: warp_inpaint(info, "flux"),
+    "warp_inpaint_sam3.json": lambda info: warp_inpaint(info, "sd15", sam3=True),
 }
+
+HOST_NODES = {
+    "warp_inpaint_sam3.json": ("SAM3_Detect", "ComfyUI < 0.33 has no SAM3"),
+}
+"""Workflows that use a node only newer hosts have: the node, and the reason (a stable skip reason in the tests)."""
+
+
+def missing_on_host(name: str, info: dict) -> str | None:
+    """Why the host of ``info`` (its ``/object_info``) cannot build or run workflow ``name``; None when it can."""
+    node, reason = HOST_NODES.get(name, (None, None))
+    return reason if node is not None and node not in info else None
+
 
 THUMBNAILS = {
     "roundtrip.json": ("Round trip", "invert + sample back, no edit"),
@@ -453,6 +514,7 @@ THUMBNAILS = {
     "warp_inpaint_sd15.json": ("Warp + inpaint SD1.5", "pixel warp, SD1.5 inpainting + LCM; fast"),
     "warp_inpaint_sdxl.json": ("Warp + inpaint SDXL", "pixel warp, SDXL inpainting checkpoint"),
     "warp_inpaint_flux_fill.json": ("Warp + FLUX.1 Fill", "pixel warp, FLUX.1 Fill [dev] inpainting"),
+    "warp_inpaint_sam3.json": ("Warp + inpaint, SAM3", "click the object: SAM3 mask, SD1.5 inpaint"),
 }
 """Per workflow: the thumbnail's caption (method, one line of what it is)."""
 
@@ -514,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
         with ComfyServer(startup_timeout=600) as server:
             info = server.object_info()
         for name, build in WORKFLOWS.items():
+            if missing_on_host(name, info):
+                print(f"kept {name} as it is: {missing_on_host(name, info)}")
+                continue
             path = out_dir / name
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(build(info), indent=2) + "\n")

@@ -47,6 +47,7 @@ import pytest
 from PIL import Image
 
 from tools.comfy_host import PACK_FOLDER_NAME, repo_root
+from tools.make_workflows import missing_on_host
 from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints
 from tools.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 
@@ -134,6 +135,8 @@ def _set_widget(chrome: Browser, node_type: str, name: str, value) -> None:
 def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server, page, sample, tiny_checkpoint,
                                                          tiny_controlnet, tiny_upscaler):
     chrome, name, saved = page, workflow.stem, json.loads(workflow.read_text())
+    if missing_on_host(workflow.name, comfy_server.object_info()):
+        pytest.skip(missing_on_host(workflow.name, comfy_server.object_info()))
 
     # -- 1. listed as a template, with a thumbnail, and loaded as the template browser loads it
     templates = comfy_server.get_json("/workflow_templates")
