@@ -17,8 +17,10 @@ Conventions
   editable.
 - "Raster order" is top to bottom, then left to right.
 
-The algorithm (one region at a time, in the order of each region's first
-pixel in raster order; a later region's paste overwrites an earlier one's):
+The algorithm (one region at a time, bottom-up: in the reverse order of each
+region's first pixel in raster order, which is the order OpenCV lists the
+release's contours in; a later region's paste overwrites an earlier one's, so
+where targets overlap the upper region wins):
 
 1. **Regions**: the 8-connected components of the mask after filling its
    holes (what filling OpenCV's external contours gives; the background is
@@ -40,14 +42,22 @@ pixel in raster order; a later region's paste overwrites an earlier one's):
    on an integer grid, :func:`grid_idw`; ties at equal distance go to the
    smaller ``(dy, dx)`` offset, then the earlier source pixel in raster
    order); ``as_released`` uses 100 of them picked by raster index
-   (``linspace``). A target pixel whose source lies outside the image keeps
-   its colour and joins the inpaint mask.
+   (``linspace``), nearest first as ``topk`` orders them
+   (:func:`released_idw`, also its forward map). A target pixel whose source
+   lies outside the image is left as it is (its own colour, or an earlier
+   region's paste) and joins the inpaint mask.
 4. **Inpaint mask** = ``dilate(S and not T, k x k) or band(T, k) or
    (target pixels without a source)``, with ``S``/``T`` the unions of the
-   moved regions' sources/targets and ``band`` each target region's boundary
-   pixels dilated by a ``k x k`` square (the moved contour drawn ``k`` pixels
-   thick). ``k = 0``: no dilation and no band; an even ``k`` is raised to the
-   next odd one (as released).
+   moved regions' sources/targets and ``band`` the moved contour drawn as
+   OpenCV draws a line ``k`` thick: the lattice disc ``dx^2 + dy^2 <= r^2``,
+   ``r = (k + 1) / 2`` (``k = 1``: ``r = 0``, the pixel itself), around every
+   boundary pixel (a 4-neighbour outside) of every target region that has a
+   pixel in the image. The boundary is taken on the target before clipping
+   (:func:`fill_polygons` on the image grown by ``r + 1``), so the band runs
+   along the image border where a target ends there, and not where the
+   border cut it. ``k = 0``: no dilation and no band; an even ``k`` is raised
+   to the next odd one (as released). Both ``neighbours`` options use this
+   band.
 
 Precision: the geometry is float32 and int64 on the image's device (pixel
 coordinates up to 16384 are exact in float32); colours are gathered, never
@@ -57,6 +67,7 @@ mixed, so the image keeps its dtype and values bit for bit.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +93,12 @@ DEFAULT_BAND = 5
 
 _CHUNK_ELEMENTS = 1 << 22
 """Most ``queries x candidates`` pairs one distance/gather step holds at once."""
+
+_FEW_REFERENCES = 16
+"""Up to this many references :func:`released_idw` compares every point with every one."""
+
+_TILE = 8
+"""Side of the tiles :func:`_tiled_nearest` bins points into, in pixels."""
 
 _MAX_OFFSETS = 1 << 16
 """Largest neighbour disc :func:`grid_idw` searches before it compares the remaining queries with every reference."""
@@ -168,27 +185,33 @@ def pixel_warp(
     no_source = torch.zeros(flat, dtype=torch.bool, device=device)
     sources = torch.zeros(height, width, dtype=torch.bool, device=device)
     landed = torch.zeros_like(sources)
-    edges = torch.zeros_like(sources)
+    kernel = released_band(band)
+    reach = band_radius(kernel)
+    margin = reach + 1 if kernel else 0
+    edges = torch.zeros(height + 2 * margin, width + 2 * margin, dtype=torch.bool, device=device)
     drags = targets - handles
-    for region_id in region_ids:
+    for region_id in sorted(region_ids, reverse=True):  # OpenCV's contour order: the upper region is pasted last
         region = labels == region_id
         chosen = handle_labels == region_id
-        target_region, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours)
+        canvas, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours, margin)
         sources |= region
-        landed |= target_region
-        edges |= _boundary(target_region)
+        if queries.shape[0] == 0:
+            continue
+        landed.view(-1).index_fill_(0, queries[:, 1] * width + queries[:, 0], True)
+        if kernel:
+            edges |= _boundary(canvas)
         valid = (
             (source_xy[:, 0] >= 0) & (source_xy[:, 0] < width) & (source_xy[:, 1] >= 0) & (source_xy[:, 1] < height)
         )
         query_flat = queries[:, 1] * width + queries[:, 0]
-        index.index_copy_(0, query_flat, torch.where(valid, source_xy[:, 1] * width + source_xy[:, 0], query_flat))
+        index.index_copy_(0, query_flat[valid], source_xy[valid, 1] * width + source_xy[valid, 0])
         no_source.index_copy_(0, query_flat, ~valid)
 
     warped = image.reshape(batch, flat, channels).index_select(1, index).reshape(image.shape)
-    kernel = released_band(band)
     uncovered = sources & ~landed
     if kernel:
-        uncovered = dilate(uncovered, kernel) | dilate(edges, kernel)
+        band_mask = dilate_disc(edges, reach)[margin : margin + height, margin : margin + width]
+        uncovered = dilate(uncovered, kernel) | band_mask
     inpaint = uncovered | no_source.reshape(height, width)
     return PixelWarp(
         image=warped,
@@ -202,7 +225,7 @@ def pixel_warp(
 
 
 def _move_region(
-    region: torch.Tensor, handles: torch.Tensor, drags: torch.Tensor, neighbours: str
+    region: torch.Tensor, handles: torch.Tensor, drags: torch.Tensor, neighbours: str, margin: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward map of one region.
 
@@ -210,30 +233,37 @@ def _move_region(
         region: ``(H, W)`` bool, one region.
         handles, drags: ``(n, 2)`` float32 pixel ``(x, y)`` handles of the region and ``t - h``.
         neighbours: see :func:`pixel_warp`.
+        margin: pixels the returned canvas extends past each image side.
 
     Returns:
-        ``(target_region, queries, sources)``: the ``(H, W)`` bool target
-        region, its pixels ``(Q, 2)`` int64 ``(x, y)`` in raster order, and
-        each one's source pixel ``(Q, 2)`` int64 (possibly outside the image).
+        ``(canvas, queries, sources)``: the ``(H + 2m, W + 2m)`` bool target
+        region on the canvas (image pixel ``(x, y)`` at ``[y + m, x + m]``;
+        the target's own edge, not the image border, bounds it within ``m``
+        of the image), the target pixels inside the image ``(Q, 2)`` int64
+        ``(x, y)`` in raster order, and each one's source pixel ``(Q, 2)``
+        int64 (possibly outside the image).
     """
     height, width = region.shape
     pixels = _xy(region)
-    displacement, handle_distance = _idw(pixels.float(), handles, drags, NEAREST)
-    moved = torch.round(pixels.float() + displacement).long()
     corners, chain = contour_edges(region)
-    moved_corners = torch.round(corners + idw(corners, handles, drags) + 0.5) - 0.5
+    if neighbours == "exact":
+        displacement, handle_distance = _idw(pixels.float(), handles, drags, NEAREST)
+        moved = torch.round(pixels.float() + displacement).long()
+        moved_corners = corners + idw(corners, handles, drags)
+    else:
+        moved = torch.round(pixels.float() + released_idw(pixels.float(), handles, drags)).long()
+        moved_corners = corners + released_idw(corners, handles, drags)
+    moved_corners = torch.round(moved_corners + 0.5) - 0.5 + margin
     start, end = _take(moved_corners, chain[:, 0]), _take(moved_corners, chain[:, 1])
-    target_region = fill_polygons(start, end, height, width)
-    queries = _xy(target_region)
+    canvas = fill_polygons(start, end, height + 2 * margin, width + 2 * margin)
+    queries = _xy(canvas[margin : margin + height, margin : margin + width])
     back = pixels - moved
     if neighbours == "exact":
         kept = first_per_pixel(moved, handle_distance)
-        step = grid_idw(queries, _take(moved, kept), _take(back, kept))
+        source = torch.round(queries.float() + grid_idw(queries, _take(moved, kept), _take(back, kept))).long()
     else:
-        pick = torch.linspace(0, pixels.shape[0] - 1, RELEASED_REFERENCES, device=region.device).long()
-        pick = pick if pixels.shape[0] > RELEASED_REFERENCES else torch.arange(pixels.shape[0], device=region.device)
-        step = idw(queries.float(), moved[pick].float(), back[pick].float())
-    return target_region, queries, torch.round(queries.float() + step).long()
+        source = torch.round(queries.float() + released_idw(queries.float(), moved.float(), back.float())).long()
+    return canvas, queries, source
 
 
 # ---------------------------------------------------------------- regions
@@ -394,9 +424,9 @@ def fill_polygons(start: torch.Tensor, end: torch.Tensor, height: int, width: in
 
 
 def _boundary(region: torch.Tensor) -> torch.Tensor:
-    """Pixels of ``region`` with a 4-neighbour inside the image that is not in it."""
+    """Pixels of ``region`` with a 4-neighbour that is not in it (past the array's edge counts as not in it)."""
     height, width = region.shape
-    padded = F.pad(region, (1, 1, 1, 1), value=True)
+    padded = F.pad(region, (1, 1, 1, 1), value=False)
     edge = torch.zeros_like(region)
     for dy, dx in _CROSS:
         edge |= ~padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
@@ -405,15 +435,49 @@ def _boundary(region: torch.Tensor) -> torch.Tensor:
 
 def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
     """``(H, W)`` bool mask dilated by a ``kernel x kernel`` square (odd ``kernel``): shifted ORs, rows then columns."""
-    reach = kernel // 2
     for dim in (1, 0):
-        size = mask.shape[dim]
-        grown = mask.clone()
-        for step in range(1, min(reach, size - 1) + 1):
-            grown.narrow(dim, step, size - step).logical_or_(mask.narrow(dim, 0, size - step))
-            grown.narrow(dim, 0, size - step).logical_or_(mask.narrow(dim, step, size - step))
-        mask = grown
+        mask = _grow(mask, dim, kernel // 2)
     return mask
+
+
+def band_radius(kernel: int) -> int:
+    """How far OpenCV's line of odd thickness ``kernel`` reaches from its centre line, in pixels.
+
+    A line thicker than 1 is a rectangle of half-width ``kernel / 2 + 0.5``
+    with a filled circle of radius ``(kernel + 1) // 2`` on every vertex;
+    thickness 1 (or 0) is the one-pixel line itself (radius 0).
+    """
+    return (kernel + 1) // 2 if kernel > 1 else 0
+
+
+def dilate_disc(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(H, W)`` bool mask dilated by the lattice disc ``dx^2 + dy^2 <= radius^2`` (OpenCV's filled circle).
+
+    Each row of the disc is a horizontal run of half-width ``isqrt(radius^2 - dy^2)``:
+    rows grown one column at a time, then ORed in shifted by ``dy``.
+    """
+    if radius == 0:
+        return mask
+    height = mask.shape[0]
+    grown = [mask]
+    for _ in range(radius):
+        grown.append(_grow(grown[-1], 1, 1))
+    out = grown[radius].clone()
+    for dy in range(1, min(radius, height - 1) + 1):
+        run = grown[math.isqrt(radius * radius - dy * dy)]
+        out[dy:].logical_or_(run[: height - dy])
+        out[: height - dy].logical_or_(run[dy:])
+    return out
+
+
+def _grow(mask: torch.Tensor, dim: int, reach: int) -> torch.Tensor:
+    """``mask`` ORed with itself shifted by ``1..reach`` both ways along ``dim`` (a ``1 x (2 reach + 1)`` square)."""
+    size = mask.shape[dim]
+    grown = mask.clone()
+    for step in range(1, min(reach, size - 1) + 1):
+        grown.narrow(dim, step, size - step).logical_or_(mask.narrow(dim, 0, size - step))
+        grown.narrow(dim, 0, size - step).logical_or_(mask.narrow(dim, step, size - step))
+    return grown
 
 
 # ---------------------------------------------------------------- inverse-distance interpolation
@@ -459,6 +523,97 @@ def _idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, 
     if not values:
         return points.new_zeros(0, 2, dtype=torch.float32), points.new_zeros(0, dtype=torch.float32)
     return torch.cat(values), torch.cat(closest)
+
+
+def released_idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST) -> torch.Tensor:
+    """:func:`idw` as the released code computes it, for ``neighbours="as_released"``.
+
+    More than :data:`RELEASED_REFERENCES` references are first subsampled
+    by raster index (``linspace`` over their indices, truncated). The
+    ``min(k, R)`` nearest references are taken nearest first and their
+    weighted vectors summed in that order (what ``topk`` then ``sum`` give).
+    The release's distances come from ``torch.cdist`` (a matrix product,
+    a little off the exact ones); ours are exact, so a pixel may differ where
+    two references lie at almost the same distance or a sum lands within
+    float error of a ``.5`` rounding (``docs/pixel-warp.md``).
+
+    Args:
+        points: ``(P, 2)`` float32 ``(x, y)``.
+        references: ``(R, 2)`` float32 ``(x, y)``, ``R >= 1``.
+        vectors: ``(R, 2)`` float32.
+        k: neighbours.
+
+    Returns:
+        ``(P, 2)`` float32 interpolated vectors (the one vector itself when ``R = 1``).
+    """
+    if points.shape[0] == 0:
+        return points.new_zeros(0, 2)
+    if references.shape[0] == 1:
+        return vectors.float().expand(points.shape[0], 2)
+    if references.shape[0] > RELEASED_REFERENCES:
+        pick = torch.linspace(0, references.shape[0] - 1, RELEASED_REFERENCES, device=references.device).long()
+        references, vectors = references.index_select(0, pick), vectors.index_select(0, pick)
+    nearest = min(k, references.shape[0])
+    if references.shape[0] <= _FEW_REFERENCES:
+        distance = torch.hypot(points[:, None, 0] - references[:, 0], points[:, None, 1] - references[:, 1])
+        distance, order = torch.topk(distance, nearest, dim=1, largest=False)
+    else:
+        distance, order = _tiled_nearest(points, references, nearest)
+    weights = 1.0 / (distance + IDW_EPS)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return (weights[..., None] * _take(vectors, order)).sum(dim=1)
+
+
+def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest references of each point, nearest first, searching only near each point's tile.
+
+    The points are binned into :data:`_TILE` x :data:`_TILE` tiles. A
+    reference among the ``k`` nearest of a point ``q`` of a tile with centre
+    ``c`` and half-diagonal ``h`` lies within ``d_k(q) <= d_k(c) + h`` of
+    ``q``, so within ``d_k(c) + 2h`` of ``c``: only those (plus one pixel for
+    float error) are compared, typically a sixth of them.
+
+    Args:
+        points: ``(P, 2)`` float32 integer-valued ``(x, y)``.
+        references: ``(R, 2)`` float32, ``R >= k``.
+
+    Returns:
+        ``(distance, order)``: ``(P, k)`` float32 distances and int64 reference indices.
+    """
+    low = points.min(0).values
+    tile = torch.div(points - low, _TILE, rounding_mode="floor").long()
+    columns = int(tile[:, 0].max()) + 1
+    rows = int(tile[:, 1].max()) + 1
+    ty, tx = torch.meshgrid(
+        torch.arange(rows, device=points.device), torch.arange(columns, device=points.device), indexing="ij"
+    )
+    centres = low + (torch.stack([tx.flatten(), ty.flatten()], 1).float() + 0.5) * _TILE - 0.5
+    to_centre = torch.hypot(centres[:, None, 0] - references[:, 0], centres[:, None, 1] - references[:, 1])
+    reach = torch.topk(to_centre, k, dim=1, largest=False).values[:, -1] + _TILE * math.sqrt(2) + 1
+    near = to_centre <= reach[:, None]
+    width = int(near.sum(1).max())
+    candidates = torch.argsort((~near).to(torch.uint8), dim=1, stable=True)[:, :width]
+    usable = near.gather(1, candidates)
+    which = tile[:, 1] * columns + tile[:, 0]
+    out_distance, out_order = [], []
+    rows = max(1, _CHUNK_ELEMENTS // width)
+    for chunk, cells in zip(points.split(rows), which.split(rows)):
+        pick = _take(candidates, cells)
+        chosen = _take(references, pick)
+        distance = torch.hypot(chunk[:, None, 0] - chosen[..., 0], chunk[:, None, 1] - chosen[..., 1])
+        distance = torch.where(_take(usable, cells), distance, float("inf"))
+        distance, j = torch.topk(distance, min(k + 1, width), dim=1, largest=False)
+        order = pick.gather(1, j[:, :k])
+        tied = torch.nonzero((distance[:, 1:] == distance[:, :-1]).any(1)).flatten()
+        if tied.numel():  # topk's order among equal distances depends on the whole row: rank those on it
+            again = chunk.index_select(0, tied)
+            full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
+            full_distance, full_order = torch.topk(full, k, dim=1, largest=False)
+            distance[tied, :k] = full_distance
+            order[tied] = full_order
+        out_distance.append(distance[:, :k])
+        out_order.append(order)
+    return torch.cat(out_distance), torch.cat(out_order)
 
 
 def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

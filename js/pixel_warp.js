@@ -13,7 +13,10 @@
 //    nearest moved pixels (exact search, ties by (|o|^2, dy, dx)) of the vectors back to their
 //    sources (one per moved pixel: the one nearest a handle); a source outside the image keeps q's
 //    colour and puts q in the inpaint mask;
-// 4. inpaint mask = dilate(S and not T, k x k) or dilate(boundary(T), k x k) or (no source).
+// 4. inpaint mask = dilate(S and not T, k x k) or band(T, k) or (no source), band(T, k) = the
+//    lattice disc of radius (k + 1) / 2 (k = 1: the pixel) around each boundary pixel of each target
+//    region, the image border counting where the target ends there (OpenCV's thick line, as released).
+// Regions are pasted bottom-up (OpenCV's contour order): the upper region's paste wins.
 // Python computes the geometry in float32, this port in float64: a point within ~1e-6 of a rounding
 // boundary may land one pixel apart (tests/test_editor_js.py states the tolerance).
 //
@@ -42,6 +45,15 @@ export class WarpInputError extends Error {}
 /** The kernel the released code uses for `band`: an even value becomes the next odd one, 0 stays 0. */
 export function releasedBand(band) {
   return band > 0 && band % 2 === 0 ? band + 1 : band;
+}
+
+/**
+ * How far OpenCV's line of odd thickness `kernel` reaches from its centre line: a rectangle of
+ * half-width kernel / 2 + 0.5 with a filled circle of radius (kernel + 1) >> 1 on each vertex;
+ * thickness 1 is the one-pixel line (0).
+ */
+export function bandRadius(kernel) {
+  return kernel > 1 ? (kernel + 1) >> 1 : 0;
 }
 
 // -- scratch memory ------------------------------------------------------------------------------
@@ -361,12 +373,14 @@ function forwardMap(id, box, labels, width, h, source) {
 /**
  * Target of one region (label `id` of the padded `labels`, inside `box`): its pixel-edge contour
  * with every corner c moved to the nearest pixel corner of c + IDW(c), filled even-odd at pixel
- * centres and clipped to the image. Marks the target in `landed` and its boundary (a 4-neighbour
- * inside the image outside the target) in `edgeMask` (width*height bytes each). Leaves the target
- * pixels (the backward map's queries) in raster order in scratch qx/qy; returns {count, box}, the
- * box [x0, y0, x1, y1] (x0 > x1 when the target is empty).
+ * centres over the image grown by `margin` pixels each side. Marks the target's pixels inside the
+ * image in `landed` and, when any, stamps the disc of `radius` (dx^2 + dy^2 <= radius^2) around
+ * each boundary pixel of the target (a 4-neighbour outside it; the image border counts only where
+ * the target really ends there) into `band` (width*height bytes each): OpenCV's thick line. Leaves
+ * the target pixels inside the image (the backward map's queries) in raster order in scratch qx/qy;
+ * returns {count, box}, the box [x0, y0, x1, y1] of those pixels (x0 > x1 when there are none).
  */
-function movedTarget(id, box, labels, width, height, h, landed, edgeMask) {
+function movedTarget(id, box, labels, width, height, h, landed, margin, radius, band) {
   const pw = width + 2;
   const [bx0, by0, bx1, by1] = box;
   const bw = bx1 - bx0 + 1;
@@ -418,12 +432,13 @@ function movedTarget(id, box, labels, width, height, h, landed, edgeMask) {
     if (Y < ky0) ky0 = Y;
     if (Y > ky1) ky1 = Y;
   }
-  // even-odd fill at pixel centres: rows strictly between an edge's ends, columns [c0, c1]
-  const ty0 = Math.max(0, ky0);
-  const ty1 = Math.min(height - 1, ky1 - 1);
-  const c0 = Math.min(width, Math.max(0, kx0));
-  const c1 = Math.min(width, Math.max(0, kx1));
-  const tx1 = Math.min(c1, width - 1);
+  // even-odd fill at pixel centres: rows strictly between an edge's ends, columns [c0, c1], all
+  // within the image grown by `margin`
+  const ty0 = Math.max(-margin, ky0);
+  const ty1 = Math.min(height - 1 + margin, ky1 - 1);
+  const c0 = Math.min(width + margin, Math.max(-margin, kx0));
+  const c1 = Math.min(width + margin, Math.max(-margin, kx1));
+  const tx1 = Math.min(c1, width - 1 + margin);
   if (ty0 > ty1 || c0 > tx1) return { count: 0, box: [0, 0, -1, -1] };
   const tw = c1 - c0 + 1;
   const toggles = scratch("toggles", Int32Array, tw * (ty1 - ty0 + 1)).fill(0);
@@ -438,7 +453,7 @@ function movedTarget(id, box, labels, width, height, h, landed, edgeMask) {
     const last = Math.min(ty1, Math.max(ky[a], ky[b]) - 1);
     for (let r = first; r <= last; r++) {
       const crossing = x0 + ((r - y0) * (x1 - x0)) / (y1 - y0);
-      const column = Math.min(width, Math.max(0, Math.floor(crossing) + 1));
+      const column = Math.min(width + margin, Math.max(-margin, Math.floor(crossing) + 1));
       toggles[(r - ty0) * tw + column - c0]++;
     }
   }
@@ -448,39 +463,70 @@ function movedTarget(id, box, labels, width, height, h, landed, edgeMask) {
   const qx = scratch("qx", Int32Array, (tx1 - c0 + 1) * (ty1 - ty0 + 1));
   const qy = scratch("qy", Int32Array, (tx1 - c0 + 1) * (ty1 - ty0 + 1));
   let queries = 0;
+  let qx0 = width;
+  let qx1 = -1;
+  let qy0 = height;
+  let qy1 = -1;
   for (let y = ty0; y <= ty1; y++) {
     let parity = 0;
     const row = (y - ty0) * tw - c0;
     const frow = (y - ty0 + 1) * fw + 1 - c0;
+    const inRows = y >= 0 && y < height;
     for (let x = c0; x <= tx1; x++) {
       parity = (parity + toggles[row + x]) & 1;
       if (!parity) continue;
       target[frow + x] = 1;
+      if (!inRows || x < 0 || x >= width) continue;
       landed[y * width + x] = 1;
       qx[queries] = x;
       qy[queries] = y;
       queries++;
+      if (x < qx0) qx0 = x;
+      if (x > qx1) qx1 = x;
+      if (y < qy0) qy0 = y;
+      qy1 = y;
     }
   }
-  // boundary of the target: a 4-neighbour inside the image outside the target
-  for (let q = 0; q < queries; q++) {
-    const x = qx[q];
-    const y = qy[q];
-    const f = (y - ty0 + 1) * fw + 1 + x - c0;
-    if ((x > 0 && !target[f - 1]) || (x < width - 1 && !target[f + 1]) ||
-        (y > 0 && !target[f - fw]) || (y < height - 1 && !target[f + fw])) {
-      edgeMask[y * width + x] = 1;
+  if (!queries) return { count: 0, box: [0, 0, -1, -1] };
+  if (band) {
+    const spans = discSpans(radius);
+    for (let y = ty0; y <= ty1; y++) {
+      const frow = (y - ty0 + 1) * fw + 1 - c0;
+      for (let x = c0; x <= tx1; x++) {
+        const f = frow + x;
+        if (!target[f] || (target[f - 1] && target[f + 1] && target[f - fw] && target[f + fw])) continue;
+        stampDisc(band, width, height, x, y, spans);
+      }
     }
   }
-  return { count: queries, box: [c0, ty0, tx1, ty1] };
+  return { count: queries, box: [qx0, qy0, qx1, qy1] };
+}
+
+/** Half-widths of the rows of the lattice disc dx^2 + dy^2 <= radius^2, for dy = 0..radius. */
+function discSpans(radius) {
+  return Int32Array.from({ length: radius + 1 }, (_, dy) => Math.floor(Math.sqrt(radius * radius - dy * dy)));
+}
+
+/** Set the disc of `spans` (discSpans) around pixel (x, y), which may lie outside the image, in `band`. */
+function stampDisc(band, width, height, x, y, spans) {
+  const radius = spans.length - 1;
+  for (let dy = -radius; dy <= radius; dy++) {
+    const yy = y + dy;
+    if (yy < 0 || yy >= height) continue;
+    const reach = spans[dy < 0 ? -dy : dy];
+    const from = Math.max(0, x - reach);
+    const to = Math.min(width - 1, x + reach);
+    if (from <= to) band.fill(1, yy * width + from, yy * width + to + 1);
+  }
 }
 
 /**
  * Backward map of one region after forwardMap and movedTarget: every target pixel q takes the
  * colour (from `rgba`, into `out`) of round(q + b(q)), b the IDW over the NEAREST nearest moved
  * pixels (exact, ties by (|o|^2, dy, dx)) of the vectors back to their sources, one per moved pixel
- * (the source nearest a handle; ties: raster order). A source outside the image keeps q's colour
- * and sets q in `noSource`; a source inside clears it (a later region overrides an earlier one).
+ * (the source nearest a handle; ties: raster order). A source outside the image leaves q as it is
+ * (an earlier region's paste, or its own colour) and sets q in `noSource`; a source inside clears it
+ * (a later region overrides an earlier one).
  */
 function backwardMap(forward, target, width, height, rgba, out, noSource) {
   const m = forward.count;
@@ -544,12 +590,13 @@ function backwardMap(forward, target, width, height, rgba, out, noSource) {
     const sy = roundEven(y + vy / sw);
     const at = y * width + x;
     const valid = sx >= 0 && sx < width && sy >= 0 && sy < height;
-    const from = (valid ? sy * width + sx : at) * 4;
+    noSource[at] = valid ? 0 : 1;
+    if (!valid) continue;
+    const from = (sy * width + sx) * 4;
     out[at * 4] = rgba[from];
     out[at * 4 + 1] = rgba[from + 1];
     out[at * 4 + 2] = rgba[from + 2];
     out[at * 4 + 3] = rgba[from + 3];
-    noSource[at] = valid ? 0 : 1;
   }
 }
 
@@ -592,12 +639,15 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
   if (!movedPairs.length) {
     throw new WarpInputError("no handle lies inside the mask, so nothing moves; paint the mask over the parts to move");
   }
-  const regionIds = [...new Set(movedPairs.map((i) => handleLabels[i]))].sort((a, b) => a - b);
+  // OpenCV's contour order (the release's): bottom-up, so the upper region is pasted last and wins
+  const regionIds = [...new Set(movedPairs.map((i) => handleLabels[i]))].sort((a, b) => b - a);
   const out = new Uint8ClampedArray(n * 4);
   out.set(rgba.length > n * 4 ? rgba.subarray(0, n * 4) : rgba);
   const source = new Uint8Array(n);
   const landed = new Uint8Array(n);
-  const edges = scratch("edgeMask", Uint8Array, n).fill(0);
+  const kernel = releasedBand(band);
+  const radius = bandRadius(kernel);
+  const bandMask = kernel ? scratch("bandMask", Uint8Array, n).fill(0) : null;
   const noSource = scratch("noSource", Uint8Array, n).fill(0);
   // the box holding every region and target: the inpaint mask is computed there
   let x0 = width;
@@ -615,7 +665,7 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
     };
     const box = boxes.slice(4 * id, 4 * id + 4);
     const forward = forwardMap(id, box, labels, width, h, source);
-    const target = movedTarget(id, box, labels, width, height, h, landed, edges);
+    const target = movedTarget(id, box, labels, width, height, h, landed, kernel ? radius + 1 : 0, radius, bandMask);
     if (target.count) backwardMap(forward, target, width, height, rgba, out, noSource);
     for (const [bx0, by0, bx1, by1] of [box, target.box]) {
       if (bx0 > bx1) continue;
@@ -626,13 +676,13 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
     }
   }
   const inpaint = new Uint8Array(n);
-  const kernel = releasedBand(band);
   if (kernel) {
-    const grow = scratch("grow", Uint8Array, n); // dilate(a) | dilate(b) = dilate(a | b)
+    const grow = scratch("grow", Uint8Array, n);
     for (let y = y0; y <= y1; y++) {
-      for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = (source[i] & (landed[i] ^ 1)) | edges[i];
+      for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = source[i] & (landed[i] ^ 1);
     }
     dilateBox(grow, inpaint, width, height, x0, y0, x1, y1, kernel >> 1);
+    for (let i = 0; i < n; i++) inpaint[i] |= bandMask[i];
   } else {
     for (let y = y0; y <= y1; y++) {
       for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] = source[i] & (landed[i] ^ 1);

@@ -11,6 +11,9 @@ from .common import CATEGORY, DRAG_POINTS, log, node_errors, require_finite, req
 
 NODE_NAME = "Drag Warp (pixels)"
 
+MIN_SIDE = 8
+"""Smallest image side: one latent cell of the VAE the inpainting model encodes with."""
+
 
 class PixelWarp:
     DESCRIPTION = (
@@ -51,6 +54,11 @@ class PixelWarp:
             if image.dim() != 4:
                 raise DragInputError(f"the image must be a ComfyUI IMAGE (batch, height, width, channels), got {tuple(image.shape)}")
             height, width = int(image.shape[1]), int(image.shape[2])
+            if height < MIN_SIDE or width < MIN_SIDE:
+                raise DragInputError(
+                    f"the image is {width}x{height} pixels; it must be at least {MIN_SIDE}x{MIN_SIDE} (one latent cell) "
+                    "for the inpainting model that follows"
+                )
             points.check_image_size(width, height)
             require_finite(image, "the input image")
             editable, defaulted = resolve_editable_mask(mask, height, width)

@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from dragkit.errors import DragInputError
+import math
+
 from dragkit.pixel_warp import (
     connected_components,
     contour_edges,
     dilate,
+    dilate_disc,
     fill_holes,
     fill_polygons,
     grid_idw,
@@ -65,7 +68,7 @@ def test_a_textured_patch_moves_by_the_drag(dx, dy):
     assert bool(result.inpaint_mask[uncovered].all())
     changed = (result.image != texture).any(-1)[0]
     assert not bool((changed & ~result.target_mask).any())
-    untouched = ~(dilate(mask | result.target_mask, 5))
+    untouched = ~(dilate(mask | result.target_mask, 7))  # the band reaches 3 px at k = 5
     assert not bool((result.inpaint_mask & untouched).any())
     assert torch.equal(result.image[0][untouched], texture[0][untouched])
 
@@ -76,7 +79,7 @@ def test_the_inpaint_mask_is_the_uncovered_part_grown_plus_the_moved_edge():
     assert torch.equal(plain.inpaint_mask, _box(40, 40, 10, 10, 20, 14))
     banded = pixel_warp(_numbered(40, 40), mask, _pts((12, 12)), _pts((16, 12)), band=3)
     edge = _box(40, 40, 10, 14, 20, 24) & ~_box(40, 40, 11, 15, 19, 23)
-    assert torch.equal(banded.inpaint_mask, dilate(_box(40, 40, 10, 10, 20, 14), 3) | dilate(edge, 3))
+    assert torch.equal(banded.inpaint_mask, dilate(_box(40, 40, 10, 10, 20, 14), 3) | dilate_disc(edge, 2))
     assert torch.equal(pixel_warp(_numbered(40, 40), mask, _pts((12, 12)), _pts((16, 12)), band=2).inpaint_mask,
                        banded.inpaint_mask)
     assert released_band(4) == 5 and released_band(0) == 0 and released_band(5) == 5
@@ -105,13 +108,18 @@ def test_several_regions_and_several_handles_per_region():
     assert not bool(result.inpaint_mask[still].any())
 
 
-def test_a_later_region_pastes_over_an_earlier_one():
+@pytest.mark.parametrize("neighbours", ["exact", "as_released"])
+def test_the_upper_region_is_pasted_last_where_targets_overlap(neighbours):
+    """OpenCV lists external contours bottom-up, so the release pastes the upper region last (it wins)."""
     image = _numbered(30, 40)
-    first = _box(30, 40, 2, 2, 8, 8)
-    second = _box(30, 40, 12, 2, 18, 8)
-    result = pixel_warp(image, first | second, _pts((4, 4), (4, 14)), _pts((20, 14), (20, 14)))
-    rows, _ = _origin(result.image)
-    assert torch.equal(rows[12:18, 18:24], torch.arange(12, 18)[:, None].expand(6, 6))
+    upper = _box(30, 40, 2, 2, 8, 8)
+    lower = _box(30, 40, 12, 2, 18, 8)
+    # listed lower first, then upper: the order of the pairs must not matter
+    result = pixel_warp(image, upper | lower, _pts((4, 14), (4, 4)), _pts((20, 14), (20, 14)), neighbours=neighbours)
+    rows, cols = _origin(result.image)
+    assert torch.equal(rows[12:18, 18:24], torch.arange(2, 8)[:, None].expand(6, 6))
+    assert torch.equal(cols[12:18, 18:24], torch.arange(2, 8).expand(6, 6))
+    assert int(rows[14, 20]) == 4 and int(cols[14, 20]) == 4  # both pairs' target shows the upper handle's pixel
 
 
 def test_the_backward_map_leaves_no_holes_when_a_region_stretches():
@@ -126,7 +134,7 @@ def test_the_backward_map_leaves_no_holes_when_a_region_stretches():
     came_from = dilate(mask, 3)[rows, cols]  # at most one pixel outside the source region (rounding at its edge)
     assert bool(came_from[target].all())
     assert bool(mask[rows, cols][target].float().mean() > 0.97)
-    assert not bool(result.inpaint_mask[target & ~dilate(~target, 7)].any())  # the band reaches 2 px past the edge pixels
+    assert not bool(result.inpaint_mask[target & ~dilate(~target, 9)].any())  # the band reaches 3 px past the edge pixels
 
 
 def test_a_move_that_leaves_the_image_is_clipped():
@@ -142,12 +150,16 @@ def test_a_move_that_leaves_the_image_is_clipped():
 def test_pixels_whose_source_is_outside_the_image_are_inpainted():
     image = _numbered(32, 32)
     mask = _box(32, 32, 10, 0, 20, 8)
-    # Two handles: the left edge is pulled right further than the rest, so some targets map back past x = 0.
-    result = pixel_warp(image, mask, _pts((0, 15), (7, 15)), _pts((10, 15), (12, 15)))
-    rows, cols = _origin(result.image)
-    pasted = result.target_mask & (result.image[0] != image[0]).any(-1)
-    unpasted = result.target_mask & ~pasted & ~mask
-    assert bool(result.inpaint_mask[unpasted].all())
+    # A region on the left border, one handle pulled right and one pinned: the backward map of two
+    # target pixels at the border points past x = 0.
+    args = (image, mask, _pts((2, 15), (6, 12)), _pts((4, 15), (6, 12)))
+    plain = pixel_warp(*args, band=0)
+    no_source = plain.inpaint_mask & plain.target_mask  # with band 0 the rest of the mask lies outside T
+    assert int(no_source.sum()) == 2
+    rows, cols = _origin(plain.image)
+    assert torch.equal(rows[no_source], image[0, ..., 0][no_source].long())  # they keep their colour ...
+    assert torch.equal(cols[no_source], image[0, ..., 1][no_source].long())
+    assert bool(pixel_warp(*args).inpaint_mask[no_source].all())  # ... and join the mask at every band
 
 
 def test_no_mask_or_an_empty_mask_means_the_whole_image_moves():
@@ -360,3 +372,110 @@ def _check_drag100(folders) -> tuple[int, int]:
                 )
                 rigid += 1
     return centres, rigid
+
+
+# ---------------------------------------------------------------- the band, as OpenCV's thick line
+
+
+def _thick_outline(height: int, width: int, top: int, left: int, bottom: int, right: int, k: int) -> torch.Tensor:
+    """OpenCV's closed rectangle outline through pixel centres ``(left, top)``-``(right, bottom)`` drawn ``k`` thick.
+
+    From its definition: thickness 1 is the one-pixel outline; an odd ``k > 1`` covers every pixel
+    centre within ``k / 2 + 0.5`` of a side (a rectangle of that half-width around each side, a disc
+    of that radius on each vertex).
+    """
+    rows, cols = torch.meshgrid(torch.arange(height).double(), torch.arange(width).double(), indexing="ij")
+    dx = torch.clamp(torch.maximum(left - cols, cols - right), min=0)
+    dy = torch.clamp(torch.maximum(top - rows, rows - bottom), min=0)
+    outside = torch.hypot(dx, dy)
+    inside = torch.minimum(torch.minimum(cols - left, right - cols), torch.minimum(rows - top, bottom - rows))
+    distance = torch.where((dx > 0) | (dy > 0), outside, inside)
+    return distance <= (0 if k == 1 else k / 2 + 0.5)
+
+
+BAND_COUNTS = {1: 431, 3: 791, 5: 1001, 7: 1208}
+"""Inpaint-mask pixels of :func:`test_the_band_is_opencvs_thick_line` as the released ``bi_warp`` marks them (measured)."""
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("neighbours", ["exact", "as_released"])
+def test_the_band_is_opencvs_thick_line(k, neighbours):
+    """A rigid move: the moved contour is the target rectangle's outline, drawn k thick (k = 1: one pixel)."""
+    height, width = 64, 72
+    mask = _box(height, width, 10, 12, 30, 40)  # rows 10..29, columns 12..39
+    result = pixel_warp(_numbered(height, width), mask, _pts((20, 20)), _pts((31, 27)), band=k, neighbours=neighbours)
+    band = _thick_outline(height, width, 17, 23, 36, 50, k)
+    uncovered = dilate(mask & ~_box(height, width, 17, 23, 37, 51), k)
+    assert torch.equal(result.inpaint_mask, uncovered | band)
+    assert int(result.inpaint_mask.sum()) == BAND_COUNTS[k]
+    if k > 1:  # reaches (k + 1) / 2 px from the outline, not (k - 1) / 2 as a k x k square would
+        assert bool(result.inpaint_mask[17, 50 + (k + 1) // 2]) and not bool(result.inpaint_mask[17, 51 + (k + 1) // 2])
+
+
+BORDER_COUNTS = {"stays on the border": 432, "leaves past the border": 324}
+"""Inpaint-mask pixels of :func:`test_the_band_runs_along_the_border_only_where_the_target_ends_there` by the release."""
+
+
+@pytest.mark.parametrize("case", list(BORDER_COUNTS))
+def test_the_band_runs_along_the_border_only_where_the_target_ends_there(case):
+    """The release's contour of a region on the top border runs along row 0 and is drawn there; the part of a
+    target that left the image has its contour outside, so no band along the border where it was cut."""
+    height, width = 40, 48
+    mask = _box(height, width, 0, 10, 12, 30)
+    drag = (8, 0) if case == "stays on the border" else (0, -6)
+    result = pixel_warp(_numbered(height, width), mask, _pts((20, 6)), _pts((20 + drag[0], 6 + drag[1])))
+    top = result.inpaint_mask[0:3, 22:34]  # above the middle of the target, at the border
+    if case == "stays on the border":
+        assert bool(top.all()) and not bool(result.inpaint_mask[4, 22:34].any())
+    else:
+        assert not bool(result.inpaint_mask[0, 14:26].any())
+        assert bool(result.inpaint_mask[0, 10 - 3 : 10 + 1].all())  # the sides' band still reaches the border
+    assert int(result.inpaint_mask.sum()) == BORDER_COUNTS[case]
+
+
+# ---------------------------------------------------------------- as released: the 100-reference backward map
+
+
+def _released_reference(queries, references, vectors, k=4):
+    """Hand-written: ``q + sum w_j v_j`` over the ``k`` nearest references (exact distances), and whether a tie
+    at the ``k``-th place or a sum within 1e-4 of ``.5`` makes the answer depend on ties or float order."""
+    out, unsure = [], []
+    for qx, qy in queries:
+        ranked = sorted((math.hypot(rx - qx, ry - qy), j) for j, (rx, ry) in enumerate(references))
+        chosen = ranked[:k]
+        weights = [1 / (d + 1e-6) for d, _ in chosen]
+        total = sum(weights)
+        value = [q + sum(w * vectors[j][a] for w, (_, j) in zip(weights, chosen)) / total for a, q in enumerate((qx, qy))]
+        tie = len(ranked) > k and abs(ranked[k][0] - ranked[k - 1][0]) < 1e-4
+        half = any(abs(v - math.floor(v) - 0.5) < 1e-4 for v in value)
+        out.append([round(v) for v in value])
+        unsure.append(tie or half)
+    return out, unsure
+
+
+def test_as_released_stretch_follows_a_hand_written_100_reference_idw():
+    """Two handles stretch a 17 x 35 region (595 pixels: the 100 references are every 6th moved pixel in raster
+    order, exact in any float): the forward map over the handles and the backward map over those 100 references,
+    written out here, give every target pixel's source."""
+    height, width = 60, 80
+    mask = _box(height, width, 20, 10, 37, 45)
+    handles, targets = [(14, 28), (40, 28)], [(12, 30), (62, 24)]
+    result = pixel_warp(_numbered(height, width), mask, _pts(*handles), _pts(*targets), neighbours="as_released")
+    pixels = [(x, y) for y in range(20, 37) for x in range(10, 45)]
+    drags = [(tx - hx, ty - hy) for (hx, hy), (tx, ty) in zip(handles, targets)]
+    moved, unsure_forward = _released_reference(pixels, handles, drags)
+    assert not any(unsure_forward)
+    references = [moved[6 * i] for i in range(100)]
+    back = [(pixels[6 * i][0] - moved[6 * i][0], pixels[6 * i][1] - moved[6 * i][1]) for i in range(100)]
+    target = result.target_mask
+    queries = [(x, y) for y, x in torch.nonzero(target).tolist()]
+    sources, unsure = _released_reference(queries, references, back)
+    rows, cols = _origin(result.image)
+    checked = 0
+    for (x, y), (sx, sy), skip in zip(queries, sources, unsure):
+        if skip or not (0 <= sx < width and 0 <= sy < height):
+            continue
+        assert (int(cols[y, x]), int(rows[y, x])) == (sx, sy), (x, y)
+        checked += 1
+    assert int(target.sum()) > 800 and checked > 0.75 * int(target.sum())  # the rest: ties on the reference lattice
+    assert int(target.sum()) > int(mask.sum()) * 1.4  # it did stretch

@@ -105,6 +105,19 @@ def test_errors_name_the_node(comfy_inproc, change, message):
         comfy_inproc.run_node(NODE, **inputs)
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (7, 12), (12, 7)])
+def test_an_image_smaller_than_one_latent_cell_is_refused(comfy_inproc, height, width):
+    points = _points(comfy_inproc, width, height, ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=rf"^\[Drag Warp \(pixels\)\] the image is {width}x{height} pixels; it must be at least 8x8"):
+        warp(comfy_inproc, _texture(height=height, width=width), points)
+
+
+def test_an_image_of_one_latent_cell_is_warped(comfy_inproc):
+    image = _texture(height=8, width=8)
+    warped, inpaint = warp(comfy_inproc, image, _points(comfy_inproc, 8, 8, ((2, 2), (4, 2))), band=0)
+    assert torch.equal(warped[0, :, 2:], image[0, :, :6]) and torch.equal(inpaint[0, :, :2], torch.ones(8, 2))
+
+
 def test_the_outputs_feed_native_inpaint_conditioning(comfy_inproc, tiny_comfy_models):
     image = _texture(height=64, width=64)
     points = _points(comfy_inproc, 64, 64, ((20, 20), (28, 24)))
