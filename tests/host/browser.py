@@ -8,6 +8,7 @@ Shared by ``test_editor_browser.py`` and ``test_workflows_browser.py``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -231,6 +232,16 @@ def open_comfyui(browser: Browser, server, node_class: str, timeout: float = 90)
     if vue_nodes():
         browser.wait_for("window.LiteGraph.vueNodesMode === true", timeout)
     return browser
+
+
+@contextlib.contextmanager
+def comfyui_page(server, node_class: str):
+    """A fresh headless Chromium page with the frontend of ``server`` loaded (:func:`open_comfyui`), closed after."""
+    browser = Browser(chromium())
+    try:
+        yield open_comfyui(browser, server, node_class)
+    finally:
+        browser.close()
 
 
 def frontend_mode(browser: Browser) -> str:

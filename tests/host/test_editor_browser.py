@@ -680,7 +680,7 @@ def test_the_warp_preview_follows_a_dragged_point(comfy_server, page, tmp_path):
     uncovered = mask & ~np.roll(np.roll(mask, dy, 0), dx, 1)
     assert inpaint[uncovered].all()
     near = np.zeros_like(mask)
-    near[16 - 2:32 + dy + 2, 16 - 2:32 + dx + 2] = True  # source, target and the k = 5 band
+    near[16 - 3:32 + dy + 3, 16 - 3:32 + dx + 3] = True  # source, target and the k = 5 band (radius (k + 1) / 2)
     assert not inpaint[~near].any() and np.array_equal(warped[~near], image[~near])
     assert chrome.js(f"{EDITOR}.statusText()").count("warp preview k=5")
 

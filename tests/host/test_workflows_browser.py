@@ -51,7 +51,7 @@ from tools.make_workflows import missing_on_host
 from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints
 from tools.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 
-from .browser import Browser, chromium, open_comfyui
+from .browser import Browser, chromium, comfyui_page
 
 pytestmark = [
     pytest.mark.slow,
@@ -74,11 +74,8 @@ def page(comfy_server):
     """The frontend loaded in headless Chromium, with the pack's nodes registered."""
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser = Browser(chromium())
-    try:
-        yield open_comfyui(browser, comfy_server, EDITOR_CLASS)
-    finally:
-        browser.close()
+    with comfyui_page(comfy_server, EDITOR_CLASS) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")

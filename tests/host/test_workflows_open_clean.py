@@ -38,7 +38,7 @@ from PIL import Image
 
 from tools.comfy_host import PACK_FOLDER_NAME, comfyui_path, repo_root
 
-from .browser import Browser, chromium, frontend_mode, open_comfyui, vue_nodes
+from .browser import Browser, chromium, comfyui_page, frontend_mode, vue_nodes
 
 pytestmark = pytest.mark.skipif(
     chromium() is None, reason="no Chromium found (install Debian's: apt-get install chromium; or set DRAGKIT_CHROMIUM)"
@@ -177,11 +177,8 @@ def page(comfy_server, uploads):
     """One page for the module: the frontend loaded after the uploads, the pack's nodes registered."""
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser = Browser(chromium())
-    try:
-        yield open_comfyui(browser, comfy_server, EDITOR_CLASS)
-    finally:
-        browser.close()
+    with comfyui_page(comfy_server, EDITOR_CLASS) as page:
+        yield page
 
 
 def _open(chrome: Browser, name: str, workflow: dict | None = None) -> None:
