@@ -13,6 +13,7 @@
 #   VENV           where the virtual environment lives (default: .venv)
 #   TORCH_SPEC     the torch requirement installed when torch is missing
 #                  (default: torch==2.13.0, a CPU build where one is on disk)
+#   DRAGKIT_TEST_WORKERS  pytest workers (default 2; 1: no pytest-xdist)
 #   COMFYUI_PATH   the ComfyUI the host tests run against; its requirements are
 #                  installed into the environment too (what the headless runner
 #                  needs). Unset: ComfyUI 0.33.0, the newest tested version, got
@@ -49,20 +50,31 @@ if [ ! -x "$venv/bin/python" ]; then
     done_step
 fi
 py="$venv/bin/python"
-"$py" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || echo "[set-up] note: could not upgrade pip; going on with $("$py" -m pip --version)"
-if ! "$py" -c "import torch" 2>/dev/null; then
-    step "installing ${TORCH_SPEC:-torch==2.13.0} (about 200 MB for a CPU build, several GB for a CUDA one; 1-5 min)"
-    pip_install "${TORCH_SPEC:-torch==2.13.0}"
+# What this environment was last set up from: when nothing changed (and torch imports), pip is not asked again.
+stamp_file="$venv/.dragkit-set-up"
+stamp="$({ cat requirements.txt tests/requirements.txt; echo "${TORCH_SPEC:-torch==2.13.0}"
+           [ -z "${COMFYUI_PATH:-}" ] || cat "$COMFYUI_PATH/requirements.txt"; } | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && "$py" -c "import torch" 2>/dev/null; then
+    echo "[set-up] requirements unchanged since this environment's last set-up: nothing to install"
+    echo "[set-up]   (delete $stamp_file to have pip check them again)"
+else
+    rm -f "$stamp_file"
+    "$py" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || echo "[set-up] note: could not upgrade pip; going on with $("$py" -m pip --version)"
+    if ! "$py" -c "import torch" 2>/dev/null; then
+        step "installing ${TORCH_SPEC:-torch==2.13.0} (about 200 MB for a CPU build, several GB for a CUDA one; 1-5 min)"
+        pip_install "${TORCH_SPEC:-torch==2.13.0}"
+        done_step
+    fi
+    step "installing this pack's and the tests' requirements (diffusers, peft, pytest, ...; under a minute, seconds once installed)"
+    pip_install -r tests/requirements.txt
     done_step
-fi
-step "installing this pack's and the tests' requirements (diffusers, peft, pytest, ...; under a minute, seconds once installed)"
-pip_install -r tests/requirements.txt
-done_step
-if [ -n "${COMFYUI_PATH:-}" ]; then
-    step "installing the requirements of ComfyUI at $COMFYUI_PATH (about 40 packages; its torchvision brings the"
-    echo "[set-up]   torch build it was made for, with NVIDIA's CUDA libraries: about 4 GB and 2-5 min the first time)"
-    pip_install -r "$COMFYUI_PATH/requirements.txt" websocket-client
-    done_step
+    if [ -n "${COMFYUI_PATH:-}" ]; then
+        step "installing the requirements of ComfyUI at $COMFYUI_PATH (about 40 packages; its torchvision brings the"
+        echo "[set-up]   torch build it was made for, with NVIDIA's CUDA libraries: about 4 GB and 2-5 min the first time)"
+        pip_install -r "$COMFYUI_PATH/requirements.txt" websocket-client
+        done_step
+    fi
+    echo "$stamp" > "$stamp_file"
 fi
 
 if [ "$setup_only" = 1 ]; then
@@ -82,10 +94,20 @@ for arg in ${args[@]+"${args[@]}"}; do
     if [ -e "${arg%%::*}" ]; then paths=(); break; fi
 done
 
-echo "[tests] pytest: one line per test as it runs; the first host test builds the tiny test checkpoints"
-echo "[tests] into ${DRAGKIT_TEST_CACHE:-~/.cache/dragkit-tests} (about 3 GB, 1-3 min, once)"
+# Two pytest workers (pytest-xdist) by default: most tests run tiny models, where one Python thread is the
+# limit, so two cores finish the suite in about half the time. Whole files go to one worker (--dist loadfile),
+# so a file's module-scoped server, browser or model is made once.
+workers="${DRAGKIT_TEST_WORKERS:-2}"
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+for arg in ${args[@]+"${args[@]}"}; do
+    case "$arg" in -n|-n[0-9]*|--numprocesses*) parallel=(); workers="(as given)" ;; esac   # the caller's -n wins
+done
+echo "[tests] pytest on $workers worker(s) (DRAGKIT_TEST_WORKERS): one line per test as it ends; the first host"
+echo "[tests] test builds the tiny test checkpoints into ${DRAGKIT_TEST_CACHE:-~/.cache/dragkit-tests} (about 7 GB, 2 min, once)"
 status=0
-"$py" -m pytest -v --durations=15 ${paths[@]+"${paths[@]}"} ${args[@]+"${args[@]}"} || status=$?
+"$py" -m pytest -v --durations=15 ${parallel[@]+"${parallel[@]}"} ${paths[@]+"${paths[@]}"} ${args[@]+"${args[@]}"} \
+    || status=$?
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
     echo "note: COMFYUI_PATH=none, so ComfyUI's requirements were not installed and the host tests" >&2

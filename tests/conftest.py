@@ -34,7 +34,8 @@ Fixtures
                        pack in ``custom_nodes/dragkit``, the tiny checkpoint and the tiny SDXL
                        checkpoint in ``models/checkpoints``, the tiny ControlNet in
                        ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``;
-                       the tiny inpainting checkpoints, LoRA, FLUX Fill, its VAE and CLIP-L too.
+                       the tiny inpainting checkpoints, LoRA, FLUX Fill, its VAE and CLIP-L too;
+                       ``PYTHONWARNINGS=always``, so every warning reaches its log.
 
 All ComfyUI fixtures are session-scoped and skip with a clear message when
 ``COMFYUI_PATH`` is unset or not a checkout. Tests under ``tests/host/`` are
@@ -44,6 +45,7 @@ ComfyUI.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -182,5 +184,6 @@ def comfy_server(comfyui, tiny_checkpoint, tiny_sdxl_checkpoint, tiny_controlnet
     with comfy_host.ComfyServer(
             checkpoints=[tiny_checkpoint, tiny_sdxl_checkpoint, tiny_sd15_inpaint_checkpoint, tiny_sdxl_inpaint_checkpoint],
             controlnets=[tiny_controlnet], upscale_models=[tiny_upscaler], loras=[tiny_lcm_lora],
-            diffusion_models=[tiny_flux_fill], vae=[tiny_flux_vae], text_encoders=[tiny_clip_l]) as server:
+            diffusion_models=[tiny_flux_fill], vae=[tiny_flux_vae], text_encoders=[tiny_clip_l],
+            env={**os.environ, "PYTHONWARNINGS": "always"}) as server:
         yield server

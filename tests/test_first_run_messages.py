@@ -153,14 +153,19 @@ def test_the_runner_prints_each_node_and_its_progress(monkeypatch):
 
 
 def test_set_up_only_installs_and_runs_no_test():
+    """``--setup-only`` installs and runs no test; a second set-up from the same requirements asks pip nothing."""
     env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS")}
     env["VENV"] = sys.prefix
     env["COMFYUI_PATH"] = "none"   # this Python may belong to another host: install no ComfyUI requirements into it
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), "--setup-only"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "[set-up] installing this pack's and the tests' requirements" in result.stdout
-    assert f"[set-up] ready: {sys.prefix}" in result.stdout
-    assert "test session starts" not in result.stdout
-    assert "ComfyUI's requirements were not installed" in result.stderr
+    (Path(sys.prefix) / ".dragkit-set-up").unlink(missing_ok=True)
+    runs = [subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), "--setup-only"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600) for _ in range(2)]
+    for result in runs:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"[set-up] ready: {sys.prefix}" in result.stdout
+        assert "test session starts" not in result.stdout
+        assert "ComfyUI's requirements were not installed" in result.stderr
+    assert "[set-up] installing this pack's and the tests' requirements" in runs[0].stdout
+    assert "[set-up] requirements unchanged since this environment's last set-up" in runs[1].stdout
+    assert "installing" not in runs[1].stdout
     assert "--setup-only" in (ROOT / "README.md").read_text()
