@@ -473,6 +473,133 @@ def sam3_region(g: WorkflowBuilder, image: Out, editor: int, row: int) -> Out:
     return Out(combine, 0)
 
 
+WAN_MOVE = "Wan21-WanMove_fp8_scaled_e4m3fn_KJ.safetensors"
+WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN_CLIP_VISION = "clip_vision_h.safetensors"
+"""Placeholders of the Wan-Move workflow: the files ComfyUI's own Wan-Move template (video_wanmove_480p) names."""
+
+WAN_NOTE = """START HERE: 1. Load Diffusion Model: pick Wan-Move ({unet}, in models/diffusion_models; a Wan 2.1
+   I2V 14B fine-tune). Load CLIP: {te} (type wan, in models/text_encoders). Load VAE: {vae}
+   (models/vae). Load CLIP Vision: {clip_vision} (models/clip_vision).
+2. Load Image: pick or upload your photo.
+3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more pairs.
+   Paint the region that moves (Brush or "Mask handles"): static tracks hold everything outside it still.
+4. Write what happens in the prompt, and queue.
+Needs ComfyUI 0.33.0 or newer (Wan-Move nodes; older versions show them as missing nodes), and a large GPU: the
+14B model in fp8 is about 15 GB, UMT5-XXL in fp8 about 6.7 GB; 81 frames at 832x480, 20 steps (ComfyUI offloads
+what does not fit). Not measured here yet; do not use a CPU.
+
+DragKit drag to video (Wan-Move): the drag pairs become point tracks that Wan-Move follows.
+- Drag Points to Wan-Move Tracks: each handle travels to its target over the frames (easing: linear, ease_in,
+  ease_out, ease_in_out); static_grid adds still tracks on a grid wherever the painted region never passes, so
+  the background holds. The tracks are in pixels of the video frame: WanMoveTrackToVideo centre-crops the photo
+  to width x height (832x480 by default) and the tracks follow the same crop -- pick a size with the photo's
+  aspect ratio, or keep the points away from the cropped sides (the node says which point falls outside).
+- frames must be 4k + 1 (81 = 5 s at 16 fps): frame 0 is the photo, the last frame reaches the targets.
+- After it every node is ComfyUI's own, wired as ComfyUI's Wan-Move example: WanMoveTracksFromCoords ->
+  WanMoveTrackToVideo (start image, tracks, CLIP vision of the photo) -> KSampler (ModelSamplingSD3 shift 8,
+  er_sde, simple, 20 steps, cfg 6) -> VAE Decode -> Save Animated WEBP (16 fps; for an MP4 use Create Video +
+  Save Video). For speed, ComfyUI's example adds the lightx2v step-distill LoRA (LoraLoaderModelOnly), 6 steps, cfg 1.
+- "Last frame (the drag edit)" saves the video's last frame: the photo with the drag applied by a video model."""
+
+
+def drag_to_video_wanmove(info: dict) -> dict:
+    """Load Image -> Drag Points Editor -> Drag Points to Wan-Move Tracks -> Wan 2.1 I2V + Wan-Move (native nodes)."""
+    g = WorkflowBuilder(info)
+    unet = g.add("UNETLoader", 0, 0, {"unet_name": WAN_MOVE})
+    clip = g.add("CLIPLoader", 0, 1, {"clip_name": WAN_TEXT_ENCODER, "type": "wan"})
+    vae = g.add("VAELoader", 0, 2, {"vae_name": WAN_VAE})
+    clip_vision = g.add("CLIPVisionLoader", 0, 3, {"clip_name": WAN_CLIP_VISION})
+    image = g.add("LoadImage", 0, 4, {"image": IMAGE}, height=320)
+    editor = g.add("DragKitPointsEditor", 1, 5, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
+                   title=WARP_TITLE, height=560)
+    shift = g.add("ModelSamplingSD3", 1, 0, {"shift": 8.0}, {"model": Out(unet, 0)})
+    prompt = g.add("CLIPTextEncode", 2, 0, {"text": ""}, {"clip": Out(clip, 0)}, title="Prompt (what happens)")
+    negative = g.add("CLIPTextEncode", 2, 1, {"text": ""}, {"clip": Out(clip, 0)}, title=NEGATIVE_TITLE)
+    vision = g.add("CLIPVisionEncode", 2, 2, {"crop": "center"},
+                   {"clip_vision": Out(clip_vision, 0), "image": Out(image, 0)})
+    tracks = g.add("DragKitPointsToWanMoveTracks", 2, 4, {},
+                   {"points": Out(editor, 1), "mask": Out(editor, 2)}, height=260)
+    coords = g.add("WanMoveTracksFromCoords", 3, 4, {}, {"track_coords": Out(tracks, 0)})
+    video = g.add("WanMoveTrackToVideo", 3, 1, {},
+                  {"positive": Out(prompt, 0), "negative": Out(negative, 0), "vae": Out(vae, 0),
+                   "tracks": Out(coords, 0), "start_image": Out(image, 0), "clip_vision_output": Out(vision, 0),
+                   "width": Out(tracks, 1), "height": Out(tracks, 2), "length": Out(coords, 1)}, height=300)
+    sample = g.add("KSampler", 4, 0, {"seed": 0, "steps": 20, "cfg": 6.0, "sampler_name": "er_sde",
+                                      "scheduler": "simple", "denoise": 1.0},
+                   {"model": Out(shift, 0), "positive": Out(video, 0), "negative": Out(video, 1),
+                    "latent_image": Out(video, 2)}, height=300)
+    decode = g.add("VAEDecode", 5, 0, inputs={"samples": Out(sample, 0), "vae": Out(vae, 0)})
+    g.add("SaveAnimatedWEBP", 6, 0, {"filename_prefix": "dragkit_wanmove", "fps": 16.0, "lossless": False,
+                                      "quality": 90}, {"images": Out(decode, 0)}, title="Save the video", height=360)
+    last = g.add("ImageFromBatch", 5, 3, {"batch_index": -1, "length": 1}, {"image": Out(decode, 0)},
+                 title="Last frame")
+    g.add("SaveImage", 6, 3, {"filename_prefix": "dragkit_wanmove_last_frame"}, {"images": Out(last, 0)},
+          title="Last frame (the drag edit)", height=320)
+    g.lead_note(WAN_NOTE.format(unet=WAN_MOVE, te=WAN_TEXT_ENCODER, vae=WAN_VAE, clip_vision=WAN_CLIP_VISION),
+                height=600)
+    return g.to_json()
+
+
+FLUX_DEV = "flux1-dev.safetensors"
+"""Placeholder for FLUX.1 [dev] in fastdrag_flux (models/diffusion_models)."""
+
+FASTDRAG_FLUX_NOTE = """START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev] ({unet}, in models/diffusion_models; an fp8
+   file halves its memory). DualCLIPLoader: {clip_l} + {t5} (type flux, models/text_encoders). Load VAE:
+   {vae} (models/vae).
+2. Load Image: pick or upload your photo (about 1024x1024 suits FLUX).
+3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more
+   pairs. Paint the region that may change; nothing painted = the whole image may change.
+4. Queue. Then move a point and queue again: only the warp, the sampling and the decode re-run.
+Needs: FLUX.1 [dev] (23.8 GB in bf16, 11.9 GB in fp8) and T5-XXL; ComfyUI offloads what does not fit. The
+attention cache of the released blocks at 1024x1024 is about 13 GiB (20 model calls x 13 blocks, bf16), so
+cache_device auto keeps it in CPU memory. GPU time and memory are not measured yet. Do not use a CPU.
+
+DragKit FastDrag on FLUX (DragFlow's inversion and key/value injection, FastDrag's warp):
+- DDIM Invert runs DragFlow's flow inversion on FLUX (FireFlow: a midpoint solver that reuses the last
+  velocity, about one model call per step): 25 steps, strength 0.76 = 19 steps inverted (the released
+  skip of 6), prompt at FluxGuidance 1.0, recording the keys/values of DragFlow's "non-ridge" blocks
+  (double 0,7,8,9,10,18, single 6,9,18,23,26,31,37) at every model call. Write "all" for every block.
+- FastDrag Warp+BNNI warps the 16-channel noisy latent as on SD latents.
+- KV-Injected Sample samples back with FluxGuidance 3.5 (the released sampling guidance), the recorded
+  keys/values fully replacing the model's in those blocks, paired with the recorded calls as DragFlow does.
+- VAE Decode (DragKit) keeps the source's pixels outside the painted mask.
+DragFlow's region motion supervision and its IP-Adapter are not part of this graph."""
+
+
+def fastdrag_flux(info: dict) -> dict:
+    """FLUX.1 [dev] with ComfyUI's FLUX loaders: editor, DDIM Invert (guidance 1) -> FastDrag Warp -> KV-Injected Sample (3.5)."""
+    g = WorkflowBuilder(info)
+    unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_DEV})
+    clip_loader = g.add("DualCLIPLoader", 0, 1, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
+    vae = Out(g.add("VAELoader", 0, 2, {"vae_name": FLUX_VAE}), 0)
+    image = g.add("LoadImage", 0, 3, {"image": IMAGE}, height=320)
+    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
+                   title=EDITOR_TITLE, height=560)
+    points, mask = Out(editor, 1), Out(editor, 2)
+    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(clip_loader, 0)}, title="Prompt (may stay empty)")
+    invert_guidance = g.add("FluxGuidance", 1, 1, {"guidance": 1.0}, {"conditioning": Out(prompt, 0)},
+                            title="FluxGuidance (inversion: 1.0)")
+    sample_guidance = g.add("FluxGuidance", 2, 1, {"guidance": 3.5}, {"conditioning": Out(prompt, 0)},
+                            title="FluxGuidance (sampling: 3.5)")
+    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": vae})
+    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 25, "strength": 0.76, "cache_layers": "non-ridge"},
+                   {"model": Out(unet, 0), "latent": Out(encode, 0), "positive": Out(invert_guidance, 0)}, height=220)
+    warp = g.add("DragKitFastDragWarp", 3, 2, {"mode": "drag", "fill": "bnni"},
+                 {"latent": Out(invert, 0), "points": points, "mask": mask}, height=180)
+    sample = g.add("DragKitKVInjectedSample", 4, 0, {"inject_layers": "non-ridge"},
+                   {"model": Out(unet, 0), "latent": Out(warp, 0), "attn_cache": Out(invert, 1),
+                    "positive": Out(sample_guidance, 0)}, height=240)
+    decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
+                   {"vae": vae, "latent": Out(sample, 0), "source_image": Out(image, 0), "mask": mask,
+                    "points": points}, height=180)
+    g.add("SaveImage", 6, 0, {"filename_prefix": "dragkit_fastdrag_flux"}, {"images": Out(decode, 0)}, height=320)
+    g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
+    g.lead_note(FASTDRAG_FLUX_NOTE.format(unet=FLUX_DEV, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE), height=600)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "roundtrip.json": roundtrip,
     "fastdrag.json": fastdrag,
@@ -486,11 +613,14 @@ WORKFLOWS = {
     "warp_inpaint_sd15.json": lambda info: warp_inpaint(info, "sd15"),
     "warp_inpaint_sdxl.json": lambda info: warp_inpaint(info, "sdxl"),
     "warp_inpaint_flux_fill.json": lambda info: warp_inpaint(info, "flux"),
+    "fastdrag_flux.json": fastdrag_flux,
     "warp_inpaint_sam3.json": lambda info: warp_inpaint(info, "sd15", sam3=True),
+    "drag_to_video_wanmove.json": drag_to_video_wanmove,
 }
 
 HOST_NODES = {
     "warp_inpaint_sam3.json": ("SAM3_Detect", "ComfyUI < 0.33 has no SAM3"),
+    "drag_to_video_wanmove.json": ("WanMoveTrackToVideo", "ComfyUI < 0.33 has no Wan-Move"),
 }
 """Workflows that use a node only newer hosts have: the node, and the reason (a stable skip reason in the tests)."""
 
@@ -514,7 +644,9 @@ THUMBNAILS = {
     "warp_inpaint_sd15.json": ("Warp + inpaint SD1.5", "pixel warp, SD1.5 inpainting + LCM; fast"),
     "warp_inpaint_sdxl.json": ("Warp + inpaint SDXL", "pixel warp, SDXL inpainting checkpoint"),
     "warp_inpaint_flux_fill.json": ("Warp + FLUX.1 Fill", "pixel warp, FLUX.1 Fill [dev] inpainting"),
+    "fastdrag_flux.json": ("FastDrag FLUX", "flow inversion, warp, KV injection; FLUX.1 dev"),
     "warp_inpaint_sam3.json": ("Warp + inpaint, SAM3", "click the object: SAM3 mask, SD1.5 inpaint"),
+    "drag_to_video_wanmove.json": ("Drag to video (Wan-Move)", "the drag as a video; last frame = the edit"),
 }
 """Per workflow: the thumbnail's caption (method, one line of what it is)."""
 
