@@ -231,9 +231,15 @@ def stream_cast_refusal(patcher, device: torch.device) -> str | None:
     (:func:`capture_refusal`). A fully loaded non-dynamic model, e.g. the
     delegate motion supervision and LoRA Fine-tune run on, casts nothing on a
     stream, whatever the number of streams.
+
+    The host's own record says which models keep weights off the device:
+    ``model_lowvram``, set by ``ModelPatcher.load`` when not every layer fits
+    and by ``partially_unload`` (0.3.64 and 0.33.0); only then are the weights
+    looked at (a scan of every parameter on each call of a fully loaded model
+    would cost a captured pass a good part of its gain).
     """
     streams = offload_streams()
-    if streams == 0:
+    if streams == 0 or not getattr(patcher.model, "model_lowvram", False):
         return None
     name, where = next(((n, p.device) for n, p in patcher.model.named_parameters() if p.device != device), (None, None))
     if name is None:

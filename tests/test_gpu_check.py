@@ -121,7 +121,8 @@ def fake_host(tmp_path, disable_flag: bool) -> Path:
     (host / "comfy").mkdir(parents=True)
     (host / "main.py").write_text("")
     (host / "comfyui_version.py").write_text('__version__ = "0.33.0"\n')
-    flag = 'parser.add_argument("--disable-dynamic-vram", action="store_true")\n' if disable_flag else ""
+    flag = ('parser.add_argument("--disable-dynamic-vram", action="store_true")\n'
+            'parser.add_argument("--disable-async-offload", action="store_true")\n') if disable_flag else ""
     (host / "comfy" / "cli_args.py").write_text(flag + ("def enables_dynamic_vram():\n    return True\n" if disable_flag
                                                         else ""))
     return host
@@ -131,7 +132,8 @@ def test_the_plan_puts_the_key_numbers_first_and_runs_both_vram_modes(fake_run, 
     rc, commands = fake_run(comfyui=fake_host(tmp_path, disable_flag=True))
     assert rc == 0
     names = [name for name, _, _ in commands]
-    first = ["tests", "bench [default]", "capture [default, cudaMallocAsync]", "capture [default, native]"]
+    first = ["tests", "bench [default]", "capture [default, cudaMallocAsync]", "capture [default, native]",
+             "capture [default, cudaMallocAsync, --disable-async-offload]"]
     first += ["inpaint"] if (gpu_check.REPO / "benchmarks" / "inpaint.py").is_file() else []
     assert names[: len(first)] == first
     first_workflow = next(i for i, n in enumerate(names) if n.startswith(("models", "workflow")))
@@ -144,6 +146,14 @@ def test_the_plan_puts_the_key_numbers_first_and_runs_both_vram_modes(fake_run, 
     assert bench[bench.index("--repeats") + 1] == "3"
     assert by_name["capture [default, cudaMallocAsync]"][1]["PYTORCH_CUDA_ALLOC_CONF"] == gpu_check.ASYNC_ALLOCATOR
     assert "PYTORCH_CUDA_ALLOC_CONF" not in by_name["capture [default, native]"][1]
+    default_start, no_streams = (by_name[f"capture [default, cudaMallocAsync{flag}]"][0]
+                                 for flag in ("", ", --disable-async-offload"))
+    assert default_start[1:5] == ["-m", "tools.comfy_vram", "default", "tools.capture_check"]
+    assert no_streams[1:6] == ["-m", "tools.comfy_vram", "default", "--disable-async-offload", "tools.capture_check"]
+    assert "--expect-captures" in default_start and "--expect-captures" in no_streams, "captures must happen"
+    assert "--expect-captures" not in by_name["capture [default, native]"][0]
+    assert by_name["capture [default, cudaMallocAsync, --disable-async-offload]"][1]["PYTORCH_CUDA_ALLOC_CONF"] == \
+        gpu_check.ASYNC_ALLOCATOR
     if "inpaint" in by_name:
         inpaint = by_name["inpaint"][0]
         assert inpaint[1:5] == ["-m", "tools.comfy_vram", "default", "benchmarks.inpaint"]
@@ -173,7 +183,7 @@ def test_at_most_eight_files_come_back_and_bulk_stays_outside(fake_run, tmp_path
     assert {p.name for p in files} == {"summary.md", "summary.json", "bench.json", "bench_no_dynamic_vram.json",
                                        "capture.json", "logs.tar.gz"}, "the fake inpaint step writes no JSON"
     assert all(p.parent == fake_run.out for p in files)
-    assert len(json.loads((fake_run.out / "capture.json").read_text())) == 4, "every capture run in one file"
+    assert len(json.loads((fake_run.out / "capture.json").read_text())) == 5, "every capture run in one file"
     text = (fake_run.out / "summary.md").read_text()
     assert "| fastdrag_re_edit | 150 ms | 90 ms | 0.60× | 2.00 / 2.50 |" in text
     assert "| fastdrag_re_edit | on | median_ms | 90.00 | ≤ 120 | yes |" in text
@@ -224,8 +234,10 @@ def test_workflow_families_and_the_check_arguments(repo_root, tmp_path):
 
 
 def test_host_flags_and_the_vram_mode_command(tmp_path):
-    assert comfy_vram.host_flags(fake_host(tmp_path / "new", True)) == {"dynamic_vram": True, "disable_flag": True}
-    assert comfy_vram.host_flags(fake_host(tmp_path / "old", False)) == {"dynamic_vram": False, "disable_flag": False}
+    assert comfy_vram.host_flags(fake_host(tmp_path / "new", True)) == {"dynamic_vram": True, "disable_flag": True,
+                                                                        "async_offload_flag": True}
+    assert comfy_vram.host_flags(fake_host(tmp_path / "old", False)) == {"dynamic_vram": False, "disable_flag": False,
+                                                                         "async_offload_flag": False}
     with pytest.raises(SystemExit, match="usage"):
         comfy_vram.main(["sometimes", "benchmarks.bench"])
 
@@ -332,3 +344,58 @@ def test_the_summary_says_how_to_run_what_the_budget_left_out():
     assert gpu_check.resume_commands(report) == [
         "bash scripts/gpu_check.sh --budget 540 --only bench --vram no-dynamic-vram",
         "bash scripts/gpu_check.sh --budget 540 --only workflows --vram default"]
+
+
+def test_on_a_cpu_the_capture_steps_that_need_cuda_skip_with_the_reason(fake_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "machine", lambda: {"cuda": False})
+    rc, commands = fake_run("--tiny", comfyui=fake_host(tmp_path, disable_flag=True))
+    summary = json.loads((fake_run.out / "summary.json").read_text())
+    skipped = {s["name"]: s["detail"] for s in summary["steps"] if s["status"] == "skipped"}
+    for name in ("capture [default, cudaMallocAsync]", "capture [default, cudaMallocAsync, --disable-async-offload]"):
+        assert skipped[name] == ("no CUDA: captured passes are CUDA graphs, and ComfyUI's allocator and offload "
+                                 "streams are CUDA's")
+    ran = [name for name, _, _ in commands]
+    assert rc == 0 and "capture [default, native]" in ran, "the static-buffer check still runs on the CPU"
+    old = fake_host(tmp_path / "old", disable_flag=False)
+    monkeypatch.setattr(gpu_check, "machine", lambda: {"cuda": True, "device": "fake GPU"})
+    fake_run("--only", "capture", comfyui=old)
+    summary = json.loads((fake_run.out / "summary.json").read_text())
+    skipped = {s["name"]: s["detail"] for s in summary["steps"] if s["status"] == "skipped"}
+    assert skipped["capture [default, cudaMallocAsync, --disable-async-offload]"] == \
+        "ComfyUI 0.33.0 has no --disable-async-offload"
+
+
+def test_a_failed_step_makes_the_check_fail(fake_run, tmp_path, monkeypatch, capsys):
+    """The positive control of the exit status: the same run passes with every step passing, fails with one failing."""
+    assert fake_run("--only", "bench")[0] == 0
+    failing = gpu_check.run_logged
+
+    def one_fails(name, command, logs, timeout, env=None):
+        step = failing(name, command, logs, timeout, env)
+        return gpu_check.Step(name, "failed", 1.0, "exit 1: boom", log=step.log) if name == "bench [default]" else step
+
+    monkeypatch.setattr(gpu_check, "run_logged", one_fails)
+    rc, _ = fake_run("--only", "bench")
+    assert rc == 1 and capsys.readouterr().out.strip().splitlines()[-1].startswith("FAILED: 0 ok, 1 failed")
+
+
+def test_the_vram_mode_command_sets_a_host_flag_before_comfy_counts_its_streams(monkeypatch):
+    started = []
+    monkeypatch.setattr(comfy_vram, "start", lambda mode, cuda, flags=(): started.append((mode, cuda, flags)) or "x")
+    monkeypatch.setattr(comfy_vram.runpy, "run_module", lambda module, **kwargs: started.append((module, sys.argv)))
+    comfy_vram.main(["default", "--disable-async-offload", "tools.capture_check", "--tiny", "--disable-async-offload"])
+    assert started == [("default", False, ("--disable-async-offload",)),
+                       ("tools.capture_check", ["tools.capture_check", "--tiny", "--disable-async-offload"])]
+    started.clear()
+    comfy_vram.main(["default", "tools.capture_check"])
+    assert started[0] == ("default", True, ())
+
+
+def test_motion_supervision_captures_are_counted_from_the_dragdiffusion_edit():
+    from tools import capture_check
+
+    def counts(captures):
+        return {"capture": {"gradient": {"captures": captures}}}
+
+    assert capture_check.motion_supervision_captures({"fastdrag": counts(0), "dragdiffusion": counts(6)}) == 6
+    assert capture_check.motion_supervision_captures({"fastdrag": counts(2), "dragdiffusion": counts(2)}) == 0

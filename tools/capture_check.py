@@ -1,7 +1,7 @@
 """Captured UNet passes against plain ones in an in-process ComfyUI: FastDrag and DragDiffusion latents, capture
 counts and refusals, and the free memory ComfyUI sees after an unload.
 
-    python -m tools.comfy_vram default tools.capture_check --json capture.json [--tiny]
+    python -m tools.comfy_vram default tools.capture_check --json capture.json [--tiny] [--expect-captures]
 
 ``scripts/gpu_check.sh`` runs it once per CUDA allocator, each in its own
 process (the allocator is chosen when CUDA starts): ``PYTORCH_CUDA_ALLOC_CONF=
@@ -29,10 +29,18 @@ reserved but inactive, so ComfyUI counts it free while it is not: more than
 :data:`MEMORY_SLACK_MIB` apart fails, except under Dynamic VRAM, whose own
 accounting is reported but not judged.
 
-The JSON: allocator, host VRAM mode, device, per method the difference, the
-seconds of each run and the capture counters (``nodes.comfy_capture.report``
-after it), the memory after the unload, and every distinct ``DragKit`` log
-line (fallbacks and refusals). Exit status 0 when every judged check passed.
+With ``--expect-captures`` (the GPU check's runs of ComfyUI 0.33.0's default
+start and of ``--disable-async-offload``), motion supervision must also have
+captured at least one pass (:func:`motion_supervision_captures`): on a
+default start its MODEL is the fully loaded non-dynamic delegate, whose
+weights no offload stream touches, so a capture count of 0 means the pack
+refused one it could run (the refusal is in the log lines).
+
+The JSON: allocator, host VRAM mode, the host's offload streams, device, per
+method the difference, the seconds of each run and the capture counters
+(``nodes.comfy_capture.report`` after it), the memory after the unload, and
+every distinct ``DragKit`` log line (fallbacks and refusals). Exit status 0
+when every judged check passed.
 """
 
 from __future__ import annotations
@@ -149,7 +157,14 @@ def memory_after_unload(device: torch.device, dynamic: bool) -> dict:
     }
 
 
-def run(tiny: bool) -> dict:
+def motion_supervision_captures(methods: dict) -> int:
+    """Passes with gradients captured during the DragDiffusion edit: its motion supervision's (FastDrag takes none,
+    and the counters run on over both methods)."""
+    before = methods["fastdrag"]["capture"]["gradient"]["captures"]
+    return methods["dragdiffusion"]["capture"]["gradient"]["captures"] - before
+
+
+def run(tiny: bool, expect_captures: bool = False) -> dict:
     use_cuda = torch.cuda.is_available() and not tiny
     if tiny:
         torch.set_num_threads(1)
@@ -158,6 +173,7 @@ def run(tiny: bool) -> dict:
         path = ComfyPath(tiny, use_cuda, "sd15")
         device = path.device
         capture = path.host.pack.nodes.comfy_capture
+        streams = path.host.pack.nodes.host_caps.offload_streams()
         capture.reset()
         edits = Edits(path, tiny)
         methods = {name: compare(name, getattr(edits, name), device, capture.report)
@@ -166,12 +182,14 @@ def run(tiny: bool) -> dict:
         del edits, path
         memory = memory_after_unload(device, dynamic)
     lines = list(dict.fromkeys(line[line.index("DragKit"):].strip() for line in logs.messages() if "DragKit" in line))
+    motion = motion_supervision_captures(methods)
     return {
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "native",
-        "host_vram": os.environ.get(HOST_VRAM), "comfyui": comfyui_version(),
+        "host_vram": os.environ.get(HOST_VRAM), "offload_streams": streams, "comfyui": comfyui_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": tiny,
         "work": WORK[tiny], "methods": methods, "memory_after_unload": memory, "log": lines,
-        "ok": all(m["ok"] for m in methods.values()) and memory["ok"] is not False,
+        "motion_supervision_captures": motion, "expect_captures": expect_captures,
+        "ok": all(m["ok"] for m in methods.values()) and memory["ok"] is not False and (motion > 0 or not expect_captures),
     }
 
 
@@ -179,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny seeded checkpoint on the CPU (a pipeline check)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the report")
+    parser.add_argument("--expect-captures", action="store_true",
+                        help="fail unless motion supervision captured at least one pass (a CUDA run: the CPU's "
+                             "static-buffer path counts no captures)")
     args = parser.parse_args(argv)
-    report = run(args.tiny)
+    report = run(args.tiny, args.expect_captures)
     write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
     for name, result in report["methods"].items():
         print(f"{name}: difference {result['difference']:.2e} (≤ {result['tolerance']:g}), capture {result['capture']}")
     print(f"memory after unload: {report['memory_after_unload']}")
+    print(f"motion supervision: {report['motion_supervision_captures']} passes captured with "
+          f"{report['offload_streams']} offload streams" + (" (expected > 0)" if args.expect_captures else ""))
     return 0 if report["ok"] else 1
 
 

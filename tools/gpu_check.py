@@ -16,7 +16,12 @@ Steps, in this order (:func:`plan`; docs/gpu-check.md says what each reports):
 3. ``capture [default, cudaMallocAsync]`` and ``capture [default, native]``:
    :mod:`tools.capture_check` (captured against plain latents for FastDrag
    and DragDiffusion, capture counts, refusals, free memory after an unload),
-   each allocator in its own process.
+   each allocator in its own process. The first is ComfyUI's default start
+   (its allocator, its offload streams: two on NVIDIA from 0.33 on) and must
+   show motion supervision's passes captured (``--expect-captures``); so must
+   ``capture [default, cudaMallocAsync, --disable-async-offload]``, the same
+   with no offload streams (hosts with that flag, 0.33+). On a CPU
+   (``--tiny``) these three skip: they need CUDA.
 4. ``inpaint``: ``python -m benchmarks.inpaint`` (warp and warp+inpaint
    stages), when that module exists.
 5. steps 2–3 again with ``--disable-dynamic-vram`` (``[no-dynamic-vram]``),
@@ -296,6 +301,9 @@ def capture_key(path: Path) -> str:
     parts = [f"{name} Δ {result['difference']:.1e}" for name, result in report["methods"].items()]
     counts = capture_totals(report)
     parts.append(f"{counts['captures']} captured, {counts['replays']} replays, {counts['rejected']} refused")
+    if "motion_supervision_captures" in report:
+        parts.append(f"motion supervision {report['motion_supervision_captures']} captured with "
+                     f"{report['offload_streams']} offload streams")
     memory = report["memory_after_unload"]
     if "comfy_free_gib" in memory:
         parts.append(f"free after unload: ComfyUI {memory['comfy_free_gib']:.2f} / driver {memory['driver_free_gib']:.2f} GiB")
@@ -487,6 +495,8 @@ class Check:
             steps.append(self.bench_step(mode, why))
             if not self.sdxl:
                 steps += [self.capture_step(mode, allocator, why) for allocator in ALLOCATORS]
+                if mode == "default":
+                    steps.append(self.capture_step(mode, "cudaMallocAsync", why, "--disable-async-offload"))
             if index == 0 and not self.sdxl:
                 steps.append(self.inpaint_step())
         for mode, why in modes:
@@ -505,10 +515,11 @@ class Check:
         return Planned("tests", "tests", self.estimate("tests"), lambda: command,
                        key=lambda step: pytest_key(self.logs / step.log))
 
-    def in_process(self, mode: str, module: str) -> list[str]:
-        """The command that runs ``module`` in ``mode`` (through :mod:`tools.comfy_vram` when there is a host)."""
+    def in_process(self, mode: str, module: str, flag: str | None = None) -> list[str]:
+        """The command that runs ``module`` in ``mode`` (through :mod:`tools.comfy_vram`, with the host start-up
+        ``flag`` if given, when there is a host)."""
         if self.comfyui:
-            return [self.python, "-m", "tools.comfy_vram", mode, module]
+            return [self.python, "-m", "tools.comfy_vram", mode, *([flag] if flag else []), module]
         return [self.python, "-m", module]
 
     def bench_step(self, mode: str, why: str | None) -> Planned:
@@ -532,9 +543,15 @@ class Check:
         return Planned(name, "bench", self.estimate("bench_sdxl" if self.sdxl else "bench"), prepare, env,
                        key=lambda step: bench_key(path), vram=mode)
 
-    def capture_step(self, mode: str, allocator: str, why: str | None) -> Planned:
-        path = self.bulk / f"capture_{mode}_{allocator}.json"
-        command = self.in_process(mode, "tools.capture_check") + ["--json", str(path)] + (["--tiny"] if self.tiny else [])
+    def capture_step(self, mode: str, allocator: str, why: str | None, flag: str | None = None) -> Planned:
+        """The capture check in ``mode`` under ``allocator``, with the host start-up ``flag`` (of
+        :data:`tools.comfy_vram.HOST_FLAGS`) if given. The host's default start (``default`` with ComfyUI's
+        allocator) and any ``flag`` run must show motion supervision's passes captured (``--expect-captures``)."""
+        label = "_".join(filter(None, (mode, allocator, flag and flag.strip("-"))))
+        path = self.bulk / f"capture_{label}.json"
+        expect = mode == "default" and ALLOCATORS[allocator] == ASYNC_ALLOCATOR
+        command = self.in_process(mode, "tools.capture_check", flag) + ["--json", str(path)]
+        command += (["--tiny"] if self.tiny else []) + (["--expect-captures"] if expect else [])
         env = {k: v for k, v in self.env.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
         if ALLOCATORS[allocator]:
             env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATORS[allocator]
@@ -544,13 +561,18 @@ class Check:
                 return why
             if not self.comfyui:
                 return "COMFYUI_PATH is not set (the check runs the pack's nodes in ComfyUI)"
+            if flag and not self.report.host.get("async_offload_flag"):
+                return f"ComfyUI {self.report.host.get('version')} has no {flag}"
+            if expect and not self.cuda:
+                return "no CUDA: captured passes are CUDA graphs, and ComfyUI's allocator and offload streams are CUDA's"
             if ALLOCATORS[allocator] and not self.cuda:
                 return "no CUDA: the allocator setting does not apply"
             path.unlink(missing_ok=True)
             return command
 
-        return Planned(f"capture [{mode}, {allocator}]", "capture", self.estimate("capture"), prepare, env,
-                       key=lambda step: capture_key(path), vram=mode)
+        name = f"capture [{mode}, {allocator}{', ' + flag if flag else ''}]"
+        return Planned(name, "capture", self.estimate("capture"), prepare, env, key=lambda step: capture_key(path),
+                       vram=mode)
 
     def inpaint_step(self) -> Planned:
         """Warp and warp+inpaint stages: ``python -m benchmarks.inpaint`` (written beside this check; its last line

@@ -302,6 +302,9 @@ def test_a_dynamic_vram_patcher_runs_plainly(monkeypatch, pack, tiny_comfy_model
                                    lambda clone: setattr(clone, "is_dynamic", lambda: True))
     pack.nodes.comfy_capture.install(patched, pack.dragkit.attention.AttentionControl())
     assert "model_function_wrapper" not in patched.model_options, "no wrapper on a dynamic patcher"
+    plain = tiny_comfy_models.model.clone()
+    pack.nodes.comfy_capture.install(plain, pack.dragkit.attention.AttentionControl())
+    assert "model_function_wrapper" in plain.model_options, "the same check sees the wrapper on a non-dynamic one"
 
 
 def test_a_foreign_forward_hook_runs_plainly_and_this_packs_hooks_are_keyed(monkeypatch, pack, tiny_comfy_models):

@@ -13,17 +13,35 @@ hands a patcher to the host (the guider, the model manager) and look at which
 patcher that is. Decisions that do not need a dynamic patcher (memory, the
 training flag, the autograd-safe weights) run on both hosts (0.3.64 has no
 Dynamic VRAM, and every patcher is non-dynamic there).
+
+Whether the host has Dynamic VRAM is decided by its version
+(``tools.comfy_vram.DYNAMIC_VRAM_SINCE``): the tests of the dynamic patcher skip below it,
+and a host at or above it without ``ModelPatcherDynamic`` fails them, so a
+host that renamed it cannot pass quietly. ``DRAGKIT_EXPECT_AIMDO`` names the
+comfy-aimdo version these tests must have imported
+(``tests/host/test_aimdo_versions_host.py`` runs them again with 0.5.5).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import pytest
 import torch
 
+from tools.comfy_host import comfyui_version
+from tools.comfy_vram import NO_DYNAMIC_VRAM, version_has_dynamic_vram
+
 pytestmark = pytest.mark.host
+
+
+def host_has_dynamic_vram() -> bool:
+    """Whether the host under test has Dynamic VRAM by its version (``comfyui_version.py``; 0.33 and later)."""
+    version = comfyui_version()
+    assert version, "the host under test has no comfyui_version.py"
+    return version_has_dynamic_vram(version)
 
 POSITIVE = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
 
@@ -49,8 +67,10 @@ def dynamic_model(comfy_inproc, tiny_checkpoint):
     """A ``ModelPatcherDynamic`` of the tiny checkpoint for ``cuda:0``, made by ComfyUI 0.33.0's own loader."""
     import comfy.model_patcher as mp
 
-    if not hasattr(mp, "ModelPatcherDynamic"):
-        pytest.skip("this ComfyUI has no Dynamic VRAM (ModelPatcherDynamic arrived after 0.3.64)")
+    if not host_has_dynamic_vram():
+        pytest.skip(NO_DYNAMIC_VRAM)
+    assert hasattr(mp, "ModelPatcherDynamic"), \
+        f"ComfyUI {comfyui_version()} should have Dynamic VRAM but has no comfy.model_patcher.ModelPatcherDynamic"
     import comfy.sd
     import comfy_aimdo.host_buffer
 
@@ -135,8 +155,9 @@ def test_autograd_is_never_prepared_on_a_dynamic_patcher(comfy_inproc, caps, dyn
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager"])
-def test_captured_passes_are_refused_for_a_dynamic_patcher(comfy_inproc, dynamic_model, monkeypatch, mode):
-    """The host's own ModelPatcherDynamic (not a stand-in): no UNet wrapper is installed, whatever capture mode is asked."""
+def test_captured_passes_are_refused_for_a_dynamic_patcher(comfy_inproc, caps, dynamic_model, monkeypatch, mode):
+    """The host's own ModelPatcherDynamic (not a stand-in): no UNet wrapper is installed, whatever capture mode is asked;
+    its non-dynamic delegate (same load device, same host state) gets one."""
     capture = importlib.import_module(comfy_inproc.module_name + ".nodes.comfy_capture")
     attention = importlib.import_module(comfy_inproc.module_name + ".dragkit.attention")
     monkeypatch.setenv("DRAGKIT_CAPTURE", mode)
@@ -144,6 +165,10 @@ def test_captured_passes_are_refused_for_a_dynamic_patcher(comfy_inproc, dynamic
     assert clone.is_dynamic()
     capture.install(clone, attention.AttentionControl())
     assert "model_function_wrapper" not in clone.model_options
+    delegate = caps.autograd_patcher(dynamic_model).clone()
+    assert not delegate.is_dynamic() and delegate.load_device == clone.load_device
+    capture.install(delegate, attention.AttentionControl())
+    assert "model_function_wrapper" in delegate.model_options, "the same check sees a wrapper when one is installed"
 
 
 def test_ddim_invert_streams_through_the_dynamic_patcher(comfy_inproc, caps, dynamic_model, guider_spy):
@@ -212,13 +237,32 @@ def test_lora_finetune_trains_and_fingerprints_the_non_dynamic_delegate(comfy_in
 # -- a host that changed what the pack relies on ----------------------------------------------------------
 
 
-def test_a_patcher_without_is_dynamic_is_an_error_only_where_the_host_has_dynamic_vram(caps, tiny_comfy_models):
+def test_the_host_has_dynamic_vram_exactly_from_its_first_version(comfy_inproc):
+    """Below 0.33 no ``ModelPatcherDynamic``; from 0.33 on it must be there (a renamed one fails here, not quietly)."""
     import comfy.model_patcher as mp
 
+    assert hasattr(mp, "ModelPatcherDynamic") == host_has_dynamic_vram(), comfyui_version()
+
+
+def test_the_comfy_aimdo_the_tests_imported(comfy_inproc):
+    """The host's pinned comfy-aimdo, or the one ``DRAGKIT_EXPECT_AIMDO`` names (0.5.5, put first on the path)."""
+    if not host_has_dynamic_vram():
+        pytest.skip(NO_DYNAMIC_VRAM)
+    import importlib.metadata
+
+    import comfy_aimdo.control
+
+    from tools.comfy_vram import aimdo_version
+
+    expected = os.environ.get("DRAGKIT_EXPECT_AIMDO") or importlib.metadata.version("comfy-aimdo")
+    assert aimdo_version() == expected, comfy_aimdo.control.__file__
+
+
+def test_a_patcher_without_is_dynamic_is_an_error_only_where_the_host_has_dynamic_vram(caps, tiny_comfy_models):
     class ForeignPatcher:
         load_device = torch.device("cpu")
 
-    if hasattr(mp, "ModelPatcherDynamic"):
+    if host_has_dynamic_vram():
         with pytest.raises(caps.HostCapabilityError, match=r"ModelPatcher.is_dynamic\(\) on ForeignPatcher"):
             caps.is_dynamic(ForeignPatcher())
     else:
@@ -229,9 +273,8 @@ def test_a_patcher_without_is_dynamic_is_an_error_only_where_the_host_has_dynami
 
 def test_renamed_host_switches_fail_loudly(caps, monkeypatch):
     import comfy.model_management as mm
-    import comfy.model_patcher as mp
 
-    if not hasattr(mp, "ModelPatcherDynamic"):
+    if not host_has_dynamic_vram():
         assert not caps.dynamic_vram_enabled() and not caps.host_graphs_enabled()
         return
     memory_management = importlib.import_module("comfy.memory_management")
