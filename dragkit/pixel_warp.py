@@ -97,8 +97,11 @@ _CHUNK_ELEMENTS = 1 << 22
 _FEW_REFERENCES = 16
 """Up to this many references :func:`released_idw` compares every point with every one."""
 
-_TILE = 8
+_TILE = 4
 """Side of the tiles :func:`_tiled_nearest` bins points into, in pixels."""
+
+_NARROW = 8
+"""Tiles with at most this many candidates are searched in a narrower batch of their own (most of them)."""
 
 _MAX_OFFSETS = 1 << 16
 """Largest neighbour disc :func:`grid_idw` searches before it compares the remaining queries with every reference."""
@@ -554,14 +557,46 @@ def released_idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.
         pick = torch.linspace(0, references.shape[0] - 1, RELEASED_REFERENCES, device=references.device).long()
         references, vectors = references.index_select(0, pick), vectors.index_select(0, pick)
     nearest = min(k, references.shape[0])
-    if references.shape[0] <= _FEW_REFERENCES:
+    if references.shape[0] <= nearest:
+        distance, order = _ranked_all(points, references)
+    elif references.shape[0] <= _FEW_REFERENCES:
         distance = torch.hypot(points[:, None, 0] - references[:, 0], points[:, None, 1] - references[:, 1])
         distance, order = torch.topk(distance, nearest, dim=1, largest=False)
     else:
         distance, order = _tiled_nearest(points, references, nearest)
     weights = 1.0 / (distance + IDW_EPS)
     weights = weights / weights.sum(dim=1, keepdim=True)
-    return (weights[..., None] * _take(vectors, order)).sum(dim=1)
+    return _weighted_sum(weights, _take(vectors, order))
+
+
+def _ranked_all(points: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every reference of each point, nearest first, as ``topk`` of all of them ranks them (a few references).
+
+    An odd-even transposition sort, elementwise over the points (``topk``
+    along rows of two to four is slow); points with two references at the
+    same distance are ranked by ``topk`` itself, whose order among equals the
+    summation order then follows.
+
+    Returns:
+        ``(distance, order)``: ``(P, R)`` float32 and int64.
+    """
+    count = references.shape[0]
+    value = [torch.hypot(points[:, 0] - references[j, 0], points[:, 1] - references[j, 1]) for j in range(count)]
+    index = [torch.full_like(value[0], j, dtype=torch.long) for j in range(count)]
+    for step in range(count):
+        for j in range(step % 2, count - 1, 2):
+            swap = value[j + 1] < value[j]
+            value[j], value[j + 1] = torch.where(swap, value[j + 1], value[j]), torch.where(swap, value[j], value[j + 1])
+            index[j], index[j + 1] = torch.where(swap, index[j + 1], index[j]), torch.where(swap, index[j], index[j + 1])
+    distance, order = torch.stack(value, 1), torch.stack(index, 1)
+    tied = torch.nonzero((distance[:, 1:] == distance[:, :-1]).any(1)).flatten()
+    if tied.numel():
+        again = points.index_select(0, tied)
+        full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
+        full_distance, full_order = torch.topk(full, count, dim=1, largest=False)
+        distance.index_copy_(0, tied, full_distance)
+        order.index_copy_(0, tied, full_order)
+    return distance, order
 
 
 def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,30 +625,34 @@ def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tu
     centres = low + (torch.stack([tx.flatten(), ty.flatten()], 1).float() + 0.5) * _TILE - 0.5
     to_centre = torch.hypot(centres[:, None, 0] - references[:, 0], centres[:, None, 1] - references[:, 1])
     reach = torch.topk(to_centre, k, dim=1, largest=False).values[:, -1] + _TILE * math.sqrt(2) + 1
-    near = to_centre <= reach[:, None]
-    width = int(near.sum(1).max())
+    which = tile[:, 1] * columns + tile[:, 0]
+    occupied = torch.bincount(which, minlength=rows * columns) > 0
+    near = (to_centre <= reach[:, None]) & occupied[:, None]
+    counts = near.sum(1)
+    width = int(counts.max())
     candidates = torch.argsort((~near).to(torch.uint8), dim=1, stable=True)[:, :width]
     usable = near.gather(1, candidates)
-    which = tile[:, 1] * columns + tile[:, 0]
-    out_distance, out_order = [], []
-    rows = max(1, _CHUNK_ELEMENTS // width)
-    for chunk, cells in zip(points.split(rows), which.split(rows)):
-        pick = _take(candidates, cells)
-        chosen = _take(references, pick)
-        distance = torch.hypot(chunk[:, None, 0] - chosen[..., 0], chunk[:, None, 1] - chosen[..., 1])
-        distance = torch.where(_take(usable, cells), distance, float("inf"))
-        distance, j = torch.topk(distance, min(k + 1, width), dim=1, largest=False)
-        order = pick.gather(1, j[:, :k])
-        tied = torch.nonzero((distance[:, 1:] == distance[:, :-1]).any(1)).flatten()
-        if tied.numel():  # topk's order among equal distances depends on the whole row: rank those on it
-            again = chunk.index_select(0, tied)
-            full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
-            full_distance, full_order = torch.topk(full, k, dim=1, largest=False)
-            distance[tied, :k] = full_distance
-            order[tied] = full_order
-        out_distance.append(distance[:, :k])
-        out_order.append(order)
-    return torch.cat(out_distance), torch.cat(out_order)
+    reference_x, reference_y = references[:, 0].contiguous(), references[:, 1].contiguous()
+    distance = points.new_empty(points.shape[0], k)
+    order = torch.empty(points.shape[0], k, dtype=torch.long, device=points.device)
+    narrow = _take(counts, which) <= _NARROW
+    for group, columns in ((torch.nonzero(narrow).flatten(), min(width, _NARROW)), (torch.nonzero(~narrow).flatten(), width)):
+        for part in group.split(max(1, _CHUNK_ELEMENTS // columns)):
+            chunk, cells = points.index_select(0, part), _take(which, part)
+            pick = _take(candidates[:, :columns].contiguous(), cells)
+            found = torch.hypot(chunk[:, 0, None] - _take(reference_x, pick), chunk[:, 1, None] - _take(reference_y, pick))
+            found = torch.where(_take(usable[:, :columns].contiguous(), cells), found, float("inf"))
+            found, j = torch.topk(found, min(k + 1, columns), dim=1, largest=False)
+            distance.index_copy_(0, part, found[:, :k].contiguous())
+            order.index_copy_(0, part, pick.gather(1, j[:, :k]))
+            tied = part[(found[:, 1:] == found[:, :-1]).any(1)]
+            if tied.numel():  # topk's order among equal distances depends on the whole row: rank those on it
+                again = points.index_select(0, tied)
+                full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
+                full_distance, full_order = torch.topk(full, k, dim=1, largest=False)
+                distance.index_copy_(0, tied, full_distance)
+                order.index_copy_(0, tied, full_order)
+    return distance, order
 
 
 def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dragkit.pixel_warp import (
     pixel_warp,
     region_labels,
     released_band,
+    released_idw,
 )
 
 DRAG100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "Drag100"
@@ -479,3 +480,28 @@ def test_as_released_stretch_follows_a_hand_written_100_reference_idw():
         checked += 1
     assert int(target.sum()) > 800 and checked > 0.75 * int(target.sum())  # the rest: ties on the reference lattice
     assert int(target.sum()) > int(mask.sum()) * 1.4  # it did stretch
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 100, 400])
+def test_released_idw_ranks_like_topk_over_all_references(count):
+    """The tiled search (many references) and the sorting network (a few) give what ``topk`` over every
+    reference gives, on integer references with many exact ties (their order decides the summation order)."""
+    gen = torch.Generator().manual_seed(count)
+    points = torch.randint(0, 90, (3000, 2), generator=gen).float()
+    references = torch.randint(0, 90, (count, 2), generator=gen).float()
+    if count <= 4:  # placed symmetrically: every point on a bisector ties
+        references = _pts((30, 40), (50, 40), (40, 30), (40, 50))[:count]
+    vectors = torch.randn(count, 2, generator=gen)
+    if count > 100:  # the release subsamples to 100 by raster index first
+        pick = torch.linspace(0, count - 1, 100).long()
+        expected_refs, expected_vectors = references[pick], vectors[pick]
+    else:
+        expected_refs, expected_vectors = references, vectors
+    distance = torch.hypot(points[:, None, 0] - expected_refs[:, 0], points[:, None, 1] - expected_refs[:, 1])
+    nearest, order = torch.topk(distance, min(4, expected_refs.shape[0]), dim=1, largest=False)
+    weights = 1.0 / (nearest + 1e-6)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    expected = (weights[..., None] * expected_vectors[order]).sum(dim=1)
+    sorted_distance = torch.sort(distance, dim=1).values[:, : min(5, count)]
+    assert bool((sorted_distance[:, 1:] == sorted_distance[:, :-1]).any(1).sum() > 30)  # ties are exercised
+    assert torch.equal(released_idw(points, references, vectors), expected)
