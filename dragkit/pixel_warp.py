@@ -589,14 +589,25 @@ def _ranked_all(points: torch.Tensor, references: torch.Tensor) -> tuple[torch.T
             value[j], value[j + 1] = torch.where(swap, value[j + 1], value[j]), torch.where(swap, value[j], value[j + 1])
             index[j], index[j + 1] = torch.where(swap, index[j + 1], index[j]), torch.where(swap, index[j], index[j + 1])
     distance, order = torch.stack(value, 1), torch.stack(index, 1)
-    tied = torch.nonzero((distance[:, 1:] == distance[:, :-1]).any(1)).flatten()
+    _rank_ties_with_topk(points, references, torch.nonzero((distance[:, 1:] == distance[:, :-1]).any(1)).flatten(), distance, order)
+    return distance, order
+
+
+def _rank_ties_with_topk(
+    points: torch.Tensor, references: torch.Tensor, tied: torch.Tensor, distance: torch.Tensor, order: torch.Tensor
+) -> None:
+    """Rows ``tied`` of ``(distance, order)`` (``(P, k)``) replaced by ``topk`` over every reference.
+
+    ``topk``'s order among equal distances depends on the whole row, and that
+    order is the summation order of the weighted vectors: such rows are ranked
+    on the whole row, as the release ranks them.
+    """
     if tied.numel():
         again = points.index_select(0, tied)
         full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
-        full_distance, full_order = torch.topk(full, count, dim=1, largest=False)
+        full_distance, full_order = torch.topk(full, distance.shape[1], dim=1, largest=False)
         distance.index_copy_(0, tied, full_distance)
         order.index_copy_(0, tied, full_order)
-    return distance, order
 
 
 def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -645,13 +656,7 @@ def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tu
             found, j = torch.topk(found, min(k + 1, columns), dim=1, largest=False)
             distance.index_copy_(0, part, found[:, :k].contiguous())
             order.index_copy_(0, part, pick.gather(1, j[:, :k]))
-            tied = part[(found[:, 1:] == found[:, :-1]).any(1)]
-            if tied.numel():  # topk's order among equal distances depends on the whole row: rank those on it
-                again = points.index_select(0, tied)
-                full = torch.hypot(again[:, None, 0] - references[:, 0], again[:, None, 1] - references[:, 1])
-                full_distance, full_order = torch.topk(full, k, dim=1, largest=False)
-                distance.index_copy_(0, tied, full_distance)
-                order.index_copy_(0, tied, full_order)
+            _rank_ties_with_topk(points, references, part[(found[:, 1:] == found[:, :-1]).any(1)], distance, order)
     return distance, order
 
 
