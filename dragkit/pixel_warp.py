@@ -358,10 +358,29 @@ def region_labels(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     if rows.numel() == 0:
         return labels, 0
     box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-    crop = connected_components(fill_holes(mask[box]), connectivity=8)
+    crop = connected_components(mask[box], connectivity=8)
+    index = torch.arange(crop.numel(), device=mask.device)
+    count = int((crop.reshape(-1) == index).sum())
+    if count != euler_number(mask[box]):  # holes: label the filled mask instead
+        crop = connected_components(fill_holes(mask[box]), connectivity=8)
+        count = int((crop.reshape(-1) == index).sum())
     labels[box] = crop
-    roots = crop.reshape(-1) == torch.arange(crop.numel(), device=mask.device)
-    return labels, int(roots.sum())
+    return labels, count
+
+
+def euler_number(mask: torch.Tensor) -> int:
+    """Components minus holes of a ``(H, W)`` bool mask (8-connected set, 4-connected background).
+
+    Counted from its 2 x 2 windows (the mask padded by one unset pixel):
+    ``(Q1 - Q3 - 2 QD) / 4`` with ``Q1``/``Q3`` the windows holding one/three
+    set pixels and ``QD`` those holding two diagonal ones (Gray, 1971).
+    """
+    padded = F.pad(mask, (1, 1, 1, 1), value=False).to(torch.uint8)
+    a, b, c, d = padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]
+    total = a + b + c + d
+    ones, threes = int((total == 1).sum()), int((total == 3).sum())
+    diagonal = int(((total == 2) & (a == d)).sum())
+    return (ones - threes - 2 * diagonal) // 4
 
 
 # ---------------------------------------------------------------- contours and fill

@@ -20,6 +20,7 @@ from dragkit.pixel_warp import (
     contour_edges,
     dilate,
     dilate_disc,
+    euler_number,
     fill_holes,
     fill_polygons,
     grid_idw,
@@ -505,3 +506,15 @@ def test_released_idw_ranks_like_topk_over_all_references(count):
     sorted_distance = torch.sort(distance, dim=1).values[:, : min(5, count)]
     assert bool((sorted_distance[:, 1:] == sorted_distance[:, :-1]).any(1).sum() > 30)  # ties are exercised
     assert torch.equal(released_idw(points, references, vectors), expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_euler_number_counts_components_minus_holes(seed):
+    """Against the flood fills: 8-connected components of the mask minus 4-connected background components
+    that do not reach the border (region_labels skips the hole filling when they agree)."""
+    mask = torch.rand(21, 27, generator=torch.Generator().manual_seed(seed)) < (0.3 + 0.08 * seed)
+    components = int(torch.unique(_components_reference(mask, 8)[mask]).numel())
+    background = _components_reference(torch.nn.functional.pad(~mask, (1, 1, 1, 1), value=True), 4)
+    holes = int(torch.unique(background[background >= 0]).numel()) - 1
+    assert euler_number(mask) == components - holes
+    assert holes > 0 or seed < 2  # the denser masks have holes
