@@ -101,6 +101,17 @@ def check_conditioning_fits(model, conditioning: list, name: str = "positive") -
             )
 
 
+def cfg_guider(patcher, conditioning: ComfyConditioning):
+    """A ``CFGGuider`` on ``patcher`` with the prompts: CFG when a negative prompt and a scale other than 1 are given."""
+    guider = comfy.samplers.CFGGuider(patcher)
+    if conditioning.negative is not None and conditioning.cfg != 1.0:
+        guider.set_conds(conditioning.positive, conditioning.negative)
+        guider.set_cfg(conditioning.cfg)
+    else:
+        guider.inner_set_conds({"positive": conditioning.positive})
+    return guider
+
+
 class ComfyBackend:
     """:class:`~dragkit.backend.DiffusionBackend` over a ComfyUI ``ModelPatcher``."""
 
@@ -268,12 +279,7 @@ class ComfyBackend:
 
     def _guided_run(self, patcher, conditioning: ComfyConditioning, sample, z_start: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
         """Run ``sample`` as a KSAMPLER function under a CFGGuider on ``patcher``; VP latent in and out."""
-        guider = comfy.samplers.CFGGuider(patcher)
-        if conditioning.negative is not None and conditioning.cfg != 1.0:
-            guider.set_conds(conditioning.positive, conditioning.negative)
-            guider.set_cfg(conditioning.cfg)
-        else:
-            guider.inner_set_conds({"positive": conditioning.positive})
+        guider = cfg_guider(patcher, conditioning)
         sigmas = torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)
         scaled_in = self.model.model.process_latent_out(z_start.to(torch.float32))
         sampler = comfy.samplers.KSAMPLER(sample)
@@ -436,12 +442,7 @@ class ComfyFlowBackend:
             with kv_hooks(self.network, self._layers, control):
                 return loop(velocity, x.to(torch.float32))
 
-        guider = comfy.samplers.CFGGuider(patcher)
-        if conditioning.negative is not None and conditioning.cfg != 1.0:
-            guider.set_conds(conditioning.positive, conditioning.negative)
-            guider.set_cfg(conditioning.cfg)
-        else:
-            guider.inner_set_conds({"positive": conditioning.positive})
+        guider = cfg_guider(patcher, conditioning)
         sigmas = torch.tensor(list(times), dtype=torch.float32)
         scaled_in = self.latent_out(x_start)
         out = guider.sample(torch.zeros_like(scaled_in), scaled_in, comfy.samplers.KSAMPLER(sample), sigmas, disable_pbar=True, seed=0)

@@ -14,6 +14,22 @@ from .latent_io import clean_latent, require_step
 from .model_family import require_unet
 
 
+def check_inputs(model, latent, schedule, positive, negative, cfg):
+    """The noisy latent's step, after checking it and the prompts against the cache's ``schedule`` and ``model``."""
+    step = require_step(latent)
+    if step.num_steps != schedule.num_steps:
+        raise DragInputError(
+            f"the latent is on a {step.num_steps}-step schedule but the attention cache on a "
+            f"{schedule.num_steps}-step one; use the cache of the same DDIM Invert"
+        )
+    if cfg != 1.0 and negative is None:
+        raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
+    check_conditioning(positive, model)
+    if negative is not None and cfg != 1.0:
+        check_conditioning(negative, model, "negative")
+    return step
+
+
 class KVInjectedSample:
     DESCRIPTION = (
         "Denoises a noisy latent from its step to a clean latent with deterministic DDIM, replacing the keys and "
@@ -57,18 +73,8 @@ class KVInjectedSample:
             if isinstance(attn_cache, FlowCache):
                 raise DragInputError("this attention cache was recorded on a FLUX model; invert with this UNet MODEL in DDIM Invert")
             require_cache(attn_cache)
-            step = require_step(latent)
+            step = check_inputs(model, latent, attn_cache.schedule, positive, negative, cfg)
             schedule = attn_cache.schedule
-            if step.num_steps != schedule.num_steps:
-                raise DragInputError(
-                    f"the latent is on a {step.num_steps}-step schedule but the attention cache on a "
-                    f"{schedule.num_steps}-step one; use the cache of the same DDIM Invert"
-                )
-            if cfg != 1.0 and negative is None:
-                raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
-            check_conditioning(positive, model)
-            if negative is not None and cfg != 1.0:
-                check_conditioning(negative, model, "negative")
             backend = ComfyBackend(model)
             layers = select_layers(backend.self_attention_layers(), inject_layers)
             timesteps = schedule.denoising_timesteps(step.step_index)
@@ -100,18 +106,8 @@ def sample_flux(model, latent, attn_cache, positive, kv_source, inject_layers, i
                 "kv_source 'reference branch' (mutual self-attention) is for UNets; on FLUX choose 'inversion cache' "
                 "(DragFlow's injection)"
             )
-        step = require_step(latent)
         schedule = attn_cache.schedule
-        if step.num_steps != schedule.num_steps:
-            raise DragInputError(
-                f"the latent is on a {step.num_steps}-step schedule but the attention cache on a "
-                f"{schedule.num_steps}-step one; use the cache of the same DDIM Invert"
-            )
-        if cfg != 1.0 and negative is None:
-            raise DragInputError(f"cfg is {cfg} but no negative conditioning is connected")
-        check_conditioning(positive, model)
-        if negative is not None and cfg != 1.0:
-            check_conditioning(negative, model, "negative")
+        step = check_inputs(model, latent, schedule, positive, negative, cfg)
         check_flux_latent(model, latent["samples"], "the latent")
         backend = ComfyFlowBackend(model)
         layers = select_flux_layers(backend.kv_layers(), inject_layers)
