@@ -196,13 +196,14 @@ def pixel_warp(
     for region_id in sorted(region_ids, reverse=True):  # OpenCV's contour order: the upper region is pasted last
         region = labels == region_id
         chosen = handle_labels == region_id
-        canvas, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours, margin)
+        box, top, left, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours, margin)
         sources |= region
         if queries.shape[0] == 0:
             continue
         landed.view(-1).index_fill_(0, queries[:, 1] * width + queries[:, 0], True)
         if kernel:
-            edges |= _boundary(canvas)
+            rows, cols = box.shape
+            edges[top + margin : top + margin + rows, left + margin : left + margin + cols] |= _boundary(box)
         valid = (
             (source_xy[:, 0] >= 0) & (source_xy[:, 0] < width) & (source_xy[:, 1] >= 0) & (source_xy[:, 1] < height)
         )
@@ -213,8 +214,9 @@ def pixel_warp(
     warped = image.reshape(batch, flat, channels).index_select(1, index).reshape(image.shape)
     uncovered = sources & ~landed
     if kernel:
-        band_mask = dilate_disc(edges, reach)[margin : margin + height, margin : margin + width]
-        uncovered = dilate(uncovered, kernel) | band_mask
+        band_mask = _dilated_in_box(edges, reach, functools.partial(dilate_disc, radius=reach))
+        uncovered = _dilated_in_box(uncovered, kernel // 2, functools.partial(dilate, kernel=kernel))
+        uncovered |= band_mask[margin : margin + height, margin : margin + width]
     inpaint = uncovered | no_source.reshape(height, width)
     return PixelWarp(
         image=warped,
@@ -229,26 +231,28 @@ def pixel_warp(
 
 def _move_region(
     region: torch.Tensor, handles: torch.Tensor, drags: torch.Tensor, neighbours: str, margin: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor]:
     """Forward and backward map of one region.
 
     Args:
         region: ``(H, W)`` bool, one region.
         handles, drags: ``(n, 2)`` float32 pixel ``(x, y)`` handles of the region and ``t - h``.
         neighbours: see :func:`pixel_warp`.
-        margin: pixels the returned canvas extends past each image side.
+        margin: how far past each image side the target is filled, in pixels.
 
     Returns:
-        ``(canvas, queries, sources)``: the ``(H + 2m, W + 2m)`` bool target
-        region on the canvas (image pixel ``(x, y)`` at ``[y + m, x + m]``;
-        the target's own edge, not the image border, bounds it within ``m``
-        of the image), the target pixels inside the image ``(Q, 2)`` int64
-        ``(x, y)`` in raster order, and each one's source pixel ``(Q, 2)``
-        int64 (possibly outside the image).
+        ``(box, top, left, queries, sources)``: the target region in the
+        box of rows ``top..`` and columns ``left..`` of the image grown by
+        ``margin`` (``(h, w)`` bool; the target's own edge, not the image
+        border, bounds it within ``margin`` of the image), the target pixels
+        inside the image ``(Q, 2)`` int64 ``(x, y)`` in raster order, and each
+        one's source pixel ``(Q, 2)`` int64 (possibly outside the image).
     """
     height, width = region.shape
     pixels = _xy(region)
-    corners, chain = contour_edges(region)
+    low, high = pixels.min(0).values, pixels.max(0).values
+    corners, chain = contour_edges(region[int(low[1]) : int(high[1]) + 1, int(low[0]) : int(high[0]) + 1])
+    corners = corners + low.float()
     if neighbours == "exact":
         displacement, handle_distance = _idw(pixels.float(), handles, drags, NEAREST)
         moved = torch.round(pixels.float() + displacement).long()
@@ -256,17 +260,28 @@ def _move_region(
     else:
         moved = torch.round(pixels.float() + released_idw(pixels.float(), handles, drags)).long()
         moved_corners = corners + released_idw(corners, handles, drags)
-    moved_corners = torch.round(moved_corners + 0.5) - 0.5 + margin
-    start, end = _take(moved_corners, chain[:, 0]), _take(moved_corners, chain[:, 1])
-    canvas = fill_polygons(start, end, height + 2 * margin, width + 2 * margin)
-    queries = _xy(canvas[margin : margin + height, margin : margin + width])
+    moved_corners = torch.round(moved_corners + 0.5) - 0.5
+    (left, top), (right, bottom) = (moved_corners.min(0).values + 0.5).long().tolist(), (moved_corners.max(0).values + 0.5).long().tolist()
+    top, left = max(top, -margin), max(left, -margin)
+    bottom, right = min(bottom, height + margin), min(right, width + margin)
+    empty = pixels.new_zeros(0, 2)
+    if bottom <= top or right <= left:
+        return torch.zeros(0, 0, dtype=torch.bool, device=region.device), top, left, empty, empty
+    shift = moved_corners.new_tensor([left, top])
+    start, end = _take(moved_corners, chain[:, 0]) - shift, _take(moved_corners, chain[:, 1]) - shift
+    box = fill_polygons(start, end, bottom - top, right - left)
+    row, col = max(top, 0), max(left, 0)
+    inside = box[row - top : min(bottom, height) - top, col - left : min(right, width) - left]
+    queries = _xy(inside) + pixels.new_tensor([col, row]) if inside.numel() else empty
     back = pixels - moved
-    if neighbours == "exact":
+    if queries.shape[0] == 0:
+        source = empty
+    elif neighbours == "exact":
         kept = first_per_pixel(moved, handle_distance)
         source = torch.round(queries.float() + grid_idw(queries, _take(moved, kept), _take(back, kept))).long()
     else:
         source = torch.round(queries.float() + released_idw(queries.float(), moved.float(), back.float())).long()
-    return canvas, queries, source
+    return box, top, left, queries, source
 
 
 # ---------------------------------------------------------------- regions
@@ -489,6 +504,19 @@ def dilate_disc(mask: torch.Tensor, radius: int) -> torch.Tensor:
         run = grown[math.isqrt(radius * radius - dy * dy)]
         out[dy:].logical_or_(run[: height - dy])
         out[: height - dy].logical_or_(run[dy:])
+    return out
+
+
+def _dilated_in_box(mask: torch.Tensor, reach: int, dilation) -> torch.Tensor:
+    """``dilation(mask)`` for a dilation reaching ``reach`` pixels, computed inside the set pixels' box grown by ``reach``."""
+    rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    if rows.numel() == 0:
+        return mask
+    height, width = mask.shape
+    top, left = max(int(rows[0]) - reach, 0), max(int(cols[0]) - reach, 0)
+    bottom, right = min(int(rows[-1]) + reach + 1, height), min(int(cols[-1]) + reach + 1, width)
+    out = torch.zeros_like(mask)
+    out[top:bottom, left:right] = dilation(mask[top:bottom, left:right])
     return out
 
 
