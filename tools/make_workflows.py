@@ -532,7 +532,7 @@ def drag_to_video_wanmove(info: dict) -> dict:
                     "latent_image": Out(video, 2)}, height=300)
     decode = g.add("VAEDecode", 5, 0, inputs={"samples": Out(sample, 0), "vae": Out(vae, 0)})
     g.add("SaveAnimatedWEBP", 6, 0, {"filename_prefix": "dragkit_wanmove", "fps": 16.0, "lossless": False,
-                                      "quality": 90}, {"images": Out(decode, 0)}, title="Save the video", height=360)
+                                      "quality": 90, "method": "default"}, {"images": Out(decode, 0)}, title="Save the video", height=360)
     last = g.add("ImageFromBatch", 5, 3, {"batch_index": -1, "length": 1}, {"image": Out(decode, 0)},
                  title="Last frame")
     g.add("SaveImage", 6, 3, {"filename_prefix": "dragkit_wanmove_last_frame"}, {"images": Out(last, 0)},

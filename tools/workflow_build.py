@@ -75,6 +75,8 @@ class WorkflowBuilder:
                     self.links.append([link_id, source.node, source.slot, node_id, len(sockets), socket["type"]])
                     self._node(source.node)["outputs"][source.slot]["links"].append(link_id)
                     socket["link"] = link_id
+                    if name in widget_inputs:  # a widget fed by a link: the frontend keeps its widget behind it
+                        socket["widget"] = {"name": name}
                 sockets.append(socket)
         if inputs:
             raise KeyError(f"{kind} has no inputs {sorted(inputs)}")

@@ -48,7 +48,7 @@ from PIL import Image
 
 from tools.comfy_host import PACK_FOLDER_NAME, repo_root
 from tools.make_workflows import missing_on_host
-from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints
+from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints, tiny_clip_l_path
 from tools.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 
 from .browser import Browser, chromium, comfyui_page
@@ -180,6 +180,9 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
             _replace_dual_clip_loader(chrome, build().name)
         else:
             _set_widget(chrome, loader, widget, build().name)
+    _set_widget(chrome, "CLIPLoader", "clip_name", tiny_clip_l_path().name)  # Wan's UMT5: no tiny one (tiny_wan)
+    _set_widget(chrome, "CLIPLoader", "type", TINY_CLIP_TYPE)
+    _remove_nodes(chrome, "CLIPVisionLoader", "CLIPVisionEncode")  # CLIP vision: no tiny one (tools/tiny_wan.py)
     _set_widget(chrome, "KSampler", "steps", 1)
     _set_widget(chrome, "ControlNetLoader", "control_net_name", tiny_controlnet.name)
     _set_widget(chrome, "UpscaleModelLoader", "model_name", tiny_upscaler.name)
@@ -226,6 +229,15 @@ def _replace_dual_clip_loader(chrome: Browser, clip_name: str) -> None:
             }}
             app.graph.remove(old);
         }}
+        app.canvas.setDirty(true, true);
+        return true;
+    }})()""")
+
+
+def _remove_nodes(chrome: Browser, *node_types: str) -> None:
+    """Remove every node of these types from the graph (with its links), as a user would."""
+    chrome.js(f"""(() => {{
+        for (const n of app.graph.nodes.filter(n => {json.dumps(list(node_types))}.includes(n.type))) app.graph.remove(n);
         app.canvas.setDirty(true, true);
         return true;
     }})()""")
