@@ -1,4 +1,5 @@
-"""Benchmark of FastDrag's warp + BNNI (``dragkit.fastdrag.fastdrag_edit``, mode "drag").
+"""Benchmarks of the warps: FastDrag's warp + BNNI (``dragkit.fastdrag.fastdrag_edit``, mode "drag") and,
+with ``--pixel``, Inpaint4Drag's pixel warp (``dragkit.pixel_warp.pixel_warp``).
 
 Cases: a 1x4x64x96 latent with a blob mask over about 30% of the cells and 1, 5 and 20 pairs, and a
 1x4x64x64 latent with 1 pair; fills "bnni" and "bnni_as_released"; on the CPU and, when there is one,
@@ -9,6 +10,14 @@ of the released code's loops) for the speed-up ratio and a check that both give 
     python -m benchmarks.warp [--json PATH] [--repeats N] [--loop-repeats N] [--threads N] [--no-loops]
 
 :func:`run_benchmark` returns the same results as a dict.
+
+Pixel warp (``--pixel``): a blob mask over about 30% of a square image of 512, 1024 and 2048 pixels
+a side, 3 pairs on whole pixels, band 5, both ``neighbours`` options; medians of ``--repeats`` runs
+after one warm-up. ``--released DIR`` (a checkout of Visual-AI/Inpaint4Drag, with OpenCV importable;
+nothing of it is in this repository) times its ``utils/drag.py::bi_warp`` on the same mask and points,
+each run interleaved with ours, and prints the ratios:
+
+    python -m benchmarks.warp --pixel --threads 1 [--released DIR] [--sizes 512 1024 2048]
 """
 
 from __future__ import annotations
@@ -25,6 +34,10 @@ import torch
 
 from benchmarks.reference_loops import fastdrag_loops
 from dragkit.fastdrag import fastdrag_edit, latent_warp
+from dragkit.pixel_warp import NEIGHBOURS, pixel_warp
+
+PIXEL_SIZES = (512, 1024, 2048)
+"""Sides of the square images of the pixel-warp benchmark."""
 
 CASES = ((64, 96, 1), (64, 96, 5), (64, 96, 20), (64, 64, 1))
 """(latent height, latent width, pairs)."""
@@ -130,6 +143,66 @@ def run_benchmark(repeats: int = 30, loop_repeats: int = 3, loops: bool = True, 
     return {"environment": environment(), "rows": rows}
 
 
+def pixel_case(side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(image (1, side, side, 3) uint8, mask (side, side) bool, handles, targets (3, 2))`` on whole pixels."""
+    mask = blob_mask(side, side)
+    handles, targets = drag_points(mask, 3)
+    handles = torch.floor(handles)  # the masked pixel drag_points picked (its offsets are below one pixel)
+    targets = torch.round(handles + (targets - handles) * side / 64).clamp(0, side - 1)
+    image = torch.randint(0, 256, (1, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(side))
+    return image, mask, handles, targets
+
+
+def run_pixel_benchmark(repeats: int = 7, released: str | None = None, sizes=PIXEL_SIZES, threads: int | None = None) -> dict:
+    """Median times of :func:`pixel_warp` (both ``neighbours``) and, given ``released``, of the released ``bi_warp``.
+
+    Returns ``{"environment": ..., "rows": [{"size", "region_px", "neighbours" or "released", "median_ms", ...}]}``;
+    every run of every variant is interleaved, so load from other processes hits them alike.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    bi_warp = None
+    if released:
+        import sys
+
+        import numpy as np
+
+        sys.path.insert(0, released)
+        from utils.drag import bi_warp  # the released code, from the checkout given
+
+    rows = []
+    for side in sizes:
+        image, mask, handles, targets = pixel_case(side)
+        runs = {name: partial(pixel_warp, image, mask, handles, targets, neighbours=name) for name in NEIGHBOURS}
+        if bi_warp is not None:
+            alternating = torch.stack([handles, targets], 1).reshape(-1, 2).numpy().astype(np.float32)
+            runs["released bi_warp"] = partial(bi_warp, mask.numpy().astype(np.uint8), alternating, 5)
+        times = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()  # warm-up
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        for name, values in times.items():
+            rows.append({"size": f"{side}x{side}", "region_px": int(mask.sum()), "variant": name,
+                         "median_ms": statistics.median(values), "repeats": repeats})
+    return {"environment": environment(), "rows": rows}
+
+
+def format_pixel_table(result: dict) -> str:
+    """The pixel-warp rows as a table, with each variant's speed relative to the released code when timed."""
+    lines = [f"{'size':>9} {'region px':>9} {'variant':>17} {'median ms':>10} {'vs released':>11}"]
+    released = {row["size"]: row["median_ms"] for row in result["rows"] if row["variant"] == "released bi_warp"}
+    for row in result["rows"]:
+        ratio = f"{released[row['size']] / row['median_ms']:.2f}x" if row["size"] in released else "-"
+        lines.append(f"{row['size']:>9} {row['region_px']:>9} {row['variant']:>17} {row['median_ms']:>10.1f} {ratio:>11}")
+    env = result["environment"]
+    lines.append(f"torch {env['torch']}, {env['threads']} CPU threads, {env['cpu']}")
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     """Versions, threads and devices the numbers were taken with."""
     info = {
@@ -170,9 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop-repeats", type=int, default=3, help="timed runs of the per-cell loops (default 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-loops", action="store_true", help="skip the per-cell loops baseline")
+    parser.add_argument("--pixel", action="store_true", help="benchmark the pixel warp instead (Drag Warp (pixels))")
+    parser.add_argument("--released", metavar="DIR", help="with --pixel: a checkout of Visual-AI/Inpaint4Drag to time beside ours")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(PIXEL_SIZES), help="with --pixel: image sides")
     args = parser.parse_args(argv)
-    result = run_benchmark(args.repeats, args.loop_repeats, not args.no_loops, args.threads)
-    print(format_table(result))
+    if args.pixel:
+        result = run_pixel_benchmark(min(args.repeats, 7) if args.repeats == 30 else args.repeats, args.released,
+                                     args.sizes, args.threads)
+        print(format_pixel_table(result))
+    else:
+        result = run_benchmark(args.repeats, args.loop_repeats, not args.no_loops, args.threads)
+        print(format_table(result))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
