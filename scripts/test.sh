@@ -103,6 +103,12 @@ parallel=()
 for arg in ${args[@]+"${args[@]}"}; do
     case "$arg" in -n|-n[0-9]*|--numprocesses*) parallel=(); workers="(as given)" ;; esac   # the caller's -n wins
 done
+if [ "${#parallel[@]}" -gt 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    # The cores shared out among the workers (and the servers and benchmarks they start): torch's default of one
+    # thread per core in each process oversubscribes them, and its spinning threads then slow every test down.
+    OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+    export OMP_NUM_THREADS
+fi
 echo "[tests] pytest on $workers worker(s) (DRAGKIT_TEST_WORKERS): one line per test as it ends; the first host"
 echo "[tests] test builds the tiny test checkpoints into ${DRAGKIT_TEST_CACHE:-~/.cache/dragkit-tests} (about 7 GB, 2 min, once)"
 status=0
