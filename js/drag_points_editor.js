@@ -11,7 +11,7 @@
 // Layers (docs/editor.md): editor_model.js (state, no DOM) <- editor.js (one node's editor:
 // history, image, result, live preview) <- editor_view.js (toolbar + <canvas>) <- this module.
 //
-// Frontends: tested with ComfyUI frontend 1.27, 1.49 and 1.58, in the classic LiteGraph canvas and
+// Frontends: tested with ComfyUI frontend 1.27, 1.49, 1.52 and 1.58, in the classic LiteGraph canvas and
 // in Nodes 2.0 (Vue nodes; there onDrawForeground/onDrawBackground and onMouseDown of a node do not
 // run). So the editor is one DOM widget (addDOMWidget with the view's element, which both
 // renderers mount), the image source is polled by a timer instead of a canvas draw callback, and
@@ -19,7 +19,10 @@
 // - a combo with no choices has the value undefined in 1.58, which its prompt drops (the node
 //   then fails validation): the file widget is given "" instead;
 // - Nodes 2.0 draws an output preview of image_upload nodes: node.hideOutputImages turns it off
-//   (the classic canvas draws it in onDrawBackground, replaced by a no-op).
+//   (the classic canvas draws it in onDrawBackground, replaced by a no-op);
+// - 1.49+ mark an upload combo whose value is not among its files as missing media: while an IMAGE is
+//   connected the file combo holds "" (they skip empty values), the user's file is given back after;
+// - Nodes 2.0 on 1.52 draws a widget unless options.hidden: hidden widgets set it with `hidden`.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";

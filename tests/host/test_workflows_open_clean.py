@@ -211,9 +211,11 @@ def _pack_marks(found: dict, pack_titles: list[str]) -> list:
 
 @pytest.fixture(scope="module")
 def pack_titles(comfy_server) -> list[str]:
-    """Display names of the pack's nodes (what a banner would name)."""
+    """What a banner may call a pack node: its display name, its class and the class in words (1.49.6's
+    "Media input missing" named the editor "Drag Kit Points Editor")."""
     info = comfy_server.object_info()
-    return [info[c]["display_name"] for c in info if c.startswith(PACK_PREFIX)]
+    classes = [c for c in info if c.startswith(PACK_PREFIX)]
+    return [info[c]["display_name"] for c in classes] + classes + [re.sub(r"(?<!^)(?=[A-Z])", " ", c) for c in classes]
 
 
 def _editor_ids(chrome: Browser) -> list[int]:
