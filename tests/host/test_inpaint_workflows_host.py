@@ -160,11 +160,18 @@ def test_warp_inpaint_workflows_use_only_native_nodes_after_the_warp(comfy_serve
 
 
 def test_runner_runs_the_flux_fill_workflow_on_the_tiny_stand_ins(tmp_path, comfyui, capsys):
-    """No model given: the runner links the tiny FLUX Fill, VAE and CLIP-L and swaps DualCLIPLoader for CLIPLoader."""
+    """No model given: the runner links the tiny FLUX Fill, VAE and CLIP-L and swaps DualCLIPLoader for CLIPLoader.
+
+    The edit is a pure shift by the drag (8, 2) of a textured square: every moved pixel outside the inpaint mask
+    (Drag Warp (pixels)'s, computed here by the engine on the same input) is the source pixel shifted by the drag,
+    and every pixel outside the mask and the moved region is the input's.
+    """
+    from dragkit.pixel_warp import pixel_warp
     from tools.run_workflow import main
 
+    rng = np.random.default_rng(5)
     image = np.zeros((64, 64, 3), dtype=np.uint8)
-    image[16:40, 16:40] = (200, 40, 40)
+    image[16:40, 16:40] = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "image.png")
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:40, 16:40] = 255
@@ -177,5 +184,16 @@ def test_runner_runs_the_flux_fill_workflow_on_the_tiny_stand_ins(tmp_path, comf
     [edited] = [p for p in (tmp_path / "out").glob("dragkit_warp_inpaint_flux*.png")]
     result = np.asarray(Image.open(edited).convert("RGB"))
     assert result.shape == (64, 64, 3)
-    assert np.array_equal(result[:8], image[:8])  # far from the region, its move and the band: untouched
+    warp = pixel_warp(torch.from_numpy(image)[None], torch.from_numpy(mask > 0),
+                      torch.tensor([[28.0, 28.0]]), torch.tensor([[36.0, 30.0]]))
+    inpaint, target = warp.inpaint_mask.numpy(), warp.target_mask.numpy()
+    assert target.sum() == 24 * 24 and target[18:42, 24:48].all()  # the square moved by (8, 2)
+    kept = target & ~inpaint
+    assert kept.sum() > 200  # the moved square's inside, past the band
+    shifted = np.zeros_like(image)
+    shifted[18:42, 24:48] = image[16:40, 16:40]
+    assert np.array_equal(result[kept], shifted[kept])
+    assert not np.array_equal(result[kept], image[kept])  # it did move
+    rest = ~inpaint & ~target
+    assert np.array_equal(result[rest], image[rest])
     assert "tiny seeded TEST checkpoint" in capsys.readouterr().err
