@@ -262,14 +262,21 @@ function setWidgetHidden(w, hide) {
 /**
  * While an IMAGE is connected the file is not used, and the combo holds "": the frontends' missing-media
  * check (1.49+) reads an upload combo's non-empty value that is not among its files as a missing file, and
- * skips an empty one. The file comes back when the IMAGE is disconnected. Returns whether anything changed.
+ * skips an empty one. The file comes back when the IMAGE is disconnected. A combo that cannot be empty
+ * (1.27 gives its first choice instead; it has no missing-media check) keeps its file. Returns whether
+ * anything changed.
  */
 function holdFileValue(node, hide) {
   const w = widget(node, FILE_WIDGET);
   if (!w) return false;
   if (hide && w.value) {
-    w.dragkitHeldFile = w.value;
+    const file = w.value;
     w.value = "";
+    if (w.value !== "") {
+      w.value = file;
+      return false;
+    }
+    w.dragkitHeldFile = file;
     return true;
   }
   if (!hide && !w.value && w.dragkitHeldFile) {
