@@ -447,7 +447,7 @@ SAM3_EDITOR_STEP = """
 3. Drag Points Editor (it shows the photo): click a handle ON the object to move (red), then its target (blue);
    repeat for more pairs. The handles are SAM3's clicks: SAM3 segments the object under them. Painting is
    optional (Combine SAM3 Mask: union adds it to SAM3's mask, refine trims SAM3's mask to it).
-4. Queue. Then move a point and queue again: SAM3 re-runs only when a handle moved."""
+4. Queue. Then move a point and queue again: SAM3, the warp and the inpainting re-run."""
 
 SAM3_NEEDS = ("Needs ComfyUI 0.33.0 or newer (SAM3 Detect; older versions show it as a missing node) and SAM3\n"
               "(ComfyUI builds a 507 M-parameter image model, plus its text encoder; it works on a 1008x1008 copy of\n"
@@ -486,7 +486,7 @@ WAN_NOTE = """START HERE: 1. Load Diffusion Model: pick Wan-Move ({unet}, in mod
 3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more pairs.
    Paint the region that moves (Brush or "Mask handles"): static tracks hold everything outside it still.
 4. Write what happens in the prompt, and queue.
-Needs ComfyUI 0.33.0 or newer (Wan-Move nodes; older versions show them as missing nodes), and a large GPU: the
+Needs: ComfyUI 0.33.0 or newer (Wan-Move nodes; older versions show them as missing nodes), and a large GPU: the
 14B model in fp8 is about 15 GB, UMT5-XXL in fp8 about 6.7 GB; 81 frames at 832x480, 20 steps (ComfyUI offloads
 what does not fit). Not measured here yet; do not use a CPU.
 
