@@ -193,11 +193,15 @@ def pixel_warp(
     margin = reach + 1 if kernel else 0
     edges = torch.zeros(height + 2 * margin, width + 2 * margin, dtype=torch.bool, device=device)
     drags = targets - handles
+    rows, cols = torch.nonzero((labels >= 0).any(1)).flatten(), torch.nonzero((labels >= 0).any(0)).flatten()
+    area = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))  # every region's box
     for region_id in sorted(region_ids, reverse=True):  # OpenCV's contour order: the upper region is pasted last
-        region = labels == region_id
+        region = labels[area] == region_id
         chosen = handle_labels == region_id
-        box, top, left, queries, source_xy = _move_region(region, handles[chosen], drags[chosen], neighbours, margin)
-        sources |= region
+        box, top, left, queries, source_xy = _move_region(
+            region, (area[1].start, area[0].start), (height, width), handles[chosen], drags[chosen], neighbours, margin
+        )
+        sources[area] |= region
         if queries.shape[0] == 0:
             continue
         landed.view(-1).index_fill_(0, queries[:, 1] * width + queries[:, 0], True)
@@ -208,7 +212,10 @@ def pixel_warp(
             (source_xy[:, 0] >= 0) & (source_xy[:, 0] < width) & (source_xy[:, 1] >= 0) & (source_xy[:, 1] < height)
         )
         query_flat = queries[:, 1] * width + queries[:, 0]
-        index.index_copy_(0, query_flat[valid], source_xy[valid, 1] * width + source_xy[valid, 0])
+        if bool(valid.all()):
+            index.index_copy_(0, query_flat, source_xy[:, 1] * width + source_xy[:, 0])
+        else:
+            index.index_copy_(0, query_flat[valid], source_xy[valid, 1] * width + source_xy[valid, 0])
         no_source.index_copy_(0, query_flat, ~valid)
 
     warped = image.reshape(batch, flat, channels).index_select(1, index).reshape(image.shape)
@@ -230,12 +237,19 @@ def pixel_warp(
 
 
 def _move_region(
-    region: torch.Tensor, handles: torch.Tensor, drags: torch.Tensor, neighbours: str, margin: int
+    region: torch.Tensor,
+    origin: tuple[int, int],
+    size: tuple[int, int],
+    handles: torch.Tensor,
+    drags: torch.Tensor,
+    neighbours: str,
+    margin: int,
 ) -> tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor]:
     """Forward and backward map of one region.
 
     Args:
-        region: ``(H, W)`` bool, one region.
+        region: ``(h, w)`` bool, one region, in a part of the image whose top-left pixel is ``origin``
+            ``(x, y)``; the image is ``size`` ``(H, W)``.
         handles, drags: ``(n, 2)`` float32 pixel ``(x, y)`` handles of the region and ``t - h``.
         neighbours: see :func:`pixel_warp`.
         margin: how far past each image side the target is filled, in pixels.
@@ -248,11 +262,13 @@ def _move_region(
         inside the image ``(Q, 2)`` int64 ``(x, y)`` in raster order, and each
         one's source pixel ``(Q, 2)`` int64 (possibly outside the image).
     """
-    height, width = region.shape
-    pixels = _xy(region)
-    low, high = pixels.min(0).values, pixels.max(0).values
+    height, width = size
+    local = _xy(region)
+    low, high = local.min(0).values, local.max(0).values
     corners, chain = contour_edges(region[int(low[1]) : int(high[1]) + 1, int(low[0]) : int(high[0]) + 1])
-    corners = corners + low.float()
+    offset = local.new_tensor(origin)
+    pixels = local + offset
+    corners = corners + (low + offset).float()
     if neighbours == "exact":
         displacement, handle_distance = _idw(pixels.float(), handles, drags, NEAREST)
         moved = torch.round(pixels.float() + displacement).long()
