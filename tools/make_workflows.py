@@ -548,7 +548,7 @@ FLUX_DEV = "flux1-dev.safetensors"
 FASTDRAG_FLUX_NOTE = """START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev] ({unet}, in models/diffusion_models; an fp8
    file halves its memory). DualCLIPLoader: {clip_l} + {t5} (type flux, models/text_encoders). Load VAE:
    {vae} (models/vae).
-2. Load Image: pick or upload your photo (about 1024x1024 suits FLUX).
+2. Load Image: pick or upload your photo. About 1024x1024 suits FLUX.
 3. Drag Points Editor (it shows the photo): click a handle (red), then its target (blue); repeat for more
    pairs. Paint the region that may change; nothing painted = the whole image may change.
 4. Queue. Then move a point and queue again: only the warp, the sampling and the decode re-run.

@@ -234,11 +234,13 @@ def stand_ins() -> dict:
     The DualCLIPLoader entry is its first file; the node itself is swapped
     (:func:`use_tiny_flux_text_encoder`).
     """
-    from .make_workflows import FLUX_CLIP_L, FLUX_FILL, FLUX_VAE, LCM_LORA
+    from .make_workflows import FLUX_CLIP_L, FLUX_DEV, FLUX_FILL, FLUX_VAE, LCM_LORA
+    from .tiny_flux import tiny_flux_dev_path
 
     return {
         ("LoraLoader", "lora_name", LCM_LORA): ("loras", tiny_lcm_lora_path),
         ("UNETLoader", "unet_name", FLUX_FILL): ("diffusion_models", tiny_flux_fill_path),
+        ("UNETLoader", "unet_name", FLUX_DEV): ("diffusion_models", tiny_flux_dev_path),
         ("VAELoader", "vae_name", FLUX_VAE): ("vae", tiny_flux_vae_path),
         ("DualCLIPLoader", "clip_name1", FLUX_CLIP_L): ("text_encoders", tiny_clip_l_path),
     }

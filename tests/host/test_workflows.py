@@ -53,6 +53,7 @@ START_HERE = {
     "warp_inpaint_flux_fill": "START HERE: 1. Load Diffusion Model: pick FLUX.1 Fill [dev]",
     "warp_inpaint_sam3": "START HERE: 1. Load Checkpoint: pick your SD1.5 inpainting checkpoint",
     "drag_to_video_wanmove": "START HERE: 1. Load Diffusion Model: pick Wan-Move",
+    "fastdrag_flux": "START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev]",
 }
 """How each workflow's Note starts where it is not "pick your SD1.5 / SDXL checkpoint"."""
 
