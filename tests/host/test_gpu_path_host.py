@@ -51,6 +51,8 @@ def test_a_lora_step_keeps_no_copy_of_the_weights(comfy_inproc, tiny_comfy_model
         assert saved, "the step saved activations for backward"
         assert trainer.reserved_bytes > 0, "the backward memory was measured with the probe steps"
         assert weight_copies(saved, unet) == []
+        name, weight = next((n, w) for n, w in unet.named_parameters() if w.numel() >= 64)
+        assert name in weight_copies(saved + [weight.detach().clone()], unet), "the same check finds a copy"
         adapted = [m for _, m in pack.nodes.comfy_lora.attention_projections(model.model)]
         assert all(m._forward_hooks for m in adapted)
     finally:
