@@ -28,13 +28,16 @@ Fixtures
 ``tiny_flux_fill``     Path of the cached tiny FLUX.1 Fill diffusion model (UNETLoader).
 ``tiny_flux_vae``      Path of the cached 16-channel tiny VAE (VAELoader; FLUX's ``ae.safetensors``).
 ``tiny_clip_l``        Path of the cached stand-alone tiny CLIP-L (CLIPLoader type sd3 conditions the tiny FLUX).
+``tiny_flux_dev``      Path of the cached tiny FLUX.1 [dev] diffusion model (UNETLoader; ``tools.tiny_flux``).
+``tiny_wan_i2v`` / ``tiny_wan_vae`` Paths of the cached tiny Wan 2.1 I2V model and Wan VAE (``tools.tiny_wan``).
 ``loras_dir``          A fresh ``loras`` folder (one per test module), first in the in-process
                        ComfyUI's list: where LoRA Fine-tune writes and LoraLoader looks.
 ``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
                        pack in ``custom_nodes/dragkit``, the tiny checkpoint and the tiny SDXL
                        checkpoint in ``models/checkpoints``, the tiny ControlNet in
                        ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``;
-                       the tiny inpainting checkpoints, LoRA, FLUX Fill, its VAE and CLIP-L too;
+                       the tiny inpainting checkpoints, LoRA, FLUX Fill, FLUX.1 [dev], their VAE and CLIP-L, the
+                       tiny Wan I2V and its VAE too (one server per pytest worker serves every test);
                        ``PYTHONWARNINGS=always``, so every warning reaches its log.
 
 All ComfyUI fixtures are session-scoped and skip with a clear message when
@@ -50,7 +53,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import comfy_host, tiny_inpaint, tiny_models, tiny_sdxl_sd2
+from tools import comfy_host, tiny_flux, tiny_inpaint, tiny_models, tiny_sdxl_sd2, tiny_wan
 
 HOST_DIR = Path(__file__).resolve().parent / "host"
 
@@ -178,12 +181,28 @@ def tiny_clip_l(comfyui) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dev(comfyui) -> Path:
+    return tiny_flux.tiny_flux_dev_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_i2v(comfyui) -> Path:
+    return tiny_wan.tiny_wan_i2v_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vae(comfyui) -> Path:
+    return tiny_wan.tiny_wan_vae_path()
+
+
+@pytest.fixture(scope="session")
 def comfy_server(comfyui, tiny_checkpoint, tiny_sdxl_checkpoint, tiny_controlnet, tiny_upscaler,
                  tiny_sd15_inpaint_checkpoint, tiny_sdxl_inpaint_checkpoint, tiny_lcm_lora, tiny_flux_fill,
-                 tiny_flux_vae, tiny_clip_l):
+                 tiny_flux_dev, tiny_flux_vae, tiny_clip_l, tiny_wan_i2v, tiny_wan_vae):
     with comfy_host.ComfyServer(
             checkpoints=[tiny_checkpoint, tiny_sdxl_checkpoint, tiny_sd15_inpaint_checkpoint, tiny_sdxl_inpaint_checkpoint],
             controlnets=[tiny_controlnet], upscale_models=[tiny_upscaler], loras=[tiny_lcm_lora],
-            diffusion_models=[tiny_flux_fill], vae=[tiny_flux_vae], text_encoders=[tiny_clip_l],
+            diffusion_models=[tiny_flux_fill, tiny_flux_dev, tiny_wan_i2v], vae=[tiny_flux_vae, tiny_wan_vae],
+            text_encoders=[tiny_clip_l],
             env={**os.environ, "PYTHONWARNINGS": "always"}) as server:
         yield server

@@ -1,4 +1,4 @@
-"""The shipped ``fastdrag_flux`` workflow runs headless on the tiny FLUX stand-ins (its own ComfyUI server).
+"""The shipped ``fastdrag_flux`` workflow runs headless on the tiny FLUX stand-ins (the shared ``comfy_server``).
 
 UNETLoader gets :func:`tools.tiny_flux.tiny_flux_dev_path` (detected as FLUX.1 [dev]: 64 input channels,
 guidance embedding), VAELoader the 16-channel tiny VAE, and DualCLIPLoader is swapped for the tiny CLIP-L
@@ -9,14 +9,13 @@ Both hosts (``COMFYUI_PATH``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tools import comfy_host, tiny_flux, tiny_inpaint
+from tools import tiny_inpaint
 from tools.run_workflow import editor_state_for, fill_inputs, saved_images
 from tools.workflow_format import ui_to_api
 
@@ -26,25 +25,16 @@ WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "fastdrag_flux.js
 POINTS = json.dumps({"points": [[40, 50], [70, 52]]})
 
 
-@pytest.fixture(scope="module")
-def flux_server(comfyui, tiny_checkpoint):
-    with comfy_host.ComfyServer(
-            checkpoints=[tiny_checkpoint], diffusion_models=[tiny_flux.tiny_flux_dev_path()],
-            vae=[tiny_inpaint.tiny_flux_vae_path()], text_encoders=[tiny_inpaint.tiny_clip_l_path()],
-            env={**os.environ, "PYTHONWARNINGS": "always"}) as server:
-        yield server
-
-
-def test_fastdrag_flux_runs_on_the_tiny_flux(flux_server, tiny_checkpoint, tmp_path):
+def test_fastdrag_flux_runs_on_the_tiny_flux(comfy_server, tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     mask = np.zeros((64, 96), dtype=np.uint8)
     mask[10:55, 20:80] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     state = editor_state_for(tmp_path / "image.png", POINTS, tmp_path / "mask.png")
-    image, mask_name = flux_server.upload_image(tmp_path / "image.png"), flux_server.upload_image(tmp_path / "mask.png")
+    image, mask_name = comfy_server.upload_image(tmp_path / "image.png"), comfy_server.upload_image(tmp_path / "mask.png")
     saved_workflow = json.loads(WORKFLOW.read_text())
-    info = flux_server.object_info()
+    info = comfy_server.object_info()
     prompt = ui_to_api(saved_workflow, info)
     kinds = [node["class_type"] for node in prompt.values()]
     assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "DragKitDDIMInvert", "DragKitFastDragWarp",
@@ -56,7 +46,7 @@ def test_fastdrag_flux_runs_on_the_tiny_flux(flux_server, tiny_checkpoint, tmp_p
         if node["class_type"] == "DragKitDDIMInvert":
             assert node["inputs"]["cache_layers"] == "non-ridge" and node["inputs"]["strength"] == 0.76
             node["inputs"]["steps"] = 10
-    entry = flux_server.run(prompt, timeout=900)
+    entry = comfy_server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success"
-    saved = [p for p in saved_images(flux_server, entry) if p.suffix == ".png"]
+    saved = [p for p in saved_images(comfy_server, entry) if p.suffix == ".png"]
     assert saved and np.asarray(Image.open(saved[0])).shape == (64, 96, 3)

@@ -11,7 +11,6 @@ VAE Decode, the saved video and its last frame -- runs as shipped.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +94,11 @@ def test_tracks_through_wan_move_nodes(comfy_inproc):
 
 
 @pytest.fixture(scope="module")
-def wan_server(comfyui, tiny_clip_l):
-    from tools import comfy_host
-    from tools.tiny_wan import tiny_wan_i2v_path, tiny_wan_vae_path
-
-    with comfy_host.ComfyServer(diffusion_models=[tiny_wan_i2v_path()], vae=[tiny_wan_vae_path()],
-                                text_encoders=[tiny_clip_l], env={**os.environ, "PYTHONWARNINGS": "always"}) as server:
-        if "WanMoveTrackToVideo" not in server.object_info():
-            pytest.skip(NO_WAN_MOVE)
-        yield server
+def wan_server(comfy_server):
+    """The shared server (it has the tiny Wan I2V and VAE); skips on a host without Wan-Move."""
+    if "WanMoveTrackToVideo" not in comfy_server.object_info():
+        pytest.skip(NO_WAN_MOVE)
+    return comfy_server
 
 
 def test_workflow_runs_on_the_tiny_wan(wan_server, tiny_clip_l, tmp_path):
