@@ -169,3 +169,14 @@ def test_set_up_only_installs_and_runs_no_test():
     assert "[set-up] requirements unchanged since this environment's last set-up" in runs[1].stdout
     assert "installing" not in runs[1].stdout
     assert "--setup-only" in (ROOT / "README.md").read_text()
+
+
+def test_workflows_the_runner_cannot_run_are_refused_up_front(monkeypatch, tmp_path, capsys):
+    from tools.make_workflows import NOT_FOR_THE_RUNNER
+
+    monkeypatch.setenv("COMFYUI_PATH", str(fake_comfyui(tmp_path, "")))
+    assert NOT_FOR_THE_RUNNER
+    for name, reason in NOT_FOR_THE_RUNNER.items():
+        assert (ROOT / "workflows" / name).is_file(), name
+        assert run_workflow.main([str(ROOT / "workflows" / name), "--sample", str(ROOT / "samples" / "art_0")]) == 2
+        assert f"{name} does not run headless yet: {reason}" in capsys.readouterr().err

@@ -68,6 +68,7 @@ from dragkit.points import DragPoints, parse_drag_points
 
 from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
 from .comfy_host import ComfyServer, ComfyServerError, comfyui_path, comfyui_problem
+from .make_workflows import NOT_FOR_THE_RUNNER
 from .run_progress import NodeProgress, node_names, say, started
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
@@ -422,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         workflow, digest = read_workflow(args.workflow)
+        refused = NOT_FOR_THE_RUNNER.get(args.workflow.name)
+        if refused:
+            raise DragInputError(f"{args.workflow.name} does not run headless yet: {refused}. Open it in ComfyUI.")
         say("preparing the models (without --checkpoint the tiny test checkpoint is built once into "
             "~/.cache/dragkit-tests: seconds; the tiny SDXL one with its text encoders about 1 min)")
         models = resolve_models(args, workflow)
