@@ -41,7 +41,7 @@ from tools.comfy_host import comfyui_path, comfyui_version, repo_root
 pytestmark = pytest.mark.slow
 
 
-def tested_comfyui() -> str:
+def newest_tested_comfyui() -> str:
     """The ComfyUI version the scripts get when ``COMFYUI_PATH`` is unset (``scripts/comfyui.sh``)."""
     text = (repo_root() / "scripts" / "comfyui.sh").read_text()
     return re.search(r'^DRAGKIT_TESTED_COMFYUI="([^"]+)"', text, flags=re.M).group(1)
@@ -58,7 +58,7 @@ def first_run_commands(readme: str) -> list[str]:
 def test_readme_first_run_commands_in_a_fresh_clone(tmp_path, comfyui):
     if os.environ.get("DRAGKIT_IN_FRESH_CLONE"):
         pytest.skip("already inside the fresh-clone test")
-    version = tested_comfyui()
+    version = newest_tested_comfyui()
     if comfyui_version(comfyui) != version:
         pytest.skip(f"the README's commands use ComfyUI {version} (the newest tested), not this run's "
                     f"{comfyui_version(comfyui)}")
