@@ -7,10 +7,9 @@
 #                                   the first time from ../shared/hosts' tarball where there is one,
 #                                   else by a shallow git clone of its tag, and reused afterwards
 #
-# use_comfyui ROOT CALLER_DIR sets and exports COMFYUI_PATH (absolute, a relative one taken from CALLER_DIR; empty
-# for "none") and prints a line
-# saying which ComfyUI it is; it returns 2 with a message when COMFYUI_PATH is not a checkout or
-# the default cannot be got.
+# use_comfyui ROOT CALLER_DIR sets and exports COMFYUI_PATH (absolute, a relative one taken from
+# CALLER_DIR; empty for "none") and prints a line saying which ComfyUI it is; it returns 2 with a
+# message when COMFYUI_PATH is not a checkout or the default cannot be got.
 
 DRAGKIT_TESTED_COMFYUI="0.33.0"
 
@@ -55,9 +54,14 @@ use_comfyui() {
             echo "  git clone https://github.com/Comfy-Org/ComfyUI ../ComfyUI && COMFYUI_PATH=../ComfyUI bash scripts/test.sh" >&2
             return 2
         fi
-        # The move is atomic: a run stopped half-way leaves no half-unpacked ComfyUI at $dest.
-        mv -T "$partial/tree" "$dest" 2>/dev/null || [ -f "$dest/main.py" ]
+        # The move is atomic: a run stopped half-way leaves no half-unpacked ComfyUI at $dest (a run
+        # beside this one may have put its own there first: that one is used).
+        mv -T "$partial/tree" "$dest" 2>/dev/null
         rm -rf "$partial"
+        if [ ! -f "$dest/main.py" ]; then
+            echo "error: could not move ComfyUI $version into $dest" >&2
+            return 2
+        fi
         echo "[comfyui] ComfyUI $version is at $dest (reused from now on; COMFYUI_PATH=... picks another)"
     fi
     COMFYUI_PATH="$dest"
