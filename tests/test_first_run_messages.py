@@ -172,7 +172,7 @@ def test_set_up_only_installs_and_runs_no_test():
 
 
 def test_workflows_the_runner_cannot_run_are_refused_up_front(monkeypatch, tmp_path, capsys):
-    from tools.make_workflows import NOT_FOR_THE_RUNNER
+    from dragrun.refusals import NOT_FOR_THE_RUNNER
 
     monkeypatch.setenv("COMFYUI_PATH", str(fake_comfyui(tmp_path, "")))
     assert NOT_FOR_THE_RUNNER

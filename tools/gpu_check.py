@@ -625,7 +625,7 @@ class Check:
     def workflow_command(self, workflow: Path, family: str, mode: str) -> list[str] | str:
         if not self.comfyui:
             return "COMFYUI_PATH is not set (the workflows run in ComfyUI)"
-        from tools.make_workflows import NOT_FOR_THE_RUNNER
+        from dragrun.refusals import NOT_FOR_THE_RUNNER
 
         if workflow.name in NOT_FOR_THE_RUNNER:
             return f"the runner refuses it: {NOT_FOR_THE_RUNNER[workflow.name]}"

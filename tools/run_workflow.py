@@ -65,10 +65,10 @@ from PIL import Image
 from dragkit.atomic import write_bytes_atomic
 from dragkit.errors import DragInputError
 from dragkit.points import DragPoints, parse_drag_points
+from dragrun.refusals import NOT_FOR_THE_RUNNER
 
 from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
 from .comfy_host import ComfyServer, ComfyServerError, comfyui_path, comfyui_problem
-from .make_workflows import NOT_FOR_THE_RUNNER
 from .run_progress import NodeProgress, node_names, say, started
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
