@@ -134,7 +134,7 @@ def choose_backend(requested: str, family: str = "sd15") -> str:
 
     SDXL runs on the ComfyUI path only (the diffusers path builds SD1.5).
     """
-    from tools.comfy_host import comfyui_problem
+    from dragrun.comfy_host import comfyui_problem
 
     problem = comfyui_problem()
     if family == "sdxl" and (requested == "diffusers" or problem):
@@ -152,7 +152,7 @@ def _versions(backend: str) -> dict:
 
     comfyui = None
     if backend == "comfyui":
-        from tools.comfy_host import comfyui_version
+        from dragrun.comfy_host import comfyui_version
 
         comfyui = comfyui_version()
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "comfyui": comfyui}

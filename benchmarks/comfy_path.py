@@ -50,7 +50,7 @@ def sdxl_models(dtype: torch.dtype, device: torch.device):
 
 
 def tiny_models(family: str):
-    from tools.comfy_host import load_checkpoint_inproc
+    from dragrun.comfy_host import load_checkpoint_inproc
     from tools.tiny_models import tiny_checkpoint_path
     from tools.tiny_sdxl_sd2 import tiny_sdxl_checkpoint_path
 
@@ -78,7 +78,7 @@ class ComfyPath:
     """Times the methods' stages through the pack's nodes in an in-process ComfyUI."""
 
     def __init__(self, tiny: bool, use_cuda: bool, family: str = "sd15") -> None:
-        from tools.comfy_host import load_pack_inproc
+        from dragrun.comfy_host import load_pack_inproc
         from tools.tiny_models import sd15_unet_config
 
         from .diffusers_path import SD15_UNET, sdxl_unet_config

@@ -182,7 +182,7 @@ def flux_fill_random(device: torch.device) -> dict:
 
 def edit_stage(args: argparse.Namespace, device: torch.device) -> dict:
     """The whole edit through ComfyUI's nodes, or ``{"skipped": reason}``."""
-    from tools import comfy_host
+    from dragrun import comfy_host
 
     problem = comfy_host.comfyui_problem()
     if problem is not None:

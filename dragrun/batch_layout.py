@@ -1,6 +1,6 @@
 """The headless runner's batch layout, which the evaluator reads; drag points drawn on images; PNG writes.
 
-Batch output of ``tools.run_workflow --batch DATA --out OUT``::
+Batch output of ``dragrun.run_workflow --batch DATA --out OUT``::
 
     OUT/<sample folder name>/edited.png          the workflow's first saved image
     OUT/<sample folder name>/side_by_side.png    source | edited, points drawn

@@ -125,7 +125,7 @@ def prepare_comfy_imports(cpu: bool = True) -> Path:
         if not any(w and Path(w).resolve() == expected for w in where):
             raise RuntimeError(
                 f"a module named {name!r} from {where} was imported before ComfyUI's {expected}; "
-                f"import ComfyUI in tests only through tools.comfy_host, and never this repo's "
+                f"import ComfyUI in tests only through dragrun.comfy_host, and never this repo's "
                 f"nodes/ package as top-level 'nodes' (use load_pack_inproc().pack.nodes)"
             )
 

@@ -24,7 +24,7 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 def markdown_table(method: str, report: dict, skipped: dict[str, str]) -> str:
-    """One method's report (:func:`tools.evaluate.build_report`'s entry) as a markdown table (metric | value).
+    """One method's report (:func:`dragrun.evaluate.build_report`'s entry) as a markdown table (metric | value).
 
     Above the table the sample counts; the table starts with the run as
     ``timings.json`` recorded it (:data:`TINY_MARK` in bold for the tiny test

@@ -1,14 +1,14 @@
 """Evaluate drag edits of a benchmark folder: DAI, MD and IF per method, a table and a grid image.
 
-    python -m tools.evaluate --data ../shared/data/Drag100 --edited runs/fastdrag --method fastdrag \\
+    python -m dragrun.evaluate --data ../shared/data/Drag100 --edited runs/fastdrag --method fastdrag \\
         [--edited gooddrag=runs/gooddrag ...] [--dift models/sd21] [--lpips models/lpips] \\
         [--report report.json] [--grid grid.png]
 
-    COMFYUI_PATH=... python -m tools.evaluate --data ../shared/data/Drag100 --run workflows/fastdrag.json \\
+    COMFYUI_PATH=... python -m dragrun.evaluate --data ../shared/data/Drag100 --run workflows/fastdrag.json \\
         --checkpoint sd15.safetensors --edited runs/fastdrag
 
 ``--data`` holds sample folders in the Drag100 or DragBench layout
-(:func:`tools.batch_layout.batch_sample_folders`). Each ``--edited`` folder
+(:func:`dragrun.batch_layout.batch_sample_folders`). Each ``--edited`` folder
 is the headless runner's batch output: ``<sample folder name>/edited.png``
 per sample and ``timings.json`` (``{"workflow", "checkpoint",
 "tiny_checkpoint", "samples": {name: {"status": "ok"|"error", "seconds",
@@ -293,7 +293,7 @@ def evaluate_folder(folder: Path, methods: list[Method], runs: dict[str, RunReco
 def evaluate(folders: list[Path], methods: list[Method], runs: dict[str, RunRecord], models: MetricModels,
              keep_images: bool = False, log=print
              ) -> tuple[list[tuple[str, DragSample]], dict[str, dict], dict[str, dict[str, np.ndarray]]]:
-    """Evaluate every method on every sample folder (:func:`~tools.batch_layout.batch_sample_folders`).
+    """Evaluate every method on every sample folder (:func:`~dragrun.batch_layout.batch_sample_folders`).
 
     Returns the loaded samples ``(name, sample)`` (one that cannot be loaded
     is left out), each method's per-sample entries ``{method: {sample:

@@ -45,7 +45,7 @@ def node_names(prompt: dict, object_info: dict) -> dict[str, str]:
 class NodeProgress:
     """Prints the execution events of one ComfyServer's client while used as a context manager.
 
-    ``server``: a started :class:`tools.comfy_host.ComfyServer`; ``names``:
+    ``server``: a started :class:`dragrun.comfy_host.ComfyServer`; ``names``:
     :func:`node_names` of the prompt about to be queued (its length is the
     "of N" in the lines). Open the context *before* queueing, so no event is
     missed.
@@ -141,7 +141,7 @@ class NodeProgress:
 
 @contextmanager
 def started(server, stream: TextIO | None = None) -> Iterator:
-    """Start ``server`` (a :class:`tools.comfy_host.ComfyServer`) saying so before and after; stops it on exit."""
+    """Start ``server`` (a :class:`dragrun.comfy_host.ComfyServer`) saying so before and after; stops it on exit."""
     where = "the GPU" if not server.cpu else "the CPU"
     say(f"starting ComfyUI from {server.comfyui} on {where} (10-60 s, minutes on busy cores: it imports torch "
         f"and loads its nodes and this pack)", stream)

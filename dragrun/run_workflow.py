@@ -18,7 +18,7 @@ points, mask and models, queues it, and writes the results.
 **Batch** (``--batch DIR``): every sample folder under ``DIR`` in the Drag100
 or DragBench layout (:func:`dragkit.datasets.sample_folders`), sorted, the
 first ``--limit`` of them, through one ComfyUI server. Output layout (read
-by the evaluator; :mod:`tools.batch_layout`)::
+by the evaluator; :mod:`dragrun.batch_layout`)::
 
     OUT/<sample folder name>/edited.png          the workflow's first saved image
     OUT/<sample folder name>/side_by_side.png    source | edited, points drawn
@@ -179,7 +179,7 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     upscaler for a workflow that loads one (unless given). A real checkpoint needs real
     ``--controlnet`` / ``--upscale-model`` files when the workflow loads them.
     """
-    from . import tiny_inpaint, tiny_models
+    from tools import tiny_inpaint, tiny_models
 
     active = [node for node in workflow.get("nodes", []) if node.get("mode") not in (MODE_MUTED, MODE_BYPASS)]
     kinds = {node.get("type") for node in active}
@@ -249,8 +249,8 @@ def fill_inputs(
     the other placeholder loaders (``tools.tiny_inpaint.apply_stand_ins``).
     ``text`` goes to every CLIP Text Encode but a negative prompt's.
     """
-    from .make_workflows import NEGATIVE_TITLE
-    from .tiny_inpaint import apply_stand_ins
+    from tools.make_workflows import NEGATIVE_TITLE
+    from tools.tiny_inpaint import apply_stand_ins
 
     apply_stand_ins(prompt, stand_ins)
     for node in prompt.values():

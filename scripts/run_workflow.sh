@@ -3,7 +3,7 @@
 #
 #   bash scripts/run_workflow.sh workflows/fastdrag.json --sample samples/art_0 --out out/
 #
-# Arguments go to `python -m tools.run_workflow` (see its --help); relative
+# Arguments go to `python -m dragrun.run_workflow` (see its --help); relative
 # paths are relative to where you run it. VENV: the virtual environment the
 # set-up made (default: .venv in this repository). COMFYUI_PATH: the ComfyUI
 # to run; unset, the newest tested one that scripts/test.sh got (scripts/comfyui.sh).
@@ -22,4 +22,4 @@ fi
 . "$root/scripts/comfyui.sh"
 use_comfyui "$root" "$here" || exit 2
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$venv/bin/python" -m tools.run_workflow "$@"
+exec "$venv/bin/python" -m dragrun.run_workflow "$@"

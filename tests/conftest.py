@@ -7,12 +7,12 @@ Fixtures
 ``comfyui``            Path of the ComfyUI checkout (``COMFYUI_PATH``); skips without it.
 ``comfy_nodes``        ComfyUI's ``nodes`` module in this process (CPU, built-in nodes initialised,
                        input/output/temp/user redirected to a temp folder); no pack loaded.
-``comfy_inproc``       :class:`tools.comfy_host.InprocHost`: ComfyUI in this process (CPU),
+``comfy_inproc``       :class:`dragrun.comfy_host.InprocHost`: ComfyUI in this process (CPU),
                        built-in nodes initialised, the pack loaded as ComfyUI loads it.
                        ``comfy_inproc.nodes`` is ComfyUI's ``nodes`` module,
                        ``comfy_inproc.pack`` the pack package (``.nodes``, ``.dragkit``).
 ``tiny_checkpoint``    Path of the cached tiny SD1.5 checkpoint (built once; needs ComfyUI).
-``tiny_comfy_models``  :class:`tools.comfy_host.LoadedCheckpoint` -- the tiny checkpoint loaded
+``tiny_comfy_models``  :class:`dragrun.comfy_host.LoadedCheckpoint` -- the tiny checkpoint loaded
                        in-process with CheckpointLoaderSimple: ``.model`` (MODEL), ``.clip``,
                        ``.vae``, ``.log`` (ComfyUI's log records during the load, DEBUG level).
 ``tiny_sd15_diffusers`` ``tiny_sd15_unet(seed=0, levels=4)``: the same UNet weights as the
@@ -32,7 +32,7 @@ Fixtures
 ``tiny_wan_i2v`` / ``tiny_wan_vae`` Paths of the cached tiny Wan 2.1 I2V model and Wan VAE (``tools.tiny_wan``).
 ``loras_dir``          A fresh ``loras`` folder (one per test module), first in the in-process
                        ComfyUI's list: where LoRA Fine-tune writes and LoraLoader looks.
-``comfy_server``       :class:`tools.comfy_host.ComfyServer` running ``main.py --cpu`` with the
+``comfy_server``       :class:`dragrun.comfy_host.ComfyServer` running ``main.py --cpu`` with the
                        pack in ``custom_nodes/dragkit``, the tiny checkpoint and the tiny SDXL
                        checkpoint in ``models/checkpoints``, the tiny ControlNet in
                        ``models/controlnet`` and the tiny upscaler in ``models/upscale_models``;
@@ -53,7 +53,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import comfy_host, tiny_flux, tiny_inpaint, tiny_models, tiny_sdxl_sd2, tiny_wan
+from dragrun import comfy_host
+from tools import tiny_flux, tiny_inpaint, tiny_models, tiny_sdxl_sd2, tiny_wan
 
 HOST_DIR = Path(__file__).resolve().parent / "host"
 

@@ -1,7 +1,7 @@
-"""The evaluator (tools/evaluate.py) on constructed Drag100 / DragBench folders and runner-layout results.
+"""The evaluator (dragrun/evaluate.py) on constructed Drag100 / DragBench folders and runner-layout results.
 
 Also the parts of the runner's batch mode that need no ComfyUI: the shared
-layout (tools/batch_layout.py), the side-by-side image and the resume record.
+layout (dragrun/batch_layout.py), the side-by-side image and the resume record.
 """
 
 import json
@@ -14,9 +14,9 @@ from PIL import Image
 from dragkit.datasets import DragSample, save_drag100, save_dragbench
 from dragkit.metrics import DAI_PAPER, DAI_RELEASED, dai
 from dragkit.points import parse_drag_points
-from tools import evaluate, run_workflow
-from tools.batch_layout import HANDLE_COLOUR, batch_sample_folders
-from tools.eval_report import HEADER_HEIGHT, TINY_MARK
+from dragrun import evaluate, run_workflow
+from dragrun.batch_layout import HANDLE_COLOUR, batch_sample_folders
+from dragrun.eval_report import HEADER_HEIGHT, TINY_MARK
 
 
 def sample(seed: int, width: int, height: int, pairs, prompt: str = "") -> DragSample:
@@ -187,7 +187,7 @@ def test_method_arguments():
 
 
 class FakeRunner:
-    """Stands in for ``tools.run_workflow.main``: records its argv, writes cat_0's result, returns ``code``."""
+    """Stands in for ``dragrun.run_workflow.main``: records its argv, writes cat_0's result, returns ``code``."""
 
     def __init__(self, data, code: int = 0) -> None:
         self.data, self.code, self.calls = data, code, []

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools import run_workflow
-from tools.comfy_host import ComfyServerError
+from dragrun import run_workflow
+from dragrun.comfy_host import ComfyServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_the_first_run_sample_is_in_the_repository():
 def test_the_runner_prints_each_node_and_its_progress(monkeypatch):
     import io
 
-    from tools import run_progress
+    from dragrun import run_progress
 
     clock = iter([0.0, 0.1, 0.2, 1.0, 2.0, 7.5, 8.0, 9.0, 9.5, 9.6])
     monkeypatch.setattr(run_progress.time, "monotonic", lambda: next(clock))

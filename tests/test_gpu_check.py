@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import comfy_vram, gpu_check, run_workflow
+from dragrun import run_workflow
+from tools import comfy_vram, gpu_check
 
 
 class Clock:

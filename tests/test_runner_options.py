@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dragkit.errors import DragInputError
-from tools import run_workflow
+from dragrun import run_workflow
 
 
 def test_set_values_are_json_else_text_and_malformed_ones_are_refused():

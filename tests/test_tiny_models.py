@@ -282,7 +282,7 @@ def test_controlnet_loads_as_sd15_with_every_key_and_acting_zero_convs(comfy_nod
     import comfy.supported_models
     import comfy.utils
 
-    from tools.comfy_host import capture_logs
+    from dragrun.comfy_host import capture_logs
 
     with capture_logs(logging.DEBUG) as logs:
         control = comfy.controlnet.load_controlnet(str(tiny_controlnet))

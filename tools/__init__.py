@@ -1,17 +1,13 @@
-"""Developer tools of DragKit that need more than the engine.
+"""Development tools of DragKit (the user-facing runner and evaluator live in ``dragrun/``).
 
-- ``comfy_host``: run a real ComfyUI (from ``COMFYUI_PATH``) in-process or
-  as a headless server with this pack installed.
-- ``tiny_models``: tiny seeded diffusers models and a tiny SD1.5 checkpoint
-  that ComfyUI's CheckpointLoaderSimple loads (stand-ins for real weights).
-- ``workflow_format`` / ``workflow_build``: UI-format workflow JSON to an API
-  prompt, and back from a short graph description.
-- ``run_workflow``: the headless runner (``batch_layout``: its batch output
-  folder, shared with the evaluator); ``make_workflows``: regenerates
-  ``workflows/``.
-- ``evaluate`` (with ``eval_report``): DAI / MD / IF of a method's results
-  over a benchmark folder, a table per method and a before/after grid.
+- ``tiny_models`` (with ``tiny_sdxl_sd2``, ``tiny_inpaint``, ``tiny_flux``,
+  ``tiny_wan``, ``tiny_sam3``): tiny seeded models and checkpoints that
+  ComfyUI's loaders load (stand-ins for real weights: the tests' models, and
+  the runner's pipeline check without ``--checkpoint``).
+- ``sd15_random`` / ``sdxl_random``: real-size random checkpoints for the GPU check.
+- ``make_workflows`` (with ``workflow_build``): regenerates ``workflows/``.
+- ``gpu_check``, ``capture_check``, ``comfy_vram``: the GPU check and its helpers.
+- ``ci_junit``: CI's check of the test report.
 
-Used by the tests, the benchmark and the headless runner; never imported by
-the nodes.
+Never imported by the nodes.
 """

@@ -60,7 +60,7 @@ from benchmarks.comfy_path import ComfyPath, conditioning
 from benchmarks.inputs import edit_inputs
 from benchmarks.measure import capture_setting
 from dragkit.atomic import write_bytes_atomic
-from tools.comfy_host import capture_logs, comfyui_version
+from dragrun.comfy_host import capture_logs, comfyui_version
 from tools.comfy_vram import ENV_VAR as HOST_VRAM
 
 TOLERANCE = {"fastdrag": 1e-3, "dragdiffusion": 1e-2}

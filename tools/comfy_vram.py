@@ -7,7 +7,7 @@ Dynamic VRAM (0.33.0: ``comfy-aimdo``, an NVIDIA GPU, torch 2.8 or newer, and
 none of ``--disable-dynamic-vram``, ``--highvram``, ``--gpu-only``,
 ``--novram``, ``--cpu``) it initialises comfy-aimdo for every device and makes
 ``ModelPatcherDynamic`` the core patcher. The benchmark and the GPU check's
-capture check import ComfyUI in-process (:mod:`tools.comfy_host`), which
+capture check import ComfyUI in-process (:mod:`dragrun.comfy_host`), which
 never runs ``main.py``; this runs that part of the start-up first (mirroring
 ComfyUI 0.33.0 ``main.py``: ``comfy_aimdo.control.init`` /
 ``init_devices``, ``comfy.model_patcher.CoreModelPatcher``,
@@ -78,7 +78,7 @@ def start(mode: str, cuda: bool, flags: tuple = ()) -> str:
 
     As in ``main.py``, comfy-aimdo is initialised before torch is imported.
     """
-    from tools.comfy_host import prepare_comfy_imports
+    from dragrun.comfy_host import prepare_comfy_imports
 
     prepare_comfy_imports(cpu=not cuda)
     import comfy.cli_args as cli

@@ -28,7 +28,7 @@ Steps, in this order (:func:`plan`; docs/gpu-check.md says what each reports):
    where the host has that flag (ComfyUI 0.33.0; the default there is
    Dynamic VRAM on NVIDIA).
 6. ``models``, then every SD1.5 workflow; ``models_sdxl``, then every
-   ``*_sdxl`` workflow (:mod:`tools.run_workflow`, shortened loops); then the
+   ``*_sdxl`` workflow (:mod:`dragrun.run_workflow`, shortened loops); then the
    workflows again under ``--disable-dynamic-vram``.
 
 In-process steps start ComfyUI in the VRAM mode through :mod:`tools.comfy_vram`;
@@ -367,7 +367,7 @@ def host_info(comfyui: str | None, cuda: bool) -> dict:
     """The ComfyUI host: path, version, whether it has Dynamic VRAM and ``--disable-dynamic-vram``."""
     if not comfyui:
         return {"comfyui": None}
-    from tools.comfy_host import comfyui_version
+    from dragrun.comfy_host import comfyui_version
     from tools.comfy_vram import host_flags
 
     flags = host_flags(Path(comfyui))
@@ -638,7 +638,7 @@ class Check:
             sample = scaled_sample(SAMPLE, self.bulk / "sample_sdxl", SDXL_SIDE)
         else:
             sample = SAMPLE
-        command = [self.python, "-m", "tools.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
+        command = [self.python, "-m", "dragrun.run_workflow", str(workflow.relative_to(REPO)), "--sample", str(sample),
                    "--out", str(self.bulk / "workflows" / mode / workflow.stem), "--timeout", "600",
                    *models, *overrides_for(workflow, TINY if self.tiny or family == "tiny" else QUICK)]
         if mode == "no-dynamic-vram":

@@ -6,10 +6,10 @@
 Starts ComfyUI headless with this pack, reads ``/object_info`` and writes
 each graph below with :class:`tools.workflow_build.WorkflowBuilder`, so
 sockets and widget order match the node definitions and the frontend's
-widget order (:func:`tools.workflow_format.widget_layout`; checked against
+widget order (:func:`dragrun.workflow_format.widget_layout`; checked against
 the real frontend by ``tests/host/test_workflows_browser.py``). Checkpoint,
 ControlNet, upscale-model and image names are placeholders the user (or
-``tools.run_workflow``) replaces.
+``dragrun.run_workflow``) replaces.
 
 Template browser (comfyui-frontend-package 1.27.10, ComfyUI 0.3.64): a pack's
 templates are the ``*.json`` files of its ``workflows/`` folder; the card's
@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .comfy_host import ComfyServer, repo_root
+from dragrun.comfy_host import ComfyServer, repo_root
 from .workflow_build import Out, WorkflowBuilder
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
@@ -43,7 +43,7 @@ FLUX_FILL = "flux1-fill-dev.safetensors"
 FLUX_CLIP_L = "clip_l.safetensors"
 FLUX_T5 = "t5xxl_fp16.safetensors"
 FLUX_VAE = "ae.safetensors"
-"""Placeholder model names of the shipped workflows (the released files' names); ``tools.run_workflow`` puts the
+"""Placeholder model names of the shipped workflows (the released files' names); ``dragrun.run_workflow`` puts the
 tiny test models in their place when no model is given."""
 
 START_HERE = """START HERE: 1. Load Checkpoint: pick your {family} checkpoint (.safetensors in models/checkpoints).
@@ -368,7 +368,7 @@ WARP_AFTER = {
 }
 
 NEGATIVE_TITLE = "Negative prompt"
-"""Title of a workflow's negative-prompt CLIP Text Encode (``tools.run_workflow`` leaves its text alone)."""
+"""Title of a workflow's negative-prompt CLIP Text Encode (``dragrun.run_workflow`` leaves its text alone)."""
 
 WARP_TITLE = "Drag Points Editor: click handle, then target; paint the region to move"
 
@@ -661,7 +661,7 @@ def thumbnail(sample_dir: Path, title: str, subtitle: str, edited: bool = True):
 
     from dragkit.datasets import load_drag100
 
-    from .batch_layout import draw_points
+    from dragrun.batch_layout import draw_points
 
     sample = load_drag100(sample_dir)
     image = Image.fromarray(sample.image).convert("RGB")

@@ -144,7 +144,7 @@ def write_files_cli(description: str, files, argv: list[str] | None = None) -> i
     parser.add_argument("--device", default="cpu", help="where to fill the weights (cuda is much faster)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     args = parser.parse_args(argv)
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     dtype = getattr(torch, args.dtype)

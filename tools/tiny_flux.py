@@ -57,7 +57,7 @@ TINY_DEV_PROBE = {
 
 
 def _prepare():
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
 

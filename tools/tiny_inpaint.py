@@ -155,7 +155,7 @@ def tiny_lcm_lora_path(seed: int = 0) -> Path:
 
 def flux_fill_state_dict(seed: int = 0) -> dict:
     """The tiny FLUX.1 Fill state dict (bf16, keys of a released ``flux1-fill-dev.safetensors``). Imports comfy."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.ldm.flux.model
@@ -181,7 +181,7 @@ def tiny_flux_fill_path(seed: int = 0) -> Path:
 
 def flux_vae_state_dict(seed: int = 0) -> dict:
     """A seeded TAESD with 16 latent channels, keys as VAELoader reads them (fp32)."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     from comfy.taesd.taesd import TAESD

@@ -2,7 +2,7 @@
 
 Nothing here imports ComfyUI at module level; only :func:`write_tiny_checkpoint`
 (and :func:`tiny_checkpoint_path`, which calls it) import ``comfy`` lazily, and
-they need ``COMFYUI_PATH`` (see :func:`tools.comfy_host.prepare_comfy_imports`).
+they need ``COMFYUI_PATH`` (see :func:`dragrun.comfy_host.prepare_comfy_imports`).
 
 Weights are deterministic: every tensor is drawn from its own CPU
 ``torch.Generator`` seeded from ``(seed, tensor name)``, so a model's weights
@@ -297,7 +297,7 @@ def diffusers_to_ldm_unet_state_dict(diffusers_sd: dict, levels: int = 4) -> dic
 
 def _comfy_modules():
     """Import what the checkpoint writer needs from ComfyUI (``COMFYUI_PATH`` first on sys.path)."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -418,7 +418,7 @@ def tiny_checkpoint_path(seed: int = 0, levels: int = 4, with_clip: bool = True)
 
 def tiny_controlnet_state_dict(seed: int = 0, levels: int = 4) -> dict:
     """The tiny ControlNet's state dict, keys ``control_model.*`` (see :func:`write_tiny_controlnet`). Imports comfy."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.cldm.cldm

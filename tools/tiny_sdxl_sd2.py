@@ -60,7 +60,7 @@ V_PREDICTION_MARKER = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
 def _state_dict(unet_config: dict, seed: int, v_prediction: bool = False) -> dict:
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.ops
@@ -92,7 +92,7 @@ def _sdxl_clip_state_dict(seed: int) -> dict:
     of what its loader reads; CLIP-L's ``text_projection`` and ``logit_scale``
     are left out as that saver and released checkpoints do.
     """
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.sdxl_clip

@@ -52,7 +52,7 @@ WAN_VAE_DIM = 8
 
 def wan_i2v_state_dict(seed: int = 0) -> dict:
     """The tiny Wan 2.1 I2V state dict (fp16, the released files' key names). Imports comfy."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.ldm.wan.model
@@ -71,7 +71,7 @@ def tiny_wan_i2v_path(seed: int = 0) -> Path:
 
 def wan_vae_state_dict(seed: int = 0) -> dict:
     """A seeded Wan 2.1 VAE of base width :data:`WAN_VAE_DIM` (fp32), keys as VAELoader reads them. Imports comfy."""
-    from . import comfy_host
+    from dragrun import comfy_host
 
     comfy_host.prepare_comfy_imports()
     import comfy.ldm.wan.vae

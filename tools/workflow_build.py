@@ -4,7 +4,7 @@ The shipped workflows in ``workflows/`` are generated with this builder from
 ``tools/make_workflows.py``, so sockets, widget order and link tables always
 match the node definitions of ``/object_info``. The result loads in the
 ComfyUI frontend and converts back to an API prompt with
-:func:`tools.workflow_format.ui_to_api`.
+:func:`dragrun.workflow_format.ui_to_api`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .workflow_format import ordered_inputs, widget_layout, widget_names
+from dragrun.workflow_format import ordered_inputs, widget_layout, widget_names
 
 NODE_WIDTH = 320
 COLUMN = 380

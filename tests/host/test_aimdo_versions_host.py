@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.comfy_host import comfyui_version
+from dragrun.comfy_host import comfyui_version
 from tools.comfy_vram import NO_DYNAMIC_VRAM, version_has_dynamic_vram
 from tools.tiny_models import cache_dir
 

@@ -31,7 +31,7 @@ import os
 import pytest
 import torch
 
-from tools.comfy_host import comfyui_version
+from dragrun.comfy_host import comfyui_version
 from tools.comfy_vram import NO_DYNAMIC_VRAM, version_has_dynamic_vram
 
 pytestmark = pytest.mark.host

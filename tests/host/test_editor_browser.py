@@ -36,7 +36,7 @@ from PIL import Image
 from dragkit.datasets import load_drag100
 from dragkit.editor_state import editor_state_json, parse_editor_state
 from dragkit.points import DragPoints
-from tools.comfy_host import repo_root
+from dragrun.comfy_host import repo_root
 
 from .browser import Browser, frontend_mode, open_comfyui
 from .browser import chromium as _chromium

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dragkit.editor_state import encode_mask
-from tools.comfy_host import ComfyServerError
+from dragrun.comfy_host import ComfyServerError
 
 NODE = "DragKitPointsEditor"
 PREFIX = "[Drag Points Editor]"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dragrun.run_workflow import editor_state_for, fill_inputs, saved_images
+from dragrun.workflow_format import ui_to_api
 from tools import tiny_inpaint
-from tools.run_workflow import editor_state_for, fill_inputs, saved_images
-from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 

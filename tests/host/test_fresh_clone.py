@@ -36,7 +36,7 @@ import time
 import pytest
 from PIL import Image
 
-from tools.comfy_host import comfyui_path, comfyui_version, repo_root
+from dragrun.comfy_host import comfyui_path, comfyui_version, repo_root
 
 pytestmark = pytest.mark.slow
 

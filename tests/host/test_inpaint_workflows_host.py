@@ -27,9 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import comfy_host, tiny_inpaint
+from dragrun import comfy_host
+from dragrun.workflow_format import ui_to_api
+from tools import tiny_inpaint
 from tools.make_workflows import FLUX_CLIP_L, FLUX_FILL, FLUX_T5, FLUX_VAE
-from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 
@@ -167,7 +168,7 @@ def test_runner_runs_the_flux_fill_workflow_on_the_tiny_stand_ins(tmp_path, comf
     and every pixel outside the mask and the moved region is the input's.
     """
     from dragkit.pixel_warp import pixel_warp
-    from tools.run_workflow import main
+    from dragrun.run_workflow import main
 
     rng = np.random.default_rng(5)
     image = np.zeros((64, 64, 3), dtype=np.uint8)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tools.comfy_host import PACK_FOLDER_NAME
+from dragrun.comfy_host import PACK_FOLDER_NAME
 
 PACK_MODULE = f"custom_nodes.{PACK_FOLDER_NAME}"
 PACK_CATEGORY = "DragKit"

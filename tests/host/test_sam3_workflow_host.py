@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dragrun.run_workflow import editor_state_for, fill_inputs, saved_images
+from dragrun.workflow_format import ui_to_api
 from tools.make_workflows import missing_on_host
-from tools.run_workflow import editor_state_for, fill_inputs, saved_images
 from tools.tiny_inpaint import stand_ins_for
 from tools.tiny_sam3 import feed_sam3_mask
-from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 

@@ -6,7 +6,7 @@
   ``(1, 1280)`` pooled output, with no "clip missing" warning.
 - Both SDXL workflows load Load Checkpoint's SDXL placeholder and encode the
   prompt with its CLIP. ``workflows/fastdrag_sdxl.json`` runs headless through
-  the runner's command line (``tools.run_workflow``, ``--set`` for a short
+  the runner's command line (``dragrun.run_workflow``, ``--set`` for a short
   inversion) on a non-square 384x256 image (a 48x32 latent). Both also run in
   ``tests/host/test_workflows.py`` like every shipped workflow (132x100, short
   loops); DragDiffusion's LoRA and supervision steps on SDXL take a few
@@ -29,9 +29,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import comfy_host, tiny_sdxl_sd2
+from dragrun import comfy_host
+from dragrun.workflow_format import ui_to_api
+from tools import tiny_sdxl_sd2
 from tools.make_workflows import SDXL_CHECKPOINT
-from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 
@@ -75,7 +76,7 @@ def test_sdxl_workflows_take_the_prompt_from_the_sdxl_checkpoint(comfy_server, r
 
 def test_fastdrag_sdxl_runs_headless_through_the_runner(repo_root, tiny_sdxl_checkpoint, tmp_path):
     """384x256 image, mask box around two drags; DDIM Invert shortened to 4 steps with ``--set``."""
-    from tools.run_workflow import main
+    from dragrun.run_workflow import main
 
     sample, out = tmp_path / "sample", tmp_path / "out"
     sample.mkdir()

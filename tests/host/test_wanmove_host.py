@@ -102,9 +102,9 @@ def wan_server(comfy_server):
 
 
 def test_workflow_runs_on_the_tiny_wan(wan_server, tiny_clip_l, tmp_path):
-    from tools.run_workflow import editor_state_for, fill_inputs, saved_images
+    from dragrun.run_workflow import editor_state_for, fill_inputs, saved_images
+    from dragrun.workflow_format import ui_to_api
     from tools.tiny_wan import drop_clip_vision, tiny_wan_i2v_path, tiny_wan_vae_path, use_tiny_wan_text_encoder
-    from tools.workflow_format import ui_to_api
 
     prompt = ui_to_api(json.loads(WORKFLOW.read_text()), wan_server.object_info())
     ids = {n["class_type"]: i for i, n in prompt.items()}

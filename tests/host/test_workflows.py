@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
+from dragrun.run_workflow import editor_state_for, fill_inputs, saved_images
+from dragrun.workflow_format import ui_to_api
 from tools.make_workflows import missing_on_host
-from tools.run_workflow import editor_state_for, fill_inputs, saved_images
 from tools.tiny_inpaint import stand_ins_for, tiny_checkpoints
 from tools.tiny_models import UPSCALER_SCALE
 from tools.tiny_sam3 import feed_sam3_mask
-from tools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.host
 
@@ -241,7 +241,7 @@ def test_each_workflow_has_a_thumbnail_and_a_note_that_says_what_to_select_first
 
 
 def test_main_job_command_runs(tmp_path, comfyui):
-    from tools.run_workflow import main
+    from dragrun.run_workflow import main
 
     sample = SAMPLE
     small = tmp_path / "sample"
@@ -271,7 +271,7 @@ def downscaled_drag100(source: Path, target: Path, factor: int) -> None:
 
 def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui, capsys):
     """``--batch`` on two Drag100 samples (downscaled 4x) and a broken one, tiny checkpoint; then again."""
-    from tools.run_workflow import main
+    from dragrun.run_workflow import main
 
     if not DRAG100.exists():
         pytest.skip(f"{DRAG100} (the Drag100 samples) is not present")
@@ -323,7 +323,7 @@ def test_runner_timeout_cancels_the_prompt(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from tools.comfy_host import ComfyServer, ComfyServerError
+    from dragrun.comfy_host import ComfyServer, ComfyServerError
 
     posts = []
 

@@ -10,9 +10,9 @@ workflow in ``workflows/``:
    (``/api/workflow_templates/dragkit/<name>.json`` then
    ``app.loadGraphData``).
 2. The frontend reads it as saved: its widget names per node are those of
-   :func:`tools.workflow_format.widget_layout`, re-serializing the graph
+   :func:`dragrun.workflow_format.widget_layout`, re-serializing the graph
    gives the same ``widgets_values``, and ``app.graphToPrompt()`` gives the
-   same API prompt as :func:`tools.workflow_format.ui_to_api` (which the
+   same API prompt as :func:`dragrun.workflow_format.ui_to_api` (which the
    headless runner and the host tests use).
 3. A user picks the image (Load Image), the checkpoint (the tiny stand-in
    for the workflow's placeholder: the tiny SDXL one with its text encoders
@@ -46,10 +46,10 @@ import time
 import pytest
 from PIL import Image
 
-from tools.comfy_host import PACK_FOLDER_NAME, repo_root
+from dragrun.comfy_host import PACK_FOLDER_NAME, repo_root
+from dragrun.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 from tools.make_workflows import missing_on_host
 from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints, tiny_clip_l_path
-from tools.workflow_format import FRONTEND_ONLY, ui_to_api, widget_layout
 
 from .browser import Browser, chromium, comfyui_page
 
@@ -153,7 +153,7 @@ def test_workflow_loads_clean_and_queues_in_the_frontend(workflow, comfy_server,
         assert chrome.js(f"app.graph.nodes.find(n => n.type === '{EDITOR_CLASS}')"
                          ".widgets.find(w => w.name === 'editor_state').value") == ""
 
-    # -- 2. the frontend reads the widgets as saved, and converts it like tools.workflow_format
+    # -- 2. the frontend reads the widgets as saved, and converts it like dragrun.workflow_format
     info = comfy_server.object_info()
     frontend_widgets = chrome.js("Object.fromEntries(app.graph.nodes.map(n => [n.id, (n.widgets ?? [])"
                                  ".filter(w => w.serialize !== false).map(w => w.name)]))")

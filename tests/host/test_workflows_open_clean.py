@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.comfy_host import PACK_FOLDER_NAME, comfyui_path, repo_root
+from dragrun.comfy_host import PACK_FOLDER_NAME, comfyui_path, repo_root
 
 from .browser import Browser, chromium, comfyui_page, frontend_mode, vue_nodes
 
