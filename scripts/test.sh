@@ -96,10 +96,11 @@ done
 
 # Two pytest workers (pytest-xdist) by default: most tests run tiny models, where one Python thread is the
 # limit, so two cores finish the suite in about half the time. Whole files go to one worker (--dist loadfile),
-# so a file's module-scoped server, browser or model is made once.
+# so a file's module-scoped server, browser or model is made once, in the order tests/conftest.py collects
+# them (--no-loadscope-reorder): the longest files first, so the workers finish together.
 workers="${DRAGKIT_TEST_WORKERS:-2}"
 parallel=()
-[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 for arg in ${args[@]+"${args[@]}"}; do
     case "$arg" in -n|-n[0-9]*|--numprocesses*) parallel=(); workers="(as given)" ;; esac   # the caller's -n wins
 done

@@ -59,7 +59,35 @@ from tools import tiny_flux, tiny_inpaint, tiny_models, tiny_sdxl_sd2, tiny_wan
 HOST_DIR = Path(__file__).resolve().parent / "host"
 
 
+HEAVY_FIRST = (
+    "host/test_workflows.py",
+    "host/test_workflows_browser.py",
+    "host/test_fresh_clone.py",
+    "host/test_bench_sdxl_host.py",
+    "test_bench.py",
+    "host/test_sdxl_sd2_host.py",
+    "host/test_sdxl_workflows_host.py",
+    "host/test_workflows_open_clean.py",
+)
+"""The test files that take about a minute or more on 2 cores (CI's JUnit times), longest first. They run
+first: ``scripts/test.sh`` hands whole files to its pytest workers in collection order
+(``--dist loadfile --no-loadscope-reorder``), so starting with the longest lets the workers finish together
+instead of one running a long file alone at the end. Order only; ``tests/test_suite_order.py`` checks each exists."""
+
+
+def _schedule_heavy_first(items: list) -> None:
+    """Reorder ``items`` in place: the files of :data:`HEAVY_FIRST` in its order, then the others by their number
+    of tests, most first (what pytest-xdist's own reordering does), each file's tests in their own order."""
+    files: dict[Path, list] = {}
+    for item in items:
+        files.setdefault(Path(item.path).resolve(), []).append(item)
+    rank = {(Path(__file__).resolve().parent / name).resolve(): i for i, name in enumerate(HEAVY_FIRST)}
+    order = sorted(files, key=lambda path: (rank.get(path, len(rank)), -len(files[path])))
+    items[:] = [item for path in order for item in files[path]]
+
+
 def pytest_collection_modifyitems(config, items):
+    _schedule_heavy_first(items)
     problem = comfy_host.comfyui_problem()
     skip_host = pytest.mark.skip(reason=problem) if problem else None
     for item in items:
