@@ -107,7 +107,6 @@ _MAX_OFFSETS = 1 << 16
 """Largest neighbour disc :func:`grid_idw` searches before it compares the remaining queries with every reference."""
 
 _CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
-_RING = _CROSS + ((-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -293,8 +292,7 @@ def _move_region(
     if queries.shape[0] == 0:
         source = empty
     elif neighbours == "exact":
-        kept = first_per_pixel(moved, handle_distance)
-        source = torch.round(queries.float() + grid_idw(queries, _take(moved, kept), _take(back, kept))).long()
+        source = exact_sources(queries, moved, back, handle_distance)
     else:
         source = torch.round(queries.float() + released_idw(queries.float(), moved.float(), back.float())).long()
     return box, top, left, queries, source
@@ -306,13 +304,14 @@ def _move_region(
 def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
     """Label the connected components of a ``(H, W)`` bool mask.
 
-    Min-label propagation: every pixel starts with its raster index; each
-    round it takes the smallest label of its horizontal run of mask pixels,
-    then of its vertical run (which covers the 4-neighbours), with 8-connectivity
-    first the smallest among its diagonal neighbours, then jumps to its
-    label's label (pointer jumping), until nothing changes. Runs carry a
-    label across a whole straight stretch per round, so convex shapes settle
-    in two or three rounds.
+    Works on runs (the consecutive set pixels of a row): a run touches the
+    runs of the next row whose column spans overlap its own (with
+    8-connectivity: its own grown by one column, for the diagonal
+    neighbours); those form a contiguous range of that row's runs, found by
+    binary search. The runs' components come from min-label propagation
+    along these pairs with pointer jumping (each run starts with its own
+    index and takes the smallest label among its pairs, then its label's
+    label), until nothing changes; every pixel then takes its run's label.
 
     Args:
         mask: ``(H, W)`` bool.
@@ -323,46 +322,32 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Ten
         its first pixel; -1 outside the mask.
     """
     height, width = mask.shape
-    total = height * width
-    small = torch.int32 if total < 2**31 - 1 else torch.int64
-    row_runs = _runs(mask)
-    column_runs, column_count = _runs(mask.T.contiguous())
-    column_runs = (column_runs.T.contiguous(), column_count)
-    labels = torch.where(mask, torch.arange(total, device=mask.device, dtype=small).reshape(height, width), total)
-    sentinel = labels.new_full((1,), total)
+    device = mask.device
+    padded = F.pad(mask, (1, 1), value=False)
+    first = torch.nonzero((mask & ~padded[:, :-2]).reshape(-1)).flatten()  # raster index of each run's first pixel
+    last = torch.nonzero((mask & ~padded[:, 2:]).reshape(-1)).flatten()
+    if first.numel() == 0:
+        return torch.full((height, width), -1, dtype=torch.long, device=device)
+    row = torch.div(first, width, rounding_mode="floor")
+    stride = width + 2  # keys row * stride + column + 1: a column grown by one stays within its row
+    start_key, end_key = first + 2 * row + 1, last + 2 * row + 1
+    grow = 1 if connectivity == 8 else 0
+    low = torch.searchsorted(end_key, start_key + stride - grow)  # the first next-row run ending at or after the span
+    high = torch.searchsorted(start_key, end_key + stride + grow, right=True)  # past the last one starting within it
+    count = (high - low).clamp(min=0)
+    runs = torch.arange(first.numel(), device=device)
+    upper = torch.repeat_interleave(runs, count)
+    lower = _take(low, upper) + torch.arange(upper.numel(), device=device) - _take(torch.cumsum(count, 0) - count, upper)
+    label = runs
     while True:
-        smallest = labels
-        if connectivity == 8:
-            padded = F.pad(labels, (1, 1, 1, 1), value=total)
-            for dy, dx in _RING[4:]:
-                smallest = torch.minimum(smallest, padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width])
-            smallest = torch.where(mask, smallest, total)
-        smallest = _run_min(_run_min(smallest, row_runs, total), column_runs, total)
-        jumped = torch.cat([smallest.reshape(-1), sentinel])
-        jumped = _take(jumped, _take(jumped, jumped))
-        update = jumped[:total].reshape(height, width)
-        if torch.equal(update, labels):
-            return torch.where(mask, labels.long(), -1)
-        labels = update
-
-
-def _runs(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Run index of every pixel of a ``(H, W)`` bool mask: consecutive set pixels of a row share one.
-
-    Returns ``(run, count)``: ``(H, W)`` int64 (unset pixels get run ``count``) and the number of runs.
-    """
-    starts = mask & ~F.pad(mask, (1, 0), value=False)[:, :-1]
-    run = torch.cumsum(starts.reshape(-1), 0).reshape(mask.shape) - 1
-    count = int(starts.sum())
-    return torch.where(mask, run, count), count
-
-
-def _run_min(labels: torch.Tensor, runs: tuple[torch.Tensor, int], total: int) -> torch.Tensor:
-    """Each pixel's label replaced by the smallest label of its run (``total`` outside the mask)."""
-    run, count = runs
-    smallest = labels.new_full((count + 1,), total)
-    smallest.scatter_reduce_(0, run.reshape(-1), labels.reshape(-1), reduce="amin")
-    return _take(smallest, run)
+        smallest = torch.minimum(_take(label, upper), _take(label, lower))
+        update = label.scatter_reduce(0, upper, smallest, reduce="amin").scatter_reduce_(0, lower, smallest, reduce="amin")
+        update = _take(update, _take(update, update))
+        if torch.equal(update, label):
+            break
+        label = update
+    run = torch.cumsum(torch.zeros(height * width, dtype=torch.long, device=device).index_fill_(0, first, 1), 0) - 1
+    return torch.where(mask.reshape(-1), _take(_take(first, label), run.clamp(min=0)), -1).reshape(height, width)
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
@@ -739,71 +724,105 @@ def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def first_per_pixel(moved: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
-    """One reference per moved pixel: where several region pixels land on the same pixel, the one of smallest ``priority``.
+def exact_sources(queries: torch.Tensor, moved: torch.Tensor, back: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """The ``exact`` backward map: each target pixel's source pixel ``round(q + grid_idw(q))``.
 
-    Used by the ``exact`` backward map with ``priority`` = distance to the
-    nearest handle, so where the forward map folds the region over itself a
-    handle's own content, not a mean of everything that landed there, comes
-    back (ties: the earlier pixel in raster order).
+    The references are the moved pixels, one per pixel: where several region
+    pixels land on the same pixel, the one of smallest ``priority`` (the
+    distance to the nearest handle), so where the forward map folds the
+    region over itself a handle's own content, not a mean of everything that
+    landed there, comes back (ties: the earlier pixel in raster order).
+
+    A query holding a reference at its own pixel takes that reference's
+    source directly: its weight ``1 / 1e-6`` outweighs the other three
+    (``<= 1`` each) a million times, so the IDW lies within
+    ``3e-6 * max|v_j - v_0|`` (< 0.2 for vectors under 2^15) plus float error
+    of the integer ``v_0`` and rounds to it. Only the other queries (where
+    the move stretched the region) are interpolated.
 
     Args:
-        moved: ``(R, 2)`` int64 ``(x, y)`` moved positions, in raster order of their sources.
+        queries: ``(Q, 2)`` int64 ``(x, y)`` target pixels, distinct.
+        moved: ``(R, 2)`` int64 ``(x, y)`` moved positions, in raster order of their sources, ``R >= 1``.
+        back: ``(R, 2)`` int64 vectors from each moved position back to its source.
         priority: ``(R,)`` float.
 
     Returns:
-        ``(K,)`` int64 indices of the kept references, ascending.
+        ``(Q, 2)`` int64 ``(x, y)`` source pixels.
     """
+    count = moved.shape[0]
     low = moved.min(0).values
     size = moved.max(0).values - low + 1
     width, height = int(size[0]), int(size[1])
     cells = (moved[:, 1] - low[1]) * width + (moved[:, 0] - low[0])
     best = priority.new_full((height * width,), float("inf")).scatter_reduce_(0, cells, priority, reduce="amin")
-    index = torch.arange(moved.shape[0], device=moved.device)
-    candidate = torch.where(priority == _take(best, cells), index, moved.shape[0])
-    first = torch.full_like(best, moved.shape[0], dtype=torch.long).scatter_reduce_(0, cells, candidate, reduce="amin")
-    return torch.nonzero(_take(first, cells) == index).flatten()
+    index = torch.arange(count, device=moved.device)
+    candidate = torch.where(priority == _take(best, cells), index, count)
+    owner = torch.full_like(best, count, dtype=torch.long).scatter_reduce_(0, cells, candidate, reduce="amin")
+    kept = torch.nonzero(_take(owner, cells) == index).flatten()
+    local = queries - low
+    on_box = (local[:, 0] >= 0) & (local[:, 0] < width) & (local[:, 1] >= 0) & (local[:, 1] < height)
+    at = torch.where(on_box, _take(owner, torch.where(on_box, local[:, 1] * width + local[:, 0], 0)), count)
+    hit = at < count
+    source = _take(moved + back, at.clamp(max=count - 1))
+    if not bool(hit.all()):
+        value = grid_idw(queries, _take(moved, kept), _take(back, kept), wanted=~hit)
+        source = torch.where(hit[:, None], source, torch.round(queries.float() + value).long())
+    return source
 
 
-def grid_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST) -> torch.Tensor:
+def grid_idw(
+    queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int = NEAREST, wanted: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`idw` of integer points over their exact ``k`` nearest integer references, without an all-pairs search.
 
     Every query walks the lattice offsets in the order of ``(|o|^2, dy, dx)``
     and takes the references it finds (several may share a pixel; they are
     taken in their given order) until it has ``k``. Offsets of length <= 1
-    are walked for the whole grid at once, one shifted slice per offset; the
-    few queries that then hold fewer than ``k`` (at the region's edge, in
-    holes of the moved region) search discs of radius 2, 4, 8, ... (a disc
+    are walked first for every query (one gather per offset); the few
+    queries that then hold fewer than ``k`` (at the region's edge, in holes
+    of the moved region) search discs of radius 2, 4, 8, ... (a disc
     holding ``k`` references decides a query: every other reference is
     farther), and past :data:`_MAX_OFFSETS` offsets are compared with every
-    reference in the same order (:func:`_ordered_idw`).
+    reference in the same order (:func:`_ordered_idw`). Up to
+    :data:`_CHUNK_ELEMENTS` query-reference pairs, every query is compared
+    with every reference instead.
 
     Args:
         queries: ``(Q, 2)`` int64 ``(x, y)``, distinct.
         references: ``(R, 2)`` int64 ``(x, y)``, ``R >= 1``.
         vectors: ``(R, 2)`` int64 vectors.
         k: neighbours (all references when ``R <= k``).
+        wanted: ``(Q,)`` bool, the queries to interpolate (the others get 0);
+            the choice between the two searches above still counts all ``Q``,
+            so each query gets the same value bit for bit whichever others
+            are wanted.
 
     Returns:
         ``(Q, 2)`` float32 interpolated vectors.
     """
     device = queries.device
     nearest = min(k, references.shape[0])
-    if queries.shape[0] * references.shape[0] <= _CHUNK_ELEMENTS:
-        return _ordered_idw(queries, references, vectors, nearest)
+    all_pairs = queries.shape[0] * references.shape[0] <= _CHUNK_ELEMENTS
+    out = torch.zeros(queries.shape[0], 2, device=device)
+    chosen = torch.arange(queries.shape[0], device=device) if wanted is None else torch.nonzero(wanted).flatten()
+    if chosen.numel() == 0:
+        return out
+    queries = queries.index_select(0, chosen)
+    if all_pairs:
+        return out.index_copy_(0, chosen, _ordered_idw(queries, references, vectors, nearest))
     grid = _ReferenceGrid(queries, references, vectors, nearest)
-    out, pending = grid.unit_disc()
+    value, pending = grid.unit_disc()
     radius = 2
     while pending.numel():
         offsets, distance = _disc(radius, device)
         if offsets.shape[0] > _MAX_OFFSETS:
-            out[pending] = _ordered_idw(queries[pending], references, vectors, nearest)
+            value[pending] = _ordered_idw(queries[pending], references, vectors, nearest)
             break
-        value, decided = grid.search(queries[pending], offsets, distance)
-        out[pending[decided]] = value[decided]
+        found, decided = grid.search(queries[pending], offsets, distance)
+        value[pending[decided]] = found[decided]
         pending = pending[~decided]
         radius *= 2
-    return out
+    return out.index_copy_(0, chosen, value)
 
 
 class _ReferenceGrid:
@@ -814,64 +833,45 @@ class _ReferenceGrid:
         self.low = torch.minimum(references.min(0).values, queries.min(0).values)
         size = torch.maximum(references.max(0).values, queries.max(0).values) - self.low + 1
         self.width, self.height = int(size[0]), int(size[1])
-        cells = self.cells = self._cells(references)
-        self.vectors = vectors
+        cells = self._cells(references)
         self.counts = torch.bincount(cells, minlength=self.height * self.width)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.fullest = int(self.counts.max())
-        if self.fullest == 1:  # one reference per cell: its cell's start is its place
-            self.sorted_vectors = torch.empty_like(vectors).index_copy_(0, _take(self.starts, cells), vectors)
+        if int(self.counts.max()) == 1:  # one reference per cell: its cell's start is its place
+            sorted_vectors = torch.empty_like(vectors).index_copy_(0, _take(self.starts, cells), vectors)
         else:
-            self.sorted_vectors = _take(vectors, torch.argsort(cells, stable=True))
-        self.prefix = F.pad(torch.cumsum(self.sorted_vectors, 0), (0, 0, 1, 0))
+            sorted_vectors = _take(vectors, torch.argsort(cells, stable=True))
+        self.prefix = F.pad(torch.cumsum(sorted_vectors, 0), (0, 0, 1, 0))
 
     def _cells(self, points: torch.Tensor) -> torch.Tensor:
         return (points[:, 1] - self.low[1]) * self.width + (points[:, 0] - self.low[0])
 
     def unit_disc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Walk the offsets of length <= 1 for every grid cell at once.
+        """Walk the offsets of length <= 1 for every query, one offset at a time (elementwise over the queries).
 
         Returns:
             ``(out, pending)``: ``(Q, 2)`` float32 values of the queries holding
             ``k`` references within distance 1 (0 elsewhere) and the ``(P,)``
             indices of the other queries.
         """
-        height, width, nearest = self.height, self.width, self.nearest
-        counts = self.counts.clamp(max=nearest).to(torch.int32).reshape(height, width)
-        # channels first (2, H, W) below: whole rows of cells per operation
-        sums, running = [], None  # sums[j - 1]: each cell's first j vectors added up (exact integers)
-        if self.fullest == 1:  # one reference per cell: scatter the references instead of gathering every cell
-            plane = torch.zeros(2 * height * width, device=counts.device)
-            plane.index_copy_(0, torch.cat([self.cells, self.cells + height * width]), self.vectors.T.reshape(-1).float())
-            sums.append(plane.reshape(2, height, width))
-        else:
-            columns = self.sorted_vectors.T.contiguous()
-            for t in range(min(nearest, self.fullest)):
-                present = self.counts > t
-                vector = torch.where(present, columns.index_select(1, torch.where(present, self.starts + t, 0)), 0)
-                running = vector if running is None else running + vector
-                sums.append(running.float().reshape(2, height, width))
-        have = torch.zeros_like(counts)  # references taken so far (at most ``nearest``)
-        total = torch.zeros(2, height, width, device=counts.device)
-        weight = torch.zeros(height, width, device=counts.device)
+        nearest = self.nearest
+        x, y = self.queries[:, 0] - self.low[0], self.queries[:, 1] - self.low[1]
+        have = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)  # references taken so far (<= nearest)
+        total = torch.zeros(x.shape[0], 2, device=x.device)
+        weight = torch.zeros(x.shape[0], device=x.device)
         offsets, distance = _disc(1, torch.device("cpu"))
         for (dx, dy), length in zip(offsets.tolist(), distance.tolist()):
-            rows, cols = _overlap(dy, height), _overlap(dx, width)
-            if rows is None or cols is None:
-                continue
-            target, source = (rows[0], cols[0]), (rows[1], cols[1])
-            take = torch.minimum(nearest - have[target], counts[source])
+            on_grid = (x + dx >= 0) & (x + dx < self.width) & (y + dy >= 0) & (y + dy < self.height)
+            cell = torch.where(on_grid, (y + dy) * self.width + (x + dx), 0)
+            count = torch.where(on_grid, _take(self.counts, cell), 0).clamp(max=nearest).to(torch.int32)
+            take = torch.minimum(nearest - have, count)
+            first = _take(self.starts, cell)
+            picked = (_take(self.prefix, first + take) - _take(self.prefix, first)).float()  # exact integer sums
             w = 1 / (length + IDW_EPS)
-            picked = 0.0
-            for j, summed in enumerate(sums, 1):
-                picked = torch.where(take == j, summed[:, source[0], source[1]], picked)
-            total[:, target[0], target[1]] += w * picked
-            weight[target] += w * take
-            have[target] += take
-        cells = self._cells(self.queries)
-        decided = _take(have.reshape(-1), cells) >= nearest
-        out = total.reshape(2, -1).index_select(1, cells) / _take(weight.reshape(-1), cells).clamp(min=IDW_EPS)
-        out = torch.where(decided, out, 0.0).T.contiguous()
+            total += w * picked
+            weight += w * take
+            have += take
+        decided = have >= nearest
+        out = torch.where(decided[:, None], total / weight.clamp(min=IDW_EPS)[:, None], 0.0)
         return out, torch.nonzero(~decided).flatten()
 
     def search(self, queries: torch.Tensor, offsets: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -896,13 +896,6 @@ class _ReferenceGrid:
             values.append((weights[:, None] * picked).sum(1) / (weights * take).sum(1, keepdim=True).clamp(min=IDW_EPS))
             decided.append(count.sum(1) >= self.nearest)
         return torch.cat(values), torch.cat(decided)
-
-
-def _overlap(shift: int, size: int) -> tuple[slice, slice] | None:
-    """``(target, source)`` slices of an axis of ``size`` cells where ``source = target + shift`` stays inside."""
-    if abs(shift) >= size:
-        return None
-    return slice(max(-shift, 0), size - max(shift, 0)), slice(max(shift, 0), size - max(-shift, 0))
 
 
 def _ordered_idw(queries: torch.Tensor, references: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dragkit.pixel_warp import (
     dilate,
     dilate_disc,
     euler_number,
+    exact_sources,
     fill_holes,
     fill_polygons,
     grid_idw,
@@ -246,6 +247,22 @@ def test_connected_components_match_a_flood_fill(seed):
         assert torch.equal(connected_components(mask, connectivity), _components_reference(mask, connectivity))
 
 
+def test_connected_components_follow_a_long_winding_path():
+    """A serpentine one-pixel path (one run per row in the turns, the label travels end to end) and a
+    diagonal staircase (8-connected only): each is one component."""
+    mask = torch.zeros(41, 40, dtype=torch.bool)
+    mask[0::4, 1:39] = True
+    mask[1::8, 38] = mask[2::8, 38] = mask[3::8, 38] = True
+    mask[5::8, 1] = mask[6::8, 1] = mask[7::8, 1] = True
+    for connectivity in (4, 8):
+        labels = connected_components(mask, connectivity)
+        assert torch.equal(labels, _components_reference(mask, connectivity))
+        assert torch.unique(labels[mask]).numel() == 1
+    stairs = torch.eye(30, dtype=torch.bool).flip(1)
+    assert torch.unique(connected_components(stairs, 8)[stairs]).tolist() == [29]
+    assert torch.unique(connected_components(stairs, 4)[stairs]).numel() == 30
+
+
 def test_regions_fill_holes_and_join_diagonal_neighbours():
     mask = torch.zeros(20, 20, dtype=torch.bool)
     mask[2:12, 2:12] = True
@@ -308,6 +325,35 @@ def test_grid_idw_takes_the_exact_nearest_references(seed, monkeypatch):
     sparse = references[::60]  # five references far apart: the discs must grow
     expected = _ordered_reference(queries, sparse.tolist(), vectors[::60].tolist())
     assert torch.allclose(grid_idw(queries, sparse, vectors[::60]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_sources_equal_the_rounded_idw_over_one_reference_per_pixel(seed, monkeypatch):
+    """The exact backward map's shortcut (a query with a reference on its own pixel takes that
+    reference's source) gives what rounding the IDW over every query gives; both kinds of query occur."""
+    import dragkit.pixel_warp as module
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 40, (900, 2), generator=gen)
+    moved = pixels // 2 * 3 + torch.randint(-1, 2, (900, 2), generator=gen)  # stretched (holes) and folded (shared)
+    back = pixels - moved
+    priority = torch.rand(900, generator=gen)
+    queries = torch.unique(torch.randint(-2, 62, (1500, 2), generator=gen), dim=0)
+    kept = {}
+    for j in range(900):  # the reference of a pixel: smallest priority, then the earlier one
+        key = tuple(moved[j].tolist())
+        if key not in kept or priority[j] < priority[kept[key]]:
+            kept[key] = j
+    kept = torch.tensor(sorted(kept.values()))
+    on_reference = torch.tensor([tuple(q) in {tuple(m) for m in moved[kept].tolist()} for q in queries.tolist()])
+    assert 0 < int(on_reference.sum()) < queries.shape[0]
+    for chunk in (1 << 22, 4096):  # all pairs, then the grid
+        monkeypatch.setattr(module, "_CHUNK_ELEMENTS", chunk)
+        expected = torch.round(queries.float() + grid_idw(queries, moved[kept], back[kept])).long()
+        assert torch.equal(exact_sources(queries, moved, back, priority), expected)
+        some = grid_idw(queries, moved[kept], back[kept], wanted=~on_reference)
+        assert torch.equal(some[~on_reference], grid_idw(queries, moved[kept], back[kept])[~on_reference])
+        assert not some[on_reference].any()
 
 
 def test_idw_uses_the_nearest_handles():
