@@ -378,7 +378,8 @@ function forwardMap(id, box, labels, width, h, source) {
  * each boundary pixel of the target (a 4-neighbour outside it; the image border counts only where
  * the target really ends there) into `band` (width*height bytes each): OpenCV's thick line. Leaves
  * the target pixels inside the image (the backward map's queries) in raster order in scratch qx/qy;
- * returns {count, box}, the box [x0, y0, x1, y1] of those pixels (x0 > x1 when there are none).
+ * returns {count, box, bandBox}: the box [x0, y0, x1, y1] of those pixels (x0 > x1 when there are
+ * none) and, when there are, the box the band may reach (the filled box grown by `radius`, unclipped).
  */
 function movedTarget(id, box, labels, width, height, h, landed, margin, radius, band) {
   const pw = width + 2;
@@ -492,14 +493,16 @@ function movedTarget(id, box, labels, width, height, h, landed, margin, radius, 
     const spans = discSpans(radius);
     for (let y = ty0; y <= ty1; y++) {
       const frow = (y - ty0 + 1) * fw + 1 - c0;
+      let previous = false; // the boundary pixel left of this one was stamped
       for (let x = c0; x <= tx1; x++) {
         const f = frow + x;
-        if (!target[f] || (target[f - 1] && target[f + 1] && target[f - fw] && target[f + fw])) continue;
-        stampDisc(band, width, height, x, y, spans);
+        const edge = target[f] && !(target[f - 1] && target[f + 1] && target[f - fw] && target[f + fw]);
+        if (edge) stampDisc(band, width, height, x, y, spans, previous);
+        previous = edge;
       }
     }
   }
-  return { count: queries, box: [qx0, qy0, qx1, qy1] };
+  return { count: queries, box: [qx0, qy0, qx1, qy1], bandBox: [c0 - radius, ty0 - radius, tx1 + radius, ty1 + radius] };
 }
 
 /** Half-widths of the rows of the lattice disc dx^2 + dy^2 <= radius^2, for dy = 0..radius. */
@@ -507,16 +510,19 @@ function discSpans(radius) {
   return Int32Array.from({ length: radius + 1 }, (_, dy) => Math.floor(Math.sqrt(radius * radius - dy * dy)));
 }
 
-/** Set the disc of `spans` (discSpans) around pixel (x, y), which may lie outside the image, in `band`. */
-function stampDisc(band, width, height, x, y, spans) {
+/**
+ * Set the disc of `spans` (discSpans) around pixel (x, y), which may lie outside the image, in `band`.
+ * With `after` (the same disc was stamped around (x - 1, y)) only the right end of each row is new.
+ */
+function stampDisc(band, width, height, x, y, spans, after) {
   const radius = spans.length - 1;
   for (let dy = -radius; dy <= radius; dy++) {
     const yy = y + dy;
     if (yy < 0 || yy >= height) continue;
     const reach = spans[dy < 0 ? -dy : dy];
-    const from = Math.max(0, x - reach);
+    const from = Math.max(0, after ? x + reach : x - reach);
     const to = Math.min(width - 1, x + reach);
-    if (from <= to) band.fill(1, yy * width + from, yy * width + to + 1);
+    for (let i = yy * width + from; i <= yy * width + to; i++) band[i] = 1;
   }
 }
 
@@ -654,6 +660,7 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
   let y0 = height;
   let x1 = -1;
   let y1 = -1;
+  const reached = [width, height, -1, -1]; // the box every band stamp lies in
   for (const id of regionIds) {
     const chosen = movedPairs.filter((i) => handleLabels[i] === id);
     const h = {
@@ -666,7 +673,10 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
     const box = boxes.slice(4 * id, 4 * id + 4);
     const forward = forwardMap(id, box, labels, width, h, source);
     const target = movedTarget(id, box, labels, width, height, h, landed, kernel ? radius + 1 : 0, radius, bandMask);
-    if (target.count) backwardMap(forward, target, width, height, rgba, out, noSource);
+    if (target.count) {
+      backwardMap(forward, target, width, height, rgba, out, noSource);
+      for (let j = 0; j < 4; j++) reached[j] = (j < 2 ? Math.min : Math.max)(reached[j], target.bandBox[j]);
+    }
     for (const [bx0, by0, bx1, by1] of [box, target.box]) {
       if (bx0 > bx1) continue;
       x0 = Math.min(x0, bx0);
@@ -682,7 +692,10 @@ export function pixelWarp({ width, height, rgba, mask, handles, targets, band = 
       for (let i = y * width + x0; i <= y * width + x1; i++) grow[i] = source[i] & (landed[i] ^ 1);
     }
     dilateBox(grow, inpaint, width, height, x0, y0, x1, y1, kernel >> 1);
-    for (let i = 0; i < n; i++) inpaint[i] |= bandMask[i];
+    for (let y = Math.max(0, reached[1]); y <= Math.min(height - 1, reached[3]); y++) {
+      const row = y * width;
+      for (let x = Math.max(0, reached[0]); x <= Math.min(width - 1, reached[2]); x++) inpaint[row + x] |= bandMask[row + x];
+    }
   } else {
     for (let y = y0; y <= y1; y++) {
       for (let i = y * width + x0; i <= y * width + x1; i++) inpaint[i] = source[i] & (landed[i] ^ 1);

@@ -124,6 +124,7 @@ CASES = {
     "a region on the border, band 3": ("border", [[30, 4]], [[38, 4]], 3, 0),
     "a region leaving past the border, band 7": ("border", [[30, 4]], [[30, -3]], 7, 0),
     "sources outside the image, no band": ("left", [[2, 15], [6, 12]], [[4, 15], [6, 12]], 0, 0),
+    "a region stretched past the border: band from its part outside the image, band 5": ("left", [[2, 10], [4, 19]], [[-12, 4], [4, 19]], 5, 0),
 }
 """name: (mask kind, handles, targets, band, image pixels that may differ from Python's (see the module docstring))."""
 
