@@ -350,7 +350,167 @@ class ComfyServerError(AssertionError):
     """A failed request, prompt or start-up of the test server (message has the log tail)."""
 
 
-class ComfyServer:
+class ComfyClient:
+    """ComfyUI's HTTP API at ``url``: a server this process started (:class:`ComfyServer`) or one already running.
+
+    Prompts are followed by polling ``/history/<id>``; inputs go up through
+    ``/upload/image`` and outputs come back through ``/view``, so the server
+    may be on another machine.
+    """
+
+    proc: subprocess.Popen | None = None
+    """The server's process when this process started it (its exit ends a :meth:`wait` early)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _fail(self, message: str) -> None:
+        raise ComfyServerError(f"{message} ({self.url})")
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def get(self, route: str, **kw):
+        import requests
+
+        kw.setdefault("timeout", 60)
+        return requests.get(self.url + route, **kw)
+
+    def post(self, route: str, **kw):
+        import requests
+
+        kw.setdefault("timeout", 60)
+        return requests.post(self.url + route, **kw)
+
+    def get_json(self, route: str) -> Any:
+        r = self.get(route)
+        if r.status_code != 200:
+            self._fail(f"GET {route} -> {r.status_code}: {r.text[:2000]}")
+        return r.json()
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """``GET /object_info`` (or ``/object_info/<class>``)."""
+        return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def queue_prompt(self, api_prompt: dict, extra_data: dict | None = None) -> str:
+        """``POST /prompt`` with an API-format prompt; returns the prompt id.
+
+        Raises :class:`ComfyServerError` (with ``node_errors``) on HTTP 400 or
+        when the server accepted the prompt but reported node errors (ComfyUI
+        then silently runs only the valid outputs).
+        """
+        body = {"prompt": api_prompt, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        r = self.post("/prompt", json=body)
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"error": r.text}
+        if r.status_code != 200:
+            self._fail(
+                f"POST /prompt -> {r.status_code}: error={json.dumps(data.get('error'), indent=1)}\n"
+                f"node_errors={json.dumps(data.get('node_errors'), indent=1)}"
+            )
+        if data.get("node_errors"):
+            self._fail(f"POST /prompt accepted with node_errors={json.dumps(data['node_errors'], indent=1)}")
+        return data["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
+
+    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.2) -> dict:
+        """Poll ``/history/<id>`` until the prompt finished; returns its history entry.
+
+        Raises :class:`ComfyServerError` with the node, exception message,
+        traceback and log tail when execution failed, was interrupted, or timed
+        out; a timed-out prompt is cancelled first (:meth:`cancel`), so a prompt
+        queued next does not wait behind it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.history(prompt_id)
+            if entry is not None:
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error" or not status.get("completed", True):
+                    self._fail("prompt failed: " + _describe_status(status))
+                if status.get("completed") or status.get("status_str") == "success":
+                    return entry
+            if self.proc is not None and self.proc.poll() is not None:
+                self._fail(f"ComfyUI exited with code {self.proc.returncode} while running {prompt_id}")
+            if time.monotonic() > deadline:
+                self.cancel(prompt_id)
+                self._fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s (cancelled)")
+            time.sleep(poll)
+
+    def run(self, api_prompt: dict, timeout: float = 300.0) -> dict:
+        """``queue_prompt`` + ``wait``."""
+        return self.wait(self.queue_prompt(api_prompt), timeout=timeout)
+
+    def upload_image(self, path: os.PathLike | str, subfolder: str = "", overwrite: bool = True,
+                     kind: str = "input") -> str:
+        """``POST /upload/image``; returns the name to give LoadImage (``subfolder/name``)."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            r = self.post(
+                "/upload/image",
+                files={"image": (path.name, fh, "image/png")},
+                data={"type": kind, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
+            )
+        if r.status_code != 200:
+            self._fail(f"POST /upload/image -> {r.status_code}: {r.text[:500]}")
+        data = r.json()
+        return f"{data['subfolder']}/{data['name']}" if data.get("subfolder") else data["name"]
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def cancel(self, prompt_id: str) -> None:
+        """Remove ``prompt_id`` from the queue (``POST /queue`` delete), then interrupt it if it runs.
+
+        In this order a prompt that leaves the queue between the two requests
+        is still interrupted. ``/interrupt`` names the prompt, so another one
+        running is left alone. Best effort: a request that fails is ignored
+        (the caller is reporting the prompt's failure anyway).
+        """
+        import requests
+
+        for route, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
+            try:
+                self.post(route, json=body, timeout=10)
+            except requests.RequestException:
+                pass
+
+    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        self.post("/free", json={"unload_models": unload_models, "free_memory": free_memory})
+
+
+    def output_items(self, history_entry: dict) -> list[dict]:
+        """The ``{"filename", "subfolder", "type"}`` items of a finished prompt's ``ui`` outputs, saved images first.
+
+        Items of type ``output`` (SaveImage) come first; previews (``temp``)
+        only when nothing was saved.
+        """
+        items = [item for ui in (history_entry.get("outputs") or {}).values() for value in ui.values()
+                 if isinstance(value, list) for item in value if isinstance(item, dict) and "filename" in item]
+        saved = [item for item in items if (item.get("type") or "output") == "output"]
+        return saved or items
+
+    def download(self, item: dict) -> bytes:
+        """``GET /view`` of one output item (see :meth:`output_items`): the file's bytes."""
+        params = {"filename": item["filename"], "subfolder": item.get("subfolder") or "",
+                  "type": item.get("type") or "output"}
+        r = self.get("/view", params=params)
+        if r.status_code != 200:
+            self._fail(f"GET /view {params} -> {r.status_code}: {r.text[:500]}")
+        return r.content
+
+
+class ComfyServer(ComfyClient):
     """A headless ComfyUI server with this pack installed, as a context manager.
 
     ::
@@ -567,100 +727,6 @@ class ComfyServer:
     def _fail(self, message: str) -> None:
         raise ComfyServerError(f"{message}\n--- server log (tail) ---\n{self.log_tail()}")
 
-    # -- HTTP -------------------------------------------------------------------------------
-
-    def get(self, route: str, **kw):
-        import requests
-
-        kw.setdefault("timeout", 60)
-        return requests.get(self.url + route, **kw)
-
-    def post(self, route: str, **kw):
-        import requests
-
-        kw.setdefault("timeout", 60)
-        return requests.post(self.url + route, **kw)
-
-    def get_json(self, route: str) -> Any:
-        r = self.get(route)
-        if r.status_code != 200:
-            self._fail(f"GET {route} -> {r.status_code}: {r.text[:2000]}")
-        return r.json()
-
-    def object_info(self, node_class: str | None = None) -> dict:
-        """``GET /object_info`` (or ``/object_info/<class>``)."""
-        return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
-
-    def queue_prompt(self, api_prompt: dict, extra_data: dict | None = None) -> str:
-        """``POST /prompt`` with an API-format prompt; returns the prompt id.
-
-        Raises :class:`ComfyServerError` (with ``node_errors``) on HTTP 400 or
-        when the server accepted the prompt but reported node errors (ComfyUI
-        then silently runs only the valid outputs).
-        """
-        body = {"prompt": api_prompt, "client_id": self.client_id}
-        if extra_data:
-            body["extra_data"] = extra_data
-        r = self.post("/prompt", json=body)
-        try:
-            data = r.json()
-        except ValueError:
-            data = {"error": r.text}
-        if r.status_code != 200:
-            self._fail(
-                f"POST /prompt -> {r.status_code}: error={json.dumps(data.get('error'), indent=1)}\n"
-                f"node_errors={json.dumps(data.get('node_errors'), indent=1)}"
-            )
-        if data.get("node_errors"):
-            self._fail(f"POST /prompt accepted with node_errors={json.dumps(data['node_errors'], indent=1)}")
-        return data["prompt_id"]
-
-    def history(self, prompt_id: str) -> dict | None:
-        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
-
-    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.2) -> dict:
-        """Poll ``/history/<id>`` until the prompt finished; returns its history entry.
-
-        Raises :class:`ComfyServerError` with the node, exception message,
-        traceback and log tail when execution failed, was interrupted, or timed
-        out; a timed-out prompt is cancelled first (:meth:`cancel`), so a prompt
-        queued next does not wait behind it.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            entry = self.history(prompt_id)
-            if entry is not None:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or not status.get("completed", True):
-                    self._fail("prompt failed: " + _describe_status(status))
-                if status.get("completed") or status.get("status_str") == "success":
-                    return entry
-            if self.proc is not None and self.proc.poll() is not None:
-                self._fail(f"ComfyUI exited with code {self.proc.returncode} while running {prompt_id}")
-            if time.monotonic() > deadline:
-                self.cancel(prompt_id)
-                self._fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s (cancelled)")
-            time.sleep(poll)
-
-    def run(self, api_prompt: dict, timeout: float = 300.0) -> dict:
-        """``queue_prompt`` + ``wait``."""
-        return self.wait(self.queue_prompt(api_prompt), timeout=timeout)
-
-    def upload_image(self, path: os.PathLike | str, subfolder: str = "", overwrite: bool = True,
-                     kind: str = "input") -> str:
-        """``POST /upload/image``; returns the name to give LoadImage (``subfolder/name``)."""
-        path = Path(path)
-        with open(path, "rb") as fh:
-            r = self.post(
-                "/upload/image",
-                files={"image": (path.name, fh, "image/png")},
-                data={"type": kind, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
-            )
-        if r.status_code != 200:
-            self._fail(f"POST /upload/image -> {r.status_code}: {r.text[:500]}")
-        data = r.json()
-        return f"{data['subfolder']}/{data['name']}" if data.get("subfolder") else data["name"]
-
     def output_files(self, history_entry: dict, node_id: str | None = None) -> list[Path]:
         """Files referenced by the ``ui`` outputs (images, gifs, ...) of a history entry.
 
@@ -679,28 +745,6 @@ class ComfyServer:
                         kind = item.get("type") or "output"
                         files.append(self.base / kind / (item.get("subfolder") or "") / item["filename"])
         return files
-
-    def interrupt(self) -> None:
-        self.post("/interrupt")
-
-    def cancel(self, prompt_id: str) -> None:
-        """Remove ``prompt_id`` from the queue (``POST /queue`` delete), then interrupt it if it runs.
-
-        In this order a prompt that leaves the queue between the two requests
-        is still interrupted. ``/interrupt`` names the prompt, so another one
-        running is left alone. Best effort: a request that fails is ignored
-        (the caller is reporting the prompt's failure anyway).
-        """
-        import requests
-
-        for route, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
-            try:
-                self.post(route, json=body, timeout=10)
-            except requests.RequestException:
-                pass
-
-    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
-        self.post("/free", json={"unload_models": unload_models, "free_memory": free_memory})
 
 
 def _describe_status(status: dict) -> str:

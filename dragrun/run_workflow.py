@@ -24,6 +24,12 @@ by the evaluator; :mod:`dragrun.batch_layout`)::
     OUT/<sample folder name>/side_by_side.png    source | edited, points drawn
     OUT/timings.json                             see write_timings()
 
+**Beyond one server**: ``--server URL`` (repeatable) shares the samples out
+over ComfyUI servers that are already running (:mod:`dragrun.servers`:
+each is checked up front for the pack and the workflow's models). The workers get each sample's inputs over
+HTTP and send back its image (:mod:`dragrun.distribute`); this process alone
+writes ``OUT``, in the same layout.
+
 ``timings.json`` is rewritten atomically after every sample. A rerun with
 the same ``--out`` skips every sample recorded ``ok`` whose ``edited.png``
 exists; it must be the same run (workflow content, ``--prompt``, model files,
@@ -34,7 +40,8 @@ DragBench sample's own prompt is used unless ``--prompt`` is given.
 
 Exit codes: 0 done; 1 some sample failed (batch) or the workflow saved no
 image; 2 bad input (a message says which); 3 ComfyUI failed (did not start,
-exited during the batch, or the single run's prompt failed).
+exited during the batch: every worker lost, or the single run's prompt
+failed); 130 Ctrl+C during a batch (finished samples stay; a rerun resumes).
 
 Models: without ``--checkpoint`` the tiny seeded test checkpoint is used (for
 a workflow whose Load Checkpoint names the shipped SDXL placeholder, the tiny
@@ -49,6 +56,7 @@ they default to the tiny generated ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -69,6 +77,7 @@ from dragrun.refusals import NOT_FOR_THE_RUNNER
 
 from .batch_layout import EDITED, SIDE_BY_SIDE, TIMINGS, batch_sample_folders, draw_points, read_timings, write_png
 from .comfy_host import ComfyServer, ComfyServerError, comfyui_path, comfyui_problem
+from .distribute import Job, Recipe, Result, ServerWorker, distribute
 from .run_progress import NodeProgress, node_names, say, started
 from .workflow_format import MODE_BYPASS, MODE_MUTED, ui_to_api
 
@@ -77,7 +86,9 @@ EXIT_SAMPLES_FAILED = 1
 EXIT_BAD_INPUT = 2
 """Exit code: bad input (the message says which); nothing was run."""
 EXIT_COMFYUI = 3
-"""Exit code: ComfyUI did not start, exited during the batch, or the single run's prompt failed."""
+"""Exit code: ComfyUI did not start, exited during the batch (every worker lost), or the single run's prompt failed."""
+EXIT_INTERRUPTED = 130
+"""Exit code: Ctrl+C during a batch (the finished samples are on disk; a rerun resumes)."""
 STARTUP_TIMEOUT = 600.0
 """Seconds ComfyUI may take to answer after its start: 10-60 s on two idle cores, minutes when they are shared."""
 
@@ -112,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_TYPE.INPUT=VALUE",
                         help="set a widget of every node of that type, e.g. DragKitLoRAFineTune.steps=10 "
                              "(VALUE read as JSON, else as text); repeatable")
+    parser.add_argument("--server", action="append", default=[], metavar="URL",
+                        help="batch mode: run the samples on this already running ComfyUI (with the DragKit pack and "
+                             "the workflow's models), e.g. http://gpu-box:8188; repeatable: the samples are shared out")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
@@ -126,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.limit is not None and args.limit < 1:
             parser.error("--limit must be at least 1")
         return args
+    if args.server:
+        parser.error("--server shares out a --batch")
     if args.limit is not None:
         parser.error("--limit only applies to --batch")
     if args.sample is not None:
@@ -178,6 +194,8 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
     (``tools.tiny_inpaint.stand_ins_for``), and the tiny ControlNet /
     upscaler for a workflow that loads one (unless given). A real checkpoint needs real
     ``--controlnet`` / ``--upscale-model`` files when the workflow loads them.
+    With ``--server`` only the files' names count (each server is checked for
+    with ``--server`` the servers decide what ``--device auto`` means.
     """
     from tools import tiny_inpaint, tiny_models
 
@@ -204,12 +222,13 @@ def resolve_models(args: argparse.Namespace, workflow: dict) -> Models:
             found[option] = tiny_file()
         else:
             raise DragInputError(f"{args.workflow} has a {loader} node: give --{option.replace('_', '-')} <file>")
-    for path in [checkpoint, *(p for p in found.values() if p)]:
+    remote = bool(args.server)
+    for path in [checkpoint, *(p for p in found.values() if p)] if not args.server else []:
         if not path.is_file():
             raise DragInputError(f"{path} is not a file")
     stand_ins = tuple(tiny_inpaint.stand_ins_for(active)) if tiny else ()
-    return Models(checkpoint=checkpoint, tiny=tiny, gpu=use_gpu(args.device), stand_ins=stand_ins,
-                  comfy_args=tuple(args.comfy_args), **found)
+    return Models(checkpoint=checkpoint, tiny=tiny, gpu=args.device == "gpu" if remote else use_gpu(args.device),
+                  stand_ins=stand_ins, comfy_args=tuple(args.comfy_args), **found)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -417,7 +436,7 @@ def startup_hint(error: ComfyServerError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = setup_problem()
+    problem = None if args.server and args.checkpoint is not None else setup_problem()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -578,61 +597,162 @@ def run_batch(args: argparse.Namespace, workflow: dict, models: Models, identity
     """Batch mode (see the module docstring); returns the exit code (see there).
 
     ``identity`` is this run's :func:`run_identity`. Raises
-    :class:`DragInputError` for a bad ``--batch`` folder or a ``--out`` of
-    another run, :class:`ComfyServerError` when ComfyUI does not start.
+    :class:`DragInputError` for a bad ``--batch`` folder, a ``--out`` of
+    another run or a ``--server`` that cannot run the
+    workflow, :class:`ComfyServerError` when ComfyUI does not start.
     """
-    from tqdm import tqdm
-
-    from dragkit.datasets import load_sample
-
     folders = batch_sample_folders(args.batch, args.limit)
     timings_path = args.out / TIMINGS
     timings = load_timings(timings_path, {"workflow": str(args.workflow), "checkpoint": str(models.checkpoint),
                                           "tiny_checkpoint": models.tiny, "run": identity, "samples": {}, "summary": {}})
-    args.out.mkdir(parents=True, exist_ok=True)
     done_before = {name for name, entry in timings["samples"].items()
                    if entry.get("status") == "ok" and (args.out / name / EDITED).is_file()}
     pending = [folder for folder in folders if folder.name not in done_before]
     skipped = len(folders) - len(pending)
     print(f"{len(folders)} samples: {skipped} already done (skipped), {len(pending)} to run", file=sys.stderr)
-    write_timings(timings_path, timings, skipped)
-    failed = 0
-    if pending:
-        with started(models.server()) as server, tempfile.TemporaryDirectory(prefix="dragkit-batch-") as staging:
-            template = ui_to_api(workflow, server.object_info())
-            apply_overrides(template, args.overrides)
-            bar = tqdm(pending, unit="sample", file=sys.stderr, dynamic_ncols=True)
-            for folder in bar:
-                bar.set_postfix_str(folder.name)
-                entry = {}
-                start = time.monotonic()
-                try:
-                    sample = load_sample(folder)
-                    entry.update(width=sample.width, height=sample.height)
-                    seconds = _run_sample(server, template, sample, folder.name, Path(staging), args, models)
-                    entry = {"status": "ok", "seconds": seconds, **entry}
-                except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
-                    failed += 1
-                    entry = {"status": "error", "seconds": time.monotonic() - start, **entry,
-                             "error": f"{type(error).__name__}: {error}"[:ERROR_CHARS]}
-                    bar.write(f"{folder.name}: FAILED: {_short_error(error)}")
-                timings["samples"][folder.name] = entry
-                write_timings(timings_path, timings, skipped)
-                if server.proc is not None and server.proc.poll() is not None:
-                    bar.close()
-                    print(f"error: ComfyUI exited (code {server.proc.returncode}); stopping the batch. "
-                          f"Rerun the same command to resume.", file=sys.stderr)
-                    return EXIT_COMFYUI
-            bar.close()
+    code = 0
+    with contextlib.ExitStack() as stack:
+        workers, recipe = open_workers(args, workflow, models, stack) if pending else ([], None)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_timings(timings_path, timings, skipped)
+        if pending:
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dragrun-batch-")))
+            code = BatchDriver(args, timings, timings_path, skipped, workers).run(recipe, pending, staging)
     summary = timings["summary"]
     print(f"wrote {timings_path}: {summary['done']} ok, {summary['failed']} failed, {skipped} skipped, "
           f"median {_seconds(summary['median_seconds'])}", file=sys.stderr)
     if models.tiny:
         print(TINY_WARNING, file=sys.stderr)
-    return EXIT_SAMPLES_FAILED if failed else 0
+    return code
 
 
-def _short_error(error: Exception) -> str:
+def open_workers(args: argparse.Namespace, workflow: dict, models: Models,
+                 stack: contextlib.ExitStack) -> tuple[list, Recipe]:
+    """The batch's workers (closed by ``stack``) and the recipe they share.
+
+    One ComfyUI this process starts (the default), the ``--server`` URLs
+    (checked: :func:`dragrun.servers.check_servers`).
+    """
+    if args.server:
+        from .servers import check_servers, connect
+
+        servers = connect(args.server)
+        recipe = make_recipe(args, workflow, models, servers[0][1])
+        check_servers(servers, probe_prompt(recipe))
+        return [ServerWorker(client, client.url) for client, _ in servers], recipe
+    server = stack.enter_context(started(models.server()))
+    return [ServerWorker(server, "local ComfyUI")], make_recipe(args, workflow, models, server.object_info())
+
+
+def make_recipe(args: argparse.Namespace, workflow: dict, models: Models, object_info: dict) -> Recipe:
+    """The API prompt of ``workflow`` for a server with ``object_info`` (``--set`` applied) and the model names."""
+    template = ui_to_api(workflow, object_info)
+    apply_overrides(template, args.overrides)
+    return Recipe(template, models.checkpoint.name, *_model_names(models), models.stand_ins, args.timeout)
+
+
+def probe_prompt(recipe: Recipe) -> dict:
+    """The recipe's prompt filled in as a sample's would be (for the checks of the servers' nodes and models)."""
+    prompt = copy.deepcopy(recipe.template)
+    fill_inputs(prompt, "probe.png", "probe_mask.png", '{"points": [[0, 0], [1, 1]]}', recipe.checkpoint, None,
+                None, recipe.controlnet, recipe.upscale_model, stand_ins=recipe.stand_ins)
+    return prompt
+
+
+def make_job(folder: Path, staging: Path, text: str | None):
+    """A sample folder as a :class:`Job` (its image and mask as PNG), and the sample; the PNGs stay in ``staging``."""
+    from dragkit.datasets import load_sample
+
+    sample = load_sample(folder)
+    where = staging / folder.name
+    where.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sample.image).save(where / "image.png")
+    mask_png = None
+    if sample.mask is not None:
+        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(where / "mask.png")
+        mask_png = (where / "mask.png").read_bytes()
+    flat = [list(p) for pair in zip(sample.points.handles, sample.points.targets) for p in pair]
+    job = Job(folder.name, (where / "image.png").read_bytes(), mask_png, json.dumps({"points": flat}),
+              sample.editor_state(), text if text is not None else (sample.prompt or None))
+    return job, sample
+
+
+class BatchDriver:
+    """Hands the pending samples to the workers and alone writes ``--out``: each result's images, then timings.json."""
+
+    def __init__(self, args: argparse.Namespace, timings: dict, timings_path: Path, skipped: int, workers: list) -> None:
+        self.args, self.timings, self.timings_path, self.skipped = args, timings, timings_path, skipped
+        self.workers = workers
+        self.samples: dict[str, tuple] = {}
+        self.done = {worker.label: 0 for worker in workers}
+        """Samples each worker finished in this run (for its rate on the progress bar)."""
+        self.failed = 0
+        self.bar = None
+        self.start = time.monotonic()
+
+    def run(self, recipe: Recipe, pending: list[Path], staging: Path) -> int:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(pending), unit="sample", file=sys.stderr, dynamic_ncols=True)
+        jobs = []
+        for folder in pending:
+            start = time.monotonic()
+            try:
+                job, sample = make_job(folder, staging, self.args.prompt)
+            except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
+                self.record(folder.name, {}, error, time.monotonic() - start)
+                continue
+            self.samples[job.name] = (staging / job.name / "image.png", sample)
+            jobs.append(job)
+        try:
+            left, lost = distribute(jobs, self.workers, recipe, self.on_result, self.on_failure)
+        except KeyboardInterrupt:
+            self.bar.close()
+            print("interrupted: the workers are stopped; every finished sample is on disk. Rerun the same command "
+                  "to run the rest.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        self.bar.close()
+        if len(lost) == len(self.workers):
+            print("error: " + "; ".join(lost) + f". Stopping the batch ({len(left)} samples not run). "
+                  "Rerun the same command to resume.", file=sys.stderr)
+            return EXIT_COMFYUI
+        return EXIT_SAMPLES_FAILED if self.failed else 0
+
+    def on_result(self, worker, job: Job, result: Result) -> None:
+        image_path, sample = self.samples[job.name]
+        out = self.args.out / job.name
+        write_bytes_atomic(out / EDITED, result.edited_png)
+        side_by_side(image_path, out / EDITED, sample.points, out / SIDE_BY_SIDE)
+        self.timings["samples"][job.name] = {"status": "ok", "seconds": result.seconds,
+                                             "width": sample.width, "height": sample.height}
+        write_timings(self.timings_path, self.timings, self.skipped)
+        self.done[worker.label] += 1
+        self.advance()
+
+    def on_failure(self, worker, job: Job, error: BaseException, seconds: float) -> None:
+        sample = self.samples[job.name][1]
+        self.record(job.name, {"width": sample.width, "height": sample.height}, error, seconds)
+
+    def record(self, name: str, size: dict, error: BaseException, seconds: float) -> None:
+        self.failed += 1
+        self.timings["samples"][name] = {"status": "error", "seconds": seconds, **size,
+                                         "error": f"{type(error).__name__}: {error}"[:ERROR_CHARS]}
+        write_timings(self.timings_path, self.timings, self.skipped)
+        self.bar.write(f"{name}: FAILED: {_short_error(error)}")
+        self.advance()
+
+    def advance(self) -> None:
+        """One more sample on the bar; with several workers, each one's rate (samples per minute) beside it."""
+        self.bar.update(1)
+        summary = self.timings["summary"]
+        text = f"{summary['done']} ok, {summary['failed']} failed"
+        if len(self.workers) > 1:
+            minutes = max(time.monotonic() - self.start, 1e-6) / 60
+            text += " | " + ", ".join(f"{label} {done / minutes:.1f}/min" for label, done in self.done.items())
+        self.bar.set_postfix_str(text)
+
+
+def _short_error(error: BaseException) -> str:
     """The first two non-empty lines of an error (a failed prompt's second line names the node)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " | ".join(lines[:2]) or type(error).__name__
@@ -640,41 +760,6 @@ def _short_error(error: Exception) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
-
-
-def _run_sample(server: ComfyServer, template: dict, sample, name: str, staging: Path,
-                args: argparse.Namespace, models: Models) -> float:
-    """Run one sample (a :class:`dragkit.datasets.DragSample`) and write ``OUT/<name>/``; returns the seconds.
-
-    The image and mask are written as PNG into ``staging/<name>/`` and
-    uploaded to the input sub-folder ``<name>``; the points go to every points
-    node as a Drag100 ``{"points": [...]}`` JSON.
-    """
-    folder = staging / name
-    folder.mkdir(parents=True, exist_ok=True)
-    image_path = folder / "image.png"
-    Image.fromarray(sample.image).save(image_path)
-    mask_name = None
-    if sample.mask is not None:
-        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(folder / "mask.png")
-        mask_name = server.upload_image(folder / "mask.png", subfolder=name)
-    image_name = server.upload_image(image_path, subfolder=name)
-    flat = [list(p) for pair in zip(sample.points.handles, sample.points.targets) for p in pair]
-    points_json = json.dumps({"points": flat})
-    text = args.prompt if args.prompt is not None else (sample.prompt or None)
-    prompt = copy.deepcopy(template)
-    fill_inputs(prompt, image_name, mask_name, points_json, models.checkpoint.name, text, sample.editor_state(),
-                *_model_names(models), stand_ins=models.stand_ins)
-    start = time.monotonic()
-    entry = server.run(prompt, timeout=args.timeout)
-    seconds = time.monotonic() - start
-    saved = saved_images(server, entry)
-    if not saved:
-        raise RuntimeError("the workflow saved no image")
-    out = args.out / name
-    write_bytes_atomic(out / EDITED, saved[0].read_bytes())
-    side_by_side(image_path, out / EDITED, sample.points, out / SIDE_BY_SIDE)
-    return seconds
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ from tools.tiny_inpaint import stand_ins_for, tiny_checkpoints
 from tools.tiny_models import UPSCALER_SCALE
 from tools.tiny_sam3 import feed_sam3_mask
 
+from .batch_data import DRAG100, downscaled_drag100
+
 pytestmark = pytest.mark.host
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
-DRAG100 = Path(__file__).resolve().parents[3] / "shared" / "data" / "Drag100"
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "art_0"  # the README's first-run sample
 POINTS = json.dumps({"points": [[40, 50], [70, 52], [90, 30], [96, 40]]})
 
@@ -254,19 +255,6 @@ def test_main_job_command_runs(tmp_path, comfyui):
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "original_side_by_side.png" in written and len(written) == 2
     assert torch.tensor(np.asarray(Image.open(tmp_path / "out" / "original_side_by_side.png"))).shape == (128, 256, 3)
-
-
-def downscaled_drag100(source: Path, target: Path, factor: int) -> None:
-    """Copy a Drag100 sample folder with the image, mask and points scaled down by ``factor``."""
-    from dragkit.datasets import DragSample, load_sample, save_drag100
-    from dragkit.points import DragPoints
-
-    sample = load_sample(source)
-    width, height = sample.width // factor, sample.height // factor
-    image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.BICUBIC))
-    mask = np.asarray(Image.fromarray(sample.mask).resize((width, height), Image.NEAREST))
-    scale = [tuple(c / factor for c in p) for p in sample.points.handles], [tuple(c / factor for c in p) for p in sample.points.targets]
-    save_drag100(DragSample(image, DragPoints(*scale, width, height), mask), target)
 
 
 def test_runner_batch_mode_resumes_and_records_failures(tmp_path, comfyui, capsys):

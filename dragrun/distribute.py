@@ -1,0 +1,221 @@
+"""Batch work handed to one or more ComfyUI servers: the job, what a worker does with it, and the driver's loop.
+
+A **job** carries everything a server needs for one sample (the image and
+mask as PNG bytes, the points, the text), so a worker may be on another
+machine: a ComfyUI this process started or one already running (``--server``). A worker uploads the
+inputs, queues the prompt, follows it through ``/history`` and downloads the
+first saved image through ``/view`` (:func:`run_job`); only the driver
+writes the output folder (:func:`distribute` calls back for each result).
+
+A sample whose worker is lost (its ComfyUI exited, its server stopped
+answering) goes back to the queue for another worker, at
+most :data:`MAX_RETRIES` times; then, or when no worker is left, it is
+recorded failed with the reason. A sample that fails on a working server is
+recorded failed at once (as in a one-server run).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Protocol
+
+MAX_RETRIES = 2
+"""How often a sample whose worker was lost is handed to another worker before it is recorded failed."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sample's inputs, ready to send to any server.
+
+    ``points_json``: Drag100 ``{"points": [[x, y], ...]}`` in the image's
+    pixels (handle, target, handle, ...); ``editor_state``: the Drag Points
+    Editor state for the same points and mask; ``text``: the prompt text
+    (None keeps the workflow's). ``attempt`` counts the workers lost on it.
+    """
+
+    name: str
+    image_png: bytes
+    mask_png: bytes | None
+    points_json: str
+    editor_state: str | None
+    text: str | None
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What every job of a batch shares: the API prompt (overrides applied) and the model file names to fill in."""
+
+    template: dict
+    checkpoint: str
+    controlnet: str | None
+    upscale_model: str | None
+    stand_ins: tuple
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished job: the first saved image's bytes and the prompt's wall time (queue to finish)."""
+
+    name: str
+    edited_png: bytes
+    seconds: float
+
+
+class WorkerLost(RuntimeError):
+    """The worker can take no more jobs (its server exited or stopped answering)."""
+
+
+class Worker(Protocol):
+    """Runs jobs one at a time (see :class:`ServerWorker`)."""
+
+    label: str
+
+    def run(self, recipe: Recipe, job: Job) -> Result:
+        """The job's result; raises :class:`WorkerLost`, or the sample's own error."""
+
+    def stop(self) -> None:
+        """Stop taking jobs and stop a running one where possible (Ctrl+C)."""
+
+
+def run_job(client, recipe: Recipe, job: Job) -> Result:
+    """Run ``job`` on ``client`` (a :class:`dragrun.comfy_host.ComfyClient`): upload, queue, wait, download.
+
+    The inputs go to the input sub-folder ``<job.name>``. Raises
+    ``RuntimeError`` when the workflow saved no image, and the client's
+    :class:`~dragrun.comfy_host.ComfyServerError` when the prompt failed.
+    """
+    from .run_workflow import fill_inputs
+
+    with tempfile.TemporaryDirectory(prefix="dragrun-job-") as staging:
+        image_path = Path(staging) / "image.png"
+        image_path.write_bytes(job.image_png)
+        mask_name = None
+        if job.mask_png is not None:
+            (Path(staging) / "mask.png").write_bytes(job.mask_png)
+            mask_name = client.upload_image(Path(staging) / "mask.png", subfolder=job.name)
+        image_name = client.upload_image(image_path, subfolder=job.name)
+    prompt = copy.deepcopy(recipe.template)
+    fill_inputs(prompt, image_name, mask_name, job.points_json, recipe.checkpoint, job.text, job.editor_state,
+                recipe.controlnet, recipe.upscale_model, stand_ins=recipe.stand_ins)
+    start = time.monotonic()
+    entry = client.run(prompt, timeout=recipe.timeout)
+    seconds = time.monotonic() - start
+    items = client.output_items(entry)
+    if not items:
+        raise RuntimeError("the workflow saved no image")
+    return Result(job.name, client.download(items[0]), seconds)
+
+
+class ServerWorker:
+    """A worker on one ComfyUI server reached over HTTP: one this process started, or one given with ``--server``."""
+
+    def __init__(self, client, label: str) -> None:
+        self.client = client
+        self.label = label
+
+    def run(self, recipe: Recipe, job: Job) -> Result:
+        import requests
+
+        try:
+            return run_job(self.client, recipe, job)
+        except requests.ConnectionError as error:
+            raise WorkerLost(f"{self.label} stopped answering: {error}") from None
+        except Exception:
+            proc = self.client.proc
+            if proc is not None and proc.poll() is not None:
+                raise WorkerLost(f"ComfyUI exited (code {proc.returncode})") from None
+            raise
+
+    def stop(self) -> None:
+        """Interrupt what the server runs for us (best effort: Ctrl+C must not wait for a slow server)."""
+        import requests
+
+        try:
+            self.client.post("/interrupt", timeout=5)
+        except requests.RequestException:
+            pass
+
+
+def distribute(
+    jobs: list[Job],
+    workers: list[Worker],
+    recipe: Recipe,
+    on_result: Callable[[Worker, Job, Result], None],
+    on_failure: Callable[[Worker, Job, BaseException, float], None],
+) -> tuple[list[Job], list[str]]:
+    """Run ``jobs`` on ``workers`` (one thread each, one job at a time).
+
+    Returns the jobs left unrun and why each lost worker was lost.
+    ``on_result`` / ``on_failure(worker, job, error, seconds until it failed)`` are called
+    under one lock, so the driver's bookkeeping and writes never interleave.
+    Jobs are left unrun only when every worker was lost, or on Ctrl+C
+    (``KeyboardInterrupt`` stops the workers, waits for the threads and is
+    raised again).
+    """
+    queue = list(jobs)
+    lock = threading.Condition()
+    state = {"busy": 0, "alive": len(workers), "stop": False}
+    lost_workers: list[str] = []
+
+    def loop(worker: Worker) -> None:
+        while True:
+            with lock:
+                while not queue and state["busy"] and not state["stop"]:
+                    lock.wait()
+                if not queue or state["stop"]:
+                    lock.notify_all()
+                    return
+                job = queue.pop(0)
+                state["busy"] += 1
+            start = time.monotonic()
+            try:
+                result = worker.run(recipe, job)
+            except WorkerLost as lost:
+                with lock:
+                    state["busy"] -= 1
+                    state["alive"] -= 1
+                    lost_workers.append(f"{worker.label}: {lost}")
+                    if job.attempt < MAX_RETRIES and state["alive"] > 0 and not state["stop"]:
+                        queue.insert(0, replace(job, attempt=job.attempt + 1))
+                    else:
+                        tries = f"{job.attempt + 1} worker{'s' if job.attempt else ''}"
+                        on_failure(worker, job, WorkerLost(f"lost {tries} while running it; the last: {lost}"),
+                                   time.monotonic() - start)
+                    lock.notify_all()
+                return
+            except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
+                with lock:
+                    state["busy"] -= 1
+                    on_failure(worker, job, error, time.monotonic() - start)
+                    lock.notify_all()
+                continue
+            with lock:
+                state["busy"] -= 1
+                on_result(worker, job, result)
+                lock.notify_all()
+
+    threads = [threading.Thread(target=loop, args=(worker,), name=f"dragrun-{worker.label}", daemon=True)
+               for worker in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        with lock:
+            state["stop"] = True
+            lock.notify_all()
+        for worker in workers:
+            worker.stop()
+        for thread in threads:
+            thread.join(timeout=30)
+        raise
+    return queue, lost_workers
