@@ -22,6 +22,7 @@ import re
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 
 from .attention import AttentionControl, AttnLayer
 from .errors import DragInputError
@@ -121,3 +122,104 @@ def kv_hooks(network: torch.nn.Module, layers: tuple[AttnLayer, ...], control: A
     finally:
         for handle in handles:
             handle.remove()
+
+
+FEATURE_POINTS = ("modulated", "output")
+"""Where a double-stream block's image-stream features are read (DragFlow's ``DOUBLE-i-0`` and ``DOUBLE-i-2``):
+``modulated`` = the image tokens after the block's first modulated LayerNorm, the input of ``img_attn.qkv``
+(diffusers' ``norm1`` output ``norm_hidden_states``); ``output`` = the block's image-stream output, after the
+attention and MLP residuals."""
+
+
+class FeaturesCaptured(Exception):
+    """Raised by :func:`feature_hooks` after the last feature block when the rest of the network is not wanted."""
+
+
+@contextmanager
+def feature_hooks(network: torch.nn.Module, blocks: tuple[tuple[int, str], ...], capture: dict):
+    """While open, the image-stream features ``(block number, point)`` of the double-stream blocks land in ``capture``.
+
+    ``capture[(block, point)]`` is ``(B, img_tokens [+ reference tokens], hidden)``, in the autograd graph.
+    When ``capture["stop"]`` is true, the forward raises :class:`FeaturesCaptured` right after the last
+    block named in ``blocks`` (the caller catches it; the single-stream blocks are skipped).
+
+    Blocks 0 to the last one are made differentiable as they run: ComfyUI's double blocks update their
+    streams in place (``txt +=``; 0.33.0 also ``img +=``) after a LayerNorm saved them for the backward,
+    so each of their four LayerNorms (``img_norm1/2``, ``txt_norm1/2``) gets a copy of its input, and a
+    captured block output is a copy (the next block adds to it in place).
+    """
+    doubles = list(getattr(network, "double_blocks", []))
+    for number, point in blocks:
+        if point not in FEATURE_POINTS:
+            raise DragInputError(f"feature point {point!r} is not one of {FEATURE_POINTS}")
+        if not 0 <= number < len(doubles):
+            raise DragInputError(f"feature block d{number} is outside this model's {len(doubles)} double-stream blocks")
+    last = max(number for number, _ in blocks)
+    handles = []
+
+    def modulated(number):
+        def hook(module, inputs):
+            capture[(number, "modulated")] = inputs[0]
+        return hook
+
+    def output(number):
+        def hook(module, inputs, out):
+            if (number, "output") in blocks:
+                capture[(number, "output")] = out[0].clone()
+            if number == last and capture.get("stop"):
+                raise FeaturesCaptured
+        return hook
+
+    def copy_input(module, inputs):
+        return (inputs[0].clone(),) + tuple(inputs[1:])
+
+    for block in doubles[: last + 1]:
+        for name in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2"):
+            handles.append(getattr(block, name).register_forward_pre_hook(copy_input))
+    for number in sorted({number for number, _ in blocks}):
+        block = doubles[number]
+        if (number, "modulated") in blocks:
+            handles.append(block.img_attn.qkv.register_forward_pre_hook(modulated(number)))
+        handles.append(block.register_forward_hook(output(number)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def checkpointed_double_blocks(network: torch.nn.Module, upto: int, enabled: bool = True):
+    """While open, double-stream blocks 0..``upto`` recompute their activations in the backward (gradient checkpointing).
+
+    Each block's ``forward`` is wrapped in ``torch.utils.checkpoint`` (non-reentrant) on the instance and
+    restored on exit; hooks registered on the block itself still run outside the checkpoint. Saves the
+    activations of every block but its inputs and outputs, for one more forward of those blocks in the backward.
+    """
+    if not enabled:
+        yield
+        return
+    blocks = list(network.double_blocks)[: upto + 1]
+    originals = [block.forward for block in blocks]
+    own = [block.__dict__.get("forward") for block in blocks]
+
+    def wrap(forward):
+        def streams_copied(*args, **kwargs):  # the block adds to its streams in place: keep the saved inputs intact
+            args = tuple(a.clone() if i < 2 and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+            kwargs = {k: a.clone() if k in ("img", "txt") and isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
+            return forward(*args, **kwargs)
+
+        def checkpointed(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(streams_copied, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    for block, forward in zip(blocks, originals):
+        block.forward = wrap(forward)
+    try:
+        yield
+    finally:
+        for block, previous in zip(blocks, own):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous

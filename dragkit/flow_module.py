@@ -24,7 +24,7 @@ import torch
 
 from .attention import AttentionControl, AttnLayer
 from .flow import FlowLoop
-from .flow_hooks import flux_layers, kv_hooks
+from .flow_hooks import FeaturesCaptured, checkpointed_double_blocks, feature_hooks, flux_layers, kv_hooks
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,25 @@ class ModuleFlowBackend:
         with torch.no_grad(), kv_hooks(self.network, self._layers, control):
             out = loop(lambda x, t: self.velocity(x, t, conditioning), x_start.to(self.device, torch.float32))
         return out.to(x_start.device)
+
+    def double_block_count(self) -> int:
+        return len(self.network.double_blocks)
+
+    def run_features(self, loop, x_start: torch.Tensor, conditioning: FluxTextConditioning, control: AttentionControl, times: list[float], blocks, checkpointing: bool) -> torch.Tensor:
+        """:meth:`dragkit.dragflow.FlowFeatureBackend.run_features` on the network (its weights get no gradients)."""
+        capture: dict = {}
+
+        def predict(z: torch.Tensor, t: float, with_velocity: bool):
+            capture.clear()
+            capture["stop"] = not with_velocity
+            try:
+                velocity = self.velocity(z, t, conditioning)
+            except FeaturesCaptured:
+                velocity = None
+            return velocity, {key: capture[key] for key in blocks}
+
+        last = max(number for number, _ in blocks)
+        with torch.enable_grad(), kv_hooks(self.network, self._layers, control), feature_hooks(self.network, blocks, capture), \
+                checkpointed_double_blocks(self.network, last, checkpointing):
+            out = loop(predict, x_start.to(self.device, torch.float32))
+        return out.detach().to(x_start.device)

@@ -51,7 +51,7 @@ from ..dragkit.attention import AttentionControl, AttnLayer
 from ..dragkit.backend import FeatureLoop, Loop, feature_level
 from ..dragkit.capture import PassCache
 from ..dragkit.errors import DragInputError
-from ..dragkit.flow_hooks import flux_layers, kv_hooks
+from ..dragkit.flow_hooks import FeaturesCaptured, checkpointed_double_blocks, feature_hooks, flux_layers, kv_hooks
 from . import comfy_capture
 from .comfy_autograd import prepare_for_backward, release
 from .host_caps import autograd_patcher, training_mode
@@ -395,6 +395,13 @@ class ComfyFlowBackend:
       sees keys after RoPE with text and image joined). Hooks act on
       whichever weights the host loaded (LoRA-patched, Dynamic VRAM
       streamed).
+    - :meth:`run_features` (DragFlow's region supervision) runs the loop with
+      autograd on, in the host's training mode, on the host's non-dynamic
+      delegate of the MODEL with the measured backward memory reserved
+      (:func:`nodes.comfy_autograd.prepare_for_backward`), as the UNet's
+      motion supervision does; the double blocks' features are read with
+      hooks (:func:`dragkit.flow_hooks.feature_hooks`), optionally with
+      gradient checkpointing.
     - Latents: the engine's are in the model's scaled space
       (``process_latent_in``); LATENT samples are unscaled.
     """
@@ -423,6 +430,9 @@ class ComfyFlowBackend:
         grid = torch.linspace(1, 0, num_steps + 1)[:-1]
         return tuple(float(s) for s in self.model_sampling.sigma(grid)) + (0.0,)
 
+    def double_block_count(self) -> int:
+        return len(self.network.double_blocks)
+
     def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
         return self.model.model.process_latent_in(samples.to(torch.float32))
 
@@ -442,6 +452,48 @@ class ComfyFlowBackend:
             with kv_hooks(self.network, self._layers, control):
                 return loop(velocity, x.to(torch.float32))
 
+        return self._guided_run(patcher, conditioning, sample, x_start, times)
+
+    def run_features(self, loop, x_start: torch.Tensor, conditioning: ComfyConditioning, control: AttentionControl, times: list[float], blocks, checkpointing: bool) -> torch.Tensor:
+        """:meth:`dragkit.dragflow.FlowFeatureBackend.run_features` through the guider (one model call per prediction)."""
+        if conditioning.negative is not None and conditioning.cfg != 1.0:
+            raise DragInputError("dragflow's supervision runs without classifier-free guidance (cfg 1)")
+        patcher = autograd_patcher(self.model).clone()
+        patcher.add_object_patch("model_sampling", _velocity_sampling(self.model_sampling))
+        network = patcher.model.diffusion_model
+        capture: dict = {}
+        last = max(number for number, _ in blocks)
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+            extra_args = extra_args or {}
+
+            def predict(z: torch.Tensor, t: float, with_velocity: bool):
+                capture.clear()
+                capture["stop"] = not with_velocity
+                try:
+                    velocity = model(z, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype), **extra_args).to(torch.float32)
+                except FeaturesCaptured:
+                    velocity = None
+                return velocity, {key: capture[key] for key in blocks}
+
+            def probe(h: int, w: int) -> None:
+                z = torch.zeros(*x.shape[:2], h, w, device=x.device, requires_grad=True)
+                _, features = predict(z, times[0], False)
+                sum(f.to(torch.float32).sum() for f in features.values()).backward()
+
+            with torch.inference_mode(False), torch.enable_grad(), training_mode(), feature_hooks(network, blocks, capture), \
+                    checkpointed_double_blocks(network, last, checkpointing):
+                prepare_for_backward(patcher, probe, tuple(x.shape))
+                try:
+                    with kv_hooks(network, flux_layers(network), control):
+                        return loop(predict, x.to(torch.float32).clone()).detach()
+                finally:
+                    release()
+
+        return self._guided_run(patcher, conditioning, sample, x_start, list(times) + [0.0])
+
+    def _guided_run(self, patcher, conditioning: ComfyConditioning, sample, x_start: torch.Tensor, times: list[float]) -> torch.Tensor:
+        """Run ``sample`` as a KSAMPLER function under a CFGGuider on ``patcher``; engine latents in and out."""
         guider = cfg_guider(patcher, conditioning)
         sigmas = torch.tensor(list(times), dtype=torch.float32)
         scaled_in = self.latent_out(x_start)

@@ -10,13 +10,14 @@ from ..dragkit.hybrid import REFINE_DEFAULTS, refine_warped
 from ..dragkit.errors import DragInputError
 from ..dragkit.geometry import LatentGeometry, resolve_editable_mask
 from ..dragkit.optimisation import keep_map
-from .comfy_backend import ComfyBackend, ComfyConditioning
+from .comfy_backend import ComfyBackend, ComfyConditioning, is_flux
 from .common import ATTN_CACHE, CATEGORY, DRAG_POINTS, INPUT_LATENT, log, node_errors, require_cache, require_finite, require_points
 from .invert import check_conditioning, preview_progress
 from .latent_io import require_step, with_step
 from .model_family import require_unet
+from .optimize_flux import RELEASED, optimize_dragflow
 
-MODES = ("dragdiffusion", "gooddrag", "refine_warp")
+MODES = ("dragdiffusion", "gooddrag", "refine_warp", "dragflow")
 PREVIEW_EVERY = 5
 METHOD_DEFAULT = -1
 """Widget value meaning "the chosen method's default" (lr, λ, r1, r2 differ between the methods)."""
@@ -57,7 +58,11 @@ class MotionSupervisionOptimize:
         "regulariser on the next denoising step. dragdiffusion: up to `iterations` steps at t* (stops when every "
         "handle is within 4 px of its target). gooddrag: alternates B drag operations (J steps each, pulling toward "
         "the original features) with one denoising step over the first T steps; its output is T steps later. "
-        "Sample the result with KV-Injected Sample, kv_source 'reference branch', inject_layers 'masactrl'."
+        "Sample the result with KV-Injected Sample, kv_source 'reference branch', inject_layers 'masactrl'. "
+        "dragflow (FLUX): DragFlow's region supervision at t*: each masked region holding a handle is moved toward "
+        "its target in the last two double-stream blocks' features (plain gradient steps, the background locked); "
+        "sample with KV-Injected Sample, kv_source 'inversion cache'. DragFlow's IP-Adapter (InstantCharacter) and "
+        "MLLM-written prompt are not inputs yet (left for later): wire the editing prompt yourself."
     )
     CATEGORY = CATEGORY
     FUNCTION = "optimize"
@@ -65,7 +70,8 @@ class MotionSupervisionOptimize:
     RETURN_NAMES = ("z_t", "tracked_points")
     OUTPUT_TOOLTIPS = (
         "The optimised latent, at the same diffusion step as the input.",
-        "The points with the handles where tracking found them at the end (for display).",
+        "The points with the handles where tracking found them at the end (for display); dragflow does not track: "
+        "its points come out unchanged.",
     )
 
     @classmethod
@@ -77,9 +83,9 @@ class MotionSupervisionOptimize:
                 "attn_cache": (ATTN_CACHE, {"tooltip": "The attention cache of the same DDIM Invert (gives the schedule)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt used for inversion."}),
                 "points": (DRAG_POINTS, {"tooltip": "Handle/target pairs in source-image pixels."}),
-                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75). refine_warp: after FastDrag Warp, pull the features around each target toward the source's around its handle (a few iterations; the hybrid)."}),
+                "mode": (list(MODES), {"default": MODES[0], "tooltip": "dragdiffusion: motion supervision at t* with tracking (DragDiffusion). gooddrag: alternating drag and denoising with information-preserving supervision (GoodDrag; invert with strength 0.75). refine_warp: after FastDrag Warp, pull the features around each target toward the source's around its handle (a few iterations; the hybrid). dragflow: DragFlow's region-level supervision on a FLUX MODEL (needs the mask)."}),
                 "iterations": ("INT", {"default": DD.iterations, "min": 1, "max": 1000, "tooltip": f"dragdiffusion: most optimisation steps (it stops earlier when every handle arrived); refine_warp: the number of steps (about {REFINE_DEFAULTS.iterations})."}),
-                "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001, "tooltip": f"Adam learning rate on the latent; -1 = the method's default (dragdiffusion {DD.lr}, gooddrag {GD.lr})."}),
+                "lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 10000.0, "step": 0.001, "tooltip": f"Adam learning rate on the latent (dragflow: plain gradient step size); -1 = the method's default (dragdiffusion {DD.lr}, gooddrag {GD.lr}, dragflow {RELEASED.lr:g})."}),
                 "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": f"λ, weight of the term that keeps the unmasked region (a sum over the latent); -1 = the method's default ({DD.lam}, {GD.lam})."}),
                 "r1": ("INT", {"default": -1, "min": -1, "max": 16, "tooltip": f"Motion-supervision patch radius in supervision cells (2 px each); -1 = the method's default ({DD.r1}, {GD.r1})."}),
                 "r2": ("INT", {"default": -1, "min": -1, "max": 32, "tooltip": f"Point-tracking search radius in supervision cells; -1 = the method's default ({DD.r2}, {GD.r2})."}),
@@ -92,13 +98,23 @@ class MotionSupervisionOptimize:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Editable region in source pixels (1 = editable). Absent or empty: the whole image, and no keep term."}),
                 "feature_level": ("INT", {"default": METHOD_DEFAULT, "min": METHOD_DEFAULT, "max": 8, "tooltip": "The decoder level whose output gives the supervision features, 0 = lowest resolution; -1 = the penultimate level, the methods' choice (SD1.5: 2 of 0-3, 640 channels at latent resolution; SDXL: 1 of 0-2, the same role). Lower levels are more semantic and coarser."}),
+                "transport_steps": ("INT", {"default": RELEASED.transport_steps, "min": 1, "max": 1000, "tooltip": f"dragflow: iterations over which each region's move grows from none to the full handle-to-target move (released: {RELEASED.transport_steps})."}),
+                "intensify_steps": ("INT", {"default": RELEASED.intensify_steps, "min": 0, "max": 1000, "tooltip": f"dragflow: further iterations at the full move (released: {RELEASED.intensify_steps})."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": RELEASED.gradient_checkpointing, "tooltip": "dragflow: recompute the double-stream blocks' activations in the backward instead of keeping them (less memory, about one more forward of those blocks per step; the release enables it)."}),
             },
         }
 
     def optimize(self, model, latent, attn_cache, positive, points, mode, iterations, lr, lam, r1, r2,
                  drag_steps=GD.drag_steps, drags_per_step=GD.drags_per_step, grad_steps=GD.grad_steps, beta=GD.beta,
-                 max_unchanged=GD.max_unchanged, mask=None, feature_level=METHOD_DEFAULT):
+                 max_unchanged=GD.max_unchanged, mask=None, feature_level=METHOD_DEFAULT,
+                 transport_steps=RELEASED.transport_steps, intensify_steps=RELEASED.intensify_steps,
+                 gradient_checkpointing=RELEASED.gradient_checkpointing):
+        if mode == "dragflow":
+            return optimize_dragflow(model, latent, attn_cache, positive, points, lr, mask, transport_steps,
+                                     intensify_steps, gradient_checkpointing)
         with node_errors("Motion-Supervision Optimize"):
+            if is_flux(model):
+                raise DragInputError(f"mode {mode} works on UNets (SD1.x/SD2.x/SDXL); on a FLUX MODEL choose mode dragflow")
             require_unet(model, "Motion supervision on decoder features")
             require_points(points)
             require_cache(attn_cache)
