@@ -588,8 +588,17 @@ def released_idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.
     two references lie at almost the same distance or a sum lands within
     float error of a ``.5`` rounding (``docs/pixel-warp.md``).
 
+    Where references lie at equal distances among the ``k`` nearest (not at
+    the ``k``-th), ``topk``'s order among them only changes the order of
+    the sum (equal distances, equal weights): in the last bits. Those rows
+    keep the order found; the ones whose value lies within that error
+    (``2^-19`` of the points' and vectors' magnitude) of a half-integer, where
+    ``round(p + value)`` could change for a point ``p`` on the integer or
+    half-integer lattice (pixels, pixel corners), are ranked by ``topk``.
+
     Args:
-        points: ``(P, 2)`` float32 ``(x, y)``.
+        points: ``(P, 2)`` float32 ``(x, y)`` (integer or half-integer
+            values, for the rounding guarantee above).
         references: ``(R, 2)`` float32 ``(x, y)``, ``R >= 1``.
         vectors: ``(R, 2)`` float32.
         k: neighbours.
@@ -611,7 +620,19 @@ def released_idw(points: torch.Tensor, references: torch.Tensor, vectors: torch.
         distance = torch.hypot(points[:, None, 0] - references[:, 0], points[:, None, 1] - references[:, 1])
         distance, order = torch.topk(distance, nearest, dim=1, largest=False)
     else:
-        distance, order = _tiled_nearest(points, references, nearest)
+        distance, order, unsettled = _tiled_nearest(points, references, nearest)
+        weights = 1.0 / (distance + IDW_EPS)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        value = _weighted_sum(weights, _take(vectors, order))
+        if unsettled.numel():  # ties among the k nearest, summed in the order found
+            part = value.index_select(0, unsettled)
+            scale = points.index_select(0, unsettled).abs().amax(1) + vectors.abs().max() + 1
+            off_half = (part - torch.floor(part) - 0.5).abs().amin(1)
+            close = unsettled[off_half <= scale * 2.0**-19]
+            if close.numel():  # near a rounding: the order topk gives (the same distances, so the same weights)
+                _rank_ties_with_topk(points, references, close, distance, order)
+                value.index_copy_(0, close, _weighted_sum(weights.index_select(0, close), _take(vectors, order.index_select(0, close))))
+        return value
     weights = 1.0 / (distance + IDW_EPS)
     weights = weights / weights.sum(dim=1, keepdim=True)
     return _weighted_sum(weights, _take(vectors, order))
@@ -658,7 +679,7 @@ def _rank_ties_with_topk(
         order.index_copy_(0, tied, full_order)
 
 
-def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` nearest references of each point, nearest first, searching only near each point's tile.
 
     The points are binned into :data:`_TILE` x :data:`_TILE` tiles. A
@@ -672,28 +693,34 @@ def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tu
         references: ``(R, 2)`` float32, ``R >= k``.
 
     Returns:
-        ``(distance, order)``: ``(P, k)`` float32 distances and int64 reference indices.
+        ``(distance, order, unsettled)``: ``(P, k)`` float32 distances and
+        int64 reference indices; rows with equal distances at the ``k``-th
+        are ranked by ``topk`` over every reference (:func:`_rank_ties_with_topk`),
+        and ``unsettled`` ``(U,)`` int64 lists the rows with equal distances
+        only among the ``k`` nearest (ranked in the order found).
     """
     low = points.min(0).values
     tile = torch.div(points - low, _TILE, rounding_mode="floor").long()
     columns = int(tile[:, 0].max()) + 1
-    rows = int(tile[:, 1].max()) + 1
-    ty, tx = torch.meshgrid(
-        torch.arange(rows, device=points.device), torch.arange(columns, device=points.device), indexing="ij"
-    )
-    centres = low + (torch.stack([tx.flatten(), ty.flatten()], 1).float() + 0.5) * _TILE - 0.5
+    cell = tile[:, 1] * columns + tile[:, 0]
+    occupied = torch.bincount(cell, minlength=(int(tile[:, 1].max()) + 1) * columns) > 0
+    used = torch.nonzero(occupied).flatten()  # the tiles holding points
+    which = _take(torch.cumsum(occupied, 0) - 1, cell)  # each point's tile among them
+    centres = low + (torch.stack([used % columns, torch.div(used, columns, rounding_mode="floor")], 1).float() + 0.5) * _TILE - 0.5
     to_centre = torch.hypot(centres[:, None, 0] - references[:, 0], centres[:, None, 1] - references[:, 1])
     reach = torch.topk(to_centre, k, dim=1, largest=False).values[:, -1] + _TILE * math.sqrt(2) + 1
-    which = tile[:, 1] * columns + tile[:, 0]
-    occupied = torch.bincount(which, minlength=rows * columns) > 0
-    near = (to_centre <= reach[:, None]) & occupied[:, None]
+    near = to_centre <= reach[:, None]
     counts = near.sum(1)
     width = int(counts.max())
-    candidates = torch.argsort((~near).to(torch.uint8), dim=1, stable=True)[:, :width]
-    usable = near.gather(1, candidates)
+    tile_of, near_reference = torch.nonzero(near, as_tuple=True)  # by tile, then reference index
+    slot = tile_of * width + torch.arange(tile_of.numel(), device=points.device) - _take(torch.cumsum(counts, 0) - counts, tile_of)
+    candidates = torch.zeros(used.numel() * width, dtype=torch.long, device=points.device).index_copy_(0, slot, near_reference)
+    candidates = candidates.reshape(-1, width)  # each tile's references, ascending, then 0 (unusable)
+    usable = torch.zeros(used.numel() * width, dtype=torch.bool, device=points.device).index_fill_(0, slot, True).reshape(-1, width)
     reference_x, reference_y = references[:, 0].contiguous(), references[:, 1].contiguous()
     distance = points.new_empty(points.shape[0], k)
     order = torch.empty(points.shape[0], k, dtype=torch.long, device=points.device)
+    unsettled = []
     narrow = _take(counts, which) <= _NARROW
     for group, columns in ((torch.nonzero(narrow).flatten(), min(width, _NARROW)), (torch.nonzero(~narrow).flatten(), width)):
         for part in group.split(max(1, _CHUNK_ELEMENTS // columns)):
@@ -704,8 +731,13 @@ def _tiled_nearest(points: torch.Tensor, references: torch.Tensor, k: int) -> tu
             found, j = torch.topk(found, min(k + 1, columns), dim=1, largest=False)
             distance.index_copy_(0, part, found[:, :k].contiguous())
             order.index_copy_(0, part, pick.gather(1, j[:, :k]))
-            _rank_ties_with_topk(points, references, part[(found[:, 1:] == found[:, :-1]).any(1)], distance, order)
-    return distance, order
+            if found.shape[1] > k:  # equal distances at the k-th: which references count is topk's choice
+                straddle = found[:, k - 1] == found[:, k]
+                _rank_ties_with_topk(points, references, part[straddle], distance, order)
+            else:
+                straddle = torch.zeros_like(found[:, 0], dtype=torch.bool)
+            unsettled.append(part[(found[:, 1:k] == found[:, : k - 1]).any(1) & ~straddle])
+    return distance, order, torch.cat(unsettled)
 
 
 def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -551,7 +551,36 @@ def test_released_idw_ranks_like_topk_over_all_references(count):
     expected = (weights[..., None] * expected_vectors[order]).sum(dim=1)
     sorted_distance = torch.sort(distance, dim=1).values[:, : min(5, count)]
     assert bool((sorted_distance[:, 1:] == sorted_distance[:, :-1]).any(1).sum() > 30)  # ties are exercised
-    assert torch.equal(released_idw(points, references, vectors), expected)
+    value = released_idw(points, references, vectors)
+    if count <= 16:  # every reference compared: topk's order exactly
+        assert torch.equal(value, expected)
+    else:  # ties among the 4 nearest keep the order found: the same value up to the order of the sum
+        assert torch.allclose(value, expected, rtol=0, atol=1e-5)
+        for p in (points, points + 0.5):  # pixels and pixel corners round alike
+            assert torch.equal(torch.round(p + value), torch.round(p + expected))
+
+
+def test_released_idw_rounds_like_topk_where_tied_sums_sit_on_a_half():
+    """Points at the centres of a lattice of references have their 4 nearest at one distance. The vectors
+    take each reference back to the origin plus 0.3, 0.7, 0.2 or 0.8, so at every centre ``p + value`` is
+    0.5 in exact arithmetic, which float sums miss by a few ulps of the vectors either way depending on their
+    order: topk's order decides the rounding (55 centres round differently in another order)."""
+    rows, cols = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+    references = torch.stack([cols.flatten(), rows.flatten()], 1).float() * 4
+    parity = (2 * (rows % 2) + cols % 2).flatten()
+    offsets = torch.stack([torch.tensor([0.3, 0.7, 0.2, 0.8])[parity], torch.tensor([0.8, 0.3, 0.2, 0.7])[parity]], 1)
+    vectors = offsets - references
+    ys, xs = torch.meshgrid(torch.arange(37), torch.arange(37), indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    distance = torch.hypot(points[:, None, 0] - references[:, 0], points[:, None, 1] - references[:, 1])
+    nearest, order = torch.topk(distance, 4, dim=1, largest=False)
+    weights = 1.0 / (nearest + 1e-6)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    expected = (weights[..., None] * vectors[order]).sum(dim=1)
+    value = released_idw(points, references, vectors)
+    on_half = ((points + expected - 0.5).abs() < 1e-4).any(1)
+    assert int(on_half.sum()) > 50
+    assert torch.equal(torch.round(points + value), torch.round(points + expected))
 
 
 @pytest.mark.parametrize("seed", range(6))
