@@ -12,12 +12,15 @@ of the released code's loops) for the speed-up ratio and a check that both give 
 :func:`run_benchmark` returns the same results as a dict.
 
 Pixel warp (``--pixel``): a blob mask over about 30% of a square image of 512, 1024 and 2048 pixels
-a side, 3 pairs on whole pixels, band 5, both ``neighbours`` options; medians of ``--repeats`` runs
-after one warm-up. ``--released DIR`` (a checkout of Visual-AI/Inpaint4Drag, with OpenCV importable;
-nothing of it is in this repository) times its ``utils/drag.py::bi_warp`` on the same mask and points,
-each run interleaved with ours, and prints the ratios:
+a side, 3 pairs on whole pixels, band 5, and the Drag100 samples named by ``--samples`` (their own mask
+and points; default ``art_0``, 512 x 512, 3 pairs, when ``--drag100`` holds it), both ``neighbours``
+options; medians of ``--repeats`` runs after one warm-up, in CPU time of this process (with one thread:
+the work itself, whatever else shares the cores). ``--released DIR`` (a checkout of
+Visual-AI/Inpaint4Drag, with OpenCV importable; nothing of it is in this repository) times its
+``utils/drag.py::bi_warp`` on the same mask and points, each run interleaved with ours, and prints the
+ratios:
 
-    python -m benchmarks.warp --pixel --threads 1 [--released DIR] [--sizes 512 1024 2048]
+    python -m benchmarks.warp --pixel --threads 1 [--released DIR] [--sizes 512 1024 2048] [--samples art_0]
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from benchmarks.reference_loops import fastdrag_loops
+from dragkit.datasets import load_sample
 from dragkit.fastdrag import fastdrag_edit, latent_warp
 from dragkit.pixel_warp import NEIGHBOURS, pixel_warp
 
 PIXEL_SIZES = (512, 1024, 2048)
-"""Sides of the square images of the pixel-warp benchmark."""
+"""Sides of the square blob images of the pixel-warp benchmark."""
+
+PIXEL_SAMPLES = ("art_0",)
+"""Drag100 samples of the pixel-warp benchmark (art_0: 512 x 512, two regions, 3 pairs)."""
+
+DRAG100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "Drag100"
+"""Where the shared Drag100 samples are (beside the repository)."""
 
 CASES = ((64, 96, 1), (64, 96, 5), (64, 96, 20), (64, 64, 1))
 """(latent height, latent width, pairs)."""
@@ -153,10 +164,20 @@ def pixel_case(side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return image, mask, handles, targets
 
 
-def run_pixel_benchmark(repeats: int = 7, released: str | None = None, sizes=PIXEL_SIZES, threads: int | None = None) -> dict:
-    """Median times of :func:`pixel_warp` (both ``neighbours``) and, given ``released``, of the released ``bi_warp``.
+def drag100_case(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Drag100 sample as :func:`pixel_case` gives a blob: ``(image (1, H, W, 3) uint8, mask (H, W) bool, handles, targets)``."""
+    sample = load_sample(folder)
+    mask = torch.ones(sample.height, sample.width, dtype=torch.bool) if sample.mask is None else torch.from_numpy(sample.mask > 0)
+    image = torch.from_numpy(sample.image.copy())[None]
+    return image, mask, torch.tensor(sample.points.handles, dtype=torch.float32), torch.tensor(sample.points.targets, dtype=torch.float32)
 
-    Returns ``{"environment": ..., "rows": [{"size", "region_px", "neighbours" or "released", "median_ms", ...}]}``;
+
+def run_pixel_benchmark(repeats: int = 7, released: str | None = None, sizes=PIXEL_SIZES, threads: int | None = None,
+                        samples: tuple[str, ...] = PIXEL_SAMPLES, drag100: Path = DRAG100) -> dict:
+    """Median CPU times of :func:`pixel_warp` (both ``neighbours``) and, given ``released``, of the released ``bi_warp``.
+
+    Cases: the Drag100 ``samples`` found under ``drag100``, then a blob at each of ``sizes``.
+    Returns ``{"environment": ..., "rows": [{"size", "case", "region_px", "variant", "median_ms", ...}]}``;
     every run of every variant is interleaved, so load from other processes hits them alike.
     """
     if threads is not None:
@@ -170,9 +191,11 @@ def run_pixel_benchmark(repeats: int = 7, released: str | None = None, sizes=PIX
         sys.path.insert(0, released)
         from utils.drag import bi_warp  # the released code, from the checkout given
 
+    cases = [(name, drag100_case(drag100 / name)) for name in samples if (drag100 / name).is_dir()]
+    cases += [("blob", pixel_case(side)) for side in sizes]
     rows = []
-    for side in sizes:
-        image, mask, handles, targets = pixel_case(side)
+    for case, (image, mask, handles, targets) in cases:
+        height, width = mask.shape
         runs = {name: partial(pixel_warp, image, mask, handles, targets, neighbours=name) for name in NEIGHBOURS}
         if bi_warp is not None:
             alternating = torch.stack([handles, targets], 1).reshape(-1, 2).numpy().astype(np.float32)
@@ -182,22 +205,23 @@ def run_pixel_benchmark(repeats: int = 7, released: str | None = None, sizes=PIX
             run()  # warm-up
         for _ in range(repeats):
             for name, run in runs.items():
-                start = time.perf_counter()
+                start = time.process_time()
                 run()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((time.process_time() - start) * 1e3)
         for name, values in times.items():
-            rows.append({"size": f"{side}x{side}", "region_px": int(mask.sum()), "variant": name,
+            rows.append({"size": f"{width}x{height}", "case": case, "region_px": int(mask.sum()), "variant": name,
                          "median_ms": statistics.median(values), "repeats": repeats})
     return {"environment": environment(), "rows": rows}
 
 
 def format_pixel_table(result: dict) -> str:
     """The pixel-warp rows as a table, with each variant's speed relative to the released code when timed."""
-    lines = [f"{'size':>9} {'region px':>9} {'variant':>17} {'median ms':>10} {'vs released':>11}"]
-    released = {row["size"]: row["median_ms"] for row in result["rows"] if row["variant"] == "released bi_warp"}
+    lines = [f"{'case':>7} {'size':>9} {'region px':>9} {'variant':>17} {'median ms':>10} {'vs released':>11}"]
+    released = {(row["case"], row["size"]): row["median_ms"] for row in result["rows"] if row["variant"] == "released bi_warp"}
     for row in result["rows"]:
-        ratio = f"{released[row['size']] / row['median_ms']:.2f}x" if row["size"] in released else "-"
-        lines.append(f"{row['size']:>9} {row['region_px']:>9} {row['variant']:>17} {row['median_ms']:>10.1f} {ratio:>11}")
+        key = (row["case"], row["size"])
+        ratio = f"{released[key] / row['median_ms']:.2f}x" if key in released else "-"
+        lines.append(f"{row['case']:>7} {row['size']:>9} {row['region_px']:>9} {row['variant']:>17} {row['median_ms']:>10.1f} {ratio:>11}")
     env = result["environment"]
     lines.append(f"torch {env['torch']}, {env['threads']} CPU threads, {env['cpu']}")
     return "\n".join(lines)
@@ -245,11 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-loops", action="store_true", help="skip the per-cell loops baseline")
     parser.add_argument("--pixel", action="store_true", help="benchmark the pixel warp instead (Drag Warp (pixels))")
     parser.add_argument("--released", metavar="DIR", help="with --pixel: a checkout of Visual-AI/Inpaint4Drag to time beside ours")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(PIXEL_SIZES), help="with --pixel: image sides")
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(PIXEL_SIZES), help="with --pixel: blob image sides")
+    parser.add_argument("--samples", nargs="*", default=list(PIXEL_SAMPLES), help="with --pixel: Drag100 samples to time")
+    parser.add_argument("--drag100", type=Path, default=DRAG100, help="with --pixel: the Drag100 folder")
     args = parser.parse_args(argv)
     if args.pixel:
         result = run_pixel_benchmark(min(args.repeats, 7) if args.repeats == 30 else args.repeats, args.released,
-                                     args.sizes, args.threads)
+                                     args.sizes, args.threads, tuple(args.samples), args.drag100)
         print(format_pixel_table(result))
     else:
         result = run_benchmark(args.repeats, args.loop_repeats, not args.no_loops, args.threads)
