@@ -600,6 +600,63 @@ def fastdrag_flux(info: dict) -> dict:
     return g.to_json()
 
 
+DRAGFLOW_FLUX_NOTE = """START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev] ({unet}, in models/diffusion_models). DualCLIPLoader:
+   {clip_l} + {t5} (type flux, models/text_encoders). Load VAE: {vae} (models/vae).
+2. Load Image: pick or upload your photo. About 1024x1024 suits FLUX; sides must be multiples of 16.
+3. Drag Points Editor: click a handle (red) inside the part to move, then its target (blue). PAINT THE
+   PART TO MOVE with Brush: dragflow moves each painted region holding a handle, as a whole, by its
+   handle-to-target arrow (one region per handle; separate painted blobs are separate regions).
+4. Write what the edited image shows in the prompt (DragFlow adds an editing sentence to the description).
+5. Queue. Moving a point re-runs the supervision and the sampling; the inversion is kept.
+Needs: FLUX.1 [dev] (23.8 GB bf16, 11.9 GB fp8) and T5-XXL. The supervision backpropagates through 19
+double-stream blocks 70 times at 1024x1024 (gradient checkpointing on); GPU time and memory are not
+measured yet. Do not use a CPU.
+
+DragKit DragFlow on FLUX (DragFlow's inversion, region supervision and key/value injection):
+- DDIM Invert: DragFlow's FireFlow inversion, 25 steps, strength 0.76 (19 inverted), FluxGuidance 1.0,
+  recording the "non-ridge" blocks' keys/values.
+- Motion-Supervision Optimize, mode dragflow: at t* the latent takes 50 + 20 plain gradient steps
+  (lr 1000) so the features of the last two double-stream blocks inside each moved region match the
+  source's carried by the move (the move grows over the first 50); only a rotated box around each region
+  and its moved copy may change. Prompt at FluxGuidance 3.5, as the release's supervision.
+- KV-Injected Sample samples back at FluxGuidance 3.5 with the recorded keys/values injected.
+- VAE Decode (DragKit) decodes the whole image: the painted mask marks what moves, not what may change
+  (the moved region lands outside it).
+DragFlow's IP-Adapter (InstantCharacter) and its MLLM-written prompt are not part of this graph yet."""
+
+
+def dragflow_flux(info: dict) -> dict:
+    """FLUX.1 [dev]: editor, DDIM Invert (guidance 1) -> Motion-Supervision Optimize dragflow (3.5) -> KV-Injected Sample (3.5)."""
+    g = WorkflowBuilder(info)
+    unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_DEV})
+    clip_loader = g.add("DualCLIPLoader", 0, 1, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
+    vae = Out(g.add("VAELoader", 0, 2, {"vae_name": FLUX_VAE}), 0)
+    image = g.add("LoadImage", 0, 3, {"image": IMAGE}, height=320)
+    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
+                   title=EDITOR_TITLE, height=560)
+    points, mask = Out(editor, 1), Out(editor, 2)
+    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(clip_loader, 0)}, title="Prompt (may stay empty)")
+    invert_guidance = g.add("FluxGuidance", 1, 1, {"guidance": 1.0}, {"conditioning": Out(prompt, 0)},
+                            title="FluxGuidance (inversion: 1.0)")
+    sample_guidance = g.add("FluxGuidance", 2, 1, {"guidance": 3.5}, {"conditioning": Out(prompt, 0)},
+                            title="FluxGuidance (supervision, sampling: 3.5)")
+    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": vae})
+    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 25, "strength": 0.76, "cache_layers": "non-ridge"},
+                   {"model": Out(unet, 0), "latent": Out(encode, 0), "positive": Out(invert_guidance, 0)}, height=220)
+    optimise = g.add("DragKitMotionSupervisionOptimize", 3, 2, {"mode": "dragflow"},
+                     {"model": Out(unet, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
+                      "positive": Out(sample_guidance, 0), "points": points, "mask": mask}, height=520)
+    sample = g.add("DragKitKVInjectedSample", 4, 0, {"inject_layers": "non-ridge"},
+                   {"model": Out(unet, 0), "latent": Out(optimise, 0), "attn_cache": Out(invert, 1),
+                    "positive": Out(sample_guidance, 0)}, height=240)
+    decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
+                   {"vae": vae, "latent": Out(sample, 0), "source_image": Out(image, 0), "points": points}, height=180)
+    g.add("SaveImage", 6, 0, {"filename_prefix": "dragkit_dragflow_flux"}, {"images": Out(decode, 0)}, height=320)
+    g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
+    g.lead_note(DRAGFLOW_FLUX_NOTE.format(unet=FLUX_DEV, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE), height=640)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "roundtrip.json": roundtrip,
     "fastdrag.json": fastdrag,
@@ -614,6 +671,7 @@ WORKFLOWS = {
     "warp_inpaint_sdxl.json": lambda info: warp_inpaint(info, "sdxl"),
     "warp_inpaint_flux_fill.json": lambda info: warp_inpaint(info, "flux"),
     "fastdrag_flux.json": fastdrag_flux,
+    "dragflow_flux.json": dragflow_flux,
     "warp_inpaint_sam3.json": lambda info: warp_inpaint(info, "sd15", sam3=True),
     "drag_to_video_wanmove.json": drag_to_video_wanmove,
 }
@@ -645,6 +703,7 @@ THUMBNAILS = {
     "warp_inpaint_sdxl.json": ("Warp + inpaint SDXL", "pixel warp, SDXL inpainting checkpoint"),
     "warp_inpaint_flux_fill.json": ("Warp + FLUX.1 Fill", "pixel warp, FLUX.1 Fill [dev] inpainting"),
     "fastdrag_flux.json": ("FastDrag FLUX", "flow inversion, warp, KV injection; FLUX.1 dev"),
+    "dragflow_flux.json": ("DragFlow FLUX", "region supervision on FLUX.1 dev; large GPU"),
     "warp_inpaint_sam3.json": ("Warp + inpaint, SAM3", "click the object: SAM3 mask, SD1.5 inpaint"),
     "drag_to_video_wanmove.json": ("Drag to video (Wan-Move)", "the drag as a video; last frame = the edit"),
 }

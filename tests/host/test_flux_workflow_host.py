@@ -1,8 +1,9 @@
-"""The shipped ``fastdrag_flux`` workflow runs headless on the tiny FLUX stand-ins (the shared ``comfy_server``).
+"""The shipped ``fastdrag_flux`` and ``dragflow_flux`` workflows run headless on the tiny FLUX stand-ins (the shared ``comfy_server``).
 
 UNETLoader gets :func:`tools.tiny_flux.tiny_flux_dev_path` (detected as FLUX.1 [dev]: 64 input channels,
 guidance embedding), VAELoader the 16-channel tiny VAE, and DualCLIPLoader is swapped for the tiny CLIP-L
-(``tools.tiny_inpaint.use_tiny_flux_text_encoder``). DDIM Invert runs 8 of 10 steps to keep it short.
+(``tools.tiny_inpaint.use_tiny_flux_text_encoder``). DDIM Invert runs 8 of 10 steps and dragflow 3 + 1 iterations
+to keep them short.
 Both hosts (``COMFYUI_PATH``).
 """
 
@@ -21,18 +22,24 @@ from tools import tiny_inpaint
 
 pytestmark = pytest.mark.host
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "fastdrag_flux.json"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOW = WORKFLOWS / "fastdrag_flux.json"
 POINTS = json.dumps({"points": [[40, 50], [70, 52]]})
 
 
-def test_fastdrag_flux_runs_on_the_tiny_flux(comfy_server, tiny_checkpoint, tmp_path):
+def _inputs(comfy_server, tmp_path):
+    """Image, mask (it holds the first handle) and editor state uploaded; 96 x 64 pixels (sides multiples of 16)."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     mask = np.zeros((64, 96), dtype=np.uint8)
     mask[10:55, 20:80] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     state = editor_state_for(tmp_path / "image.png", POINTS, tmp_path / "mask.png")
-    image, mask_name = comfy_server.upload_image(tmp_path / "image.png"), comfy_server.upload_image(tmp_path / "mask.png")
+    return comfy_server.upload_image(tmp_path / "image.png"), comfy_server.upload_image(tmp_path / "mask.png"), state
+
+
+def test_fastdrag_flux_runs_on_the_tiny_flux(comfy_server, tiny_checkpoint, tmp_path):
+    image, mask_name, state = _inputs(comfy_server, tmp_path)
     saved_workflow = json.loads(WORKFLOW.read_text())
     info = comfy_server.object_info()
     prompt = ui_to_api(saved_workflow, info)
@@ -46,6 +53,29 @@ def test_fastdrag_flux_runs_on_the_tiny_flux(comfy_server, tiny_checkpoint, tmp_
         if node["class_type"] == "DragKitDDIMInvert":
             assert node["inputs"]["cache_layers"] == "non-ridge" and node["inputs"]["strength"] == 0.76
             node["inputs"]["steps"] = 10
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success"
+    saved = [p for p in saved_images(comfy_server, entry) if p.suffix == ".png"]
+    assert saved and np.asarray(Image.open(saved[0])).shape == (64, 96, 3)
+
+
+def test_dragflow_flux_runs_on_the_tiny_flux(comfy_server, tiny_checkpoint, tmp_path):
+    image, mask_name, state = _inputs(comfy_server, tmp_path)
+    saved_workflow = json.loads((WORKFLOWS / "dragflow_flux.json").read_text())
+    prompt = ui_to_api(saved_workflow, comfy_server.object_info())
+    kinds = [node["class_type"] for node in prompt.values()]
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "DragKitDDIMInvert",
+            "DragKitMotionSupervisionOptimize", "DragKitKVInjectedSample", "DragKitPointsEditor"} <= set(kinds)
+    fill_inputs(prompt, image, mask_name, POINTS, tiny_checkpoint.name, "a test image", state, None, None,
+                stand_ins=tiny_inpaint.stand_ins_for(saved_workflow["nodes"]))
+    for node in prompt.values():
+        if node["class_type"] == "DragKitDDIMInvert":
+            node["inputs"]["steps"] = 10
+        if node["class_type"] == "DragKitMotionSupervisionOptimize":
+            inputs = node["inputs"]
+            assert inputs["mode"] == "dragflow" and (inputs["transport_steps"], inputs["intensify_steps"]) == (50, 20)
+            assert inputs["lr"] == -1 and inputs["mask"][0] in prompt  # the released lr; the editor's mask
+            inputs["transport_steps"], inputs["intensify_steps"] = 3, 1
     entry = comfy_server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success"
     saved = [p for p in saved_images(comfy_server, entry) if p.suffix == ".png"]
