@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from dragrun.comfy_host import ComfyServer, repo_root
 from .workflow_build import Out, WorkflowBuilder
@@ -568,8 +569,9 @@ DragKit FastDrag on FLUX (DragFlow's inversion and key/value injection, FastDrag
 DragFlow's region motion supervision and its IP-Adapter are not part of this graph."""
 
 
-def fastdrag_flux(info: dict) -> dict:
-    """FLUX.1 [dev] with ComfyUI's FLUX loaders: editor, DDIM Invert (guidance 1) -> FastDrag Warp -> KV-Injected Sample (3.5)."""
+def flux_inversion(info: dict, sample_guidance_title: str):
+    """The FLUX.1 [dev] workflows' common part: loaders, image, editor, prompt with FluxGuidance 1.0 (inversion) and 3.5,
+    VAE Encode and DDIM Invert (25 steps, strength 0.76, non-ridge). Returns the builder and the outputs the rest wires."""
     g = WorkflowBuilder(info)
     unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_DEV})
     clip_loader = g.add("DualCLIPLoader", 0, 1, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
@@ -582,10 +584,18 @@ def fastdrag_flux(info: dict) -> dict:
     invert_guidance = g.add("FluxGuidance", 1, 1, {"guidance": 1.0}, {"conditioning": Out(prompt, 0)},
                             title="FluxGuidance (inversion: 1.0)")
     sample_guidance = g.add("FluxGuidance", 2, 1, {"guidance": 3.5}, {"conditioning": Out(prompt, 0)},
-                            title="FluxGuidance (sampling: 3.5)")
+                            title=f"FluxGuidance ({sample_guidance_title}: 3.5)")
     encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": vae})
     invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 25, "strength": 0.76, "cache_layers": "non-ridge"},
                    {"model": Out(unet, 0), "latent": Out(encode, 0), "positive": Out(invert_guidance, 0)}, height=220)
+    return g, SimpleNamespace(unet=unet, vae=vae, image=image, points=points, mask=mask, invert=invert,
+                              sample_guidance=sample_guidance)
+
+
+def fastdrag_flux(info: dict) -> dict:
+    """FLUX.1 [dev] with ComfyUI's FLUX loaders: editor, DDIM Invert (guidance 1) -> FastDrag Warp -> KV-Injected Sample (3.5)."""
+    g, f = flux_inversion(info, "sampling")
+    unet, vae, image, points, mask, invert, sample_guidance = f.unet, f.vae, f.image, f.points, f.mask, f.invert, f.sample_guidance
     warp = g.add("DragKitFastDragWarp", 3, 2, {"mode": "drag", "fill": "bnni"},
                  {"latent": Out(invert, 0), "points": points, "mask": mask}, height=180)
     sample = g.add("DragKitKVInjectedSample", 4, 0, {"inject_layers": "non-ridge"},
@@ -627,22 +637,8 @@ DragFlow's IP-Adapter (InstantCharacter) and its MLLM-written prompt are not par
 
 def dragflow_flux(info: dict) -> dict:
     """FLUX.1 [dev]: editor, DDIM Invert (guidance 1) -> Motion-Supervision Optimize dragflow (3.5) -> KV-Injected Sample (3.5)."""
-    g = WorkflowBuilder(info)
-    unet = g.add("UNETLoader", 0, 0, {"unet_name": FLUX_DEV})
-    clip_loader = g.add("DualCLIPLoader", 0, 1, {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"})
-    vae = Out(g.add("VAELoader", 0, 2, {"vae_name": FLUX_VAE}), 0)
-    image = g.add("LoadImage", 0, 3, {"image": IMAGE}, height=320)
-    editor = g.add("DragKitPointsEditor", 1, 3, {"image_file": EDITOR_FILE}, {"image": Out(image, 0)},
-                   title=EDITOR_TITLE, height=560)
-    points, mask = Out(editor, 1), Out(editor, 2)
-    prompt = g.add("CLIPTextEncode", 1, 0, {"text": ""}, {"clip": Out(clip_loader, 0)}, title="Prompt (may stay empty)")
-    invert_guidance = g.add("FluxGuidance", 1, 1, {"guidance": 1.0}, {"conditioning": Out(prompt, 0)},
-                            title="FluxGuidance (inversion: 1.0)")
-    sample_guidance = g.add("FluxGuidance", 2, 1, {"guidance": 3.5}, {"conditioning": Out(prompt, 0)},
-                            title="FluxGuidance (supervision, sampling: 3.5)")
-    encode = g.add("VAEEncode", 1, 2, inputs={"pixels": Out(image, 0), "vae": vae})
-    invert = g.add("DragKitDDIMInvert", 2, 0, {"steps": 25, "strength": 0.76, "cache_layers": "non-ridge"},
-                   {"model": Out(unet, 0), "latent": Out(encode, 0), "positive": Out(invert_guidance, 0)}, height=220)
+    g, f = flux_inversion(info, "supervision, sampling")
+    unet, vae, image, points, mask, invert, sample_guidance = f.unet, f.vae, f.image, f.points, f.mask, f.invert, f.sample_guidance
     optimise = g.add("DragKitMotionSupervisionOptimize", 3, 2, {"mode": "dragflow"},
                      {"model": Out(unet, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
                       "positive": Out(sample_guidance, 0), "points": points, "mask": mask}, height=520)
