@@ -368,6 +368,18 @@ def test_idw_uses_the_nearest_handles():
 # ---------------------------------------------------------------- Drag100
 
 
+@pytest.mark.skipif(not (DRAG100 / "art_0").is_dir(), reason=f"the shipped Drag100 data is not at {DRAG100}")
+def test_the_pixel_benchmark_times_both_options_on_art_0_and_a_blob():
+    from benchmarks.warp import format_pixel_table, run_pixel_benchmark
+
+    result = run_pixel_benchmark(repeats=1, sizes=(64,), samples=("art_0",), drag100=DRAG100)
+    cases = [(row["case"], row["size"], row["variant"], row["region_px"]) for row in result["rows"]]
+    assert cases == [("art_0", "512x512", "exact", 37255), ("art_0", "512x512", "as_released", 37255),
+                     ("blob", "64x64", "exact", 1201), ("blob", "64x64", "as_released", 1201)]
+    assert all(row["median_ms"] > 0 for row in result["rows"])
+    assert "art_0   512x512" in format_pixel_table(result)
+
+
 @pytest.mark.skipif(not DRAG100.is_dir(), reason=f"the shipped Drag100 data is not at {DRAG100}")
 def test_every_drag100_sample_warps_and_moves_its_handles():
     """No sample fails; every handle's own pixel lands on its target (unless another pair's handle or target
