@@ -192,8 +192,8 @@ def pixel_warp(
     margin = reach + 1 if kernel else 0
     edges = torch.zeros(height + 2 * margin, width + 2 * margin, dtype=torch.bool, device=device)
     drags = targets - handles
-    rows, cols = torch.nonzero((labels >= 0).any(1)).flatten(), torch.nonzero((labels >= 0).any(0)).flatten()
-    area = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))  # every region's box
+    rows, cols = torch.nonzero(editable.any(1)).flatten(), torch.nonzero(editable.any(0)).flatten()
+    area = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))  # every region's box (holes filled inside it)
     for region_id in sorted(region_ids, reverse=True):  # OpenCV's contour order: the upper region is pasted last
         region = labels[area] == region_id
         chosen = handle_labels == region_id
@@ -217,7 +217,9 @@ def pixel_warp(
             index.index_copy_(0, query_flat[valid], source_xy[valid, 1] * width + source_xy[valid, 0])
         no_source.index_copy_(0, query_flat, ~valid)
 
-    warped = image.reshape(batch, flat, channels).index_select(1, index).reshape(image.shape)
+    pasted = torch.nonzero(landed.view(-1)).flatten()
+    colours = image.reshape(batch, flat, channels)
+    warped = colours.clone().index_copy_(1, pasted, colours.index_select(1, _take(index, pasted))).reshape(image.shape)
     uncovered = sources & ~landed
     if kernel:
         band_mask = _dilated_in_box(edges, reach, functools.partial(dilate_disc, radius=reach))
