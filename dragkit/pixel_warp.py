@@ -880,31 +880,30 @@ class _ReferenceGrid:
         return (points[:, 1] - self.low[1]) * self.width + (points[:, 0] - self.low[0])
 
     def unit_disc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Walk the offsets of length <= 1 for every query, one offset at a time (elementwise over the queries).
+        """Walk the offsets of length <= 1 for every query (all offsets gathered at once, summed in their order).
 
         Returns:
             ``(out, pending)``: ``(Q, 2)`` float32 values of the queries holding
             ``k`` references within distance 1 (0 elsewhere) and the ``(P,)``
             indices of the other queries.
         """
-        nearest = self.nearest
-        x, y = self.queries[:, 0] - self.low[0], self.queries[:, 1] - self.low[1]
-        have = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)  # references taken so far (<= nearest)
+        offsets, distance = _disc(1, self.queries.device)
+        x = self.queries[:, None, 0] - self.low[0] + offsets[:, 0]
+        y = self.queries[:, None, 1] - self.low[1] + offsets[:, 1]
+        on_grid = (x >= 0) & (x < self.width) & (y >= 0) & (y < self.height)
+        cell = torch.where(on_grid, y * self.width + x, 0)
+        count = torch.where(on_grid, _take(self.counts, cell), 0)
+        before = torch.cumsum(count, 1) - count  # references the earlier offsets hold
+        take = torch.minimum((self.nearest - before).clamp(min=0), count).to(torch.int32)
+        first = _take(self.starts, cell)
+        picked = (_take(self.prefix, first + take) - _take(self.prefix, first)).float()  # exact integer sums
+        weights = (1 / (distance.double() + IDW_EPS)).float()
         total = torch.zeros(x.shape[0], 2, device=x.device)
         weight = torch.zeros(x.shape[0], device=x.device)
-        offsets, distance = _disc(1, torch.device("cpu"))
-        for (dx, dy), length in zip(offsets.tolist(), distance.tolist()):
-            on_grid = (x + dx >= 0) & (x + dx < self.width) & (y + dy >= 0) & (y + dy < self.height)
-            cell = torch.where(on_grid, (y + dy) * self.width + (x + dx), 0)
-            count = torch.where(on_grid, _take(self.counts, cell), 0).clamp(max=nearest).to(torch.int32)
-            take = torch.minimum(nearest - have, count)
-            first = _take(self.starts, cell)
-            picked = (_take(self.prefix, first + take) - _take(self.prefix, first)).float()  # exact integer sums
-            w = 1 / (length + IDW_EPS)
-            total += w * picked
-            weight += w * take
-            have += take
-        decided = have >= nearest
+        for j in range(offsets.shape[0]):  # added in the offsets' order, one term at a time
+            total += weights[j] * picked[:, j]
+            weight += weights[j] * take[:, j]
+        decided = count.sum(1) >= self.nearest
         out = torch.where(decided[:, None], total / weight.clamp(min=IDW_EPS)[:, None], 0.0)
         return out, torch.nonzero(~decided).flatten()
 
