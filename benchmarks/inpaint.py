@@ -160,24 +160,10 @@ def real_cases(device: torch.device) -> list[dict]:
 
 def flux_fill_random(device: torch.device) -> dict:
     """A FLUX.1 Fill [dev]-sized state dict (19 double, 38 single blocks) with random bf16 weights on ``device``."""
-    import comfy.ldm.flux.model
-    import comfy.model_detection
-    import comfy.ops
-
+    from benchmarks.flux import random_flux_state_dict
     from tools.tiny_inpaint import FLUX_FILL_PROBE
 
-    probe = {k: torch.empty(shape, device="meta") for k, shape in FLUX_FILL_PROBE.items()}
-    probe.update({f"double_blocks.{i}.img_attn.norm.key_norm.scale": torch.empty(128, device="meta") for i in range(19)})
-    probe.update({f"single_blocks.{i}.norm.key_norm.scale": torch.empty(128, device="meta") for i in range(38)})
-    config = comfy.model_detection.detect_unet_config(probe, "")
-    with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = {}
-    for name, tensor in model.state_dict().items():
-        value = torch.randn(tensor.shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
-        out[name] = value + 1 if name.endswith("norm.scale") or name.endswith("norm.weight") else value
-    return out
+    return random_flux_state_dict(FLUX_FILL_PROBE, device)
 
 
 def edit_stage(args: argparse.Namespace, device: torch.device) -> dict:

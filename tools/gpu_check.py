@@ -23,7 +23,9 @@ Steps, in this order (:func:`plan`; docs/gpu-check.md says what each reports):
    with no offload streams (hosts with that flag, 0.33+). On a CPU
    (``--tiny``) these three skip: they need CUDA.
 4. ``inpaint``: ``python -m benchmarks.inpaint`` (warp and warp+inpaint
-   stages), when that module exists.
+   stages), when that module exists; ``flux``: ``python -m benchmarks.flux``
+   (FastDrag on FLUX and DragFlow at 1024², bf16 and fp8 random weights, model
+   calls per stage), when that module exists and a host is given.
 5. steps 2–3 again with ``--disable-dynamic-vram`` (``[no-dynamic-vram]``),
    where the host has that flag (ComfyUI 0.33.0; the default there is
    Dynamic VRAM on NVIDIA).
@@ -98,13 +100,13 @@ ASYNC_ALLOCATOR = "backend:cudaMallocAsync"
 
 ALLOCATORS = {"cudaMallocAsync": ASYNC_ALLOCATOR, "native": None}
 
-GROUPS = ("tests", "bench", "capture", "inpaint", "workflows")
+GROUPS = ("tests", "bench", "capture", "inpaint", "flux", "workflows")
 """Step groups ``--only`` picks from."""
 
 ESTIMATES = {
-    "gpu": {"tests": 90, "bench": 240, "bench_sdxl": 300, "capture": 75, "inpaint": 120, "models": 75,
+    "gpu": {"tests": 90, "bench": 240, "bench_sdxl": 300, "capture": 75, "inpaint": 120, "flux": 240, "models": 75,
             "models_sdxl": 100, "workflow": 35, "workflow_sdxl": 60},
-    "cpu": {"tests": 240, "bench": 200, "bench_sdxl": 300, "capture": 180, "inpaint": 120, "models": 0,
+    "cpu": {"tests": 240, "bench": 200, "bench_sdxl": 300, "capture": 180, "inpaint": 120, "flux": 60, "models": 0,
             "models_sdxl": 0, "workflow": 60, "workflow_sdxl": 90},
 }
 """Seconds a step is expected to take: ``gpu`` on one H100/H200 (estimated from the 512² measurements in
@@ -498,7 +500,7 @@ class Check:
                 if mode == "default":
                     steps.append(self.capture_step(mode, "cudaMallocAsync", why, "--disable-async-offload"))
             if index == 0 and not self.sdxl:
-                steps.append(self.inpaint_step())
+                steps += [self.inpaint_step(), self.flux_step()]
         for mode, why in modes:
             if why:
                 steps.append(Planned(f"workflows [{mode}]", "workflows", 0, lambda why=why: why, vram=mode))
@@ -588,6 +590,22 @@ class Check:
         env = dict(self.env, PYTORCH_CUDA_ALLOC_CONF=ASYNC_ALLOCATOR) if self.cuda else self.env
         return Planned("inpaint", "inpaint", self.estimate("inpaint"), prepare, env,
                        key=lambda step: last_line_key(step, self.logs))
+
+    def flux_step(self) -> Planned:
+        """The FLUX chains (``python -m benchmarks.flux``: 1024² real size on CUDA, ``--tiny`` on a CPU), in the host's
+        default VRAM mode, its JSON into ``OUT/flux.json``, its last line (the summary) as the key."""
+        command = self.in_process("default", "benchmarks.flux") + (["--tiny"] if self.tiny else [])
+        command += ["--out", str(self.out / "flux.json")]
+
+        def prepare():
+            if not (REPO / "benchmarks" / "flux.py").is_file():
+                return "benchmarks/flux.py is not in this checkout"
+            if not self.comfyui:
+                return "COMFYUI_PATH is not set (the FLUX chains run the pack's nodes in ComfyUI)"
+            return command
+
+        env = dict(self.env, PYTORCH_CUDA_ALLOC_CONF=ASYNC_ALLOCATOR) if self.cuda else self.env
+        return Planned("flux", "flux", self.estimate("flux"), prepare, env, key=lambda step: last_line_key(step, self.logs))
 
     def workflow_steps(self, family: str, mode: str) -> list[Planned]:
         """The models step of ``family`` (real-size runs of ``sd15`` / ``sdxl``, first mode only) and its

@@ -312,3 +312,18 @@ def test_hostile_input_to_dragflow(comfy_inproc, comfy_nodes, flux, case, tiny_c
         run(latent=pack.nodes.latent_io.with_step(z["samples"], 4, 3, 100, 0.1))
     with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] the positive conditioning's FLUX guidance is 150"):
         run(positive=[[case["txt"], {"pooled_output": case["y"], "guidance": 150.0}]])
+
+
+def test_the_flux_benchmark_counts_the_model_calls_of_each_stage(comfy_inproc, flux):
+    """benchmarks.flux on the small FLUX: FireFlow inversion 19 steps = 20 passes, sampling the same, dragflow 70
+    supervision passes (stopped after the last feature block, with autograd) + the unedited features' pass + the two
+    backward-memory probes."""
+    from benchmarks import flux as bench
+
+    stages = bench.run_chain(comfy_inproc, {"model": flux, "side": 64, "tokens": 4, "context": 40, "pooled": 24}, False)
+    calls = {name: stage["model_calls"] for name, stage in stages.items()}
+    assert calls["invert"] == {"full": 20, "passes": 20, "autograd": 0, "partial": 0}
+    assert calls["sample"] == calls["dragflow_sample"] == calls["invert"] and calls["warp"]["passes"] == 0
+    assert calls["dragflow"] == {"full": 0, "passes": 73, "autograd": 72, "partial": 73}
+    assert calls["dragflow_edit"]["passes"] == 113 and calls["fastdrag_edit"]["passes"] == 40
+    assert stages["dragflow_edit"]["ms"] == pytest.approx(sum(stages[s]["ms"] for s in ("invert", "dragflow", "dragflow_sample")))
