@@ -560,6 +560,7 @@ class ComfyServer(ComfyClient):
         keep_dir: bool | None = None,
         env: dict[str, str] | None = None,
         cpu: bool = True,
+        die_with_parent: bool = False,
     ) -> None:
         self.comfyui = Path(comfyui).resolve() if comfyui else comfyui_path()
         if self.comfyui is None:
@@ -583,6 +584,8 @@ class ComfyServer(ComfyClient):
         self.env = env
         self.cpu = cpu
         """Start ComfyUI with ``--cpu`` (tests, CPU machines); False lets it use the GPU."""
+        self.die_with_parent = die_with_parent
+        """Linux: ComfyUI gets SIGTERM when the thread that started it dies (a killed Ray actor leaves no server)."""
         self.base: Path | None = None
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -671,6 +674,7 @@ class ComfyServer(ComfyClient):
         self.proc = subprocess.Popen(
             self.command(), cwd=self.comfyui, env=env,
             stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_terminate_with_parent if self.die_with_parent and sys.platform == "linux" else None,
         )
         deadline = t0 + self.startup_timeout
         while True:
@@ -745,6 +749,14 @@ class ComfyServer(ComfyClient):
                         kind = item.get("type") or "output"
                         files.append(self.base / kind / (item.get("subfolder") or "") / item["filename"])
         return files
+
+
+def _terminate_with_parent() -> None:
+    """In the child before ``exec``: ask Linux for SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _describe_status(status: dict) -> str:

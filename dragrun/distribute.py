@@ -1,14 +1,14 @@
 """Batch work handed to one or more ComfyUI servers: the job, what a worker does with it, and the driver's loop.
 
-A **job** carries everything a server needs for one sample (the image and
-mask as PNG bytes, the points, the text), so a worker may be on another
-machine: a ComfyUI this process started or one already running (``--server``). A worker uploads the
+A **job** carries everything a worker needs for one sample (the sample
+folder's files as bytes), so a worker may be on another machine: a ComfyUI this process started, one already running (``--server``)
+or a Ray actor (``--ray``, :mod:`dragrun.ray_workers`). A worker uploads the
 inputs, queues the prompt, follows it through ``/history`` and downloads the
-first saved image through ``/view`` (:func:`run_job`); only the driver
-writes the output folder (:func:`distribute` calls back for each result).
+first saved image through ``/view``, and composes the side-by-side
+(:func:`run_job`); only the driver writes the output folder (:func:`distribute` calls back for each result).
 
 A sample whose worker is lost (its ComfyUI exited, its server stopped
-answering) goes back to the queue for another worker, at
+answering, its Ray actor died) goes back to the queue for another worker, at
 most :data:`MAX_RETRIES` times; then, or when no worker is left, it is
 recorded failed with the reason. A sample that fails on a working server is
 recorded failed at once (as in a one-server run).
@@ -17,6 +17,8 @@ recorded failed at once (as in a one-server run).
 from __future__ import annotations
 
 import copy
+import io
+import json
 import tempfile
 import threading
 import time
@@ -30,19 +32,14 @@ MAX_RETRIES = 2
 
 @dataclass(frozen=True)
 class Job:
-    """One sample's inputs, ready to send to any server.
+    """One sample, ready to send to any server: its folder's files (Drag100 or DragBench layout) as bytes.
 
-    ``points_json``: Drag100 ``{"points": [[x, y], ...]}`` in the image's
-    pixels (handle, target, handle, ...); ``editor_state``: the Drag Points
-    Editor state for the same points and mask; ``text``: the prompt text
-    (None keeps the workflow's). ``attempt`` counts the workers lost on it.
+    ``text``: the ``--prompt`` override (None: the sample's own prompt, else
+    the workflow's). ``attempt`` counts the workers lost on it.
     """
 
     name: str
-    image_png: bytes
-    mask_png: bytes | None
-    points_json: str
-    editor_state: str | None
+    files: dict
     text: str | None
     attempt: int = 0
 
@@ -61,19 +58,21 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Result:
-    """A finished job: the first saved image's bytes and the prompt's wall time (queue to finish)."""
+    """A finished job: the first saved image, the side-by-side (source | edit, points drawn) as PNG bytes, and the
+    prompt's wall time (queue to finish)."""
 
     name: str
     edited_png: bytes
+    side_by_side_png: bytes
     seconds: float
 
 
 class WorkerLost(RuntimeError):
-    """The worker can take no more jobs (its server exited or stopped answering)."""
+    """The worker can take no more jobs (its server exited or stopped answering, its actor died)."""
 
 
 class Worker(Protocol):
-    """Runs jobs one at a time (see :class:`ServerWorker`)."""
+    """Runs jobs one at a time (see :class:`ServerWorker`, :class:`dragrun.ray_workers.RayWorker`)."""
 
     label: str
 
@@ -87,30 +86,45 @@ class Worker(Protocol):
 def run_job(client, recipe: Recipe, job: Job) -> Result:
     """Run ``job`` on ``client`` (a :class:`dragrun.comfy_host.ComfyClient`): upload, queue, wait, download.
 
-    The inputs go to the input sub-folder ``<job.name>``. Raises
-    ``RuntimeError`` when the workflow saved no image, and the client's
-    :class:`~dragrun.comfy_host.ComfyServerError` when the prompt failed.
+    The worker reads the sample from its files, uploads its image and mask
+    (PNG) to the input sub-folder ``<job.name>``, gives its points to every
+    points node and composes the side-by-side, so the driver only writes
+    bytes. Raises ``RuntimeError`` when the workflow saved no image, and the
+    client's :class:`~dragrun.comfy_host.ComfyServerError` when the prompt failed.
     """
-    from .run_workflow import fill_inputs
+    from PIL import Image
+
+    from dragkit.datasets import load_sample
+
+    from .run_workflow import fill_inputs, png_bytes, side_by_side_image
 
     with tempfile.TemporaryDirectory(prefix="dragrun-job-") as staging:
-        image_path = Path(staging) / "image.png"
-        image_path.write_bytes(job.image_png)
+        folder = Path(staging) / job.name
+        folder.mkdir()
+        for name, data in job.files.items():
+            (folder / name).write_bytes(data)
+        sample = load_sample(folder)
+        source = Image.fromarray(sample.image)
+        (Path(staging) / "image.png").write_bytes(png_bytes(source))
         mask_name = None
-        if job.mask_png is not None:
-            (Path(staging) / "mask.png").write_bytes(job.mask_png)
+        if sample.mask is not None:
+            (Path(staging) / "mask.png").write_bytes(png_bytes(Image.fromarray(sample.mask.astype("uint8") * 255)))
             mask_name = client.upload_image(Path(staging) / "mask.png", subfolder=job.name)
-        image_name = client.upload_image(image_path, subfolder=job.name)
+        image_name = client.upload_image(Path(staging) / "image.png", subfolder=job.name)
+    flat = [list(p) for pair in zip(sample.points.handles, sample.points.targets) for p in pair]
+    text = job.text if job.text is not None else (sample.prompt or None)
     prompt = copy.deepcopy(recipe.template)
-    fill_inputs(prompt, image_name, mask_name, job.points_json, recipe.checkpoint, job.text, job.editor_state,
-                recipe.controlnet, recipe.upscale_model, stand_ins=recipe.stand_ins)
+    fill_inputs(prompt, image_name, mask_name, json.dumps({"points": flat}), recipe.checkpoint, text,
+                sample.editor_state(), recipe.controlnet, recipe.upscale_model, stand_ins=recipe.stand_ins)
     start = time.monotonic()
     entry = client.run(prompt, timeout=recipe.timeout)
     seconds = time.monotonic() - start
     items = client.output_items(entry)
     if not items:
         raise RuntimeError("the workflow saved no image")
-    return Result(job.name, client.download(items[0]), seconds)
+    edited = client.download(items[0])
+    combined = side_by_side_image(source, Image.open(io.BytesIO(edited)), sample.points)
+    return Result(job.name, edited, png_bytes(combined), seconds)
 
 
 class ServerWorker:

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dragrun import comfy_host
+from dragkit.metrics import DAI_PAPER
+from dragrun import comfy_host, evaluate
 from dragrun.run_workflow import main
 from tools import tiny_models
 
-from .batch_data import DRAG100, downscaled_drag100
+from .batch_data import files, records, small_samples
 
 pytestmark = pytest.mark.host
 
@@ -32,12 +33,7 @@ SAMPLES = ("antelopes_0", "art_0", "art_1")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    if not DRAG100.exists():
-        pytest.skip(f"{DRAG100} (the Drag100 samples) is not present")
-    folder = tmp_path_factory.mktemp("batch-data")
-    for name in SAMPLES:
-        downscaled_drag100(DRAG100 / name, folder / name, 4)
-    return folder
+    return small_samples(tmp_path_factory.mktemp("batch-data"), SAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +49,6 @@ def one_server_run(data, comfyui, tmp_path_factory):
     out = tmp_path_factory.mktemp("one-server") / "out"
     assert main([str(FASTDRAG), "--batch", str(data), "--out", str(out)]) == 0
     return out
-
-
-def records(out: Path) -> dict:
-    """timings.json without what differs between runs of the same samples (seconds)."""
-    timings = json.loads((out / "timings.json").read_text())
-    for entry in timings["samples"].values():
-        entry.pop("seconds")
-    timings["summary"].pop("median_seconds")
-    return timings
-
-
-def files(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
 def prompts_run(server) -> int:
@@ -87,6 +70,15 @@ def test_two_servers_give_the_files_and_records_of_a_one_server_run(data, two_se
     assert all(prompts_run(server) >= 1 for server in two_servers)  # both servers took samples
     assert sum(prompts_run(server) for server in two_servers) == len(SAMPLES)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    reports = {}
+    for name, folder in (("servers", out), ("one", one_server_run)):  # the evaluator reads the merged folder as is
+        assert evaluate.main(["--data", str(data), "--edited", f"fastdrag={folder}", "--report",
+                              str(tmp_path / f"{name}.json")]) == 0
+        summary = json.loads((tmp_path / f"{name}.json").read_text())["methods"]["fastdrag"]["summary"]
+        reports[name] = {key: value for key, value in summary.items() if key != "median seconds"}
+    assert reports["servers"] == reports["one"] and reports["servers"]["evaluated"] == len(SAMPLES)
+    assert reports["servers"][DAI_PAPER]  # the DAI means are there (and equal)
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert main(argv) == 0  # everything done: skipped, nothing run again
