@@ -224,6 +224,8 @@ class FlowCache:
         kv: call number -> layer index -> ``(K, V)``, each ``(1, tokens, hidden)``
             in the model's compute dtype, on :attr:`storage_device`.
         storage_device: where the keys/values live.
+        references: the shapes of the reference latents (FLUX Kontext) the inversion's conditioning carried;
+            their tokens are part of the recorded keys/values, so sampling must carry the same.
     """
 
     schedule: FlowSchedule
@@ -234,6 +236,7 @@ class FlowCache:
     call_times: list[float] = field(default_factory=list)
     kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     storage_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    references: tuple[tuple[int, ...], ...] = ()
 
     family = "flux"
 
@@ -265,6 +268,15 @@ class FlowCache:
             raise DragInputError(
                 "the attention cache was recorded with a different model; connect the same MODEL to DDIM Invert and "
                 "to this node"
+            )
+
+    def check_references(self, references: tuple[tuple[int, ...], ...]) -> None:
+        """Raise unless a conditioning's reference latent shapes are the inversion's (Kontext: same reference image)."""
+        if tuple(references) != tuple(self.references):
+            raise DragInputError(
+                f"this prompt carries reference latents {list(references) or 'none'} but DDIM Invert's carried "
+                f"{list(self.references) or 'none'}; the reference image's tokens are part of the recorded keys/values, "
+                "so give both prompts the same ReferenceLatent (FLUX Kontext) or none"
             )
 
     def stored_kv(self, call: int, layer: AttnLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -356,6 +356,16 @@ def flux_guidance(conditioning: list, name: str = "positive") -> float:
     return values.pop()
 
 
+def reference_shapes(conditioning: list) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the reference latents (ReferenceLatent: FLUX Kontext) a CONDITIONING carries, in order; one
+    prompt's list (several prompts must agree). Mirrors ComfyUI 0.3.64 and 0.33.0 ``model_base.Flux.extra_conds``
+    (``kwargs.get("reference_latents")``)."""
+    lists = {tuple(tuple(r.shape) for r in options.get("reference_latents") or ()) for _, options in conditioning}
+    if len(lists) > 1:
+        raise DragInputError(f"the prompts of one conditioning carry different reference latents {sorted(lists)}")
+    return lists.pop() if lists else ()
+
+
 DEFAULT_FLUX_GUIDANCE = 3.5
 """The guidance ComfyUI gives a FLUX model whose conditioning has none."""
 

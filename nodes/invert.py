@@ -10,7 +10,7 @@ from ..dragkit.errors import DragInputError
 from ..dragkit.flow import FlowSchedule, flow_invert
 from ..dragkit.flow_hooks import FLUX_LAYER_HELP, select_flux_layers
 from ..dragkit.schedule import DDIMSchedule
-from .comfy_backend import ComfyBackend, ComfyConditioning, ComfyFlowBackend, check_conditioning_fits, flux_guidance, is_flux
+from .comfy_backend import ComfyBackend, ComfyConditioning, ComfyFlowBackend, check_conditioning_fits, flux_guidance, is_flux, reference_shapes
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, progress_reporter, require_finite
 from .latent_io import read_step, with_step
 from .model_family import require_unet
@@ -163,6 +163,7 @@ def invert_flux(model, latent, positive, steps, strength, cache_layers, cache_de
         progress = preview_progress(model, schedule.num_inversion_steps)
         cache = flow_invert(backend, x0, ComfyConditioning(positive), schedule, layers, cache_device, progress)
         require_finite(cache.x_star, "the output of flow inversion (the model's velocities)")
+        cache.references = reference_shapes(positive)
     t_star = schedule.t_star
     log.info(
         "DragKit DDIM Invert (FLUX, %s): %d of %d steps, t*=%.4f, guidance %g%s; cache: %s",

@@ -7,7 +7,7 @@ from ..dragkit.dragflow import DragFlowSettings, drag_flow, plan_dragflow
 from ..dragkit.errors import DragInputError
 from ..dragkit.flow import FlowCache
 from ..dragkit.geometry import resolve_editable_mask
-from .comfy_backend import ComfyConditioning, ComfyFlowBackend, is_flux
+from .comfy_backend import ComfyConditioning, ComfyFlowBackend, is_flux, reference_shapes
 from .common import INPUT_LATENT, log, node_errors, progress_reporter, require_finite, require_points
 from .invert import check_conditioning, check_flux_latent
 from .latent_io import require_step, with_step
@@ -49,6 +49,7 @@ def optimize_dragflow(model, latent, attn_cache, positive, points, lr, mask, tra
                 "(or FastDrag Warp's output of it) and the same DDIM Invert's attn_cache"
             )
         check_conditioning(positive, model)
+        attn_cache.check_references(reference_shapes(positive))
         samples = latent["samples"]
         check_flux_latent(model, samples, "the latent")
         h, w = samples.shape[-2:]

@@ -7,7 +7,7 @@ from ..dragkit.ddim import KV_SOURCES, kv_sample
 from ..dragkit.errors import DragInputError
 from ..dragkit.flow import FlowCache, flow_sample
 from ..dragkit.flow_hooks import FLUX_LAYER_HELP, select_flux_layers
-from .comfy_backend import ComfyBackend, ComfyConditioning, ComfyFlowBackend, is_flux
+from .comfy_backend import ComfyBackend, ComfyConditioning, ComfyFlowBackend, is_flux, reference_shapes
 from .common import ATTN_CACHE, CATEGORY, INPUT_LATENT, log, node_errors, require_cache, require_finite
 from .invert import check_conditioning, check_flux_latent, preview_progress
 from .latent_io import clean_latent, require_step
@@ -109,6 +109,7 @@ def sample_flux(model, latent, attn_cache, positive, kv_source, inject_layers, i
         schedule = attn_cache.schedule
         step = check_inputs(model, latent, schedule, positive, negative, cfg)
         check_flux_latent(model, latent["samples"], "the latent")
+        attn_cache.check_references(reference_shapes(positive))
         backend = ComfyFlowBackend(model)
         layers = select_flux_layers(backend.kv_layers(), inject_layers)
         x = require_finite(backend.latent_in(latent["samples"]), INPUT_LATENT)

@@ -232,3 +232,44 @@ def test_unet_only_steps_name_the_flux_chain(comfy_inproc, flux):
         comfy_inproc.run_node("DragKitLoRAFineTune", model=flux, vae=None, image=torch.zeros(1, 8, 8, 3), positive=[],
                               steps=1, rank=4, alpha=4.0, lr=5e-4, batch=1, seed=0, save_name="x.safetensors",
                               use_cache=False)
+
+
+def test_kontext_reference_latents_are_recorded_and_must_match(comfy_inproc, flux, inputs):
+    """FLUX.1 Kontext [dev] is a FLUX.1 [dev]-layout model that ComfyUI detects as Flux; its reference image enters as
+    ReferenceLatent conditioning, whose tokens follow the image's in every block. Inverted and sampled with the same
+    reference, the recorded keys/values hold both token sets and the round trip reconstructs the latent; a reference of
+    another size, or none, is refused before any model call; dragflow supervises with it."""
+    latent, txt, y = inputs
+
+    def cond(guidance, reference):
+        plain = _cond(txt, y, guidance)
+        if reference is None:
+            return plain
+        (with_ref,) = comfy_inproc.run_node("ReferenceLatent", conditioning=plain, latent={"samples": reference})
+        return with_ref
+
+    reference = latent.flip(-1)
+    z, cache = _invert(comfy_inproc, flux, latent, cond(1.0, reference))
+    tokens = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
+    assert cache.kv[0][0][0].shape[1] == 2 * tokens and cache.references == (tuple(reference.shape),)
+    out = flux.model.process_latent_in(_sample(comfy_inproc, flux, z, cache, cond(1.0, reference)))
+    x0 = flux.model.process_latent_in(latent)
+    assert ((out - x0).norm() / x0.norm()).item() < 0.05
+
+    other = torch.randn(1, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"^\[KV-Injected Sample\] this prompt carries reference latents \[\(1, 16, 16, 16\)\] "
+                                         r"but DDIM Invert's carried \[\(1, 16, 8, 8\)\]"):
+        _sample(comfy_inproc, flux, z, cache, cond(3.5, other))
+    with pytest.raises(ValueError, match=r"^\[KV-Injected Sample\] this prompt carries reference latents none"):
+        _sample(comfy_inproc, flux, z, cache, cond(3.5, None))
+
+    pack = comfy_inproc.pack
+    points = pack.dragkit.points.parse_drag_points({"width": 64, "height": 64, "pairs": [{"handle": [24, 24], "target": [40, 30]}]})
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 12:36, 12:36] = 1.0
+    run = dict(model=flux, latent=z, attn_cache=cache, points=points, mode="dragflow", iterations=1, lr=-1.0, lam=-1.0,
+               r1=-1, r2=-1, mask=mask, transport_steps=2, intensify_steps=1, gradient_checkpointing=False)
+    moved, _ = comfy_inproc.run_node("DragKitMotionSupervisionOptimize", positive=cond(3.5, reference), **run)
+    assert (moved["samples"] - z["samples"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"^\[Motion-Supervision Optimize\] this prompt carries reference latents none"):
+        comfy_inproc.run_node("DragKitMotionSupervisionOptimize", positive=cond(3.5, None), **run)
