@@ -20,7 +20,8 @@ from ..dragkit.errors import DragInputError
 
 DIT_ALTERNATIVES = (
     "On FLUX.1 use DDIM Invert -> FastDrag Warp+BNNI -> KV-Injected Sample (DragFlow's inversion and key/value "
-    "injection; workflow fastdrag_flux), or Drag Warp (pixels) with FLUX.1 Fill (workflow warp_inpaint_flux_fill). "
+    "injection; workflow fastdrag_flux), Motion-Supervision Optimize in mode dragflow between them (DragFlow's region "
+    "supervision; workflow dragflow_flux), or Drag Warp (pixels) with FLUX.1 Fill (workflow warp_inpaint_flux_fill). "
     "On other DiT models use Drag Warp (pixels) with their inpainting model, or FastDrag Warp+BNNI on the VAE Encode "
     "latent followed by a native KSampler (the warp sets a noise mask, denoise about 0.6)."
 )

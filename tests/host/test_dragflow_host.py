@@ -327,3 +327,42 @@ def test_the_flux_benchmark_counts_the_model_calls_of_each_stage(comfy_inproc, f
     assert calls["dragflow"] == {"full": 0, "passes": 73, "autograd": 72, "partial": 73}
     assert calls["dragflow_edit"]["passes"] == 113 and calls["fastdrag_edit"]["passes"] == 40
     assert stages["dragflow_edit"]["ms"] == pytest.approx(sum(stages[s]["ms"] for s in ("invert", "dragflow", "dragflow_sample")))
+
+
+def test_cancel_stops_dragflow_and_leaves_the_model_clean(comfy_inproc, flux, case, monkeypatch, caplog):
+    """Cancel at iteration 2 of 6 stops the supervision (ComfyUI's interrupt); every hook and checkpoint wrapper is
+    gone afterwards. The node asks the host for the backward memory first, as the UNet modes do."""
+    import comfy.model_management as mm
+
+    node = importlib.import_module(f"{comfy_inproc.pack.__name__}.nodes.optimize_flux")
+    real, seen = node.progress_reporter, []
+
+    def interrupting(total):
+        report = real(total)
+
+        def step(done):
+            seen.append(done)
+            if done == 2:
+                mm.interrupt_current_processing(True)
+            report(done)
+
+        return step
+
+    monkeypatch.setattr(node, "progress_reporter", interrupting)
+    cond = [[case["txt"], {"pooled_output": case["y"], "guidance": 1.0}]]
+    z, cache = comfy_inproc.run_node("DragKitDDIMInvert", model=flux, latent={"samples": flux.model.process_latent_out(case["x0"])},
+                                     positive=cond, steps=4, strength=0.5, cache_layers="non-ridge", cache_device="auto")
+    try:
+        with caplog.at_level("INFO", logger="DragKit"), pytest.raises(mm.InterruptProcessingException):
+            comfy_inproc.run_node(
+                "DragKitMotionSupervisionOptimize", model=flux, latent=z, attn_cache=cache, positive=cond,
+                points=_points(comfy_inproc.pack), mode="dragflow", iterations=1, lr=-1.0, lam=-1.0, r1=-1, r2=-1,
+                mask=case["mask"][None], transport_steps=4, intensify_steps=2, gradient_checkpointing=True)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2]
+    assert any("reserving" in r.getMessage() and "for backward" in r.getMessage() for r in caplog.records)
+    network = flux.model.diffusion_model
+    modules = list(network.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert not any("forward" in block.__dict__ for block in network.double_blocks)
