@@ -171,7 +171,8 @@ def distribute(
     under one lock, so the driver's bookkeeping and writes never interleave.
     Jobs are left unrun only when every worker was lost, or on Ctrl+C
     (``KeyboardInterrupt`` stops the workers, waits for the threads and is
-    raised again).
+    raised again; the jobs they were running are left unrecorded, a result
+    that arrives is still handed to ``on_result``).
     """
     queue = list(jobs)
     lock = threading.Condition()
@@ -196,7 +197,9 @@ def distribute(
                     state["busy"] -= 1
                     state["alive"] -= 1
                     lost_workers.append(f"{worker.label}: {lost}")
-                    if job.attempt < MAX_RETRIES and state["alive"] > 0 and not state["stop"]:
+                    if state["stop"]:
+                        pass  # Ctrl+C: left unrecorded, a rerun runs it
+                    elif job.attempt < MAX_RETRIES and state["alive"] > 0:
                         queue.insert(0, replace(job, attempt=job.attempt + 1))
                     else:
                         tries = f"{job.attempt + 1} worker{'s' if job.attempt else ''}"
@@ -207,7 +210,8 @@ def distribute(
             except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
                 with lock:
                     state["busy"] -= 1
-                    on_failure(worker, job, error, time.monotonic() - start)
+                    if not state["stop"]:  # after Ctrl+C a stopped prompt's error is no verdict on the sample
+                        on_failure(worker, job, error, time.monotonic() - start)
                     lock.notify_all()
                 continue
             with lock:
@@ -217,9 +221,9 @@ def distribute(
 
     threads = [threading.Thread(target=loop, args=(worker,), name=f"dragrun-{worker.label}", daemon=True)
                for worker in workers]
-    for thread in threads:
-        thread.start()
     try:
+        for thread in threads:
+            thread.start()
         for thread in threads:
             while thread.is_alive():
                 thread.join(timeout=0.5)
@@ -230,6 +234,7 @@ def distribute(
         for worker in workers:
             worker.stop()
         for thread in threads:
-            thread.join(timeout=30)
+            if thread.ident is not None:
+                thread.join(timeout=30)
         raise
     return queue, lost_workers

@@ -1,7 +1,9 @@
 """The runner's --server / --ray options without a server or a cluster: argument errors, Ray missing, the actor
 layout, the servers' checks on a made-up ``/object_info``, and the driver's loop with workers that fail or get lost."""
 
+import _thread
 import sys
+import threading
 
 import pytest
 
@@ -104,3 +106,31 @@ def test_with_no_worker_left_the_sample_fails_with_the_reason_and_the_rest_is_le
                                        lambda w, job, error, seconds: failed.setdefault(job.name, str(error)))
     assert [job.name for job in left] == ["s2", "s3"] and lost == ["a: a went away"]
     assert failed == {"s1": "lost 1 worker while running it; the last: a went away"}
+
+
+class StopsOnCtrlC(Fake):
+    """Finishes its first job; at the second it presses Ctrl+C and waits until the driver stops it."""
+
+    def __init__(self):
+        super().__init__("w")
+        self.stopped = threading.Event()
+
+    def run(self, recipe, job):
+        self.jobs.append(job.name)
+        if len(self.jobs) == 1:
+            return distribute.Result(job.name, b"png", b"png", 1.0)
+        _thread.interrupt_main()
+        assert self.stopped.wait(10)
+        raise RuntimeError("interrupted by the driver")
+
+    def stop(self):
+        self.stopped.set()
+
+
+def test_ctrl_c_stops_the_workers_keeps_what_finished_and_records_no_verdict():
+    done, failed = [], []
+    worker = StopsOnCtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        distribute.distribute(jobs("s1", "s2", "s3"), [worker], None, lambda w, job, result: done.append(job.name),
+                              lambda w, job, error, seconds: failed.append(job.name))
+    assert worker.stopped.is_set() and done == ["s1"] and failed == [] and worker.jobs == ["s1", "s2"]
