@@ -3,6 +3,9 @@
 - ``run_workflow``: the runner (``bash scripts/run_workflow.sh`` runs it);
   ``run_progress``: its progress lines; ``batch_layout``: its batch output
   folder, shared with the evaluator; ``refusals``: the workflows it refuses.
+- ``distribute``: a batch shared out over several workers, on servers that
+  are already running (``servers``, ``--server``) or on Ray actors
+  (``ray_workers``, ``--ray``).
 - ``workflow_format``: a UI-format workflow JSON to an API prompt.
 - ``comfy_host``: ComfyUI (from ``COMFYUI_PATH``) as a headless server with
   this pack installed, or in-process (the tests' host too).
