@@ -347,6 +347,23 @@ def supervision_gradient(
     return loss.detach(), grad.detach()
 
 
+class _ResidentCall:
+    """The cache as :class:`~dragkit.attention.KVInjector` reads it, keeping each block's keys/values where they were
+    first moved: every supervision pass injects the same recorded call, so an offloaded cache crosses to the
+    compute device once (FLUX.1 at 1024², 13 blocks: about 0.65 GiB) instead of once per pass."""
+
+    def __init__(self, cache: FlowCache) -> None:
+        self.cache = cache
+        self.layers = cache.layers
+        self._moved: dict = {}
+
+    def kv_at(self, call: int, layer, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (call, layer.index, str(device), dtype)
+        if key not in self._moved:
+            self._moved[key] = self.cache.kv_at(call, layer, device, dtype)
+        return self._moved[key]
+
+
 @dataclass
 class DragFlowResult:
     """The optimised latent ``(1, C, h, w)`` at t* and the loss of every iteration."""
@@ -388,7 +405,7 @@ def drag_flow(
     schedule = cache.schedule
     t_curr, t_prev = schedule.sigmas[schedule.skip], schedule.sigmas[schedule.skip + 1]
     call = released_pairing(len(cache.call_times), 1)[0]
-    control = KVInjector(cache, cache.layers, {call})
+    control = KVInjector(_ResidentCall(cache), cache.layers, {call})
     control.begin_step(call)
     losses: list[float] = []
 
