@@ -61,6 +61,8 @@ HOST_DIR = Path(__file__).resolve().parent / "host"
 
 HEAVY_FIRST = (
     "host/test_workflows.py",
+    "host/test_batch_ray.py",
+    "host/test_batch_servers.py",
     "host/test_workflows_browser.py",
     "host/test_fresh_clone.py",
     "host/test_bench_sdxl_host.py",

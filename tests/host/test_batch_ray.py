@@ -1,7 +1,8 @@
 """``--ray``: a batch on a local Ray cluster on the CPU (two actors, one ComfyUI each, the tiny SD1.5 checkpoint).
 
 Four Drag100 samples (downscaled 4x, 128 px wide): the same files, records
-and images as a one-server run; an actor's process killed mid-batch (its
+and images as a one-server run (on the tests' shared server, which holds the
+same checkpoint); an actor's process killed mid-batch (its
 sample goes to the other actor), then the other's (no worker left): every
 sample ends ok or failed with the reason, nothing half-written, and a rerun
 runs only what is missing. Refused: ``--device gpu`` on a cluster without a
@@ -74,9 +75,9 @@ def gone(processes: list, seconds: float = 30.0) -> bool:
     return False
 
 
-def test_two_actors_give_the_files_and_records_of_a_one_server_run(cluster, data, tmp_path):
+def test_two_actors_give_the_files_and_records_of_a_one_server_run(cluster, data, comfy_server, tmp_path):
     one, two = tmp_path / "one", tmp_path / "ray"
-    assert main([str(FASTDRAG), "--batch", str(data), "--out", str(one)]) == 0
+    assert main([str(FASTDRAG), "--batch", str(data), "--out", str(one), "--server", comfy_server.url]) == 0
     assert main([str(FASTDRAG), "--batch", str(data), "--out", str(two), *RAY_ARGS]) == 0
     assert files(two) == files(one) and len(files(one)) == 2 * len(SAMPLES) + 1
     assert records(two) == records(one)

@@ -2,8 +2,9 @@
 
 The same three Drag100 samples (downscaled 4x, 128 px wide) through the tiny
 SD1.5 checkpoint, once as a one-server run (the runner starts its own
-ComfyUI) and once over the two servers: the same files, the same records and
-the same images. Servers that lack the pack or a model (stand-ins serving a
+ComfyUI) and once over two servers (the tests' shared server, which holds the
+same checkpoint, and one more): the same files, the same records and the
+same images. Servers that lack the pack or a model (stand-ins serving a
 real server's ``/object_info`` with the pack's node classes, or the
 checkpoint, taken out) and an address where nothing answers are refused
 before anything runs.
@@ -37,10 +38,10 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_servers(comfyui):
-    checkpoint = tiny_models.tiny_checkpoint_path()
-    with comfy_host.ComfyServer(checkpoints=[checkpoint]) as one, comfy_host.ComfyServer(checkpoints=[checkpoint]) as two:
-        yield one, two
+def two_servers(comfy_server):
+    """The tests' shared server and one more started here, both with the tiny SD1.5 checkpoint."""
+    with comfy_host.ComfyServer(checkpoints=[tiny_models.tiny_checkpoint_path()]) as another:
+        yield comfy_server, another
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def prompts_run(server) -> int:
 
 def test_two_servers_give_the_files_and_records_of_a_one_server_run(data, two_servers, one_server_run, tmp_path, capsys):
     out = tmp_path / "out"
+    history = [prompts_run(server) for server in two_servers]  # the shared server ran other tests' prompts
     argv = [str(FASTDRAG), "--batch", str(data), "--out", str(out)] + [a for s in two_servers for a in ("--server", s.url)]
     assert main(argv) == 0
     assert files(out) == files(one_server_run) == sorted(
@@ -67,8 +69,8 @@ def test_two_servers_give_the_files_and_records_of_a_one_server_run(data, two_se
         for file in ("edited.png", "side_by_side.png"):
             ours, theirs = (np.asarray(Image.open(folder / name / file)) for folder in (out, one_server_run))
             assert np.array_equal(ours, theirs), f"{name}/{file}"
-    assert all(prompts_run(server) >= 1 for server in two_servers)  # both servers took samples
-    assert sum(prompts_run(server) for server in two_servers) == len(SAMPLES)
+    taken = [prompts_run(server) - before for server, before in zip(two_servers, history)]
+    assert min(taken) >= 1 and sum(taken) == len(SAMPLES), taken  # both servers took samples, each sample once
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
     reports = {}
@@ -84,7 +86,7 @@ def test_two_servers_give_the_files_and_records_of_a_one_server_run(data, two_se
     assert main(argv) == 0  # everything done: skipped, nothing run again
     assert json.loads((out / "timings.json").read_text())["summary"]["skipped"] == len(SAMPLES)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
-    assert sum(prompts_run(server) for server in two_servers) == len(SAMPLES)
+    assert sum(prompts_run(server) for server in two_servers) == sum(history) + len(SAMPLES)
     capsys.readouterr()
     assert main(argv + ["--prompt", "another prompt"]) == 2  # a changed run against this out/: refused
     assert "holds the results of another run" in capsys.readouterr().err
