@@ -52,7 +52,7 @@ fi
 py="$venv/bin/python"
 # What this environment was last set up from: when nothing changed (and torch imports), pip is not asked again.
 stamp_file="$venv/.dragkit-set-up"
-stamp="$({ cat requirements.txt tests/requirements.txt; echo "${TORCH_SPEC:-torch==2.13.0}"
+stamp="$({ cat requirements.txt requirements-cluster.txt tests/requirements.txt; echo "${TORCH_SPEC:-torch==2.13.0}"
            [ -z "${COMFYUI_PATH:-}" ] || cat "$COMFYUI_PATH/requirements.txt"; } | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && "$py" -c "import torch" 2>/dev/null; then
     echo "[set-up] requirements unchanged since this environment's last set-up: nothing to install"
@@ -65,7 +65,7 @@ else
         pip_install "${TORCH_SPEC:-torch==2.13.0}"
         done_step
     fi
-    step "installing this pack's and the tests' requirements (diffusers, peft, pytest, ...; under a minute, seconds once installed)"
+    step "installing this pack's and the tests' requirements (diffusers, peft, pytest, ray, ...; 1-2 min, seconds once installed)"
     pip_install -r tests/requirements.txt
     done_step
     if [ -n "${COMFYUI_PATH:-}" ]; then
