@@ -239,6 +239,52 @@ def test_a_dragged_region_lands_where_the_affine_map_puts_it(comfy_inproc, flux,
     assert torch.equal(moved[..., outside], cache.x_star[..., outside])  # the gradient mask locks the background
 
 
+class _Spy:
+    """A feature backend that records the latent of every pass the supervision loop makes (first: the reference)."""
+
+    def __init__(self, backend):
+        self.backend, self.inputs = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def run_features(self, loop, x_start, *args):
+        def spied(predict, x):
+            def predict_and_record(z, t, with_velocity):
+                self.inputs.append(z.detach().clone())
+                return predict(z, t, with_velocity)
+
+            return loop(predict_and_record, x)
+
+        return self.backend.run_features(spied, x_start, *args)
+
+
+def test_after_fastdrag_warp_the_reference_is_the_unwarped_latent_and_the_start_the_warped_one(comfy_inproc, flux,
+                                                                                               case):
+    """The hybrid fastdrag_dragflow_flux: dragflow refines FastDrag's warped latent, its reference features (and the
+    locked background) come from the inversion's unwarped ``x_star``; the positive control: the warp changed the
+    latent, and starting from it changes the result."""
+    Fl, M, H, D = _engine(comfy_inproc)
+    fastdrag = importlib.import_module(f"{comfy_inproc.pack.__name__}.dragkit.fastdrag")
+    plan, cache = case["plan"], case["cache"]
+    cells = F.interpolate(case["mask"][None, None], size=(8, 12), mode="bilinear", align_corners=False)[0, 0] > 0.5
+    warped, _ = fastdrag.latent_warp(cache.x_star, torch.tensor([HANDLE]) / 8, torch.tensor([TARGET]) / 8, cells)
+    assert (warped - cache.x_star).abs().max() > 0.1  # the warp moved something
+    cond = M.FluxTextConditioning(case["txt"], case["y"], 3.5)
+    settings = D.DragFlowSettings(transport_steps=2, intensify_steps=1)
+    spies = {name: _Spy(case["backend"]) for name in ("warped", "unwarped")}
+    with comfy_inproc.pack.nodes.host_caps.training_mode():
+        out = {name: D.drag_flow(spies[name], start, cond, cache, plan, settings).latent
+               for name, start in (("warped", warped), ("unwarped", cache.x_star))}
+    reference_pass, first_pass = spies["warped"].inputs[:2]
+    assert torch.equal(reference_pass, cache.x_star) and torch.equal(first_pass, warped)
+    assert torch.equal(spies["unwarped"].inputs[0], reference_pass)  # the same reference whatever the start
+    outside = plan.editable[0, 0] < 0.5
+    assert torch.equal(out["warped"][..., outside], cache.x_star[..., outside])
+    inside = ~outside
+    assert (out["warped"][..., inside] - out["unwarped"][..., inside]).abs().max() > 0.1
+
+
 def test_the_node_equals_the_engine(comfy_inproc, flux, case):
     """Motion-Supervision Optimize (dragflow) through ComfyUI's guider equals the host-free engine on the same weights."""
     Fl, M, H, D = _engine(comfy_inproc)
