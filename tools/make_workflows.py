@@ -635,21 +635,57 @@ DragKit DragFlow on FLUX (DragFlow's inversion, region supervision and key/value
 DragFlow's IP-Adapter (InstantCharacter) and its MLLM-written prompt are not part of this graph yet."""
 
 
-def dragflow_flux(info: dict) -> dict:
-    """FLUX.1 [dev]: editor, DDIM Invert (guidance 1) -> Motion-Supervision Optimize dragflow (3.5) -> KV-Injected Sample (3.5)."""
+FASTDRAG_DRAGFLOW_FLUX_NOTE = """START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev] ({unet}, in models/diffusion_models). DualCLIPLoader:
+   {clip_l} + {t5} (type flux, models/text_encoders). Load VAE: {vae} (models/vae).
+2. Load Image: pick or upload your photo. About 1024x1024 suits FLUX; sides must be multiples of 16.
+3. Drag Points Editor: click a handle (red) inside the part to move, then its target (blue). PAINT THE
+   PART TO MOVE with Brush: the warp moves what is painted, the supervision each painted region holding
+   a handle.
+4. Queue. Moving a point re-runs the warp, the supervision and the sampling; the inversion is kept.
+Needs: FLUX.1 [dev] and T5-XXL as fastdrag_flux, plus 10 + 5 backward passes through the double-stream
+blocks (gradient checkpointing on). GPU time and memory are not measured yet. Do not use a CPU.
+
+DragKit hybrid on FLUX: FastDrag's one-step warp, then a short DragFlow region supervision (ours).
+- DDIM Invert: DragFlow's FireFlow inversion, 25 steps, strength 0.76 (19 inverted), FluxGuidance 1.0,
+  recording the "non-ridge" blocks' keys/values (and the unwarped latent at t*).
+- FastDrag Warp+BNNI moves the painted content to the targets in one step (the coarse move).
+- Motion-Supervision Optimize, mode dragflow, starts from the WARPED latent: 10 + 5 gradient steps pull the
+  features inside each moved region toward the UNWARPED source's features carried by the move (the
+  reference and the locked background come from DDIM Invert's attn_cache, not from the warp), so the
+  moved region's features are made coherent again. Only a rotated box around each region and its moved
+  copy may change; the rest is reset to the unwarped latent.
+- KV-Injected Sample samples back at FluxGuidance 3.5 with the recorded keys/values injected.
+- VAE Decode (DragKit) decodes the whole image (the moved region lands outside the painted mask).
+When to prefer it: over fastdrag_flux when the warped region comes out torn or smeared; over dragflow_flux
+for about a fifth of its supervision (15 iterations instead of 70: the warp has already moved the region).
+Not compared on real images yet."""
+
+
+def dragflow_flux(info: dict, warp_first: bool = False) -> dict:
+    """FLUX.1 [dev]: editor, DDIM Invert (guidance 1) -> Motion-Supervision Optimize dragflow (3.5) -> KV-Injected Sample (3.5).
+
+    ``warp_first``: the hybrid fastdrag_dragflow_flux, FastDrag Warp between DDIM Invert and the supervision, which
+    then runs 10 + 5 iterations from the warped latent (its reference stays the inversion's, in the attn_cache).
+    """
     g, f = flux_inversion(info, "supervision, sampling")
     unet, vae, image, points, mask, invert, sample_guidance = f.unet, f.vae, f.image, f.points, f.mask, f.invert, f.sample_guidance
-    optimise = g.add("DragKitMotionSupervisionOptimize", 3, 2, {"mode": "dragflow"},
-                     {"model": Out(unet, 0), "latent": Out(invert, 0), "attn_cache": Out(invert, 1),
+    latent, knobs, row, name, note = Out(invert, 0), {"mode": "dragflow"}, 2, "dragflow_flux", DRAGFLOW_FLUX_NOTE
+    if warp_first:
+        warp = g.add("DragKitFastDragWarp", 3, 2, {"mode": "drag", "fill": "bnni"},
+                     {"latent": latent, "points": points, "mask": mask}, height=180)
+        latent, knobs, row = Out(warp, 0), {**knobs, "transport_steps": 10, "intensify_steps": 5}, 4
+        name, note = "fastdrag_dragflow_flux", FASTDRAG_DRAGFLOW_FLUX_NOTE
+    optimise = g.add("DragKitMotionSupervisionOptimize", 3, row, knobs,
+                     {"model": Out(unet, 0), "latent": latent, "attn_cache": Out(invert, 1),
                       "positive": Out(sample_guidance, 0), "points": points, "mask": mask}, height=520)
     sample = g.add("DragKitKVInjectedSample", 4, 0, {"inject_layers": "non-ridge"},
                    {"model": Out(unet, 0), "latent": Out(optimise, 0), "attn_cache": Out(invert, 1),
                     "positive": Out(sample_guidance, 0)}, height=240)
     decode = g.add("DragKitVAEDecode", 5, 0, {"feather": 8},
                    {"vae": vae, "latent": Out(sample, 0), "source_image": Out(image, 0), "points": points}, height=180)
-    g.add("SaveImage", 6, 0, {"filename_prefix": "dragkit_dragflow_flux"}, {"images": Out(decode, 0)}, height=320)
+    g.add("SaveImage", 6, 0, {"filename_prefix": f"dragkit_{name}"}, {"images": Out(decode, 0)}, height=320)
     g.add("PreviewImage", 6, 3, inputs={"images": Out(decode, 1)}, title="Preview with points", height=320)
-    g.lead_note(DRAGFLOW_FLUX_NOTE.format(unet=FLUX_DEV, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE), height=640)
+    g.lead_note(note.format(unet=FLUX_DEV, clip_l=FLUX_CLIP_L, t5=FLUX_T5, vae=FLUX_VAE), height=640)
     return g.to_json()
 
 
@@ -668,6 +704,7 @@ WORKFLOWS = {
     "warp_inpaint_flux_fill.json": lambda info: warp_inpaint(info, "flux"),
     "fastdrag_flux.json": fastdrag_flux,
     "dragflow_flux.json": dragflow_flux,
+    "fastdrag_dragflow_flux.json": lambda info: dragflow_flux(info, warp_first=True),
     "warp_inpaint_sam3.json": lambda info: warp_inpaint(info, "sd15", sam3=True),
     "drag_to_video_wanmove.json": drag_to_video_wanmove,
 }
@@ -700,6 +737,7 @@ THUMBNAILS = {
     "warp_inpaint_flux_fill.json": ("Warp + FLUX.1 Fill", "pixel warp, FLUX.1 Fill [dev] inpainting"),
     "fastdrag_flux.json": ("FastDrag FLUX", "flow inversion, warp, KV injection; FLUX.1 dev"),
     "dragflow_flux.json": ("DragFlow FLUX", "region supervision on FLUX.1 dev; large GPU"),
+    "fastdrag_dragflow_flux.json": ("FastDrag + DragFlow FLUX", "warp, then 15 region steps; FLUX.1 dev"),
     "warp_inpaint_sam3.json": ("Warp + inpaint, SAM3", "click the object: SAM3 mask, SD1.5 inpaint"),
     "drag_to_video_wanmove.json": ("Drag to video (Wan-Move)", "the drag as a video; last frame = the edit"),
 }

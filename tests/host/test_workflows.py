@@ -56,6 +56,7 @@ START_HERE = {
     "drag_to_video_wanmove": "START HERE: 1. Load Diffusion Model: pick Wan-Move",
     "fastdrag_flux": "START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev]",
     "dragflow_flux": "START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev]",
+    "fastdrag_dragflow_flux": "START HERE: 1. Load Diffusion Model: pick FLUX.1 [dev]",
 }
 """How each workflow's Note starts where it is not "pick your SD1.5 / SDXL checkpoint"."""
 
@@ -64,6 +65,8 @@ RUN_ELSEWHERE = {
                                   "dropped, 9 frames)",
     "fastdrag_flux.json": "tests/host/test_flux_workflow_host.py (the tiny FLUX.1 [dev], checked node by node)",
     "dragflow_flux.json": "tests/host/test_flux_workflow_host.py (the tiny FLUX.1 [dev], 3 + 1 supervision iterations)",
+    "fastdrag_dragflow_flux.json": "tests/host/test_flux_workflow_host.py (the tiny FLUX.1 [dev], 2 + 1 supervision "
+                                   "iterations, against runs without the supervision and without the warp)",
 }
 """Workflows run to the end by a test of their own, on the same server, with what a generic run cannot set up."""
 RUN_HERE = [w for w in WORKFLOWS if w.name not in RUN_ELSEWHERE]
