@@ -62,14 +62,16 @@ HOST_DIR = Path(__file__).resolve().parent / "host"
 HEAVY_FIRST = (
     "host/test_workflows.py",
     "host/test_batch_ray.py",
-    "host/test_batch_servers.py",
-    "host/test_workflows_browser.py",
     "host/test_fresh_clone.py",
+    "host/test_workflows_browser.py",
+    "host/test_flux_workflow_host.py",
     "host/test_bench_sdxl_host.py",
     "test_bench.py",
     "host/test_sdxl_sd2_host.py",
-    "host/test_sdxl_workflows_host.py",
     "host/test_workflows_open_clean.py",
+    "host/test_batch_servers.py",
+    "host/test_sdxl_workflows_host.py",
+    "host/test_capture_host.py",
 )
 """The test files that take about a minute or more on 2 cores (CI's JUnit times), longest first. They run
 first: ``scripts/test.sh`` hands whole files to its pytest workers in collection order

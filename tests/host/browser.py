@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 VIEWPORT = (1400, 1000)
 STILL_FRAMES = 10
 """Animation frames a click's target must stay in place before the click (:meth:`Browser.settled_points`)."""
@@ -214,11 +216,35 @@ class Browser:
         shutil.rmtree(self.user_dir, ignore_errors=True)
 
 
+def editor_modes() -> list[bool]:
+    """The frontend modes the browser tests run in, Nodes 2.0 or not, from ``DRAGKIT_VUE_NODES``: unset or ``0``
+    classic, ``1`` Nodes 2.0, ``both`` classic then Nodes 2.0 on the same server (one pytest run per frontend)."""
+    value = os.environ.get("DRAGKIT_VUE_NODES", "")
+    if value == "both":
+        return [False, True]
+    return [value not in ("", "0")]
+
+
+_mode_in_use: bool | None = None
+
+
 def vue_nodes() -> bool:
-    """Whether the browser tests run the frontend with Nodes 2.0 (``DRAGKIT_VUE_NODES=1``): nodes drawn as
-    Vue/DOM components instead of on the LiteGraph canvas (setting ``Comfy.VueNodes.Enabled``, frontend 1.27+
-    knows it; older ones ignore it)."""
-    return os.environ.get("DRAGKIT_VUE_NODES", "") not in ("", "0")
+    """Whether the page under test runs Nodes 2.0: nodes drawn as Vue/DOM components instead of on the LiteGraph
+    canvas (setting ``Comfy.VueNodes.Enabled``, frontend 1.27+ knows it; older ones ignore it). The mode of the
+    :func:`editor_mode` fixture in use; outside one, the first of :func:`editor_modes`."""
+    return editor_modes()[0] if _mode_in_use is None else _mode_in_use
+
+
+@pytest.fixture(scope="module", params=editor_modes(), ids=lambda on: "nodes2" if on else "classic")
+def editor_mode(request):
+    """One of :func:`editor_modes` for a browser test module: its page fixtures take this fixture, so pytest runs
+    the module's tests in each mode in turn, each with a page loaded in that mode."""
+    global _mode_in_use
+    _mode_in_use = request.param
+    try:
+        yield request.param
+    finally:
+        _mode_in_use = None
 
 
 def open_comfyui(browser: Browser, server, node_class: str, timeout: float = 90) -> Browser:

@@ -40,6 +40,7 @@ from dragrun.comfy_host import repo_root
 
 from .browser import Browser, frontend_mode, open_comfyui
 from .browser import chromium as _chromium
+from .browser import editor_mode  # noqa: F401  (the fixture the page takes: one run per frontend mode)
 
 ARTIFACTS = repo_root() / "test-artifacts" / "editor"
 DRAG100_SAMPLE = repo_root().parent / "shared" / "data" / "Drag100" / "bird_0"
@@ -56,7 +57,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(editor_mode):
+    """A fresh Chromium (its own profile) for each frontend mode, so nothing a page stored carries over."""
     executable = _chromium()
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, browser):
+def page(comfy_server, browser, editor_mode):
     """The ComfyUI frontend loaded in the browser (classic or Nodes 2.0: ``DRAGKIT_VUE_NODES``), with the pack's
     node registered."""
     return open_comfyui(browser, comfy_server, NODE_CLASS)

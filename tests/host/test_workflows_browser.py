@@ -52,6 +52,7 @@ from tools.make_workflows import missing_on_host
 from tools.tiny_inpaint import TINY_CLIP_TYPE, stand_ins, tiny_checkpoints, tiny_clip_l_path
 
 from .browser import Browser, chromium, comfyui_page
+from .browser import editor_mode  # noqa: F401  (the fixture the page takes: one run per frontend mode)
 
 pytestmark = [
     pytest.mark.slow,
@@ -70,7 +71,7 @@ UI_ONLY_NAMES = {"fixed": "control_after_generate", "image": "upload"}
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server):
+def page(comfy_server, editor_mode):
     """The frontend loaded in headless Chromium, with the pack's nodes registered."""
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ from PIL import Image
 
 from dragrun.comfy_host import PACK_FOLDER_NAME, comfyui_path, repo_root
 
-from .browser import Browser, chromium, comfyui_page, frontend_mode, vue_nodes
+from .browser import Browser, chromium, comfyui_page, editor_modes, frontend_mode, vue_nodes
+from .browser import editor_mode  # noqa: F401  (the fixture the page takes: one run per frontend mode)
 
 NODES2_SINCE = (1, 49)
 """First frontend whose Nodes 2.0 mounts a node's DOM widget (1.27.10's draws the node without the editor)."""
@@ -162,7 +163,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def _nodes2_unsupported() -> bool:
     """Nodes 2.0 asked for on a frontend whose Nodes 2.0 cannot show the editor."""
-    if not vue_nodes() or (comfyui_path() is None and not os.environ.get("DRAGKIT_FRONTEND_ROOT")):
+    if not any(editor_modes()) or (comfyui_path() is None and not os.environ.get("DRAGKIT_FRONTEND_ROOT")):
         return False
     return _version_tuple(expected_frontend_version()) < NODES2_SINCE
 
@@ -186,7 +187,7 @@ def uploads(comfy_server, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, uploads):
+def page(comfy_server, uploads, editor_mode):
     """One page for the module: the frontend loaded after the uploads, the pack's nodes registered."""
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
