@@ -1,7 +1,6 @@
 """The runner's --server / --ray options without a server or a cluster: argument errors, Ray missing, the actor
 layout, the servers' checks on a made-up ``/object_info``, and the driver's loop with workers that fail or get lost."""
 
-import _thread
 import sys
 import threading
 
@@ -109,17 +108,18 @@ def test_with_no_worker_left_the_sample_fails_with_the_reason_and_the_rest_is_le
 
 
 class StopsOnCtrlC(Fake):
-    """Finishes its first job; at the second it presses Ctrl+C and waits until the driver stops it."""
+    """Finishes its first job; at the second it says so and waits until the driver stops it."""
 
     def __init__(self):
         super().__init__("w")
+        self.at_second = threading.Event()
         self.stopped = threading.Event()
 
     def run(self, recipe, job):
         self.jobs.append(job.name)
         if len(self.jobs) == 1:
             return distribute.Result(job.name, b"png", b"png", 1.0)
-        _thread.interrupt_main()
+        self.at_second.set()
         assert self.stopped.wait(10)
         raise RuntimeError("interrupted by the driver")
 
@@ -127,10 +127,23 @@ class StopsOnCtrlC(Fake):
         self.stopped.set()
 
 
-def test_ctrl_c_stops_the_workers_keeps_what_finished_and_records_no_verdict():
+def test_ctrl_c_stops_the_workers_keeps_what_finished_and_records_no_verdict(monkeypatch):
+    """Ctrl+C lands where the driver waits for its threads (``Thread.join``): raised there once the worker runs its
+    second job, deterministically (``_thread.interrupt_main`` is delivered whenever the main thread next runs
+    Python code, which under pytest-xdist can be after the test)."""
     done, failed = [], []
     worker = StopsOnCtrlC()
+    join, pressed = threading.Thread.join, []
+
+    def join_or_ctrl_c(thread, timeout=None):
+        if worker.at_second.is_set() and not pressed:
+            pressed.append(thread.name)
+            raise KeyboardInterrupt
+        return join(thread, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join_or_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         distribute.distribute(jobs("s1", "s2", "s3"), [worker], None, lambda w, job, result: done.append(job.name),
                               lambda w, job, error, seconds: failed.append(job.name))
+    assert pressed == ["dragrun-w"]
     assert worker.stopped.is_set() and done == ["s1"] and failed == [] and worker.jobs == ["s1", "s2"]
