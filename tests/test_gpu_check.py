@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,10 @@ def fake_run(tmp_path, monkeypatch):
             monkeypatch.setenv("COMFYUI_PATH", str(comfyui))
         else:
             monkeypatch.delenv("COMFYUI_PATH", raising=False)
+        handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
         rc = gpu_check.main(["--out", str(out), "--bulk", str(bulk), *extra])
+        assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers, \
+            "gpu_check.main left its SIGINT/SIGTERM handlers installed"
         return rc, commands
 
     main.out, main.bulk = out, bulk

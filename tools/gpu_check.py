@@ -712,12 +712,14 @@ class Check:
         print(f"GPU check -> {self.out} (bulk output in {self.bulk}); host: "
               f"{self.report.host.get('version') or 'none'}; budget: "
               f"{'none' if self.args.budget is None else f'{self.args.budget:.0f} s'}", file=sys.stderr, flush=True)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _stop)
+        previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             execute(self.plan(), self.budget, self.run_step, self.record, CAP[self.kind])
         except Stopped:
             pass
+        finally:  # the caller's handlers back (tests run this in-process)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.write()
         counts = {status: sum(s.status == status for s in self.report.steps) for status in ("passed", "failed", "skipped")}
         print(f"{'PASSED' if self.report.passed else 'FAILED'}: {counts['passed']} ok, {counts['failed']} failed, "
