@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         base = rates[0]["per_minute"]
         rate["ratio_to_first"] = rate["per_minute"] / base if base and rate["per_minute"] else None
         print(f"{rate['actors']} actors: {rate['per_minute'] or 0:.1f} samples/min "
-              f"(x{rate['ratio_to_first'] or 0:.2f} of {rates[0]['actors']}), median {rate['median_seconds']} s")
+              f"(x{rate['ratio_to_first'] or 0:.2f} of {rates[0]['actors']}), median {rate['median_seconds'] or 0:.2f} s per sample")
     result["actors"] = rates
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
