@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from contextlib import contextmanager
 
 import torch
+
+from benchmarks.measure import machine
 
 STEPS, STRENGTH = 25, 0.76
 REAL_SIDE, TINY_SIDE = 1024, 128
@@ -205,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    report = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__},
+    report = {"machine": machine(device),
               "tiny": args.tiny, "steps": STEPS, "strength": STRENGTH, "results": {}}
     problem = comfy_host.comfyui_problem()
     if problem is not None:

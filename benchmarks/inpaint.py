@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
 
+from benchmarks.measure import machine
 from benchmarks.warp import summary, time_ms
 from dragkit.pixel_warp import pixel_warp
 
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__},
+        "machine": machine(device),
         "tiny": args.tiny,
         "warp_ms": warp_stage(device, args.repeats),
     }

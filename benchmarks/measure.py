@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -64,6 +65,13 @@ class PassCounter:
     def close(self) -> None:
         self._handle.remove()
         self._observers.remove(self._replayed)
+
+
+def machine(device: torch.device) -> dict:
+    """What a benchmark ran on: platform, processor, torch's CPU threads, the device's name and torch's version."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__}
 
 
 def _sync(device: torch.device) -> None:
